@@ -1,0 +1,129 @@
+//! The WebAssembly boundary: exports the `chord:destination/plugin`
+//! interface by converting between the generated bindings and the plain
+//! types the mapping is written in. No logic lives here.
+
+wit_bindgen::generate!({
+    world: "destination",
+    path: "../wit",
+});
+
+use chord::destination::types as wit;
+use exports::chord::destination::plugin::Guest;
+
+use crate::contract;
+
+struct KlaviyoPlugin;
+
+impl Guest for KlaviyoPlugin {
+    fn manifest() -> wit::DestinationManifest {
+        let m = crate::manifest();
+        wit::DestinationManifest {
+            name: m.name.into(),
+            version: m.version.into(),
+            api_revision: m.api_revision.into(),
+            allowed_hosts: m.allowed_hosts.into_iter().map(String::from).collect(),
+            rate_classes: m
+                .rate_classes
+                .into_iter()
+                .map(|r| wit::RateClass {
+                    name: r.name.into(),
+                    burst_per_second: r.burst_per_second,
+                    steady_per_minute: r.steady_per_minute,
+                })
+                .collect(),
+            settings: m
+                .settings
+                .into_iter()
+                .map(|s| wit::SettingSpec {
+                    name: s.name.into(),
+                    kind: match s.kind {
+                        contract::SettingKind::String => wit::SettingKind::String,
+                        contract::SettingKind::Boolean => wit::SettingKind::Boolean,
+                        contract::SettingKind::StringList => wit::SettingKind::StringList,
+                    },
+                    description: s.description.into(),
+                    required_to_send: s.required_to_send,
+                    secret: s.secret,
+                    default_value: s.default_value.map(String::from),
+                })
+                .collect(),
+        }
+    }
+
+    fn validate_settings(settings: String) -> Result<(), Vec<wit::SettingError>> {
+        crate::validate_settings(&settings).map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| wit::SettingError {
+                    name: e.name,
+                    reason: e.reason,
+                })
+                .collect()
+        })
+    }
+
+    fn map_event(settings: String, event: String, now_unix_ms: i64) -> wit::Mapping {
+        let mapping = crate::map(&settings, &event, now_unix_ms);
+        wit::Mapping {
+            outcome: match mapping.outcome {
+                contract::Outcome::Send(requests) => wit::Outcome::Send(requests.into_iter().map(to_wit).collect()),
+                contract::Outcome::Skip(reason) => wit::Outcome::Skip(reason),
+                contract::Outcome::Error(reason) => wit::Outcome::Error(reason),
+            },
+            warnings: mapping.warnings,
+            ordering_key: mapping.ordering_key,
+        }
+    }
+
+    fn interpret(settings: String, request: wit::HttpRequest, response: wit::HttpResponse) -> wit::Verdict {
+        let response = contract::Response {
+            status: response.status,
+            headers: response.headers.into_iter().map(from_wit_header).collect(),
+            body: response.body,
+        };
+        match crate::interpret(&settings, &from_wit(request), &response) {
+            contract::Verdict::Delivered => wit::Verdict::Delivered,
+            contract::Verdict::Retry(after) => wit::Verdict::Retry(after),
+            contract::Verdict::Rejected(reason) => wit::Verdict::Rejected(reason),
+            contract::Verdict::Replace(requests) => wit::Verdict::Replace(requests.into_iter().map(to_wit).collect()),
+        }
+    }
+}
+
+fn to_wit(r: contract::Request) -> wit::HttpRequest {
+    wit::HttpRequest {
+        method: r.method,
+        url: r.url,
+        headers: r
+            .headers
+            .into_iter()
+            .map(|h| wit::Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect(),
+        body: r.body,
+        idempotency_key: r.idempotency_key,
+        rate_class: r.rate_class,
+    }
+}
+
+fn from_wit(r: wit::HttpRequest) -> contract::Request {
+    contract::Request {
+        method: r.method,
+        url: r.url,
+        headers: r.headers.into_iter().map(from_wit_header).collect(),
+        body: r.body,
+        idempotency_key: r.idempotency_key,
+        rate_class: r.rate_class,
+    }
+}
+
+fn from_wit_header(h: wit::Header) -> contract::Header {
+    contract::Header {
+        name: h.name,
+        value: h.value,
+    }
+}
+
+export!(KlaviyoPlugin);

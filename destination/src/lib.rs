@@ -1,0 +1,94 @@
+//! The Klaviyo destination of the Chord CDP: Chord events in, Klaviyo API
+//! request descriptors out. Pure functions of their arguments; no network,
+//! clock or files, so the same code runs natively under `cargo test` and
+//! inside the sandboxed WebAssembly component the host loads.
+//!
+//! Chord's rules: every `track` goes to the Events API under its own name;
+//! `identify` upserts the profile; only events carrying an email or phone
+//! number are sent; page views are not passed through.
+
+pub mod contract;
+mod event;
+mod identify;
+mod identity;
+mod interpret;
+pub mod klaviyo;
+mod limits;
+mod phone;
+mod profile;
+mod request;
+mod settings;
+mod time;
+mod track;
+
+#[cfg(target_arch = "wasm32")]
+mod component;
+
+use contract::{Manifest, Mapping, Outcome, Request, Response, SettingError, Verdict};
+use event::{ChordEvent, Kind};
+
+/// Who this plugin is and what it may do.
+pub fn manifest() -> Manifest {
+    Manifest {
+        name: "klaviyo",
+        version: env!("CARGO_PKG_VERSION"),
+        api_revision: klaviyo::REVISION,
+        allowed_hosts: vec![klaviyo::HOST],
+        rate_classes: vec![klaviyo::EVENTS_RATE, klaviyo::PROFILES_RATE],
+        settings: settings::specs(),
+    }
+}
+
+/// Checks a settings JSON object.
+pub fn validate_settings(settings: &str) -> Result<(), Vec<SettingError>> {
+    settings::parse(settings).map(|_| ())
+}
+
+/// Maps one Chord event to Klaviyo requests.
+pub fn map(settings: &str, event: &str, now_unix_ms: i64) -> Mapping {
+    let mut warnings = Vec::new();
+    let (outcome, ordering_key) = map_event(settings, event, now_unix_ms, &mut warnings);
+    Mapping {
+        outcome,
+        warnings,
+        ordering_key,
+    }
+}
+
+fn map_event(settings: &str, event: &str, now_unix_ms: i64, warnings: &mut Vec<String>) -> (Outcome, Option<String>) {
+    let settings = match settings::parse(settings) {
+        Ok(settings) => settings,
+        Err(errors) => {
+            let problems: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.name, e.reason)).collect();
+            return (
+                Outcome::Error(format!("invalid settings: {}", problems.join("; "))),
+                None,
+            );
+        }
+    };
+    let event = match ChordEvent::parse(event) {
+        Ok(event) => event,
+        Err(reason) => return (Outcome::Error(reason), None),
+    };
+    match event.kind() {
+        Err(reason) => (Outcome::Error(reason), None),
+        Ok(Kind::Track) => track::map(&event, &settings, now_unix_ms, warnings),
+        Ok(Kind::Identify) => identify::map(&event, &settings, warnings),
+        Ok(Kind::Page | Kind::Screen) => (Outcome::Skip("page views are not passed through".to_string()), None),
+        Ok(Kind::Group) => (
+            Outcome::Skip("group calls are not sent: Klaviyo has no accounts or groups to put them in".to_string()),
+            None,
+        ),
+        Ok(Kind::Alias) => (
+            Outcome::Skip(
+                "alias calls are not sent: Klaviyo merges profiles by email and phone, not by alias".to_string(),
+            ),
+            None,
+        ),
+    }
+}
+
+/// Judges the response one of this plugin's requests received.
+pub fn interpret(_settings: &str, request: &Request, response: &Response) -> Verdict {
+    interpret::interpret(request, response)
+}

@@ -1,0 +1,290 @@
+//! `track` -> Klaviyo Create Event (`POST /api/events`), under the event's
+//! own name, and optionally one `Ordered Product` per item of an order.
+
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::contract::{Outcome, Request};
+use crate::event::ChordEvent;
+use crate::identity::Identity;
+use crate::klaviyo::{self, limits};
+use crate::limits::{Changes, fit_event_properties, fit_object, json_size};
+use crate::profile::{self, Scope};
+use crate::request;
+use crate::settings::Settings;
+use crate::time;
+
+/// The event Chord's SDK and OMS send when an order is placed.
+const ORDER_COMPLETED: &str = "Order Completed";
+
+pub fn map(
+    event: &ChordEvent,
+    settings: &Settings,
+    now_unix_ms: i64,
+    warnings: &mut Vec<String>,
+) -> (Outcome, Option<String>) {
+    let name = match metric_name(event) {
+        Ok(name) => name,
+        Err(reason) => return (Outcome::Error(reason), None),
+    };
+    if settings.skip_events.iter().any(|skip| skip == name) {
+        return (
+            Outcome::Skip(format!("{name:?} is listed in the skip_events setting")),
+            None,
+        );
+    }
+    let identity = Identity::resolve(event, settings, warnings);
+    let ordering_key = identity.ordering_key();
+    if ordering_key.is_none() {
+        return (
+            Outcome::Skip("no email or phone number: Chord sends Klaviyo only events that carry one".to_string()),
+            None,
+        );
+    }
+
+    let base_id = unique_id(event, warnings);
+    let time = event.timestamp().and_then(|t| match time::event_time(t, now_unix_ms) {
+        Ok(time) => Some(time),
+        Err(warning) => {
+            warnings.push(warning);
+            None
+        }
+    });
+    let profile = match event_profile(event, &identity, warnings) {
+        Ok(profile) => profile,
+        Err(reason) => return (Outcome::Error(reason), ordering_key),
+    };
+
+    let mut changes = Changes::default();
+    let original = event.properties().cloned().unwrap_or_default();
+    let properties = fit_event_properties(original.clone(), &mut changes);
+    let mut attributes = Map::new();
+    attributes.insert("properties".into(), Value::Object(properties));
+    if let Some(time) = &time {
+        attributes.insert("time".into(), json!(time));
+    }
+    if let Some(value) = first_number(&original, &["revenue", "total", "value"]) {
+        attributes.insert("value".into(), json!(value));
+    }
+    if let Some(currency) = currency(&original, warnings) {
+        attributes.insert("value_currency".into(), json!(currency));
+    }
+    attributes.insert("unique_id".into(), json!(base_id));
+    let mut requests = vec![event_request(name, attributes, &profile, &base_id, settings)];
+
+    if settings.ordered_product_events && name == ORDER_COMPLETED {
+        let items = ordered_products(
+            &original,
+            &base_id,
+            time.as_deref(),
+            &profile,
+            settings,
+            &mut changes,
+            warnings,
+        );
+        requests.extend(items);
+    }
+    changes.into_warnings(warnings);
+
+    if let Some(too_big) = requests.iter().find(|r| r.body.len() > limits::BODY_BYTES) {
+        return (
+            Outcome::Error(format!(
+                "the Klaviyo request would be {} bytes, over Klaviyo's {} byte limit even after fitting the properties",
+                too_big.body.len(),
+                limits::BODY_BYTES
+            )),
+            ordering_key,
+        );
+    }
+    (Outcome::Send(requests), ordering_key)
+}
+
+/// The metric name: `event` exactly as sent, non-empty, under 128 characters.
+fn metric_name(event: &ChordEvent) -> Result<&str, String> {
+    match event.name() {
+        None | Some(Value::Null) => Err("a track event needs an `event` name; it has none".to_string()),
+        Some(Value::String(name)) if name.trim().is_empty() => {
+            Err("the `event` name is empty; Klaviyo needs a metric name".to_string())
+        }
+        Some(Value::String(name)) if name.chars().count() > limits::METRIC_NAME_CHARS => Err(format!(
+            "the `event` name is {} characters long; Klaviyo metric names must be under {}",
+            name.chars().count(),
+            limits::METRIC_NAME_CHARS + 1
+        )),
+        Some(Value::String(name)) => Ok(name),
+        Some(other) => Err(format!(
+            "the `event` name is a JSON {}, not a string",
+            crate::event::json_kind(other)
+        )),
+    }
+}
+
+/// `messageId`, Chord's idempotency key; without one (or one too long for
+/// Klaviyo), a hash of the event, so a replayed event keeps the same id.
+fn unique_id(event: &ChordEvent, warnings: &mut Vec<String>) -> String {
+    match event.message_id() {
+        Some(id) if id.chars().count() <= limits::ID_CHARS => id,
+        Some(_) => {
+            warnings.push(format!(
+                "messageId is longer than {} characters; unique_id is a hash of it instead",
+                limits::ID_CHARS
+            ));
+            event_hash(event)
+        }
+        None => event_hash(event),
+    }
+}
+
+/// SHA-256 of the event's content, without the fields that change when the
+/// same event is sent again (`sentAt`, `receivedAt`). serde_json keeps
+/// object keys sorted, so the text hashed is canonical.
+pub fn event_hash(event: &ChordEvent) -> String {
+    let mut content = event.root().clone();
+    content.remove("sentAt");
+    content.remove("receivedAt");
+    hex(&Sha256::digest(Value::Object(content).to_string().as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `profile` relationship: identifiers, `anonymous_id`, and what
+/// `context.traits` says of names and address, within Klaviyo's 95 KB.
+fn event_profile(event: &ChordEvent, identity: &Identity, warnings: &mut Vec<String>) -> Result<Value, String> {
+    let mut attributes = profile::attributes(event, identity, Scope::EventProfile, warnings);
+    if let Some(anonymous_id) = event.anonymous_id() {
+        attributes.insert("anonymous_id".into(), json!(anonymous_id));
+    }
+    let mut changes = Changes::default();
+    let attributes = fit_object(attributes, "profile", 1, &mut changes);
+    changes.into_warnings(warnings);
+    let mut profile = json!({ "data": { "type": "profile", "attributes": attributes } });
+    if json_size(&profile) > limits::EVENT_PROFILE_BYTES {
+        let attributes = profile["data"]["attributes"].as_object_mut().expect("built above");
+        attributes.retain(|key, _| matches!(key.as_str(), "email" | "phone_number" | "external_id" | "anonymous_id"));
+        warnings.push(format!(
+            "the event's profile is over Klaviyo's {} byte limit; only its identifiers are sent",
+            limits::EVENT_PROFILE_BYTES
+        ));
+        if json_size(&profile) > limits::EVENT_PROFILE_BYTES {
+            return Err("the event's profile identifiers alone are over Klaviyo's profile size limit".to_string());
+        }
+    }
+    Ok(profile)
+}
+
+fn event_request(
+    name: &str,
+    mut attributes: Map<String, Value>,
+    profile: &Value,
+    unique_id: &str,
+    settings: &Settings,
+) -> Request {
+    attributes.insert(
+        "metric".into(),
+        json!({ "data": { "type": "metric", "attributes": { "name": name } } }),
+    );
+    attributes.insert("profile".into(), profile.clone());
+    let body = json!({ "data": { "type": "event", "attributes": attributes } });
+    request::post(
+        klaviyo::EVENTS_PATH,
+        &body,
+        unique_id.to_string(),
+        &klaviyo::EVENTS_RATE,
+        settings,
+    )
+}
+
+/// The first of `keys` that holds a number (or a numeric string).
+fn first_number(properties: &Map<String, Value>, keys: &[&str]) -> Option<f64> {
+    keys.iter().find_map(|key| number(properties.get(*key)?))
+}
+
+fn number(value: &Value) -> Option<f64> {
+    match value {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+        _ => None,
+    }
+}
+
+/// `currency` as an ISO 4217 code in upper case.
+fn currency(properties: &Map<String, Value>, warnings: &mut Vec<String>) -> Option<String> {
+    let raw = properties.get("currency")?.as_str()?.trim();
+    if raw.len() == 3 && raw.chars().all(|c| c.is_ascii_alphabetic()) {
+        Some(raw.to_ascii_uppercase())
+    } else {
+        warnings.push(format!(
+            "currency {raw:?} is not an ISO 4217 code; value_currency is left out"
+        ));
+        None
+    }
+}
+
+/// One `Ordered Product` per item of `products`: the item's own fields plus
+/// `order_id`, `value` = price x quantity, and a `unique_id` made of the
+/// order's id and the item's position and product id, so a replayed order
+/// never counts an item twice.
+fn ordered_products(
+    order: &Map<String, Value>,
+    order_id: &str,
+    time: Option<&str>,
+    profile: &Value,
+    settings: &Settings,
+    changes: &mut Changes,
+    warnings: &mut Vec<String>,
+) -> Vec<Request> {
+    let Some(items) = order.get("products").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let currency = currency(order, &mut Vec::new());
+    let mut requests = Vec::new();
+    for (position, item) in items.iter().enumerate() {
+        let Some(item) = item.as_object() else {
+            warnings.push(format!(
+                "properties.products[{position}] is not an object; no Ordered Product for it"
+            ));
+            continue;
+        };
+        let item_id = ["product_id", "sku", "id"]
+            .iter()
+            .find_map(|k| crate::event::id_text(item.get(*k)))
+            .unwrap_or_default();
+        let mut unique_id = format!("{order_id}:{position}:{item_id}");
+        if unique_id.chars().count() > limits::ID_CHARS {
+            unique_id = hex(&Sha256::digest(unique_id.as_bytes()));
+        }
+        let mut properties = item.clone();
+        if let Some(id) = order.get("order_id") {
+            properties.insert("order_id".into(), id.clone());
+        }
+        let properties = fit_event_properties(properties, changes);
+        let mut attributes = Map::new();
+        attributes.insert("properties".into(), Value::Object(properties));
+        if let Some(time) = time {
+            attributes.insert("time".into(), json!(time));
+        }
+        if let Some(price) = item.get("price").and_then(number) {
+            let quantity = item.get("quantity").and_then(number).unwrap_or(1.0);
+            attributes.insert("value".into(), json!(round(price * quantity)));
+            if let Some(currency) = &currency {
+                attributes.insert("value_currency".into(), json!(currency));
+            }
+        }
+        attributes.insert("unique_id".into(), json!(unique_id));
+        requests.push(event_request(
+            klaviyo::ORDERED_PRODUCT_METRIC,
+            attributes,
+            profile,
+            &unique_id,
+            settings,
+        ));
+    }
+    requests
+}
+
+/// Removes binary floating-point noise (89.1 * 3 = 267.29999999999995).
+fn round(value: f64) -> f64 {
+    (value * 1e6).round() / 1e6
+}

@@ -1,0 +1,118 @@
+//! `cdp-host map`: the dry run. One NDJSON line out per line in, in input
+//! order, showing each event's outcome and the requests that would be sent,
+//! with secrets masked.
+
+use std::io::{BufRead, Write};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::mapper::{EventMapper, MappedEvent, MappedOutcome};
+use crate::plugin::HttpRequest;
+use crate::settings::{DestinationSettings, Render};
+
+/// One output line.
+#[derive(Serialize)]
+pub struct MapRow {
+    pub line: u64,
+    pub message_id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub requests: Vec<ShownRequest>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// A request as displayed: lower-case header names, secrets as `***`, the
+/// body as JSON when it is JSON.
+#[derive(Serialize)]
+pub struct ShownRequest {
+    pub method: String,
+    pub url: String,
+    pub headers: serde_json::Map<String, Value>,
+    pub body: Value,
+}
+
+impl ShownRequest {
+    pub fn new(request: &HttpRequest, settings: &DestinationSettings) -> ShownRequest {
+        let headers = settings
+            .render_headers(request, Render::Redacted)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| (h.name, Value::String(h.value)))
+            .collect();
+        let body = serde_json::from_str(&request.body).unwrap_or_else(|_| Value::String(request.body.clone()));
+        ShownRequest {
+            method: request.method.clone(),
+            url: request.url.clone(),
+            headers,
+            body,
+        }
+    }
+}
+
+impl MapRow {
+    pub fn new(mapped: MappedEvent, settings: &DestinationSettings) -> MapRow {
+        let (outcome, reason, requests) = match mapped.outcome {
+            MappedOutcome::Send(requests) => (
+                "send",
+                None,
+                requests.iter().map(|r| ShownRequest::new(r, settings)).collect(),
+            ),
+            MappedOutcome::Skip(reason) => ("skip", Some(reason), Vec::new()),
+            MappedOutcome::Error(reason) => ("error", Some(reason), Vec::new()),
+        };
+        MapRow {
+            line: mapped.line,
+            message_id: mapped.message_id,
+            kind: mapped.kind,
+            outcome,
+            reason: reason.map(|r| settings.scrub(&r)),
+            requests,
+            warnings: mapped.warnings.iter().map(|w| settings.scrub(w)).collect(),
+        }
+    }
+}
+
+/// Maps every line of `input` and writes one row per line to `output`.
+pub fn run(
+    mapper: &mut EventMapper,
+    settings: &DestinationSettings,
+    input: impl BufRead,
+    mut output: impl Write,
+) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
+    for (index, line) in input.split(b'\n').enumerate() {
+        let bytes = line?;
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.strip_suffix('\r').unwrap_or(&text);
+        let mapped = mapper.map_line(index as u64 + 1, text);
+        summary.count(&mapped.outcome);
+        let row = MapRow::new(mapped, settings);
+        serde_json::to_writer(&mut output, &row)?;
+        output.write_all(b"\n")?;
+    }
+    output.flush()?;
+    Ok(summary)
+}
+
+/// Counts of outcomes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub send: u64,
+    pub skip: u64,
+    pub error: u64,
+}
+
+impl Summary {
+    fn count(&mut self, outcome: &MappedOutcome) {
+        match outcome {
+            MappedOutcome::Send(_) => self.send += 1,
+            MappedOutcome::Skip(_) => self.skip += 1,
+            MappedOutcome::Error(_) => self.error += 1,
+        }
+    }
+}

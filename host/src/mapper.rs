@@ -1,0 +1,145 @@
+//! One event through the plugin: the host reads the envelope it needs
+//! (`messageId`, `type`), hands the event to the plugin's `map-event`, and
+//! checks what comes back. A plugin failure becomes that event's error;
+//! the failed instance is dropped and the next event gets a fresh one.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use crate::plugin::{CallError, HttpRequest, Instance, Outcome, Plugin};
+use crate::settings::DestinationSettings;
+
+/// What became of one event.
+#[derive(Clone, Debug)]
+pub enum MappedOutcome {
+    Send(Vec<HttpRequest>),
+    Skip(String),
+    Error(String),
+}
+
+/// One event, mapped.
+#[derive(Clone, Debug)]
+pub struct MappedEvent {
+    /// 1-based input line.
+    pub line: u64,
+    pub message_id: Option<String>,
+    pub kind: Option<String>,
+    pub outcome: MappedOutcome,
+    pub warnings: Vec<String>,
+    pub ordering_key: Option<String>,
+    /// The plugin call itself failed (trap, deadline, bad output), as
+    /// opposed to the plugin judging the event unmappable.
+    pub plugin_failed: bool,
+}
+
+/// Maps events with one plugin instance at a time.
+pub struct EventMapper {
+    plugin: Arc<Plugin>,
+    settings: DestinationSettings,
+    instance: Option<Instance>,
+}
+
+impl EventMapper {
+    pub fn new(plugin: Arc<Plugin>, settings: DestinationSettings) -> EventMapper {
+        EventMapper {
+            plugin,
+            settings,
+            instance: None,
+        }
+    }
+
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    /// Maps one input line (the text of one JSON event).
+    pub fn map_line(&mut self, line: u64, text: &str) -> MappedEvent {
+        let mut mapped = MappedEvent {
+            line,
+            message_id: None,
+            kind: None,
+            outcome: MappedOutcome::Error(String::new()),
+            warnings: Vec::new(),
+            ordering_key: None,
+            plugin_failed: false,
+        };
+        let envelope = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(object)) => object,
+            Ok(other) => {
+                mapped.outcome = MappedOutcome::Error(format!(
+                    "line {line} is a JSON {}, not an event object",
+                    kind_of(&other)
+                ));
+                return mapped;
+            }
+            Err(e) if text.trim().is_empty() => {
+                let _ = e;
+                mapped.outcome = MappedOutcome::Error(format!("line {line} is empty"));
+                return mapped;
+            }
+            Err(e) => {
+                mapped.outcome = MappedOutcome::Error(format!("line {line} is not JSON: {e}"));
+                return mapped;
+            }
+        };
+        mapped.message_id = match envelope.get("messageId") {
+            Some(Value::String(id)) => Some(id.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        mapped.kind = envelope.get("type").and_then(Value::as_str).map(str::to_string);
+
+        match self.call(text) {
+            Ok(mapping) => {
+                mapped.warnings = mapping.warnings;
+                mapped.ordering_key = mapping.ordering_key;
+                mapped.outcome = match mapping.outcome {
+                    Outcome::Send(requests) => MappedOutcome::Send(requests),
+                    Outcome::Skip(reason) => MappedOutcome::Skip(reason),
+                    Outcome::Error(reason) => MappedOutcome::Error(reason),
+                };
+            }
+            Err(err) => {
+                let event = match &mapped.message_id {
+                    Some(id) => format!("event {id} (line {line})"),
+                    None => format!("the event on line {line}"),
+                };
+                mapped.outcome = MappedOutcome::Error(format!("{} {err} while mapping {event}", self.plugin));
+                mapped.plugin_failed = true;
+            }
+        }
+        mapped
+    }
+
+    fn call(&mut self, event: &str) -> Result<crate::plugin::Mapping, CallError> {
+        let mut instance = match self.instance.take() {
+            Some(instance) if !instance.worn_out() => instance,
+            _ => self.plugin.instance()?,
+        };
+        let mapping = instance.map_event(self.settings.public_json(), event, now_unix_ms())?;
+        self.plugin.check_mapping(&mapping)?;
+        // Only an instance whose call succeeded is kept for the next event.
+        self.instance = Some(instance);
+        Ok(mapping)
+    }
+}
+
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
