@@ -48,4 +48,6 @@ fn main() {
     let wasm = target_dir.join("wasm32-wasip2/release/klaviyo_destination.wasm");
     assert!(wasm.exists(), "{} was not produced", wasm.display());
     println!("cargo:rustc-env=KLAVIYO_COMPONENT={}", wasm.display());
+    // The same file, for tests that hand the component to the binary.
+    println!("cargo:rustc-env=KLAVIYO_COMPONENT_FOR_TESTS={}", wasm.display());
 }

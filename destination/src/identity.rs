@@ -67,7 +67,7 @@ impl Identity {
                 format!("read as a number of {}", countries.join(", then "))
             };
             warnings.push(format!(
-                "{field} {raw:?} is not a valid phone number ({known}); it is sent as the profile property phone_raw, not as phone_number"
+                "{field} {raw:?} is not a valid phone number ({known}); it is not used as phone_number, and is kept as the profile property phone_raw when the event is sent"
             ));
             identity.phone_raw = Some(raw);
         }
