@@ -2,7 +2,9 @@
 //! `chord:destination` WebAssembly component in a sandbox, maps events
 //! through it, and (in later modules) delivers the requests it describes.
 
+pub mod delivery;
 pub mod dry_run;
 pub mod mapper;
 pub mod plugin;
+pub mod sandbox;
 pub mod settings;

@@ -9,9 +9,13 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+mod progress;
+
+use cdp_host::delivery::{DeadLetters, Delivery, DeliveryConfig};
 use cdp_host::dry_run;
 use cdp_host::mapper::EventMapper;
 use cdp_host::plugin::{BUNDLED_KLAVIYO, Plugin, Runtime, RuntimeConfig};
+use cdp_host::sandbox::{DEMO_KEY, EVENTS_ONLY_KEY, Faults, Sandbox, SandboxConfig};
 use cdp_host::settings::DestinationSettings;
 
 #[derive(Parser)]
@@ -31,9 +35,75 @@ struct Cli {
 enum Command {
     /// Dry run: map NDJSON events to the requests the plugin would send, one output line per input line.
     Map(MapArgs),
+    /// Map NDJSON events and deliver the requests to Klaviyo (or the sandbox), retrying what is transient.
+    Send(SendArgs),
+    /// Run the local Klaviyo sandbox: the endpoints this destination uses, with Klaviyo's checks, state and limits.
+    Sandbox(SandboxArgs),
+    /// Start a sandbox, send the bundled example events through the bundled plugin, and show the result.
+    Demo,
     /// Inspect plugin components.
     #[command(subcommand)]
     Plugin(PluginCommand),
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    plugin: PluginArgs,
+    /// Send to this base URL instead of the plugin's declared host, e.g. the sandbox's http://127.0.0.1:4010
+    #[arg(long, value_name = "URL")]
+    klaviyo_url: Option<url::Url>,
+    /// Where undeliverable events are appended, as NDJSON.
+    #[arg(long, default_value = "dead-letters.ndjson", value_name = "FILE")]
+    dead_letters: PathBuf,
+    /// Events in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Attempts per request, the first included.
+    #[arg(long, default_value_t = 10)]
+    max_attempts: u32,
+    /// Seconds a request may spend being retried.
+    #[arg(long, default_value_t = 300)]
+    max_retry_seconds: u64,
+    /// Timeout of one HTTP attempt, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Print one line per event as it completes.
+    #[arg(long)]
+    print_outcomes: bool,
+    /// NDJSON events, one JSON object per line; `-` for standard input.
+    #[arg(value_name = "INPUT")]
+    input: PathBuf,
+}
+
+#[derive(Args)]
+struct SandboxArgs {
+    #[arg(long, default_value = "127.0.0.1:4010", value_name = "ADDR")]
+    listen: std::net::SocketAddr,
+    /// Do not enforce Klaviyo's rate limits.
+    #[arg(long)]
+    no_rate_limits: bool,
+    /// Share of requests answered 500/502/503/504 (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    fault_5xx: f64,
+    /// Share of requests whose connection is dropped without an answer.
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    fault_drop: f64,
+    /// Share of requests answered 429 with Retry-After: 1.
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    fault_429: f64,
+    /// Injected 5xx answers carry an HTML page instead of JSON.
+    #[arg(long)]
+    fault_html: bool,
+    /// Delay added to answers, in milliseconds (after the request is stored).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    fault_latency_ms: u64,
+    /// Share of answers that get the added delay.
+    #[arg(long, default_value_t = 1.0, value_name = "SHARE")]
+    fault_slow: f64,
+    /// Seed for fault injection.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -81,6 +151,13 @@ enum PluginCommand {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`| head`)
+    // panics; a command-line tool should end quietly instead, as `cat` does.
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CDP_HOST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(io::stderr)
@@ -98,6 +175,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Map(args) => map(&cli.runtime, args),
+        Command::Send(args) => send(&cli.runtime, args),
+        Command::Sandbox(args) => sandbox(args),
+        Command::Demo => demo(&cli.runtime),
         Command::Plugin(PluginCommand::Inspect { file }) => inspect(&cli.runtime, &file),
     }
 }
@@ -202,4 +282,154 @@ fn inspect(runtime_args: &RuntimeArgs, file: &Path) -> anyhow::Result<ExitCode> 
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(ExitCode::SUCCESS)
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn send(runtime_args: &RuntimeArgs, args: SendArgs) -> anyhow::Result<ExitCode> {
+    let runtime = runtime(runtime_args, args.concurrency as u32)?;
+    let (plugin, settings) = load_destination(&runtime, &args.plugin)?;
+    let config = DeliveryConfig {
+        base_url: args.klaviyo_url.clone(),
+        concurrency: args.concurrency.max(1),
+        max_attempts: args.max_attempts.max(1),
+        max_retry_time: std::time::Duration::from_secs(args.max_retry_seconds),
+        request_timeout: std::time::Duration::from_millis(args.timeout_ms.max(1)),
+        ..DeliveryConfig::default()
+    };
+    let input: Box<dyn io::BufRead + Send> = if args.input == Path::new("-") {
+        Box::new(BufReader::new(io::stdin()))
+    } else {
+        let file = File::open(&args.input).with_context(|| format!("reading events {}", args.input.display()))?;
+        Box::new(BufReader::new(file))
+    };
+    let dead_letters = DeadLetters::to_file(&args.dead_letters)?;
+    let delivery = Delivery::new(plugin, settings, config, dead_letters)?;
+    let print = args.print_outcomes;
+    let report = tokio_runtime()?.block_on(async {
+        let progress = progress::show(delivery.progress.clone());
+        let report = delivery.run(input, move |record| {
+            if print {
+                println!("{}", progress::outcome_line(record));
+            }
+        });
+        let report = report.await;
+        progress.finish();
+        report
+    })?;
+    println!("{}", report.summary());
+    if report.dead_lettered > 0 {
+        println!("dead letters: {}", args.dead_letters.display());
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
+    let config = SandboxConfig {
+        rate_limits: !args.no_rate_limits,
+        faults: Faults {
+            server_errors: args.fault_5xx,
+            drop_connections: args.fault_drop,
+            throttle_storm: args.fault_429,
+            html_errors: args.fault_html,
+            latency: std::time::Duration::from_millis(args.fault_latency_ms),
+            slow: args.fault_slow,
+        },
+        seed: args.seed,
+        ..SandboxConfig::default()
+    };
+    tokio_runtime()?.block_on(async {
+        let sandbox = Sandbox::start(config, args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        println!("Klaviyo sandbox listening on {}", sandbox.url());
+        println!("  keys: {DEMO_KEY} (all scopes), {EVENTS_ONLY_KEY} (events:write only)");
+        println!(
+            "  state: {0}/sandbox/events, {0}/sandbox/profiles, {0}/sandbox/stats",
+            sandbox.url()
+        );
+        tokio::select! {
+            _ = sandbox.wait() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// The bundled example events and settings, so `demo` needs no files.
+const EXAMPLE_EVENTS: &str = include_str!("../../examples/events.ndjson");
+const EXAMPLE_SETTINGS: &str = include_str!("../../examples/settings.json");
+
+fn demo(runtime_args: &RuntimeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = runtime(runtime_args, 8)?;
+    let plugin = Arc::new(load_plugin(&runtime, None)?);
+    tokio_runtime()?.block_on(async {
+        let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap()).await?;
+        println!("Started the local Klaviyo sandbox on {}", sandbox.url());
+        println!(
+            "Sending {} example Chord events through {plugin}:\n",
+            EXAMPLE_EVENTS.lines().count()
+        );
+        let mut settings: serde_json::Map<String, serde_json::Value> = serde_json::from_str(EXAMPLE_SETTINGS)?;
+        settings.insert("api_key".into(), DEMO_KEY.into());
+        let settings = DestinationSettings::from_object(settings, plugin.manifest(), |_| None)?;
+        let config = DeliveryConfig {
+            base_url: Some(sandbox.url().parse()?),
+            concurrency: 8,
+            ..DeliveryConfig::default()
+        };
+        let delivery = Delivery::new(plugin, settings, config, DeadLetters::in_memory())?;
+        let records = std::sync::Mutex::new(Vec::new());
+        let report = delivery
+            .run(io::Cursor::new(EXAMPLE_EVENTS.as_bytes().to_vec()), |record| {
+                records.lock().unwrap().push(record.clone());
+            })
+            .await?;
+        let mut records = records.into_inner().unwrap();
+        records.sort_by_key(|r| r.line);
+        for record in &records {
+            println!("{}", progress::outcome_line(record));
+        }
+        println!("\n{}", report.summary());
+        println!("\nThe sandbox now holds:");
+        for event in sandbox.events() {
+            let who = sandbox
+                .profiles()
+                .into_iter()
+                .find(|p| p.id == event.profile_id)
+                .and_then(|p| p.email.or(p.phone_number))
+                .unwrap_or_default();
+            let value = event.value.map(|v| format!(" value {v}")).unwrap_or_default();
+            println!(
+                "  event   {:<22} {who:<32} unique_id {}{value}",
+                event.metric, event.unique_id
+            );
+        }
+        for profile in sandbox.profiles() {
+            let name = [
+                profile.attributes.get("first_name"),
+                profile.attributes.get("last_name"),
+            ]
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+            println!(
+                "  profile {} email {} phone {} {name}",
+                profile.id,
+                profile.email.as_deref().unwrap_or("-"),
+                profile.phone_number.as_deref().unwrap_or("-")
+            );
+        }
+        let stats = sandbox.stats();
+        println!(
+            "  requests {}, accepted {}, deduplicated {}, rejected {:?}",
+            stats.requests, stats.accepted, stats.deduplicated, stats.rejected
+        );
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
 }

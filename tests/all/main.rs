@@ -4,4 +4,6 @@
 mod cases;
 mod cli_inspect;
 mod cli_map;
+mod cli_send;
+mod delivery;
 mod support;

@@ -52,7 +52,9 @@ pub fn klaviyo() -> Arc<Plugin> {
     PLUGIN
         .get_or_init(|| {
             let runtime = Runtime::new(RuntimeConfig {
-                concurrency: 2,
+                // Several tests share this plugin at once, each with its
+                // own interpreting instances.
+                concurrency: 32,
                 cache_dir: Some(cache_dir()),
                 ..RuntimeConfig::default()
             })

@@ -133,6 +133,10 @@ pub enum CallError {
     Trap(String),
     #[error("returned unusable output: {0}")]
     Output(#[from] OutputError),
+    /// Not the plugin's fault: every instance slot the host reserved is in
+    /// use. Worth another try once one frees up.
+    #[error("could not be instantiated: all {0} instance slots are in use")]
+    Busy(u32),
 }
 
 /// The engine, linker and deadline ticker shared by every plugin.
@@ -142,6 +146,8 @@ pub struct Runtime {
     limits: Limits,
     cache: Option<cache::ComponentCache>,
     pooling: bool,
+    /// Instances that may exist at once (pooling slots).
+    instance_slots: u32,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -164,6 +170,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(&engine, ticker_stop.clone());
+        let slots = instance_slots(&config);
         let cache = config.cache_dir.map(cache::ComponentCache::new);
         Ok(Arc::new(Runtime {
             engine,
@@ -171,12 +178,19 @@ impl Runtime {
             limits,
             cache,
             pooling,
+            instance_slots: slots,
             ticker_stop,
         }))
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// How many instances may exist at once; callers keep their pools of
+    /// idle and busy instances within it.
+    pub fn instance_slots(&self) -> u32 {
+        self.instance_slots
     }
 
     /// Whether instances come from the pooling allocator.
@@ -238,7 +252,7 @@ fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
     wasm.wasm_component_model(true);
     wasm.epoch_interruption(true);
     if pooling {
-        let slots = config.concurrency.max(1) * 2 + 4;
+        let slots = instance_slots(config);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(slots);
         pool.total_core_instances(slots * 4);
@@ -249,6 +263,12 @@ fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     wasm
+}
+
+/// Room for one instance per unit of concurrency for each of mapping and
+/// interpreting, plus a few for loading and validating plugins.
+fn instance_slots(config: &RuntimeConfig) -> u32 {
+    config.concurrency.max(1) * 2 + 4
 }
 
 /// Advances the engine's epoch every tick, for as long as the runtime lives.
@@ -382,10 +402,13 @@ impl Plugin {
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|state| &mut state.memory);
         store.set_epoch_deadline(deadline_ticks(limits.deadline));
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| classify(e.into(), &store, &stderr, limits))?;
+        let bindings = self.pre.instantiate(&mut store).map_err(|e| {
+            if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+                CallError::Busy(self.runtime.instance_slots)
+            } else {
+                classify(e.into(), &store, &stderr, limits)
+            }
+        })?;
         Ok(Instance {
             store,
             bindings,

@@ -1,0 +1,131 @@
+//! Client-side pacing per rate class, from the budgets the plugin declares
+//! (the host knows no destination's limits of its own). A sliding window
+//! of send times keeps any one-second span under the burst budget and any
+//! one-minute span under the steady one, which also keeps every fixed
+//! window the server counts in under them; a small margin absorbs the
+//! difference between when we send and when the server counts.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::plugin::RateClass;
+
+const BURST_WINDOW: Duration = Duration::from_millis(1_000 + 30);
+const STEADY_WINDOW: Duration = Duration::from_millis(60_000 + 300);
+
+pub struct Pacer {
+    classes: HashMap<String, Window>,
+}
+
+struct Window {
+    burst: usize,
+    steady: usize,
+    sent: Mutex<VecDeque<Instant>>,
+}
+
+impl Pacer {
+    pub fn new(classes: &[RateClass]) -> Pacer {
+        Pacer {
+            classes: classes
+                .iter()
+                .map(|c| {
+                    let window = Window {
+                        burst: c.burst_per_second.max(1) as usize,
+                        steady: c.steady_per_minute.max(1) as usize,
+                        sent: Mutex::new(VecDeque::new()),
+                    };
+                    (c.name.clone(), window)
+                })
+                .collect(),
+        }
+    }
+
+    /// Waits until a request of `class` may be sent, and counts it. An
+    /// undeclared class is never paced (the host refuses such requests
+    /// before they get here).
+    pub async fn acquire(&self, class: &str) {
+        let Some(window) = self.classes.get(class) else { return };
+        loop {
+            let wait = window.try_take(Instant::now());
+            match wait {
+                None => return,
+                Some(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+}
+
+impl Window {
+    /// `None` when taken; otherwise how long until a slot may free up.
+    fn try_take(&self, now: Instant) -> Option<Duration> {
+        let mut sent = self.sent.lock().unwrap();
+        while sent.front().is_some_and(|t| now.duration_since(*t) >= STEADY_WINDOW) {
+            sent.pop_front();
+        }
+        let in_burst = sent.len() - sent.partition_point(|t| now.duration_since(*t) >= BURST_WINDOW);
+        if sent.len() < self.steady && in_burst < self.burst {
+            sent.push_back(now);
+            return None;
+        }
+        let steady_free = if sent.len() >= self.steady {
+            sent.front()
+                .map(|t| STEADY_WINDOW.saturating_sub(now.duration_since(*t)))
+        } else {
+            None
+        };
+        let burst_free = if in_burst >= self.burst {
+            let oldest_in_burst = sent[sent.len() - in_burst];
+            Some(BURST_WINDOW.saturating_sub(now.duration_since(oldest_in_burst)))
+        } else {
+            None
+        };
+        let wait = steady_free
+            .into_iter()
+            .chain(burst_free)
+            .max()
+            .unwrap_or(Duration::from_millis(1));
+        Some(wait.max(Duration::from_millis(1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(burst: usize, steady: usize) -> Window {
+        Window {
+            burst,
+            steady,
+            sent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    #[test]
+    fn the_burst_budget_holds_within_a_second() {
+        let w = window(3, 100);
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(w.try_take(start), None);
+        }
+        let wait = w.try_take(start).expect("the fourth must wait");
+        assert!(wait >= Duration::from_millis(1_000), "{wait:?}");
+        assert_eq!(w.try_take(start + BURST_WINDOW), None);
+    }
+
+    #[test]
+    fn the_steady_budget_holds_within_a_minute() {
+        let w = window(100, 5);
+        let start = Instant::now();
+        for i in 0..5 {
+            assert_eq!(w.try_take(start + Duration::from_secs(i * 2)), None);
+        }
+        let wait = w
+            .try_take(start + Duration::from_secs(11))
+            .expect("the sixth must wait");
+        assert!(wait >= Duration::from_secs(49), "{wait:?}");
+        assert_eq!(w.try_take(start + STEADY_WINDOW), None);
+    }
+}

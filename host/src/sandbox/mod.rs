@@ -1,0 +1,643 @@
+//! A local stand-in for the Klaviyo endpoints this destination uses, in the
+//! spirit of stripe-mock: it checks what Klaviyo checks (key, scopes,
+//! revision, content type, body rules, rate limits) and keeps state like
+//! Klaviyo (profile upsert, event dedup), so tests, demos and users without
+//! an account see the same answers. Faults can be injected to prove that
+//! delivery loses nothing. `/sandbox/*` shows what it holds.
+
+mod model;
+mod validate;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Timelike, Utc};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use model::{Arrival, Profile, Stats, StoredEvent};
+use model::{Model, Upsert};
+use validate::{ApiError, MAX_BODY_BYTES};
+
+/// A private API key the sandbox knows, and its scopes.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub key: String,
+    pub scopes: Vec<String>,
+}
+
+impl ApiKey {
+    pub fn new(key: &str, scopes: &[&str]) -> ApiKey {
+        ApiKey {
+            key: key.to_string(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+/// The key demos and tests use: every scope this destination needs.
+pub const DEMO_KEY: &str = "pk_sandbox_demo";
+/// A key with only Events write, as Chord's setup guide creates.
+pub const EVENTS_ONLY_KEY: &str = "pk_sandbox_events_only";
+
+/// Misbehaviour to inject, each as a share of requests (0.0 to 1.0).
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Answer 500/502/503/504 (half of them after storing the request,
+    /// as a real timeout-after-commit would).
+    pub server_errors: f64,
+    /// Close the connection without answering (half after storing).
+    pub drop_connections: f64,
+    /// Answer 429 `throttled` with `Retry-After: 1` regardless of load.
+    pub throttle_storm: f64,
+    /// Injected 5xx answers carry an HTML page, as Klaviyo's edge does.
+    pub html_errors: bool,
+    /// Added before the answer (after storing) of a `slow` share of requests.
+    pub latency: Duration,
+    pub slow: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub keys: Vec<ApiKey>,
+    /// Enforce each endpoint's burst and steady rate limits.
+    pub rate_limits: bool,
+    pub faults: Faults,
+    /// Seed for fault injection, so a failing test can be replayed.
+    pub seed: u64,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            keys: vec![
+                ApiKey::new(
+                    DEMO_KEY,
+                    &["events:write", "profiles:write", "lists:write", "accounts:read"],
+                ),
+                ApiKey::new(EVENTS_ONLY_KEY, &["events:write", "accounts:read"]),
+            ],
+            rate_limits: true,
+            faults: Faults::default(),
+            seed: 1,
+        }
+    }
+}
+
+/// One Klaviyo endpoint the sandbox serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Endpoint {
+    Events,
+    ProfileImport,
+    EventBulkCreateJobs,
+    ProfileBulkImportJobs,
+    Accounts,
+}
+
+impl Endpoint {
+    fn route(method: &Method, path: &str) -> Option<Endpoint> {
+        let path = path.trim_end_matches('/');
+        match (method, path) {
+            (&Method::POST, "/api/events") => Some(Endpoint::Events),
+            (&Method::POST, "/api/profile-import") => Some(Endpoint::ProfileImport),
+            (&Method::POST, "/api/event-bulk-create-jobs") => Some(Endpoint::EventBulkCreateJobs),
+            (&Method::POST, "/api/profile-bulk-import-jobs") => Some(Endpoint::ProfileBulkImportJobs),
+            (&Method::GET, "/api/accounts") => Some(Endpoint::Accounts),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Events => "POST /api/events",
+            Endpoint::ProfileImport => "POST /api/profile-import",
+            Endpoint::EventBulkCreateJobs => "POST /api/event-bulk-create-jobs",
+            Endpoint::ProfileBulkImportJobs => "POST /api/profile-bulk-import-jobs",
+            Endpoint::Accounts => "GET /api/accounts",
+        }
+    }
+
+    /// Scopes Klaviyo requires (OpenAPI `x-klaviyo-scopes`).
+    fn scopes(self) -> &'static [&'static str] {
+        match self {
+            Endpoint::Events | Endpoint::EventBulkCreateJobs => &["events:write"],
+            Endpoint::ProfileImport => &["profiles:write"],
+            Endpoint::ProfileBulkImportJobs => &["lists:write", "profiles:write"],
+            Endpoint::Accounts => &["accounts:read"],
+        }
+    }
+
+    /// Burst per second and steady per minute (OpenAPI `x-klaviyo-ratelimit`).
+    fn rate(self) -> (u32, u32) {
+        match self {
+            Endpoint::Events => (350, 3500),
+            Endpoint::ProfileImport => (75, 750),
+            Endpoint::EventBulkCreateJobs | Endpoint::ProfileBulkImportJobs => (10, 150),
+            Endpoint::Accounts => (1, 15),
+        }
+    }
+}
+
+/// Fixed one-second and one-minute windows per endpoint, as Klaviyo counts.
+#[derive(Default)]
+struct RateWindows {
+    windows: HashMap<Endpoint, (i64, u32, i64, u32)>,
+}
+
+impl RateWindows {
+    /// `Err(seconds to wait)` when either window is full.
+    fn admit(&mut self, endpoint: Endpoint, now: DateTime<Utc>) -> Result<(), u64> {
+        let (burst, steady) = endpoint.rate();
+        let second = now.timestamp();
+        let minute = second / 60;
+        let w = self.windows.entry(endpoint).or_insert((second, 0, minute, 0));
+        if w.0 != second {
+            (w.0, w.1) = (second, 0);
+        }
+        if w.2 != minute {
+            (w.2, w.3) = (minute, 0);
+        }
+        if w.3 >= steady {
+            return Err(60 - u64::from(now.second()));
+        }
+        if w.1 >= burst {
+            return Err(1);
+        }
+        w.1 += 1;
+        w.3 += 1;
+        Ok(())
+    }
+}
+
+struct Shared {
+    config: SandboxConfig,
+    model: Mutex<Model>,
+    windows: Mutex<RateWindows>,
+    rng: Mutex<StdRng>,
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: JoinHandle<()>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Sandbox {
+    /// Listens on `addr` (port 0 picks a free port) and serves until dropped.
+    pub async fn start(config: SandboxConfig, addr: SocketAddr) -> std::io::Result<Sandbox> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
+            config,
+            model: Mutex::new(Model::default()),
+            windows: Mutex::new(RateWindows::default()),
+        });
+        let server = tokio::spawn(serve(listener, shared.clone()));
+        Ok(Sandbox { addr, shared, server })
+    }
+
+    /// `http://127.0.0.1:PORT`, to pass as `--klaviyo-url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.model.lock().unwrap().stats.clone()
+    }
+
+    pub fn events(&self) -> Vec<StoredEvent> {
+        self.shared.model.lock().unwrap().events().to_vec()
+    }
+
+    pub fn profiles(&self) -> Vec<Profile> {
+        self.shared.model.lock().unwrap().profiles().to_vec()
+    }
+
+    /// Every accepted write, in the order the sandbox stored it.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.shared.model.lock().unwrap().arrivals().to_vec()
+    }
+
+    /// Serves until the process ends.
+    pub async fn wait(mut self) {
+        let _ = (&mut self.server).await;
+    }
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| handle(shared.clone(), request));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// An answer, or a dropped connection.
+type Answer = Result<Response<Full<Bytes>>, std::io::Error>;
+
+async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    if method == Method::GET && path.starts_with("/sandbox/") {
+        return Ok(inspect(&shared, &path));
+    }
+    let Some(endpoint) = Endpoint::route(&method, &path) else {
+        return Ok(json_response(
+            404,
+            &ApiError::new(
+                404,
+                "not_found",
+                "Not found.",
+                format!("{method} {path} is not an endpoint of this sandbox"),
+            )
+            .body(&error_id(&shared)),
+        ));
+    };
+    {
+        let mut model = shared.model.lock().unwrap();
+        model.stats.requests += 1;
+        *model.stats.by_endpoint.entry(endpoint.name().to_string()).or_default() += 1;
+    }
+    let headers = request.headers().clone();
+    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES + 1).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return reject(
+                &shared,
+                ApiError::new(
+                    413,
+                    "payload_too_large",
+                    "Payload too large.",
+                    "The request body exceeds 5MB.",
+                ),
+            );
+        }
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+
+    let (storm, fault_5xx, drop, after, slow) = {
+        let mut rng = shared.rng.lock().unwrap();
+        let f = &shared.config.faults;
+        (
+            rng.random_bool(f.throttle_storm.clamp(0.0, 1.0)),
+            rng.random_bool(f.server_errors.clamp(0.0, 1.0)),
+            rng.random_bool(f.drop_connections.clamp(0.0, 1.0)),
+            rng.random_bool(0.5),
+            rng.random_bool(f.slow.clamp(0.0, 1.0)),
+        )
+    };
+    if storm {
+        count_fault(&shared, "throttle_storm");
+        return Ok(throttled(&shared, 1));
+    }
+    if let Err(error) = authorize(&shared, endpoint, header("authorization"), header("revision")) {
+        return reject(&shared, error);
+    }
+    if shared.config.rate_limits
+        && let Err(wait) = shared.windows.lock().unwrap().admit(endpoint, Utc::now())
+    {
+        return Ok(throttled(&shared, wait));
+    }
+    if (fault_5xx || drop) && !after {
+        return fault(&shared, drop).await;
+    }
+    let answer = process(&shared, endpoint, header("content-type"), &body);
+    if (fault_5xx || drop) && after {
+        return fault(&shared, drop).await;
+    }
+    let latency = shared.config.faults.latency;
+    if slow && !latency.is_zero() {
+        count_fault(&shared, "slow_answer");
+        tokio::time::sleep(latency).await;
+    }
+    match answer {
+        Ok((status, body)) => {
+            shared.model.lock().unwrap().stats.accepted += 1;
+            Ok(match body {
+                Some(body) => json_response(status, &body),
+                None => empty_response(status),
+            })
+        }
+        Err(error) => reject(&shared, error),
+    }
+}
+
+fn authorize(
+    shared: &Shared,
+    endpoint: Endpoint,
+    authorization: Option<String>,
+    revision: Option<String>,
+) -> Result<(), ApiError> {
+    let key = authorization
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Klaviyo-API-Key "))
+        .map(str::trim);
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
+        let mut error = ApiError::new(
+            401,
+            "not_authenticated",
+            "Authentication credentials were not provided.",
+            "Missing or invalid authorization scheme. Please use Klaviyo-API-Key.",
+        );
+        error.pointer = Some("/data/".to_string());
+        return Err(error);
+    };
+    let Some(known) = shared.config.keys.iter().find(|k| k.key == key) else {
+        return Err(ApiError::new(
+            401,
+            "authentication_failed",
+            "Incorrect authentication credentials.",
+            "Incorrect authentication credentials.",
+        ));
+    };
+    if let Some(missing) = endpoint.scopes().iter().find(|s| !known.scopes.iter().any(|k| k == *s)) {
+        return Err(ApiError::new(
+            403,
+            "permission_denied",
+            "You do not have permission to perform this action.",
+            format!("This API key is missing required scopes: {missing}."),
+        ));
+    }
+    let revision = revision.unwrap_or_default();
+    let date = revision.strip_suffix(".pre").unwrap_or(&revision);
+    let Ok(date) = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d") else {
+        let mut error = ApiError::new(
+            400,
+            "invalid",
+            "Invalid input.",
+            "A valid revision header is required (YYYY-MM-DD).",
+        );
+        error.pointer = None;
+        return Err(error);
+    };
+    if date > Utc::now().date_naive() {
+        return Err(ApiError::new(
+            400,
+            "invalid",
+            "Invalid input.",
+            format!("No valid revisions found for method: revision {revision} is in the future."),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the request against the model: a status and an optional body.
+fn process(
+    shared: &Shared,
+    endpoint: Endpoint,
+    content_type: Option<String>,
+    body: &Bytes,
+) -> Result<(u16, Option<Value>), ApiError> {
+    if endpoint == Endpoint::Accounts {
+        return Ok((
+            200,
+            Some(
+                json!({"data": [{"type": "account", "id": "SANDBOX", "attributes": {"contact_information": {"organization_name": "Klaviyo sandbox"}}}]}),
+            ),
+        ));
+    }
+    let media = content_type.unwrap_or_default();
+    let media = media.split(';').next().unwrap_or("").trim();
+    if !matches!(media, "application/json" | "application/vnd.api+json") {
+        return Err(ApiError::new(
+            415,
+            "unsupported_media_type",
+            "Unsupported media type.",
+            format!("Unsupported media type \"{media}\" in request."),
+        ));
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            400,
+            "parse_error",
+            "Malformed request.",
+            format!("JSON parse error - {e}"),
+        )
+    })?;
+    let now = Utc::now();
+    let mut model = shared.model.lock().unwrap();
+    match endpoint {
+        Endpoint::Events => {
+            let event = validate::event(&value, now)?;
+            model.add_event(event, &now.to_rfc3339())?;
+            Ok((202, None))
+        }
+        Endpoint::ProfileImport => {
+            let profile = validate::profile_import(&value, body.len())?;
+            let (status, id) = match model.import_profile(&profile)? {
+                Upsert::Created(id) => (201, id),
+                Upsert::Updated(id) => (200, id),
+            };
+            Ok((
+                status,
+                Some(json!({"data": {"type": "profile", "id": id, "attributes": profile.attributes}})),
+            ))
+        }
+        Endpoint::EventBulkCreateJobs => {
+            let entries = value
+                .pointer("/data/attributes/events-bulk-create/data")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "'events-bulk-create' is required.",
+                        "/data/attributes/events-bulk-create",
+                    )
+                })?;
+            if entries.len() > 1000 {
+                return Err(ApiError::invalid(
+                    "At most 1000 events per request.",
+                    "/data/attributes/events-bulk-create/data",
+                ));
+            }
+            for entry in entries {
+                let profile = entry.pointer("/attributes/profile").cloned().unwrap_or(Value::Null);
+                for event in entry
+                    .pointer("/attributes/events/data")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let mut attributes = event.get("attributes").cloned().unwrap_or(json!({}));
+                    attributes["profile"] = profile.clone();
+                    let single = json!({"data": {"type": "event", "attributes": attributes}});
+                    let event = validate::event(&single, now)?;
+                    model.add_event(event, &now.to_rfc3339())?;
+                }
+            }
+            Ok((202, None))
+        }
+        Endpoint::ProfileBulkImportJobs => {
+            let profiles = value
+                .pointer("/data/attributes/profiles/data")
+                .and_then(Value::as_array)
+                .ok_or_else(|| ApiError::invalid("'profiles' is required.", "/data/attributes/profiles"))?;
+            if profiles.len() > 10_000 {
+                return Err(ApiError::invalid(
+                    "At most 10000 profiles per request.",
+                    "/data/attributes/profiles/data",
+                ));
+            }
+            for profile in profiles {
+                let single = json!({"data": profile});
+                let input = validate::profile_import(&single, 0)?;
+                model.import_profile(&input)?;
+            }
+            Ok((
+                202,
+                Some(
+                    json!({"data": {"type": "profile-bulk-import-job", "id": format!("job-{}", now.timestamp_millis()), "attributes": {"status": "complete", "total_count": profiles.len(), "completed_count": profiles.len(), "failed_count": 0}}}),
+                ),
+            ))
+        }
+        Endpoint::Accounts => unreachable!("answered above"),
+    }
+}
+
+async fn fault(shared: &Shared, drop: bool) -> Answer {
+    if drop {
+        count_fault(shared, "dropped_connection");
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "sandbox fault: connection dropped",
+        ));
+    }
+    let status = [500u16, 502, 503, 504][shared.rng.lock().unwrap().random_range(0..4)];
+    count_fault(shared, &format!("server_error_{status}"));
+    if shared.config.faults.html_errors {
+        let page = format!(
+            "<html><head><title>{status}</title></head><body><h1>{status} Server Error</h1><p>cloudflare</p></body></html>"
+        );
+        return Ok(Response::builder()
+            .status(status)
+            .header("content-type", "text/html")
+            .body(Full::new(Bytes::from(page)))
+            .unwrap());
+    }
+    let error = ApiError::new(
+        status,
+        "server_error",
+        "A server error occurred.",
+        "A server error occurred.",
+    );
+    Ok(json_response(status, &error.body(&error_id(shared))))
+}
+
+fn count_fault(shared: &Shared, kind: &str) {
+    *shared
+        .model
+        .lock()
+        .unwrap()
+        .stats
+        .faults
+        .entry(kind.to_string())
+        .or_default() += 1;
+}
+
+fn throttled(shared: &Shared, wait_seconds: u64) -> Response<Full<Bytes>> {
+    let mut error = ApiError::new(
+        429,
+        "throttled",
+        "Request was throttled.",
+        format!(
+            "Request was throttled. Expected available in {wait_seconds} second{}.",
+            if wait_seconds == 1 { "" } else { "s" }
+        ),
+    );
+    error.pointer = Some("/data".to_string());
+    *shared
+        .model
+        .lock()
+        .unwrap()
+        .stats
+        .rejected
+        .entry("429 throttled".into())
+        .or_default() += 1;
+    let mut response = json_response(429, &error.body(&error_id(shared)));
+    response.headers_mut().insert("retry-after", wait_seconds.into());
+    response
+}
+
+fn reject(shared: &Shared, error: ApiError) -> Answer {
+    *shared
+        .model
+        .lock()
+        .unwrap()
+        .stats
+        .rejected
+        .entry(format!("{} {}", error.status, error.code))
+        .or_default() += 1;
+    Ok(json_response(error.status, &error.body(&error_id(shared))))
+}
+
+fn error_id(shared: &Shared) -> String {
+    let n: u128 = shared.rng.lock().unwrap().random();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        n as u32,
+        (n >> 32) as u16,
+        (n >> 48) as u16 & 0xfff,
+        (n >> 60) as u16 & 0xfff,
+        (n >> 72) as u64 & 0xffff_ffff_ffff
+    )
+}
+
+/// `/sandbox/events`, `/sandbox/profiles`, `/sandbox/stats`.
+fn inspect(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
+    let model = shared.model.lock().unwrap();
+    let value = match path.trim_end_matches('/') {
+        "/sandbox/events" => json!(model.events()),
+        "/sandbox/profiles" => json!(model.profiles()),
+        "/sandbox/stats" => json!(model.stats),
+        _ => {
+            return json_response(
+                404,
+                &json!({"error": "try /sandbox/events, /sandbox/profiles or /sandbox/stats"}),
+            );
+        }
+    };
+    json_response(200, &value)
+}
+
+fn json_response(status: u16, body: &Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/vnd.api+json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+fn empty_response(status: u16) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}

@@ -1,0 +1,389 @@
+//! `send`'s engine against the local Klaviyo sandbox, over real HTTP on
+//! loopback, with the real component: every sendable event ends accepted
+//! exactly once, whatever the network does, and the counts add up.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use cdp_host::delivery::{DeadLetters, Delivery, DeliveryConfig, EventOutcome, Report};
+use cdp_host::sandbox::{DEMO_KEY, EVENTS_ONLY_KEY, Faults, Sandbox, SandboxConfig};
+use cdp_host::settings::DestinationSettings;
+use serde_json::{Value, json};
+
+use crate::support::klaviyo;
+
+/// `people` shoppers, each with an identify, four tracks and a page view,
+/// plus two anonymous shoppers whose events carry no email or phone.
+fn corpus(people: usize) -> (String, BTreeSet<String>) {
+    let mut lines = Vec::new();
+    let mut sendable_tracks = BTreeSet::new();
+    for p in 0..people {
+        let email = format!("shopper{p}@example.org");
+        lines.push(json!({"type": "identify", "messageId": format!("p{p}-id"), "userId": format!("u{p}"),
+            "traits": {"email": email, "firstName": format!("Shopper{p}"), "phone": format!("+1617555{:04}", 1000 + p)}}));
+        for (i, name) in ["Product Viewed", "Product Added", "Checkout Started", "Order Completed"]
+            .iter()
+            .enumerate()
+        {
+            let id = format!("p{p}-e{i}");
+            lines.push(
+                json!({"type": "track", "event": name, "messageId": id, "userId": format!("u{p}"),
+                "properties": {"product_id": format!("sku-{i}"), "revenue": 10 * (i + 1), "currency": "USD"},
+                "context": {"traits": {"email": email}}}),
+            );
+            sendable_tracks.insert(id);
+        }
+        lines.push(json!({"type": "page", "messageId": format!("p{p}-page"), "properties": {"path": "/"}}));
+    }
+    for a in 0..2 {
+        lines.push(json!({"type": "track", "event": "Product Viewed", "messageId": format!("anon{a}"), "anonymousId": format!("anon-{a}"), "properties": {}}));
+    }
+    let text = lines.iter().map(Value::to_string).collect::<Vec<_>>().join("\n") + "\n";
+    (text, sendable_tracks)
+}
+
+struct Run {
+    report: Report,
+    sandbox: Sandbox,
+    dead_letters: Vec<Value>,
+}
+
+async fn run(
+    input: String,
+    sandbox: SandboxConfig,
+    api_key: &str,
+    tweak: impl FnOnce(&mut DeliveryConfig),
+    settings: Value,
+) -> Run {
+    let sandbox = Sandbox::start(sandbox, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let plugin = klaviyo();
+    let mut settings = settings.as_object().cloned().unwrap_or_default();
+    settings.insert("api_key".into(), api_key.into());
+    let settings = DestinationSettings::from_object(settings, plugin.manifest(), |_| None).unwrap();
+    let mut config = DeliveryConfig {
+        base_url: Some(sandbox.url().parse().unwrap()),
+        concurrency: 32,
+        max_attempts: 25,
+        backoff_base: Duration::from_millis(5),
+        backoff_cap: Duration::from_millis(100),
+        request_timeout: Duration::from_secs(5),
+        ..DeliveryConfig::default()
+    };
+    tweak(&mut config);
+    let delivery = Delivery::new(plugin, settings, config, DeadLetters::in_memory()).unwrap();
+    let report = delivery
+        .run(std::io::Cursor::new(input.into_bytes()), |_| {})
+        .await
+        .unwrap();
+    let dead_letters = delivery_dead_letters(&delivery);
+    Run {
+        report,
+        sandbox,
+        dead_letters,
+    }
+}
+
+fn delivery_dead_letters(delivery: &Delivery) -> Vec<Value> {
+    delivery.dead_letters().entries()
+}
+
+/// Every sendable event is stored exactly once, every person's profile was
+/// imported, and delivered + skipped + dead-lettered = read.
+fn assert_exactly_once(run: &Run, people: usize, sendable_tracks: &BTreeSet<String>) {
+    let r = &run.report;
+    assert_eq!(
+        r.delivered + r.skipped_total() + r.dead_lettered,
+        r.read,
+        "{}",
+        r.summary()
+    );
+    assert_eq!(r.dead_lettered, 0, "dead letters: {:#?}", run.dead_letters);
+    assert_eq!(r.read as usize, people * 6 + 2);
+    assert_eq!(r.delivered as usize, people * 5);
+    let stored: Vec<String> = run.sandbox.events().into_iter().map(|e| e.unique_id).collect();
+    let unique: BTreeSet<String> = stored.iter().cloned().collect();
+    assert_eq!(stored.len(), unique.len(), "an event was stored twice");
+    assert_eq!(&unique, sendable_tracks);
+    assert_eq!(run.sandbox.profiles().len(), people);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_faults_every_sendable_event_is_accepted_once() {
+    let (input, tracks) = corpus(20);
+    let run = run(input, SandboxConfig::default(), DEMO_KEY, |_| {}, json!({})).await;
+    assert_exactly_once(&run, 20, &tracks);
+    assert_eq!(run.report.retries, 0);
+    assert_eq!(run.sandbox.stats().deduplicated, 0);
+    let skipped: BTreeMap<&str, u64> = run.report.skipped.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(skipped["page views are not passed through"], 20);
+    assert_eq!(
+        skipped["no email or phone number: Chord sends Klaviyo only events that carry one"],
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_percent_server_errors_lose_and_duplicate_nothing() {
+    let (input, tracks) = corpus(20);
+    let faults = Faults {
+        server_errors: 0.3,
+        html_errors: true,
+        ..Faults::default()
+    };
+    let run = run(
+        input,
+        SandboxConfig {
+            faults,
+            seed: 7,
+            ..SandboxConfig::default()
+        },
+        DEMO_KEY,
+        |_| {},
+        json!({}),
+    )
+    .await;
+    assert_exactly_once(&run, 20, &tracks);
+    assert!(run.report.retries > 0);
+    // Half the injected errors come after the event was stored: the retry
+    // arrives twice and Klaviyo's unique_id dedup drops it.
+    assert!(run.sandbox.stats().deduplicated > 0, "{:?}", run.sandbox.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_429s_is_waited_out_honouring_retry_after() {
+    let (input, tracks) = corpus(10);
+    let faults = Faults {
+        throttle_storm: 0.3,
+        ..Faults::default()
+    };
+    let started = std::time::Instant::now();
+    let run = run(
+        input,
+        SandboxConfig {
+            faults,
+            seed: 3,
+            ..SandboxConfig::default()
+        },
+        DEMO_KEY,
+        |_| {},
+        json!({}),
+    )
+    .await;
+    assert_exactly_once(&run, 10, &tracks);
+    assert!(run.report.retries > 0);
+    // Every throttled request waited at least the Retry-After second.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_retried_without_duplicates() {
+    let (input, tracks) = corpus(20);
+    let faults = Faults {
+        drop_connections: 0.2,
+        ..Faults::default()
+    };
+    let run = run(
+        input,
+        SandboxConfig {
+            faults,
+            seed: 11,
+            ..SandboxConfig::default()
+        },
+        DEMO_KEY,
+        |_| {},
+        json!({}),
+    )
+    .await;
+    assert_exactly_once(&run, 20, &tracks);
+    assert!(
+        run.sandbox
+            .stats()
+            .faults
+            .get("dropped_connection")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_slower_than_the_client_timeout_are_retried_without_duplicates() {
+    let (input, tracks) = corpus(10);
+    let faults = Faults {
+        latency: Duration::from_millis(600),
+        slow: 0.2,
+        ..Faults::default()
+    };
+    let run = run(
+        input,
+        SandboxConfig {
+            faults,
+            seed: 5,
+            ..SandboxConfig::default()
+        },
+        DEMO_KEY,
+        |c| c.request_timeout = Duration::from_millis(200),
+        json!({}),
+    )
+    .await;
+    assert_exactly_once(&run, 10, &tracks);
+    assert!(run.report.retries > 0);
+    assert!(
+        run.sandbox.stats().deduplicated > 0,
+        "timed-out requests had been stored: {:?}",
+        run.sandbox.stats()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_is_dead_lettered_once_per_event_without_retries() {
+    let (input, _) = corpus(3);
+    let run = run(input, SandboxConfig::default(), "pk_not_a_key", |_| {}, json!({})).await;
+    let r = &run.report;
+    assert_eq!(r.delivered, 0);
+    assert_eq!(r.dead_lettered, 15);
+    assert_eq!(r.retries, 0);
+    assert_eq!(r.requests_sent, 15, "one request per event, no retry storm");
+    let letter = &run.dead_letters[0];
+    assert!(
+        letter["reason"].as_str().unwrap().contains("check the api_key setting"),
+        "{letter}"
+    );
+    assert_eq!(letter["response"]["status"], 401);
+    assert_eq!(letter["request"]["headers"]["authorization"], "Klaviyo-API-Key ***");
+    assert!(
+        !letter.to_string().contains("pk_not_a_key"),
+        "the key leaked into a dead letter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_only_key_dead_letters_identify_naming_the_missing_scope() {
+    let (input, tracks) = corpus(3);
+    let run = run(input, SandboxConfig::default(), EVENTS_ONLY_KEY, |_| {}, json!({})).await;
+    let r = &run.report;
+    assert_eq!(r.dead_lettered, 3, "the three identifies");
+    assert_eq!(r.delivered, 12, "the tracks still go through");
+    for letter in &run.dead_letters {
+        assert!(
+            letter["reason"].as_str().unwrap().contains("profiles:write"),
+            "{letter}"
+        );
+        assert_eq!(letter["event"]["type"], "identify");
+    }
+    let stored: BTreeSet<String> = run.sandbox.events().into_iter().map(|e| e.unique_id).collect();
+    assert_eq!(stored, tracks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_klaviyo_finds_invalid_is_dead_lettered_with_klaviyos_message() {
+    let (input, _) = corpus(2);
+    let run = run(
+        input,
+        SandboxConfig::default(),
+        DEMO_KEY,
+        |_| {},
+        json!({"revision": "2099-01-01"}),
+    )
+    .await;
+    assert_eq!(run.report.dead_lettered, 10);
+    assert_eq!(run.report.retries, 0);
+    let reason = run.dead_letters[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("Klaviyo rejected the request as invalid (400 invalid"),
+        "{reason}"
+    );
+    assert!(reason.contains("2099-01-01"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_persons_identify_lands_before_their_later_events() {
+    let (input, _) = corpus(30);
+    let faults = Faults {
+        server_errors: 0.2,
+        ..Faults::default()
+    };
+    let run = run(
+        input,
+        SandboxConfig {
+            faults,
+            seed: 9,
+            ..SandboxConfig::default()
+        },
+        DEMO_KEY,
+        |c| c.concurrency = 16,
+        json!({}),
+    )
+    .await;
+    let arrivals = run.sandbox.arrivals();
+    let mut seen_import = BTreeSet::new();
+    for arrival in &arrivals {
+        if arrival.what == "profile-import" {
+            seen_import.insert(arrival.profile_id.clone());
+        } else {
+            assert!(
+                seen_import.contains(&arrival.profile_id),
+                "{} arrived before its profile-import",
+                arrival.what
+            );
+        }
+    }
+    assert_eq!(seen_import.len(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_profile_conflict_is_resolved_by_sending_without_the_phone() {
+    let events = [
+        json!({"type": "identify", "messageId": "a", "traits": {"email": "ada@example.org"}}),
+        json!({"type": "identify", "messageId": "b", "traits": {"email": "other@example.org", "phone": "+16175550123"}}),
+        json!({"type": "identify", "messageId": "c", "traits": {"email": "ada@example.org", "phone": "+16175550123", "plan": "gold"}}),
+    ];
+    let input = events.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
+    let run = run(
+        input,
+        SandboxConfig::default(),
+        DEMO_KEY,
+        |c| c.concurrency = 1,
+        json!({}),
+    )
+    .await;
+    assert_eq!(run.report.delivered, 3, "{:#?}", run.dead_letters);
+    assert_eq!(run.sandbox.stats().rejected.get("409 duplicate_profile"), Some(&1));
+    let ada = run
+        .sandbox
+        .profiles()
+        .into_iter()
+        .find(|p| p.email.as_deref() == Some("ada@example.org"))
+        .unwrap();
+    assert_eq!(ada.phone_number, None);
+    assert_eq!(ada.attributes["properties"]["phone_raw"], "+16175550123");
+    assert_eq!(ada.attributes["properties"]["plan"], "gold");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_outcome_is_reported_once_per_event() {
+    let (input, _) = corpus(5);
+    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let plugin = klaviyo();
+    let mut settings = serde_json::Map::new();
+    settings.insert("api_key".into(), DEMO_KEY.into());
+    let settings = DestinationSettings::from_object(settings, plugin.manifest(), |_| None).unwrap();
+    let config = DeliveryConfig {
+        base_url: Some(sandbox.url().parse().unwrap()),
+        ..DeliveryConfig::default()
+    };
+    let delivery = Delivery::new(plugin, settings, config, DeadLetters::in_memory()).unwrap();
+    let lines = std::sync::Mutex::new(Vec::new());
+    delivery
+        .run(std::io::Cursor::new(input.into_bytes()), |record| {
+            assert!(!matches!(record.outcome, EventOutcome::DeadLettered(_)));
+            lines.lock().unwrap().push(record.line);
+        })
+        .await
+        .unwrap();
+    let mut lines = lines.into_inner().unwrap();
+    lines.sort();
+    assert_eq!(lines, (1..=32).collect::<Vec<u64>>());
+}
