@@ -6,4 +6,5 @@ mod cli_inspect;
 mod cli_map;
 mod cli_send;
 mod delivery;
+mod hostile;
 mod support;

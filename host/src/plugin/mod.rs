@@ -15,6 +15,10 @@
 //! - What a plugin returns is checked before the host acts on it: request
 //!   count and size, https URLs to declared hosts only, declared rate
 //!   classes and secrets.
+//!
+//! Calls block, and must be made from a plain or `spawn_blocking` thread,
+//! never from an async task: WASI's synchronous bindings (the guest's
+//! stderr, say) drive tokio themselves and panic inside a runtime worker.
 
 mod cache;
 mod output;
