@@ -1,7 +1,7 @@
 //! `identify` -> Klaviyo Create or Update Profile (`POST /api/profile-import`),
 //! an upsert keyed on email or phone.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::contract::Outcome;
 use crate::event::ChordEvent;
@@ -29,7 +29,7 @@ pub fn map(event: &ChordEvent, settings: &Settings, warnings: &mut Vec<String>) 
         changes.into_warnings(warnings);
         attributes.insert("properties".into(), Value::Object(properties));
     }
-    let mut body = json!({ "data": { "type": "profile", "attributes": attributes } });
+    let mut body = request::resource("profile", attributes);
     if let Err(reason) = fit_profile_import(&mut body, warnings) {
         return (Outcome::Error(reason), ordering_key);
     }

@@ -40,12 +40,14 @@ impl Identity {
             }
         }
 
-        let countries = countries(event, settings);
+        // Worked out only when there is a number to read.
+        let mut countries: Option<Vec<String>> = None;
         let mut unusable = None;
         'found: for (source, map) in &sources {
             for key in ["phone", "phone_number"] {
                 let Some(raw) = text(map.get(key)) else { continue };
-                match phone::to_e164(&raw, &countries) {
+                let countries = countries.get_or_insert_with(|| self::countries(event, settings));
+                match phone::to_e164(&raw, countries) {
                     Some(e164) => {
                         identity.phone = Some(e164);
                         break 'found;
@@ -61,6 +63,7 @@ impl Identity {
         if identity.phone.is_none()
             && let Some((field, raw)) = unusable
         {
+            let countries = countries.unwrap_or_default();
             let known = if countries.is_empty() {
                 "no country is known for it (set default_country)".to_string()
             } else {

@@ -136,7 +136,6 @@ pub fn attributes(
         None => {}
     }
 
-    let mut consumed: Vec<&str> = IDENTIFIER_TRAITS.to_vec();
     let put = |out: &mut Map<String, Value>, key: &str, found: Option<Found>| match found {
         Some(Found::Set(value)) => {
             out.insert(key.to_string(), value);
@@ -149,7 +148,6 @@ pub fn attributes(
 
     for attribute in NAMES.iter().chain(ATTRIBUTES) {
         put(&mut out, attribute.klaviyo, find(&sources, attribute.traits));
-        consumed.extend(attribute.traits.iter().map(|t| t.split('.').next().unwrap_or(t)));
     }
     if scope == Scope::Full
         && !out.contains_key("locale")
@@ -162,7 +160,6 @@ pub fn attributes(
     let mut location = Map::new();
     for attribute in LOCATION {
         put(&mut location, attribute.klaviyo, find(&sources, attribute.traits));
-        consumed.extend(attribute.traits.iter().map(|t| t.split('.').next().unwrap_or(t)));
     }
     if scope == Scope::Full {
         context_location(event, &mut location);
@@ -172,7 +169,7 @@ pub fn attributes(
     }
 
     if scope == Scope::Full {
-        let mut properties = custom_properties(&sources, &consumed);
+        let mut properties = custom_properties(&sources);
         if let Some(raw) = &identity.phone_raw {
             properties.insert("phone_raw".into(), json!(raw));
         }
@@ -262,17 +259,29 @@ fn split_name(sources: &[&Map<String, Value>], out: &mut Map<String, Value>) {
 /// Every trait that no standard attribute used, under its own key; traits
 /// win over `context.traits`. An object trait partly used (an address
 /// with extra keys, a company with more than a name) is kept whole.
-fn custom_properties(sources: &[&Map<String, Value>], consumed: &[&str]) -> Map<String, Value> {
+fn custom_properties(sources: &[&Map<String, Value>]) -> Map<String, Value> {
     let mut properties = Map::new();
     for source in sources.iter().rev() {
         for (key, value) in source.iter() {
-            if consumed.contains(&key.as_str()) && !has_unused_keys(key, value) {
+            if is_standard_trait(key) && !has_unused_keys(key, value) {
                 continue;
             }
             properties.insert(key.clone(), value.clone());
         }
     }
     properties
+}
+
+/// Whether a top-level trait key feeds a standard attribute (for an
+/// object trait like `address`, through one of its keys).
+fn is_standard_trait(key: &str) -> bool {
+    IDENTIFIER_TRAITS.contains(&key)
+        || NAMES
+            .iter()
+            .chain(ATTRIBUTES)
+            .chain(LOCATION)
+            .flat_map(|a| a.traits.iter())
+            .any(|t| t.split('.').next() == Some(key))
 }
 
 fn has_unused_keys(key: &str, value: &Value) -> bool {

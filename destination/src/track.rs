@@ -70,10 +70,9 @@ pub fn map(
         attributes.insert("value_currency".into(), json!(currency));
     }
     attributes.insert("unique_id".into(), json!(base_id));
-    let mut requests = vec![event_request(name, attributes, &profile, &base_id, settings)];
-
-    if settings.ordered_product_events && name == ORDER_COMPLETED {
-        let items = ordered_products(
+    // The fan-out borrows the profile; the order's own request takes it.
+    let items = if settings.ordered_product_events && name == ORDER_COMPLETED {
+        ordered_products(
             &original,
             &base_id,
             time.as_deref(),
@@ -81,9 +80,12 @@ pub fn map(
             settings,
             &mut changes,
             warnings,
-        );
-        requests.extend(items);
-    }
+        )
+    } else {
+        Vec::new()
+    };
+    let mut requests = vec![event_request(name, attributes, profile, &base_id, settings)];
+    requests.extend(items);
     changes.into_warnings(warnings);
 
     if let Some(too_big) = requests.iter().find(|r| r.body.len() > limits::BODY_BYTES) {
@@ -159,7 +161,7 @@ fn event_profile(event: &ChordEvent, identity: &Identity, warnings: &mut Vec<Str
     let mut changes = Changes::default();
     let attributes = fit_object(attributes, "profile", 1, &mut changes);
     changes.into_warnings(warnings);
-    let mut profile = json!({ "data": { "type": "profile", "attributes": attributes } });
+    let mut profile = request::resource("profile", attributes);
     if json_size(&profile) > limits::EVENT_PROFILE_BYTES {
         let attributes = profile["data"]["attributes"].as_object_mut().expect("built above");
         attributes.retain(|key, _| matches!(key.as_str(), "email" | "phone_number" | "external_id" | "anonymous_id"));
@@ -177,7 +179,7 @@ fn event_profile(event: &ChordEvent, identity: &Identity, warnings: &mut Vec<Str
 fn event_request(
     name: &str,
     mut attributes: Map<String, Value>,
-    profile: &Value,
+    profile: Value,
     unique_id: &str,
     settings: &Settings,
 ) -> Request {
@@ -185,8 +187,8 @@ fn event_request(
         "metric".into(),
         json!({ "data": { "type": "metric", "attributes": { "name": name } } }),
     );
-    attributes.insert("profile".into(), profile.clone());
-    let body = json!({ "data": { "type": "event", "attributes": attributes } });
+    attributes.insert("profile".into(), profile);
+    let body = request::resource("event", attributes);
     request::post(
         klaviyo::EVENTS_PATH,
         &body,
@@ -276,7 +278,7 @@ fn ordered_products(
         requests.push(event_request(
             klaviyo::ORDERED_PRODUCT_METRIC,
             attributes,
-            profile,
+            profile.clone(),
             &unique_id,
             settings,
         ));

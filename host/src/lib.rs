@@ -7,4 +7,6 @@ pub mod dry_run;
 pub mod mapper;
 pub mod plugin;
 pub mod sandbox;
+pub mod serve;
 pub mod settings;
+pub mod spool;

@@ -16,7 +16,9 @@ use cdp_host::dry_run;
 use cdp_host::mapper::EventMapper;
 use cdp_host::plugin::{BUNDLED_KLAVIYO, Plugin, Runtime, RuntimeConfig};
 use cdp_host::sandbox::{DEMO_KEY, EVENTS_ONLY_KEY, Faults, Sandbox, SandboxConfig};
-use cdp_host::settings::DestinationSettings;
+use cdp_host::serve::ServeConfig;
+use cdp_host::settings::{DestinationSettings, Secret};
+use cdp_host::spool::{Durability, Spool};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +43,11 @@ enum Command {
     Sandbox(SandboxArgs),
     /// Start a sandbox, send the bundled example events through the bundled plugin, and show the result.
     Demo,
+    /// Run as a service: Chord/Segment-compatible ingest, a durable spool, delivery through the plugin.
+    Serve(ServeArgs),
+    /// Inspect, re-drive or delete the dead letters in a serve spool.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Inspect plugin components.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -71,6 +78,9 @@ struct SendArgs {
     /// Print one line per event as it completes.
     #[arg(long)]
     print_outcomes: bool,
+    /// Do not pace requests to the plugin's declared rate budgets (only for a destination without limits, such as `sandbox --no-rate-limits`).
+    #[arg(long)]
+    no_pacing: bool,
     /// NDJSON events, one JSON object per line; `-` for standard input.
     #[arg(value_name = "INPUT")]
     input: PathBuf,
@@ -141,6 +151,111 @@ struct MapArgs {
     input: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (TOML); flags override what it says.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// The spool database [default: cdp-spool.sqlite]
+    #[arg(long, value_name = "FILE")]
+    spool: Option<PathBuf>,
+    /// A write key senders must present (repeatable); also $CDP_HOST_WRITE_KEYS, comma-separated.
+    #[arg(long = "write-key", value_name = "KEY")]
+    write_keys: Vec<String>,
+    /// The destination plugin [default: the bundled Klaviyo plugin]
+    #[arg(long, value_name = "FILE.wasm")]
+    plugin: Option<PathBuf>,
+    /// Destination settings, a JSON object (or [settings] in the config file).
+    #[arg(long, value_name = "FILE.json")]
+    settings: Option<PathBuf>,
+    /// Send to this base URL instead of the plugin's declared host (e.g. the sandbox).
+    #[arg(long, value_name = "URL")]
+    klaviyo_url: Option<url::Url>,
+    /// Events in flight at once [default: 64]
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Attempts per request [default: 10]
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Seconds a request may spend being retried [default: 300]
+    #[arg(long)]
+    max_retry_seconds: Option<u64>,
+    /// Timeout of one HTTP attempt, in milliseconds [default: 10000]
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Hours delivered and skipped events stay in the spool [default: 24]
+    #[arg(long)]
+    retention_hours: Option<u64>,
+    /// Seconds SIGTERM waits for deliveries in flight [default: 20]
+    #[arg(long)]
+    shutdown_grace_seconds: Option<u64>,
+    /// process-crash (WAL, synchronous=NORMAL) or power-loss (fsync per commit) [default: process-crash]
+    #[arg(long, value_name = "LEVEL")]
+    durability: Option<String>,
+    /// Do not pace to the plugin's rate budgets (only for a destination without limits).
+    #[arg(long)]
+    no_pacing: bool,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// The `serve` configuration file; every field optional.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    listen: Option<std::net::SocketAddr>,
+    spool: Option<PathBuf>,
+    #[serde(default)]
+    write_keys: Vec<String>,
+    plugin: Option<PathBuf>,
+    klaviyo_url: Option<url::Url>,
+    concurrency: Option<usize>,
+    retention_hours: Option<u64>,
+    shutdown_grace_seconds: Option<u64>,
+    durability: Option<String>,
+    settings: Option<toml::Table>,
+    retry: Option<RetryFile>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetryFile {
+    max_attempts: Option<u32>,
+    max_retry_seconds: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Print the dead letters as NDJSON (event, reason, request, Klaviyo's answer).
+    List {
+        #[arg(long, default_value = "cdp-spool.sqlite", value_name = "FILE")]
+        spool: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Put dead letters back to be delivered again by a running (or the next) serve.
+    Replay {
+        #[arg(long, default_value = "cdp-spool.sqlite", value_name = "FILE")]
+        spool: PathBuf,
+        /// Only these (repeatable); all when none is given.
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+    },
+    /// Delete dead letters.
+    Purge {
+        #[arg(long, default_value = "cdp-spool.sqlite", value_name = "FILE")]
+        spool: PathBuf,
+        /// Only these (repeatable); all when none is given.
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+    },
+}
+
 #[derive(Subcommand)]
 enum PluginCommand {
     /// Print a plugin's manifest, interface version, SHA-256 and size.
@@ -158,11 +273,20 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CDP_HOST_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(io::stderr)
-        .init();
     let cli = Cli::parse();
+    let (level, json) = match &cli.command {
+        Command::Serve(args) => ("info", args.log_json),
+        _ => ("warn", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CDP_HOST_LOG").unwrap_or_else(|_| level.into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -178,6 +302,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Send(args) => send(&cli.runtime, args),
         Command::Sandbox(args) => sandbox(args),
         Command::Demo => demo(&cli.runtime),
+        Command::Serve(args) => serve(&cli.runtime, args),
+        Command::Dlq(command) => dlq(command),
         Command::Plugin(PluginCommand::Inspect { file }) => inspect(&cli.runtime, &file),
     }
 }
@@ -294,6 +420,7 @@ fn send(runtime_args: &RuntimeArgs, args: SendArgs) -> anyhow::Result<ExitCode> 
     let config = DeliveryConfig {
         base_url: args.klaviyo_url.clone(),
         concurrency: args.concurrency.max(1),
+        pacing: !args.no_pacing,
         max_attempts: args.max_attempts.max(1),
         max_retry_time: std::time::Duration::from_secs(args.max_retry_seconds),
         request_timeout: std::time::Duration::from_millis(args.timeout_ms.max(1)),
@@ -320,6 +447,9 @@ fn send(runtime_args: &RuntimeArgs, args: SendArgs) -> anyhow::Result<ExitCode> 
         report
     })?;
     println!("{}", report.summary());
+    if let Some(peak) = progress::peak_memory_bytes() {
+        println!("peak memory {:.1} MiB", peak as f64 / (1 << 20) as f64);
+    }
     if report.dead_lettered > 0 {
         println!("dead letters: {}", args.dead_letters.display());
         return Ok(ExitCode::from(1));
@@ -432,4 +562,117 @@ fn demo(runtime_args: &RuntimeArgs) -> anyhow::Result<ExitCode> {
         );
         anyhow::Ok(ExitCode::SUCCESS)
     })
+}
+
+fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let file: ServeFile = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => ServeFile::default(),
+    };
+    let retry = file.retry.unwrap_or_default();
+    let concurrency = args.concurrency.or(file.concurrency).unwrap_or(64).max(1);
+    let runtime = runtime(runtime_args, concurrency as u32)?;
+    let plugin = load_plugin(&runtime, args.plugin.as_deref().or(file.plugin.as_deref()))?;
+    let settings = match (&args.settings, file.settings) {
+        (Some(path), _) => DestinationSettings::load(Some(path), plugin.manifest())?,
+        (None, Some(table)) => {
+            let object = serde_json::to_value(table)?.as_object().cloned().unwrap_or_default();
+            DestinationSettings::from_object(object, plugin.manifest(), |name| std::env::var(name).ok())?
+        }
+        (None, None) => DestinationSettings::load(None, plugin.manifest())?,
+    };
+    validate_settings(&plugin, &settings)?;
+    let mut write_keys: Vec<String> = args.write_keys.clone();
+    write_keys.extend(file.write_keys);
+    if let Ok(keys) = std::env::var("CDP_HOST_WRITE_KEYS") {
+        write_keys.extend(
+            keys.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_string),
+        );
+    }
+    if write_keys.is_empty() {
+        bail!("serve needs at least one write key (--write-key, write_keys in the config, or $CDP_HOST_WRITE_KEYS)");
+    }
+    let durability = match args.durability.or(file.durability).as_deref() {
+        None | Some("process-crash") => Durability::ProcessCrash,
+        Some("power-loss") => Durability::PowerLoss,
+        Some(other) => bail!("durability {other:?} is not process-crash or power-loss"),
+    };
+    let spool_path = args
+        .spool
+        .or(file.spool)
+        .unwrap_or_else(|| PathBuf::from("cdp-spool.sqlite"));
+    let spool = Arc::new(Spool::open(&spool_path, durability)?);
+    let config = ServeConfig {
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".parse().unwrap()),
+        spool,
+        write_keys: write_keys.into_iter().map(Secret::new).collect(),
+        settings,
+        delivery: DeliveryConfig {
+            base_url: args.klaviyo_url.or(file.klaviyo_url),
+            concurrency,
+            pacing: !args.no_pacing,
+            max_attempts: args.max_attempts.or(retry.max_attempts).unwrap_or(10).max(1),
+            max_retry_time: std::time::Duration::from_secs(
+                args.max_retry_seconds.or(retry.max_retry_seconds).unwrap_or(300),
+            ),
+            request_timeout: std::time::Duration::from_millis(
+                args.timeout_ms.or(retry.timeout_ms).unwrap_or(10_000).max(1),
+            ),
+            ..DeliveryConfig::default()
+        },
+        retention: std::time::Duration::from_secs(3600 * args.retention_hours.or(file.retention_hours).unwrap_or(24)),
+        shutdown_grace: std::time::Duration::from_secs(
+            args.shutdown_grace_seconds
+                .or(file.shutdown_grace_seconds)
+                .unwrap_or(20),
+        ),
+    };
+    tokio_runtime()?.block_on(cdp_host::serve::serve(config, Arc::new(plugin)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate_settings(plugin: &Plugin, settings: &DestinationSettings) -> anyhow::Result<()> {
+    let mut instance = plugin
+        .instance()
+        .map_err(|e| anyhow::anyhow!("{plugin} {e} while starting"))?;
+    let verdict = instance
+        .validate_settings(settings.public_json())
+        .map_err(|e| anyhow::anyhow!("{plugin} {e} while validating settings"))?;
+    if let Err(errors) = verdict {
+        let problems: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.name, e.reason)).collect();
+        bail!("invalid settings for {plugin}: {}", problems.join("; "));
+    }
+    Ok(())
+}
+
+fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DlqCommand::List { spool, limit } => {
+            let spool = Spool::open(&spool, Durability::ProcessCrash)?;
+            let stdout = io::stdout();
+            let mut out = stdout.lock();
+            for row in spool.dead(limit)? {
+                serde_json::to_writer(&mut out, &row)?;
+                io::Write::write_all(&mut out, b"\n")?;
+            }
+        }
+        DlqCommand::Replay { spool, ids } => {
+            let n = Spool::open(&spool, Durability::ProcessCrash)?.replay(&ids)?;
+            println!("{n} dead letters put back to be delivered");
+        }
+        DlqCommand::Purge { spool, ids } => {
+            let n = Spool::open(&spool, Durability::ProcessCrash)?.purge(&ids)?;
+            println!("{n} dead letters deleted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

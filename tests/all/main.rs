@@ -7,4 +7,5 @@ mod cli_map;
 mod cli_send;
 mod delivery;
 mod hostile;
+mod serve;
 mod support;

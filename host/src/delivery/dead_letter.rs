@@ -91,6 +91,18 @@ impl DeadLetters {
         }
     }
 
+    /// Removes and returns the in-memory dead letter of `line`.
+    pub fn take(&self, line: u64) -> Option<Value> {
+        match &self.sink {
+            Sink::File { .. } => None,
+            Sink::Memory(entries) => {
+                let mut entries = entries.lock().unwrap();
+                let index = entries.iter().position(|e| e["line"] == line)?;
+                Some(entries.swap_remove(index))
+            }
+        }
+    }
+
     pub fn flush(&self) -> std::io::Result<()> {
         match &self.sink {
             Sink::File { out, .. } => out.lock().unwrap().flush(),

@@ -41,6 +41,9 @@ pub struct DeliveryConfig {
     pub base_url: Option<url::Url>,
     /// Events in flight at once.
     pub concurrency: usize,
+    /// Pace requests to the budgets the plugin declares. Off only against
+    /// a destination with no limits (the sandbox with its limits off).
+    pub pacing: bool,
     /// Attempts per request, the first included.
     pub max_attempts: u32,
     /// Time a request may spend being retried before it is dead-lettered.
@@ -60,6 +63,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             base_url: None,
             concurrency: 64,
+            pacing: true,
             max_attempts: 10,
             max_retry_time: Duration::from_secs(300),
             backoff_base: Duration::from_millis(200),
@@ -131,7 +135,7 @@ impl Report {
     }
 }
 
-/// Live counters, for a progress display.
+/// Live counters, for a progress display and `/metrics`.
 #[derive(Default)]
 pub struct Progress {
     pub read: AtomicU64,
@@ -139,6 +143,59 @@ pub struct Progress {
     pub skipped: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub retries: AtomicU64,
+    /// Responses received, by HTTP status.
+    pub statuses: Mutex<BTreeMap<u16, u64>>,
+    /// Time to map one event (plugin call and checks).
+    pub map_seconds: Histogram,
+    /// Time from an event's first request to its outcome.
+    pub delivery_seconds: Histogram,
+}
+
+/// A latency histogram with fixed buckets, in seconds.
+pub struct Histogram {
+    /// Cumulative counts per upper bound in `BUCKETS`.
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+/// Upper bounds of the histogram buckets, in seconds.
+pub const BUCKETS: [f64; 12] = [
+    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// (cumulative bucket counts, count, sum in seconds)
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let buckets = BUCKETS
+            .iter()
+            .zip(&self.counts)
+            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
+            .collect();
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        (buckets, self.count.load(Ordering::Relaxed), sum)
+    }
 }
 
 /// Sends events through one plugin.
@@ -198,20 +255,39 @@ impl Delivery {
         }))
     }
 
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
     pub fn dead_letters(&self) -> &DeadLetters {
         &self.dead_letters
     }
 
-    /// Maps and delivers every line of `input`, calling `observe` with each
-    /// event's record as it completes.
+    /// Maps and delivers every line of `input` (numbered from 1), calling
+    /// `observe` with each event's record as it completes.
     pub async fn run(
         self: &Arc<Self>,
         input: impl BufRead + Send + 'static,
         observe: impl Fn(&EventRecord) + Send + Sync,
     ) -> anyhow::Result<Report> {
+        let lines = input.split(b'\n').enumerate().map(|(index, line)| {
+            let bytes = line?;
+            let text = String::from_utf8_lossy(&bytes);
+            Ok((index as u64 + 1, text.strip_suffix('\r').unwrap_or(&text).to_string()))
+        });
+        self.run_events(lines, observe).await
+    }
+
+    /// Maps and delivers a stream of (id, event text), in order per person,
+    /// until the stream ends. The id comes back as the record's `line`.
+    pub async fn run_events(
+        self: &Arc<Self>,
+        events: impl Iterator<Item = anyhow::Result<(u64, String)>> + Send + 'static,
+        observe: impl Fn(&EventRecord) + Send + Sync,
+    ) -> anyhow::Result<Report> {
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel::<(MappedEvent, String)>(256);
-        let mapper = self.mapping_stage(input, tx);
+        let mapper = self.mapping_stage(events, tx);
 
         let mut report = Report::default();
         let mut lanes: HashMap<String, VecDeque<(MappedEvent, String)>> = HashMap::new();
@@ -258,28 +334,28 @@ impl Delivery {
         Ok(report)
     }
 
-    /// Reads and maps lines on a blocking thread, in input order.
+    /// Maps events on a blocking thread, in input order.
     fn mapping_stage(
         self: &Arc<Self>,
-        input: impl BufRead + Send + 'static,
+        events: impl Iterator<Item = anyhow::Result<(u64, String)>> + Send + 'static,
         tx: mpsc::Sender<(MappedEvent, String)>,
     ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
         let plugin = self.plugin.clone();
         let settings = self.settings.clone();
         let attempts = self.config.poison_attempts.max(1);
+        let progress = self.progress.clone();
         tokio::task::spawn_blocking(move || {
             let mut mapper = EventMapper::new(plugin, settings);
-            for (index, line) in input.split(b'\n').enumerate() {
-                let bytes = line?;
-                let text = String::from_utf8_lossy(&bytes);
-                let text = text.strip_suffix('\r').unwrap_or(&text).to_string();
-                let line = index as u64 + 1;
+            for event in events {
+                let (line, text) = event?;
+                let started = std::time::Instant::now();
                 let mut mapped = mapper.map_line(line, &text);
                 let mut tries = 1;
                 while mapped.plugin_failed && tries < attempts {
                     mapped = mapper.map_line(line, &text);
                     tries += 1;
                 }
+                progress.map_seconds.observe(started.elapsed());
                 if mapped.plugin_failed
                     && let MappedOutcome::Error(reason) = &mut mapped.outcome
                 {
@@ -343,6 +419,7 @@ impl Delivery {
                 EventOutcome::DeadLettered(reason)
             }
             MappedOutcome::Send(requests) => {
+                let started = Instant::now();
                 let count = requests.len();
                 let mut failed = None;
                 for request in requests {
@@ -351,6 +428,7 @@ impl Delivery {
                         break;
                     }
                 }
+                self.progress.delivery_seconds.observe(started.elapsed());
                 match failed {
                     None => EventOutcome::Delivered { requests: count },
                     Some(undelivered) => {
@@ -395,7 +473,9 @@ impl Delivery {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            self.pacer.acquire(&request.rate_class).await;
+            if self.config.pacing {
+                self.pacer.acquire(&request.rate_class).await;
+            }
             self.requests_sent.fetch_add(1, Ordering::Relaxed);
             let (verdict, response, transport_error) = match self.send(&request, &target, &headers).await {
                 Ok(response) => match self.interpret(&request, &response).await {
@@ -506,6 +586,7 @@ impl Delivery {
         }
         let mut response = builder.send().await.map_err(describe_transport_error)?;
         let status = response.status().as_u16();
+        *self.progress.statuses.lock().unwrap().entry(status).or_default() += 1;
         let headers = response
             .headers()
             .iter()

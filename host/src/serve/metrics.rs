@@ -1,0 +1,120 @@
+//! `/metrics` in Prometheus text format: what came in, what became of it,
+//! what Klaviyo answered, how long the plugin and delivery took, the spool
+//! depth and the plugin serving.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
+use super::Counter;
+use crate::delivery::{Delivery, Histogram};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub received: Counter,
+    pub finished: Counter,
+    skipped_by_reason: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    pub fn skipped(&self, reason: &str) {
+        *self
+            .skipped_by_reason
+            .lock()
+            .unwrap()
+            .entry(reason.to_string())
+            .or_default() += 1;
+    }
+}
+
+pub fn render(metrics: &Metrics, delivery: &Delivery, spool_depth: u64) -> String {
+    let p = &delivery.progress;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    };
+    counter(
+        "cdp_events_received_total",
+        "Events accepted by ingest and stored in the spool.",
+        metrics.received.load(Ordering::Relaxed),
+    );
+    counter(
+        "cdp_events_mapped_total",
+        "Events mapped by the plugin.",
+        p.read.load(Ordering::Relaxed),
+    );
+    counter(
+        "cdp_events_delivered_total",
+        "Events whose requests were all delivered.",
+        p.delivered.load(Ordering::Relaxed),
+    );
+    counter(
+        "cdp_events_dead_lettered_total",
+        "Events that could not be delivered.",
+        p.dead_lettered.load(Ordering::Relaxed),
+    );
+    counter(
+        "cdp_requests_retried_total",
+        "HTTP attempts beyond the first.",
+        p.retries.load(Ordering::Relaxed),
+    );
+
+    let _ = writeln!(
+        out,
+        "# HELP cdp_events_skipped_total Events not sent, by the plugin's reason.\n# TYPE cdp_events_skipped_total counter"
+    );
+    for (reason, count) in metrics.skipped_by_reason.lock().unwrap().iter() {
+        let _ = writeln!(out, "cdp_events_skipped_total{{reason=\"{}\"}} {count}", escape(reason));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cdp_responses_total Responses from the destination, by HTTP status.\n# TYPE cdp_responses_total counter"
+    );
+    for (status, count) in p.statuses.lock().unwrap().iter() {
+        let _ = writeln!(out, "cdp_responses_total{{status=\"{status}\"}} {count}");
+    }
+    histogram(
+        &mut out,
+        "cdp_plugin_map_seconds",
+        "Time to map one event through the plugin.",
+        &p.map_seconds,
+    );
+    histogram(
+        &mut out,
+        "cdp_delivery_seconds",
+        "Time from an event's first request to its outcome.",
+        &p.delivery_seconds,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cdp_spool_depth Events stored and not yet finished.\n# TYPE cdp_spool_depth gauge\ncdp_spool_depth {spool_depth}"
+    );
+    let plugin = delivery.plugin();
+    let m = plugin.manifest();
+    let _ = writeln!(
+        out,
+        "# HELP cdp_plugin_info The plugin serving.\n# TYPE cdp_plugin_info gauge\ncdp_plugin_info{{name=\"{}\",version=\"{}\",interface=\"{}\",sha256=\"{}\"}} 1",
+        escape(&m.name),
+        escape(&m.version),
+        plugin.interface(),
+        plugin.sha256_hex()
+    );
+    out
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    let (buckets, count, sum) = h.snapshot();
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (bound, cumulative) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+    );
+}
+
+fn escape(label: &str) -> String {
+    label.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

@@ -1,0 +1,245 @@
+//! `cdp-host serve`: the host run the way a CDP runs a destination. Events
+//! come in over HTTP (`ingest`), are committed to the spool before they are
+//! acknowledged, and a feeder hands pending rows to the delivery engine in
+//! order; each outcome is written back to its row with the plugin version
+//! that mapped it. At-least-once to Klaviyo with stable `unique_id`s: after
+//! a crash the pending rows are delivered again and Klaviyo drops what it
+//! already had.
+
+mod ingest;
+mod metrics;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::{get, post};
+use tokio::sync::Notify;
+
+use crate::delivery::{DeadLetters, Delivery, DeliveryConfig, EventOutcome, EventRecord};
+use crate::plugin::Plugin;
+use crate::settings::{DestinationSettings, Secret};
+use crate::spool::{Spool, State as RowState, outcome_json};
+
+/// How `serve` runs.
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub spool: Arc<Spool>,
+    pub write_keys: Vec<Secret>,
+    pub settings: DestinationSettings,
+    pub delivery: DeliveryConfig,
+    /// Delivered and skipped rows are deleted after this long.
+    pub retention: Duration,
+    /// How long SIGTERM waits for in-flight deliveries.
+    pub shutdown_grace: Duration,
+}
+
+/// What the HTTP handlers share.
+pub(crate) struct Shared {
+    spool: Arc<Spool>,
+    write_keys: Vec<Secret>,
+    wake_feeder: Notify,
+    draining: AtomicBool,
+    metrics: metrics::Metrics,
+    delivery: Arc<Delivery>,
+}
+
+impl Shared {
+    fn write_key_ok(&self, key: Option<&str>) -> bool {
+        let Some(key) = key.filter(|k| !k.is_empty()) else {
+            return false;
+        };
+        self.write_keys
+            .iter()
+            .any(|k| constant_time_eq(k.expose().as_bytes(), key.as_bytes()))
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Compares keys without leaking, through timing, how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves until SIGTERM or Ctrl-C, then drains and returns.
+pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<()> {
+    let delivery = Delivery::new(
+        plugin.clone(),
+        config.settings.clone(),
+        config.delivery.clone(),
+        DeadLetters::in_memory(),
+    )?;
+    let shared = Arc::new(Shared {
+        spool: config.spool.clone(),
+        write_keys: config.write_keys.clone(),
+        wake_feeder: Notify::new(),
+        draining: AtomicBool::new(false),
+        metrics: metrics::Metrics::default(),
+        delivery: delivery.clone(),
+    });
+    let app = Router::new()
+        .route("/api/s/s2s/{kind}", post(ingest::s2s))
+        .route("/v1/batch", post(ingest::segment_batch))
+        .route("/v1/{kind}", post(ingest::segment_single))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
+        .layer(DefaultBodyLimit::max(ingest::MAX_BATCH_BYTES + 1))
+        .with_state(shared.clone());
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, plugin = %plugin, "serving");
+
+    // Events go from the spool to the engine through a small channel: the
+    // engine pulls as it has room, so the spool, not memory, holds backlog.
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, String)>(512);
+    let in_flight = Arc::new(Mutex::new(HashSet::<i64>::new()));
+    let feeder = tokio::spawn(feed(shared.clone(), tx, in_flight.clone()));
+    let engine = {
+        let shared = shared.clone();
+        let in_flight = in_flight.clone();
+        let version = format!("{}@{}", plugin.manifest().name, plugin.manifest().version);
+        let mut rx = rx;
+        let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
+        tokio::spawn(async move {
+            delivery
+                .run_events(events, move |record| finish(&shared, &in_flight, record, &version))
+                .await
+        })
+    };
+    let pruner = tokio::spawn(prune(config.spool.clone(), config.retention));
+
+    let stop = shutdown_signal();
+    axum::serve(listener, app).with_graceful_shutdown(stop).await?;
+    tracing::info!("stopping intake; finishing deliveries in flight");
+    shared.draining.store(true, Ordering::Relaxed);
+    feeder.abort();
+    pruner.abort();
+    match tokio::time::timeout(config.shutdown_grace, engine).await {
+        Ok(Ok(Ok(report))) => tracing::info!("stopped after delivering {} events", report.delivered),
+        Ok(Ok(Err(e))) => tracing::error!("delivery ended with an error: {e:#}"),
+        Ok(Err(e)) => tracing::error!("delivery task failed: {e}"),
+        // Rows still in flight stay pending and are delivered after restart.
+        Err(_) => tracing::warn!(
+            "shutdown grace of {:?} passed; unfinished events stay pending",
+            config.shutdown_grace
+        ),
+    }
+    Ok(())
+}
+
+/// Hands pending rows to the engine, oldest first, each once while it is
+/// in flight; a row replayed from the dead letters is picked up on the next
+/// full sweep.
+async fn feed(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<(u64, String)>, in_flight: Arc<Mutex<HashSet<i64>>>) {
+    let mut cursor = 0i64;
+    let mut last_sweep = tokio::time::Instant::now();
+    loop {
+        if last_sweep.elapsed() > Duration::from_secs(5) {
+            cursor = 0;
+            last_sweep = tokio::time::Instant::now();
+        }
+        let spool = shared.spool.clone();
+        let rows = match tokio::task::spawn_blocking(move || spool.pending_after(cursor, 256)).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::error!("reading the spool: {e:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        if rows.is_empty() {
+            tokio::select! {
+                _ = shared.wake_feeder.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            continue;
+        }
+        for row in rows {
+            cursor = cursor.max(row.id);
+            if !in_flight.lock().unwrap().insert(row.id) {
+                continue;
+            }
+            if tx.send((row.id as u64, row.body)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Writes an event's outcome to its row and counts it.
+fn finish(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, record: &EventRecord, version: &str) {
+    let id = record.line as i64;
+    let (state, outcome) = match &record.outcome {
+        EventOutcome::Delivered { .. } => (RowState::Delivered, outcome_json("delivered", None, &record.warnings)),
+        EventOutcome::Skipped(reason) => {
+            shared.metrics.skipped(reason);
+            (
+                RowState::Skipped,
+                outcome_json("skipped", Some(reason), &record.warnings),
+            )
+        }
+        EventOutcome::DeadLettered(reason) => {
+            tracing::warn!(event = id, message_id = ?record.message_id, %reason, "dead-lettered");
+            (RowState::Dead, outcome_json("dead", Some(reason), &record.warnings))
+        }
+    };
+    let mut outcome = outcome;
+    if let (RowState::Dead, Some(letter)) = (state, shared.delivery.dead_letters().take(record.line)) {
+        outcome["request"] = letter["request"].clone();
+        outcome["response"] = letter["response"].clone();
+    }
+    if let Err(e) = shared.spool.finish(id, state, &outcome, version) {
+        // The row stays pending and is delivered again (idempotently).
+        tracing::error!("recording the outcome of event {id}: {e:#}");
+    }
+    shared.metrics.finished.fetch_add(1, Ordering::Relaxed);
+    in_flight.lock().unwrap().remove(&id);
+}
+
+async fn prune(spool: Arc<Spool>, retention: Duration) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60).min(retention.max(Duration::from_secs(1)))).await;
+        let spool = spool.clone();
+        match tokio::task::spawn_blocking(move || spool.prune(retention)).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!("pruned {n} finished events older than {retention:?}"),
+            Ok(Err(e)) => tracing::warn!("pruning the spool: {e:#}"),
+            _ => {}
+        }
+    }
+}
+
+async fn metrics_text(State(shared): State<Arc<Shared>>) -> String {
+    let spool = shared.spool.clone();
+    let depth = tokio::task::spawn_blocking(move || spool.count(RowState::Pending).unwrap_or(0))
+        .await
+        .unwrap_or(0);
+    metrics::render(&shared.metrics, &shared.delivery, depth)
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// Counted for `/metrics`.
+pub(crate) type Counter = AtomicU64;

@@ -1,0 +1,222 @@
+//! The spool: every accepted event, durably, until it is delivered,
+//! skipped or dead. An embedded SQLite database in WAL mode; `serve`
+//! acknowledges an event only after its row is committed, and delivers
+//! from the rows, so a crash at any moment loses nothing (pending rows are
+//! delivered again after a restart) and duplicates nothing at Klaviyo (the
+//! plugin derives the same `unique_id` from the same event).
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::{Value, json};
+
+/// Where an event is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Pending,
+    Delivered,
+    Skipped,
+    Dead,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Delivered => "delivered",
+            State::Skipped => "skipped",
+            State::Dead => "dead",
+        }
+    }
+}
+
+/// How hard a commit is made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Survives the process being killed (WAL, synchronous=NORMAL): the
+    /// default, and what `kill -9` tests prove.
+    ProcessCrash,
+    /// Also survives power loss (synchronous=FULL: an fsync per commit).
+    PowerLoss,
+}
+
+/// A spooled event.
+#[derive(Clone, Debug)]
+pub struct SpooledEvent {
+    pub id: i64,
+    pub body: String,
+}
+
+/// A dead letter as `dlq list` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeadRow {
+    pub id: i64,
+    pub message_id: Option<String>,
+    pub received_at: String,
+    pub plugin_version: Option<String>,
+    pub outcome: Value,
+    pub event: Value,
+}
+
+pub struct Spool {
+    conn: Mutex<Connection>,
+}
+
+impl Spool {
+    pub fn open(path: &Path, durability: Durability) -> anyhow::Result<Spool> {
+        let conn = Connection::open(path).with_context(|| format!("opening the spool {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let synchronous = match durability {
+            Durability::ProcessCrash => "NORMAL",
+            Durability::PowerLoss => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                message_id TEXT,
+                received_at TEXT NOT NULL,
+                body TEXT NOT NULL,
+                state TEXT NOT NULL DEFAULT 'pending',
+                outcome TEXT,
+                plugin_version TEXT,
+                updated_at TEXT
+             );
+             CREATE INDEX IF NOT EXISTS events_state ON events (state, id);",
+        )?;
+        Ok(Spool { conn: Mutex::new(conn) })
+    }
+
+    /// Stores events in one transaction; returns once it is committed.
+    pub fn append(&self, events: &[(Option<String>, String, String)]) -> anyhow::Result<()> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT INTO events (message_id, received_at, body) VALUES (?1, ?2, ?3)")?;
+            for (message_id, received_at, body) in events {
+                insert.execute(params![message_id, received_at, body])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Pending events with an id above `after`, oldest first.
+    pub fn pending_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<SpooledEvent>> {
+        let conn = self.conn.lock().unwrap();
+        let mut query = conn
+            .prepare_cached("SELECT id, body FROM events WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2")?;
+        let rows = query.query_map(params![after, limit as i64], |row| {
+            Ok(SpooledEvent {
+                id: row.get(0)?,
+                body: row.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records how an event ended and which plugin version mapped it.
+    pub fn finish(&self, id: i64, state: State, outcome: &Value, plugin_version: &str) -> anyhow::Result<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.prepare_cached(
+            "UPDATE events SET state = ?2, outcome = ?3, plugin_version = ?4, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1",
+        )?
+        .execute(params![id, state.as_str(), outcome.to_string(), plugin_version])?;
+        Ok(())
+    }
+
+    pub fn count(&self, state: State) -> anyhow::Result<u64> {
+        let conn = self.conn.lock().unwrap();
+        let n: i64 = conn.query_row("SELECT count(*) FROM events WHERE state = ?1", [state.as_str()], |r| {
+            r.get(0)
+        })?;
+        Ok(n as u64)
+    }
+
+    pub fn dead(&self, limit: usize) -> anyhow::Result<Vec<DeadRow>> {
+        let conn = self.conn.lock().unwrap();
+        let mut query = conn.prepare(
+            "SELECT id, message_id, received_at, plugin_version, outcome, body FROM events WHERE state = 'dead' ORDER BY id LIMIT ?1",
+        )?;
+        let rows = query.query_map([limit as i64], |row| {
+            let outcome: Option<String> = row.get(4)?;
+            let body: String = row.get(5)?;
+            Ok(DeadRow {
+                id: row.get(0)?,
+                message_id: row.get(1)?,
+                received_at: row.get(2)?,
+                plugin_version: row.get(3)?,
+                outcome: outcome
+                    .and_then(|o| serde_json::from_str(&o).ok())
+                    .unwrap_or(Value::Null),
+                event: serde_json::from_str(&body).unwrap_or(Value::String(body)),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Dead letters back to pending (all, or those ids); returns how many.
+    pub fn replay(&self, ids: &[i64]) -> anyhow::Result<usize> {
+        let conn = self.conn.lock().unwrap();
+        if ids.is_empty() {
+            return Ok(conn.execute(
+                "UPDATE events SET state = 'pending', outcome = NULL WHERE state = 'dead'",
+                [],
+            )?);
+        }
+        let mut n = 0;
+        for id in ids {
+            n += conn.execute(
+                "UPDATE events SET state = 'pending', outcome = NULL WHERE state = 'dead' AND id = ?1",
+                [id],
+            )?;
+        }
+        Ok(n)
+    }
+
+    /// Deletes dead letters (all, or those ids); returns how many.
+    pub fn purge(&self, ids: &[i64]) -> anyhow::Result<usize> {
+        let conn = self.conn.lock().unwrap();
+        if ids.is_empty() {
+            return Ok(conn.execute("DELETE FROM events WHERE state = 'dead'", [])?);
+        }
+        let mut n = 0;
+        for id in ids {
+            n += conn.execute("DELETE FROM events WHERE state = 'dead' AND id = ?1", [id])?;
+        }
+        Ok(n)
+    }
+
+    /// Deletes delivered and skipped events older than `retention`.
+    pub fn prune(&self, retention: Duration) -> anyhow::Result<usize> {
+        let conn = self.conn.lock().unwrap();
+        let cutoff = format!("-{} seconds", retention.as_secs());
+        Ok(conn.execute(
+            "DELETE FROM events WHERE state IN ('delivered', 'skipped') AND updated_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)",
+            [cutoff],
+        )?)
+    }
+
+    /// The state of the event with this message id, for tests and tools.
+    pub fn state_of(&self, message_id: &str) -> anyhow::Result<Option<String>> {
+        let conn = self.conn.lock().unwrap();
+        Ok(conn
+            .query_row(
+                "SELECT state FROM events WHERE message_id = ?1 ORDER BY id DESC LIMIT 1",
+                [message_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}
+
+/// The outcome column of a finished event.
+pub fn outcome_json(kind: &str, reason: Option<&str>, warnings: &[String]) -> Value {
+    json!({ "outcome": kind, "reason": reason, "warnings": warnings })
+}

@@ -1,0 +1,447 @@
+//! `cdp-host serve` through the real binary: ingest to the sandbox, bad
+//! input, SIGTERM, dead letters, and `kill -9` at random moments under load.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use cdp_host::sandbox::{DEMO_KEY, Sandbox, SandboxConfig};
+use rand::Rng;
+use serde_json::{Value, json};
+
+use crate::cli_map::tempdir;
+use crate::support::cdp_host;
+
+const WRITE_KEY: &str = "wk_test_write_key";
+
+struct Serve {
+    child: Child,
+    url: String,
+}
+
+impl Serve {
+    fn start(spool: &Path, klaviyo: &str, api_key: &str) -> Serve {
+        Serve::start_with(spool, klaviyo, api_key, &[])
+    }
+
+    fn start_with(spool: &Path, klaviyo: &str, api_key: &str, extra: &[&str]) -> Serve {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = cdp_host()
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--write-key",
+                WRITE_KEY,
+                "--klaviyo-url",
+                klaviyo,
+            ])
+            .args(["--max-attempts", "50", "--shutdown-grace-seconds", "10"])
+            .args(extra)
+            .arg("--spool")
+            .arg(spool)
+            .env("KLAVIYO_API_KEY", api_key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Serve { child, url }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "serve did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+fn spool_path() -> PathBuf {
+    tempdir().join("spool.sqlite")
+}
+
+async fn post(client: &reqwest::Client, url: &str, path: &str, key: Option<&str>, body: String) -> (u16, Value) {
+    let mut request = client.post(format!("{url}{path}")).body(body);
+    if let Some(key) = key {
+        request = request.header("x-write-key", key);
+    }
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (
+                status,
+                serde_json::from_str(&response.text().await.unwrap_or_default()).unwrap_or(Value::Null),
+            )
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+fn track(id: &str) -> String {
+    json!({"event": "Order Completed", "messageId": id, "properties": {"email": format!("{id}@example.org"), "revenue": 1}})
+        .to_string()
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingested_events_are_delivered_to_the_sandbox() {
+    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
+    let client = reqwest::Client::new();
+    let identify = json!({"userId": "u1", "traits": {"email": "ada@example.org"}}).to_string();
+    assert_eq!(
+        post(&client, &serve.url, "/api/s/s2s/identify", Some(WRITE_KEY), identify)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post(&client, &serve.url, "/api/s/s2s/track", Some(WRITE_KEY), track("t1"))
+            .await
+            .0,
+        200
+    );
+    let batch = json!({"batch": [{"type": "track", "event": "Signed Up", "messageId": "t2", "properties": {"email": "b@example.org"}},
+                                 {"type": "page", "messageId": "p1"}]});
+    let response = client
+        .post(format!("{}/v1/batch", serve.url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    // ada (identify), t1@ and b@ (the tracks' own emails).
+    wait_for("the sandbox to hold both events and the profiles", || {
+        sandbox.events().len() == 2 && sandbox.profiles().len() == 3
+    })
+    .await;
+    let metrics = client
+        .get(format!("{}/metrics", serve.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("cdp_events_received_total 4"), "{metrics}");
+    assert!(
+        metrics.contains("cdp_plugin_info{name=\"klaviyo\",version=\"1.0.0\""),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(DEMO_KEY) && !metrics.contains(WRITE_KEY));
+    serve.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_answered_clearly_and_stores_nothing() {
+    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let spool = spool_path();
+    let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
+    let client = reqwest::Client::new();
+    let cases: Vec<(&str, Option<&str>, String, u16, &str)> = vec![
+        ("/api/s/s2s/track", Some("wrong"), track("x1"), 401, "X-Write-Key"),
+        ("/api/s/s2s/track", None, track("x2"), 401, "X-Write-Key"),
+        (
+            "/api/s/s2s/track",
+            Some(WRITE_KEY),
+            "{\"event\":".into(),
+            400,
+            "not valid JSON",
+        ),
+        (
+            "/api/s/s2s/track",
+            Some(WRITE_KEY),
+            "\"a string\"".into(),
+            400,
+            "must be a JSON object",
+        ),
+        (
+            "/api/s/s2s/track",
+            Some(WRITE_KEY),
+            json!({"event": "Big", "properties": {"blob": "x".repeat(1_100_000)}}).to_string(),
+            400,
+            "over the 1048576 byte limit",
+        ),
+        (
+            "/api/s/s2s/purchase",
+            Some(WRITE_KEY),
+            track("x3"),
+            404,
+            "unknown event type",
+        ),
+    ];
+    for (path, key, body, status, message) in cases {
+        let (got, answer) = post(&client, &serve.url, path, key, body).await;
+        assert_eq!(got, status, "{path} {answer}");
+        assert!(answer["error"].as_str().unwrap_or("").contains(message), "{answer}");
+    }
+    let batch = json!({"batch": [{"type": "track", "event": "Fine", "messageId": "ok1", "properties": {"email": "a@example.org"}}, [1, 2]]});
+    let response = client
+        .post(format!("{}/v1/batch", serve.url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let answer: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert!(
+        answer["error"].as_str().unwrap().contains("batch[1]")
+            && answer["error"].as_str().unwrap().contains("nothing was stored"),
+        "{answer}"
+    );
+    assert_eq!(
+        client
+            .get(format!("{}/healthz", serve.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        post(&client, &serve.url, "/api/s/s2s/track", Some(WRITE_KEY), track("after"))
+            .await
+            .0,
+        200
+    );
+    wait_for("the good event", || sandbox.events().len() == 1).await;
+    assert_eq!(
+        sandbox.events()[0].unique_id,
+        "after",
+        "nothing from the bad requests was stored"
+    );
+    serve.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_intake_finishes_deliveries_and_exits_cleanly() {
+    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        assert_eq!(
+            post(
+                &client,
+                &serve.url,
+                "/api/s/s2s/track",
+                Some(WRITE_KEY),
+                track(&format!("g{i}"))
+            )
+            .await
+            .0,
+            200
+        );
+    }
+    let status = tokio::task::spawn_blocking(move || serve.terminate()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        sandbox.events().len(),
+        20,
+        "in-flight deliveries were finished before exiting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_be_listed_replayed_and_purged() {
+    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let spool = spool_path();
+    let serve = Serve::start(&spool, &sandbox.url(), "pk_wrong_key");
+    let client = reqwest::Client::new();
+    for id in ["d1", "d2"] {
+        assert_eq!(
+            post(&client, &serve.url, "/api/s/s2s/track", Some(WRITE_KEY), track(id))
+                .await
+                .0,
+            200
+        );
+    }
+    let listed = || {
+        let output = cdp_host()
+            .args(["dlq", "list", "--spool"])
+            .arg(&spool)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    wait_for("two dead letters", || listed().len() == 2).await;
+    let letter = &listed()[0];
+    assert!(
+        letter["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("api_key setting"),
+        "{letter}"
+    );
+    assert_eq!(letter["outcome"]["response"]["status"], 401);
+    assert_eq!(letter["plugin_version"], "klaviyo@1.0.0");
+    assert!(
+        !letter.to_string().contains("pk_wrong_key"),
+        "the key leaked into the spool"
+    );
+    serve.kill9();
+
+    // The operator fixes the key, restarts, and re-drives one letter.
+    let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
+    let id = letter["id"].as_i64().unwrap().to_string();
+    let replayed = cdp_host()
+        .args(["dlq", "replay", "--id", &id, "--spool"])
+        .arg(&spool)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&replayed.stdout).contains("1 dead letters put back"));
+    wait_for("the replayed event", || sandbox.events().len() == 1).await;
+    let purged = cdp_host()
+        .args(["dlq", "purge", "--spool"])
+        .arg(&spool)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&purged.stdout).contains("1 dead letters deleted"));
+    assert!(listed().is_empty());
+    serve.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_serve_at_random_moments_loses_and_duplicates_nothing() {
+    // Crash safety, not pacing, is under test: no rate limits on either side.
+    let unlimited = SandboxConfig {
+        rate_limits: false,
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::start(unlimited, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let spool = spool_path();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let mut acknowledged = BTreeSet::new();
+    let mut next = 0u32;
+    let mut rng = rand::rng();
+    for _ in 0..10 {
+        let serve = Serve::start_with(&spool, &sandbox.url(), DEMO_KEY, &["--no-pacing"]);
+        let until = Instant::now() + Duration::from_millis(rng.random_range(50..400));
+        let most = next + 800;
+        // Load: four senders at once, until the kill.
+        while Instant::now() < until && next < most {
+            let ids: Vec<String> = (0..4).map(|i| format!("k{}", next + i)).collect();
+            next += 4;
+            let answers = futures_join(&client, &serve.url, &ids).await;
+            for (id, status) in ids.into_iter().zip(answers) {
+                if status == 200 {
+                    acknowledged.insert(id);
+                }
+            }
+        }
+        serve.kill9();
+    }
+    let serve = Serve::start_with(&spool, &sandbox.url(), DEMO_KEY, &["--no-pacing"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored: BTreeSet<String> = sandbox.events().into_iter().map(|e| e.unique_id).collect();
+        let missing: Vec<&String> = acknowledged.difference(&stored).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let check = cdp_host::spool::Spool::open(&spool, cdp_host::spool::Durability::ProcessCrash).unwrap();
+            let states: Vec<_> = missing
+                .iter()
+                .take(5)
+                .map(|id| (id.to_string(), check.state_of(id).unwrap()))
+                .collect();
+            panic!("{} acknowledged events never arrived, e.g. {states:?}", missing.len());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for event in sandbox.events() {
+        *counts.entry(event.unique_id).or_default() += 1;
+    }
+    assert!(counts.values().all(|&n| n == 1), "an event was stored twice");
+    assert!(
+        acknowledged.len() > 20,
+        "too little load to prove anything: {}",
+        acknowledged.len()
+    );
+    let dead = cdp_host()
+        .args(["dlq", "list", "--spool"])
+        .arg(&spool)
+        .output()
+        .unwrap();
+    assert!(
+        dead.stdout.is_empty(),
+        "dead letters: {}",
+        String::from_utf8_lossy(&dead.stdout)
+    );
+    println!(
+        "{} acknowledged, {} stored, {} sent twice and dropped by unique_id",
+        acknowledged.len(),
+        counts.len(),
+        sandbox.stats().deduplicated
+    );
+    serve.kill9();
+}
+
+async fn futures_join(client: &reqwest::Client, url: &str, ids: &[String]) -> Vec<u16> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (client, url, body) = (client.clone(), url.to_string(), track(id));
+        tasks.spawn(async move {
+            (
+                i,
+                post(&client, &url, "/api/s/s2s/track", Some(WRITE_KEY), body).await.0,
+            )
+        });
+    }
+    let mut statuses = vec![0; ids.len()];
+    while let Some(Ok((i, status))) = tasks.join_next().await {
+        statuses[i] = status;
+    }
+    statuses
+}
