@@ -27,11 +27,18 @@ mod component;
 use contract::{Manifest, Mapping, Outcome, Request, Response, SettingError, Verdict};
 use event::{ChordEvent, Kind};
 
+/// The plugin's version: the crate's, unless a build names itself (e.g.
+/// `1.0.0+canary`, semver build metadata) through `KLAVIYO_PLUGIN_VERSION`.
+const VERSION: &str = match option_env!("KLAVIYO_PLUGIN_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// Who this plugin is and what it may do.
 pub fn manifest() -> Manifest {
     Manifest {
         name: "klaviyo",
-        version: env!("CARGO_PKG_VERSION"),
+        version: VERSION,
         api_revision: klaviyo::REVISION,
         allowed_hosts: vec![klaviyo::HOST],
         rate_classes: vec![klaviyo::EVENTS_RATE, klaviyo::PROFILES_RATE],

@@ -10,3 +10,7 @@ pub mod sandbox;
 pub mod serve;
 pub mod settings;
 pub mod spool;
+
+/// Chord example events, bundled: the demo sends them, and a hot-swap
+/// candidate must map them all without a plugin failure (its canary).
+pub const EXAMPLE_EVENTS: &str = include_str!("../../examples/events.ndjson");

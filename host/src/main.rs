@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod progress;
 
+use cdp_host::EXAMPLE_EVENTS;
 use cdp_host::delivery::{DeadLetters, Delivery, DeliveryConfig};
 use cdp_host::dry_run;
 use cdp_host::mapper::EventMapper;
@@ -201,6 +202,9 @@ struct ServeArgs {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     log_json: bool,
+    /// Token that enables the admin API (hot swap, rollback); also $CDP_HOST_ADMIN_TOKEN.
+    #[arg(long, value_name = "TOKEN")]
+    admin_token: Option<String>,
 }
 
 /// The `serve` configuration file; every field optional.
@@ -219,6 +223,7 @@ struct ServeFile {
     durability: Option<String>,
     settings: Option<toml::Table>,
     retry: Option<RetryFile>,
+    admin_token: Option<String>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -489,8 +494,8 @@ fn sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The bundled example events and settings, so `demo` needs no files.
-const EXAMPLE_EVENTS: &str = include_str!("../../examples/events.ndjson");
+/// The bundled example settings (the events are `cdp_host::EXAMPLE_EVENTS`),
+/// so `demo` needs no files.
 const EXAMPLE_SETTINGS: &str = include_str!("../../examples/settings.json");
 
 fn demo(runtime_args: &RuntimeArgs) -> anyhow::Result<ExitCode> {
@@ -635,6 +640,12 @@ fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<ExitCode
                 .or(file.shutdown_grace_seconds)
                 .unwrap_or(20),
         ),
+        admin_token: args
+            .admin_token
+            .or(file.admin_token)
+            .or_else(|| std::env::var("CDP_HOST_ADMIN_TOKEN").ok())
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
     };
     tokio_runtime()?.block_on(cdp_host::serve::serve(config, Arc::new(plugin)))?;
     Ok(ExitCode::SUCCESS)

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::plugin::{CallError, HttpRequest, Instance, Outcome, Plugin};
+use crate::plugin::{CallError, HttpRequest, Instance, Loaded, Outcome, Plugin, PluginSlot};
 use crate::settings::DestinationSettings;
 
 /// What became of one event.
@@ -32,31 +32,52 @@ pub struct MappedEvent {
     /// The plugin call itself failed (trap, deadline, bad output), as
     /// opposed to the plugin judging the event unmappable.
     pub plugin_failed: bool,
+    /// The version that mapped it; its requests are judged by it too.
+    pub plugin: Arc<Plugin>,
 }
 
-/// Maps events with one plugin instance at a time.
+/// Maps events with one plugin instance at a time, from whichever version
+/// the slot holds when each event starts.
 pub struct EventMapper {
-    plugin: Arc<Plugin>,
+    slot: Arc<PluginSlot>,
+    loaded: Arc<Loaded>,
     settings: DestinationSettings,
     instance: Option<Instance>,
 }
 
 impl EventMapper {
     pub fn new(plugin: Arc<Plugin>, settings: DestinationSettings) -> EventMapper {
+        EventMapper::with_slot(PluginSlot::new(plugin), settings)
+    }
+
+    pub fn with_slot(slot: Arc<PluginSlot>, settings: DestinationSettings) -> EventMapper {
         EventMapper {
-            plugin,
+            loaded: slot.current(),
+            slot,
             settings,
             instance: None,
         }
     }
 
     pub fn plugin(&self) -> &Arc<Plugin> {
-        &self.plugin
+        &self.loaded.plugin
+    }
+
+    /// Follows a swap: the next event is mapped by the new version, on the
+    /// instance its canary warmed.
+    fn follow_slot(&mut self) {
+        let current = self.slot.current();
+        if !Arc::ptr_eq(&current, &self.loaded) {
+            self.instance = current.take_warm();
+            self.loaded = current;
+        }
     }
 
     /// Maps one input line (the text of one JSON event).
     pub fn map_line(&mut self, line: u64, text: &str) -> MappedEvent {
+        self.follow_slot();
         let mut mapped = MappedEvent {
+            plugin: self.loaded.plugin.clone(),
             line,
             message_id: None,
             kind: None,
@@ -91,6 +112,7 @@ impl EventMapper {
         };
         mapped.kind = envelope.get("type").and_then(Value::as_str).map(str::to_string);
 
+        crate::plugin::count_mapped(&self.loaded);
         match self.call(text) {
             Ok(mapping) => {
                 mapped.warnings = mapping.warnings;
@@ -106,7 +128,7 @@ impl EventMapper {
                     Some(id) => format!("event {id} (line {line})"),
                     None => format!("the event on line {line}"),
                 };
-                mapped.outcome = MappedOutcome::Error(format!("{} {err} while mapping {event}", self.plugin));
+                mapped.outcome = MappedOutcome::Error(format!("{} {err} while mapping {event}", self.loaded.plugin));
                 mapped.plugin_failed = true;
             }
         }
@@ -116,10 +138,10 @@ impl EventMapper {
     fn call(&mut self, event: &str) -> Result<crate::plugin::Mapping, CallError> {
         let mut instance = match self.instance.take() {
             Some(instance) if !instance.worn_out() => instance,
-            _ => self.plugin.instance()?,
+            _ => self.loaded.plugin.instance()?,
         };
         let mapping = instance.map_event(self.settings.public_json(), event, now_unix_ms())?;
-        self.plugin.check_mapping(&mapping)?;
+        self.loaded.plugin.check_mapping(&mapping)?;
         // Only an instance whose call succeeded is kept for the next event.
         self.instance = Some(instance);
         Ok(mapping)

@@ -216,6 +216,18 @@ impl Spool {
     }
 }
 
+impl Spool {
+    /// message id -> (state, plugin version), for checks and tools.
+    pub fn versions_by_message_id(&self) -> anyhow::Result<std::collections::HashMap<String, (String, String)>> {
+        let conn = self.conn.lock().unwrap();
+        let mut query = conn.prepare(
+            "SELECT message_id, state, coalesce(plugin_version, '') FROM events WHERE message_id IS NOT NULL",
+        )?;
+        let rows = query.query_map([], |row| Ok((row.get::<_, String>(0)?, (row.get(1)?, row.get(2)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
 /// The outcome column of a finished event.
 pub fn outcome_json(kind: &str, reason: Option<&str>, warnings: &[String]) -> Value {
     json!({ "outcome": kind, "reason": reason, "warnings": warnings })

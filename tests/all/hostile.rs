@@ -226,7 +226,7 @@ async fn a_secret_placeholder_in_a_body_is_never_filled_in() {
 #[test]
 fn a_plugin_of_another_major_version_is_refused_naming_both() {
     let bytes = std::fs::read(plugin_fixtures::WRONG_VERSION).unwrap();
-    let error = runtime().load(&bytes, "future.wasm").err().expect("must be refused");
+    let error = runtime().load(&bytes, "future.wasm").expect_err("must be refused");
     assert!(matches!(error, LoadError::Incompatible { .. }), "{error:?}");
     assert_eq!(
         error.to_string(),

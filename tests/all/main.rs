@@ -7,5 +7,6 @@ mod cli_map;
 mod cli_send;
 mod delivery;
 mod hostile;
+mod hot_swap;
 mod serve;
 mod support;

@@ -13,19 +13,19 @@ use serde_json::{Value, json};
 use crate::cli_map::tempdir;
 use crate::support::cdp_host;
 
-const WRITE_KEY: &str = "wk_test_write_key";
+pub(crate) const WRITE_KEY: &str = "wk_test_write_key";
 
-struct Serve {
+pub(crate) struct Serve {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Serve {
-    fn start(spool: &Path, klaviyo: &str, api_key: &str) -> Serve {
+    pub(crate) fn start(spool: &Path, klaviyo: &str, api_key: &str) -> Serve {
         Serve::start_with(spool, klaviyo, api_key, &[])
     }
 
-    fn start_with(spool: &Path, klaviyo: &str, api_key: &str, extra: &[&str]) -> Serve {
+    pub(crate) fn start_with(spool: &Path, klaviyo: &str, api_key: &str, extra: &[&str]) -> Serve {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -59,7 +59,7 @@ impl Serve {
         Serve { child, url }
     }
 
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
@@ -82,11 +82,17 @@ unsafe extern "C" {
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
 
-fn spool_path() -> PathBuf {
+pub(crate) fn spool_path() -> PathBuf {
     tempdir().join("spool.sqlite")
 }
 
-async fn post(client: &reqwest::Client, url: &str, path: &str, key: Option<&str>, body: String) -> (u16, Value) {
+pub(crate) async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    path: &str,
+    key: Option<&str>,
+    body: String,
+) -> (u16, Value) {
     let mut request = client.post(format!("{url}{path}")).body(body);
     if let Some(key) = key {
         request = request.header("x-write-key", key);
@@ -103,12 +109,12 @@ async fn post(client: &reqwest::Client, url: &str, path: &str, key: Option<&str>
     }
 }
 
-fn track(id: &str) -> String {
+pub(crate) fn track(id: &str) -> String {
     json!({"event": "Order Completed", "messageId": id, "properties": {"email": format!("{id}@example.org"), "revenue": 1}})
         .to_string()
 }
 
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+pub(crate) async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");

@@ -29,7 +29,7 @@ use pacing::Pacer;
 
 use crate::dry_run::ShownRequest;
 use crate::mapper::{EventMapper, MappedEvent, MappedOutcome};
-use crate::plugin::{CallError, Header, HttpRequest, HttpResponse, Instance, Plugin, Verdict};
+use crate::plugin::{CallError, Header, HttpRequest, HttpResponse, Instance, Plugin, PluginSlot, Verdict};
 use crate::settings::{DestinationSettings, Render};
 
 /// How hard delivery tries, and how much at once.
@@ -91,6 +91,8 @@ pub struct EventRecord {
     pub outcome: EventOutcome,
     pub warnings: Vec<String>,
     pub retries: u64,
+    /// `name@version` of the plugin that mapped the event.
+    pub plugin_version: String,
 }
 
 /// The totals of a run.
@@ -200,12 +202,14 @@ impl Histogram {
 
 /// Sends events through one plugin.
 pub struct Delivery {
-    plugin: Arc<Plugin>,
+    slot: Arc<PluginSlot>,
     settings: DestinationSettings,
     config: DeliveryConfig,
     client: reqwest::Client,
     pacer: Pacer,
-    instances: Mutex<Vec<Instance>>,
+    /// Idle interpreting instances, each with the address of its plugin, so
+    /// a response is judged by the version that made the request.
+    instances: Mutex<Vec<(usize, Instance)>>,
     /// Bounds the interpreting instances (idle and busy) within the
     /// runtime's instance slots.
     interpreters: tokio::sync::Semaphore,
@@ -228,6 +232,17 @@ impl Delivery {
         config: DeliveryConfig,
         dead_letters: DeadLetters,
     ) -> anyhow::Result<Arc<Delivery>> {
+        Delivery::with_slot(PluginSlot::new(plugin), settings, config, dead_letters)
+    }
+
+    /// Delivers through whichever version `slot` holds (see hot swap).
+    pub fn with_slot(
+        slot: Arc<PluginSlot>,
+        settings: DestinationSettings,
+        config: DeliveryConfig,
+        dead_letters: DeadLetters,
+    ) -> anyhow::Result<Arc<Delivery>> {
+        let plugin = slot.current().plugin.clone();
         let missing = settings.missing_for_send(plugin.manifest());
         if !missing.is_empty() {
             anyhow::bail!("{plugin} cannot send without: {}", missing.join(", "));
@@ -238,11 +253,11 @@ impl Delivery {
             .user_agent(concat!("cdp-host/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(config.concurrency.max(1))
             .build()?;
-        let pacer = Pacer::new(&plugin.manifest().rate_classes);
+        let pacer = Pacer::default();
         // Half the slots, less the mapping instance and one for loading.
         let interpreters = (plugin.runtime().instance_slots() / 2).saturating_sub(2).max(1) as usize;
         Ok(Arc::new(Delivery {
-            plugin,
+            slot,
             settings,
             config,
             client,
@@ -255,8 +270,9 @@ impl Delivery {
         }))
     }
 
-    pub fn plugin(&self) -> &Arc<Plugin> {
-        &self.plugin
+    /// The slot holding the active version, for swapping and rollback.
+    pub fn slot(&self) -> &Arc<PluginSlot> {
+        &self.slot
     }
 
     pub fn dead_letters(&self) -> &DeadLetters {
@@ -340,12 +356,12 @@ impl Delivery {
         events: impl Iterator<Item = anyhow::Result<(u64, String)>> + Send + 'static,
         tx: mpsc::Sender<(MappedEvent, String)>,
     ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-        let plugin = self.plugin.clone();
+        let slot = self.slot.clone();
         let settings = self.settings.clone();
         let attempts = self.config.poison_attempts.max(1);
         let progress = self.progress.clone();
         tokio::task::spawn_blocking(move || {
-            let mut mapper = EventMapper::new(plugin, settings);
+            let mut mapper = EventMapper::with_slot(slot, settings);
             for event in events {
                 let (line, text) = event?;
                 let started = std::time::Instant::now();
@@ -409,7 +425,9 @@ impl Delivery {
             outcome: EventOutcome::Skipped(String::new()),
             warnings: mapped.warnings.iter().map(|w| self.settings.scrub(w)).collect(),
             retries: 0,
+            plugin_version: format!("{}@{}", mapped.plugin.manifest().name, mapped.plugin.manifest().version),
         };
+        let plugin = mapped.plugin.clone();
         record.outcome = match mapped.outcome {
             MappedOutcome::Skip(reason) => EventOutcome::Skipped(reason),
             MappedOutcome::Error(reason) => {
@@ -423,7 +441,7 @@ impl Delivery {
                 let count = requests.len();
                 let mut failed = None;
                 for request in requests {
-                    if let Err(undelivered) = self.deliver_request(request, false, &mut record.retries).await {
+                    if let Err(undelivered) = self.deliver_request(&plugin, request, false, &mut record.retries).await {
                         failed = Some(undelivered);
                         break;
                     }
@@ -455,6 +473,7 @@ impl Delivery {
     /// place of a failed one: it may not be replaced again.
     async fn deliver_request(
         &self,
+        plugin: &Arc<Plugin>,
         request: HttpRequest,
         replacement: bool,
         retries: &mut u64,
@@ -464,7 +483,9 @@ impl Delivery {
             request: request.clone(),
             response,
         };
-        let target = self.target(&request.url).map_err(|reason| undelivered(reason, None))?;
+        let target = self
+            .target(plugin, &request.url)
+            .map_err(|reason| undelivered(reason, None))?;
         let headers = self
             .settings
             .render_headers(&request, Render::Send)
@@ -474,15 +495,17 @@ impl Delivery {
         loop {
             attempt += 1;
             if self.config.pacing {
-                self.pacer.acquire(&request.rate_class).await;
+                self.pacer
+                    .acquire(&request.rate_class, &plugin.manifest().rate_classes)
+                    .await;
             }
             self.requests_sent.fetch_add(1, Ordering::Relaxed);
             let (verdict, response, transport_error) = match self.send(&request, &target, &headers).await {
-                Ok(response) => match self.interpret(&request, &response).await {
+                Ok(response) => match self.interpret(plugin, &request, &response).await {
                     Ok(verdict) => (verdict, Some(response), None),
                     Err(busy @ CallError::Busy(_)) => (Verdict::Retry(None), Some(response), Some(busy.to_string())),
                     Err(e) => {
-                        let reason = format!("{} {e} while interpreting the answer", self.plugin);
+                        let reason = format!("{plugin} {e} while interpreting the answer");
                         return Err(undelivered(reason, Some(response)));
                     }
                 },
@@ -496,21 +519,18 @@ impl Delivery {
                 Verdict::Replace(requests) => {
                     if replacement {
                         return Err(undelivered(
-                            format!(
-                                "{} asked to replace a replacement request; refused to avoid a loop",
-                                self.plugin
-                            ),
+                            format!("{plugin} asked to replace a replacement request; refused to avoid a loop"),
                             response,
                         ));
                     }
-                    if let Err(e) = self.plugin.check_requests(&requests) {
+                    if let Err(e) = plugin.check_requests(&requests) {
                         return Err(undelivered(
-                            format!("{} offered a replacement that {e}", self.plugin),
+                            format!("{plugin} offered a replacement that {e}"),
                             response,
                         ));
                     }
                     for replacement in requests {
-                        Box::pin(self.deliver_request(replacement, true, retries)).await?;
+                        Box::pin(self.deliver_request(plugin, replacement, true, retries)).await?;
                     }
                     return Ok(());
                 }
@@ -551,19 +571,17 @@ impl Delivery {
 
     /// Where a request goes: its own URL if its host is declared, rebased
     /// onto the operator's override when one is set; anything else refused.
-    fn target(&self, url: &str) -> Result<url::Url, String> {
+    fn target(&self, plugin: &Plugin, url: &str) -> Result<url::Url, String> {
         let parsed = url::Url::parse(url).map_err(|e| format!("refused to send to {url:?}: {e}"))?;
         let host = parsed.host_str().unwrap_or("");
-        let declared = self
-            .plugin
+        let declared = plugin
             .manifest()
             .allowed_hosts
             .iter()
             .any(|h| h.eq_ignore_ascii_case(host));
         if !declared || parsed.scheme() != "https" {
             return Err(format!(
-                "refused to send to {url}: {host} is not a host {} declares",
-                self.plugin
+                "refused to send to {url}: {host} is not a host {plugin} declares"
             ));
         }
         let Some(base) = &self.config.base_url else {
@@ -612,10 +630,28 @@ impl Delivery {
 
     /// Asks the plugin what a response means, on a blocking thread (the
     /// call is bounded by the plugin deadline, not by the async runtime).
-    async fn interpret(&self, request: &HttpRequest, response: &HttpResponse) -> Result<Verdict, CallError> {
+    async fn interpret(
+        &self,
+        plugin: &Arc<Plugin>,
+        request: &HttpRequest,
+        response: &HttpResponse,
+    ) -> Result<Verdict, CallError> {
         let _permit = self.interpreters.acquire().await.expect("never closed");
-        let instance = self.instances.lock().unwrap().pop();
-        let plugin = self.plugin.clone();
+        let key = Arc::as_ptr(plugin) as usize;
+        let instance = {
+            let mut idle = self.instances.lock().unwrap();
+            let found = idle.iter().position(|(k, _)| *k == key);
+            match found {
+                Some(index) => Some(idle.swap_remove(index).1),
+                // An idle instance of another version is dropped, freeing
+                // its slot: after a swap the old version drains away.
+                None => {
+                    idle.clear();
+                    None
+                }
+            }
+        };
+        let plugin = plugin.clone();
         let settings = self.settings.public_json().to_string();
         let (request, response) = (request.clone(), response.clone());
         let (instance, verdict) = tokio::task::spawn_blocking(move || {
@@ -634,7 +670,7 @@ impl Delivery {
         .await
         .map_err(|e| CallError::Trap(format!("interpret task failed: {e}")))?;
         if let Some(instance) = instance {
-            self.instances.lock().unwrap().push(instance);
+            self.instances.lock().unwrap().push((key, instance));
         }
         verdict
     }

@@ -16,8 +16,11 @@ use crate::plugin::RateClass;
 const BURST_WINDOW: Duration = Duration::from_millis(1_000 + 30);
 const STEADY_WINDOW: Duration = Duration::from_millis(60_000 + 300);
 
+/// Windows per rate class, made from the budgets of whichever plugin
+/// version first sends in that class.
+#[derive(Default)]
 pub struct Pacer {
-    classes: HashMap<String, Window>,
+    classes: Mutex<HashMap<String, std::sync::Arc<Window>>>,
 }
 
 struct Window {
@@ -27,27 +30,27 @@ struct Window {
 }
 
 impl Pacer {
-    pub fn new(classes: &[RateClass]) -> Pacer {
-        Pacer {
-            classes: classes
-                .iter()
-                .map(|c| {
-                    let window = Window {
-                        burst: c.burst_per_second.max(1) as usize,
-                        steady: c.steady_per_minute.max(1) as usize,
-                        sent: Mutex::new(VecDeque::new()),
+    /// Waits until a request of `class` may be sent, and counts it. A class
+    /// the plugin does not declare is refused before it gets here.
+    pub async fn acquire(&self, class: &str, declared: &[RateClass]) {
+        let window = {
+            let mut classes = self.classes.lock().unwrap();
+            match classes.get(class) {
+                Some(window) => window.clone(),
+                None => {
+                    let Some(budget) = declared.iter().find(|c| c.name == class) else {
+                        return;
                     };
-                    (c.name.clone(), window)
-                })
-                .collect(),
-        }
-    }
-
-    /// Waits until a request of `class` may be sent, and counts it. An
-    /// undeclared class is never paced (the host refuses such requests
-    /// before they get here).
-    pub async fn acquire(&self, class: &str) {
-        let Some(window) = self.classes.get(class) else { return };
+                    let window = std::sync::Arc::new(Window {
+                        burst: budget.burst_per_second.max(1) as usize,
+                        steady: budget.steady_per_minute.max(1) as usize,
+                        sent: Mutex::new(VecDeque::new()),
+                    });
+                    classes.insert(class.to_string(), window.clone());
+                    window
+                }
+            }
+        };
         loop {
             let wait = window.try_take(Instant::now());
             match wait {

@@ -22,6 +22,7 @@
 
 mod cache;
 mod output;
+mod slot;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -36,6 +37,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use output::OutputError;
+pub use slot::{Loaded, PluginSlot, SwapError, count_mapped};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -356,6 +358,18 @@ pub struct Plugin {
     sha256: [u8; 32],
     size: usize,
     manifest: DestinationManifest,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Plugin({}@{}, {})",
+            self.manifest.name,
+            self.manifest.version,
+            self.sha256_hex()
+        )
+    }
 }
 
 impl fmt::Display for Plugin {

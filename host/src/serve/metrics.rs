@@ -90,7 +90,8 @@ pub fn render(metrics: &Metrics, delivery: &Delivery, spool_depth: u64) -> Strin
         out,
         "# HELP cdp_spool_depth Events stored and not yet finished.\n# TYPE cdp_spool_depth gauge\ncdp_spool_depth {spool_depth}"
     );
-    let plugin = delivery.plugin();
+    let active = delivery.slot().current();
+    let plugin = &active.plugin;
     let m = plugin.manifest();
     let _ = writeln!(
         out,

@@ -6,6 +6,7 @@
 //! a crash the pending rows are delivered again and Klaviyo drops what it
 //! already had.
 
+mod admin;
 mod ingest;
 mod metrics;
 
@@ -37,6 +38,8 @@ pub struct ServeConfig {
     pub retention: Duration,
     /// How long SIGTERM waits for in-flight deliveries.
     pub shutdown_grace: Duration,
+    /// Enables the admin API (hot swap) for bearers of this token.
+    pub admin_token: Option<Secret>,
 }
 
 /// What the HTTP handlers share.
@@ -47,6 +50,8 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     metrics: metrics::Metrics,
     delivery: Arc<Delivery>,
+    settings: DestinationSettings,
+    admin_token: Option<Secret>,
 }
 
 impl Shared {
@@ -84,6 +89,8 @@ pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<(
         draining: AtomicBool::new(false),
         metrics: metrics::Metrics::default(),
         delivery: delivery.clone(),
+        settings: config.settings.clone(),
+        admin_token: config.admin_token.clone(),
     });
     let app = Router::new()
         .route("/api/s/s2s/{kind}", post(ingest::s2s))
@@ -91,12 +98,15 @@ pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<(
         .route("/v1/{kind}", post(ingest::segment_single))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_text))
+        .route("/admin/plugins", get(admin::list))
+        .route("/admin/plugins/{destination}", axum::routing::put(admin::upload))
+        .route("/admin/plugins/{destination}/rollback", post(admin::rollback))
         .layer(DefaultBodyLimit::max(ingest::MAX_BATCH_BYTES + 1))
         .with_state(shared.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, plugin = %plugin, "serving");
+    tracing::info!(listen = %listener.local_addr()?, plugin = %plugin, admin = config.admin_token.is_some(), "serving");
 
     // Events go from the spool to the engine through a small channel: the
     // engine pulls as it has room, so the spool, not memory, holds backlog.
@@ -106,12 +116,11 @@ pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<(
     let engine = {
         let shared = shared.clone();
         let in_flight = in_flight.clone();
-        let version = format!("{}@{}", plugin.manifest().name, plugin.manifest().version);
         let mut rx = rx;
         let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
         tokio::spawn(async move {
             delivery
-                .run_events(events, move |record| finish(&shared, &in_flight, record, &version))
+                .run_events(events, move |record| finish(&shared, &in_flight, record))
                 .await
         })
     };
@@ -177,7 +186,7 @@ async fn feed(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<(u64, String)>,
 }
 
 /// Writes an event's outcome to its row and counts it.
-fn finish(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, record: &EventRecord, version: &str) {
+fn finish(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, record: &EventRecord) {
     let id = record.line as i64;
     let (state, outcome) = match &record.outcome {
         EventOutcome::Delivered { .. } => (RowState::Delivered, outcome_json("delivered", None, &record.warnings)),
@@ -198,7 +207,7 @@ fn finish(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, record: &EventRecord
         outcome["request"] = letter["request"].clone();
         outcome["response"] = letter["response"].clone();
     }
-    if let Err(e) = shared.spool.finish(id, state, &outcome, version) {
+    if let Err(e) = shared.spool.finish(id, state, &outcome, &record.plugin_version) {
         // The row stays pending and is delivered again (idempotently).
         tracing::error!("recording the outcome of event {id}: {e:#}");
     }
