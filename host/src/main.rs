@@ -205,6 +205,9 @@ struct ServeArgs {
     /// Token that enables the admin API (hot swap, rollback); also $CDP_HOST_ADMIN_TOKEN.
     #[arg(long, value_name = "TOKEN")]
     admin_token: Option<String>,
+    /// Watch this directory for new versions of the plugin (*.wasm), checked and swapped in like uploads.
+    #[arg(long, value_name = "DIR")]
+    plugin_dir: Option<PathBuf>,
 }
 
 /// The `serve` configuration file; every field optional.
@@ -224,6 +227,7 @@ struct ServeFile {
     settings: Option<toml::Table>,
     retry: Option<RetryFile>,
     admin_token: Option<String>,
+    plugin_dir: Option<PathBuf>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -646,6 +650,7 @@ fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<ExitCode
             .or_else(|| std::env::var("CDP_HOST_ADMIN_TOKEN").ok())
             .filter(|t| !t.is_empty())
             .map(Secret::new),
+        plugin_dir: args.plugin_dir.or(file.plugin_dir),
     };
     tokio_runtime()?.block_on(cdp_host::serve::serve(config, Arc::new(plugin)))?;
     Ok(ExitCode::SUCCESS)

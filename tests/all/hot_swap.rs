@@ -256,3 +256,51 @@ async fn the_admin_api_needs_its_token() {
     assert_eq!(off.status().as_u16(), 404, "no token configured: the admin API is off");
     without.kill9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_dropped_into_the_plugin_directory_is_checked_and_swapped_in() {
+    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = crate::cli_map::tempdir().join("plugins");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_arg = dir.display().to_string();
+    let serve = Serve::start_with(
+        &spool_path(),
+        &sandbox.url(),
+        DEMO_KEY,
+        &["--admin-token", ADMIN, "--plugin-dir", &dir_arg],
+    );
+    let client = reqwest::Client::new();
+    let active = || {
+        let (client, url) = (client.clone(), format!("{}/admin/plugins", serve.url));
+        async move {
+            admin(&client, reqwest::Method::GET, url, vec![]).await.1["destinations"][0]["active"]["version"].clone()
+        }
+    };
+    // A broken candidate is refused; the active version stays.
+    std::fs::write(dir.join("impostor.wasm"), component(plugin_fixtures::TRAPPING_IMPOSTOR)).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(active().await, "1.0.0");
+    // A good one is swapped in.
+    std::fs::write(dir.join("klaviyo-v2.wasm"), component(plugin_fixtures::KLAVIYO_V2)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while active().await != "1.0.0+v2" {
+        assert!(Instant::now() < deadline, "the new version was not swapped in");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        post(
+            &client,
+            &serve.url,
+            "/api/s/s2s/track",
+            Some(WRITE_KEY),
+            track("after-drop")
+        )
+        .await
+        .0,
+        200
+    );
+    wait_for("the event after the swap", || sandbox.events().len() == 1).await;
+    serve.kill9();
+}

@@ -294,6 +294,15 @@ fn spawn_ticker(engine: &Engine, stop: Arc<AtomicBool>) {
         .expect("spawning the deadline ticker");
 }
 
+/// Hex SHA-256, the identity of a plugin's bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Tells a component from a core module or other bytes before compiling.
 fn check_header(bytes: &[u8], source_name: &str) -> Result<(), LoadError> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
@@ -389,7 +398,7 @@ impl Plugin {
     }
 
     pub fn sha256_hex(&self) -> String {
-        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.sha256)
     }
 
     pub fn size(&self) -> usize {

@@ -38,8 +38,11 @@ pub struct ServeConfig {
     pub retention: Duration,
     /// How long SIGTERM waits for in-flight deliveries.
     pub shutdown_grace: Duration,
-    /// Enables the admin API (hot swap) for bearers of this token.
+    /// Enables the admin API (hot swap, rollback) for bearers of this token.
     pub admin_token: Option<Secret>,
+    /// Watched for new versions of the plugin (`*.wasm`), as an alternative
+    /// to uploading them through the admin API.
+    pub plugin_dir: Option<std::path::PathBuf>,
 }
 
 /// What the HTTP handlers share.
@@ -125,6 +128,10 @@ pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<(
         })
     };
     let pruner = tokio::spawn(prune(config.spool.clone(), config.retention));
+    let watcher = config
+        .plugin_dir
+        .clone()
+        .map(|dir| tokio::spawn(watch_plugin_dir(shared.clone(), dir)));
 
     let stop = shutdown_signal();
     axum::serve(listener, app).with_graceful_shutdown(stop).await?;
@@ -132,6 +139,9 @@ pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<(
     shared.draining.store(true, Ordering::Relaxed);
     feeder.abort();
     pruner.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     match tokio::time::timeout(config.shutdown_grace, engine).await {
         Ok(Ok(Ok(report))) => tracing::info!("stopped after delivering {} events", report.delivered),
         Ok(Ok(Err(e))) => tracing::error!("delivery ended with an error: {e:#}"),
@@ -213,6 +223,48 @@ fn finish(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, record: &EventRecord
     }
     shared.metrics.finished.fetch_add(1, Ordering::Relaxed);
     in_flight.lock().unwrap().remove(&id);
+}
+
+/// Offers each new or changed `*.wasm` in `dir` as a candidate, exactly as
+/// an upload through the admin API would be; refusals are logged and the
+/// file is not tried again until it changes.
+async fn watch_plugin_dir(shared: Arc<Shared>, dir: std::path::PathBuf) {
+    let mut seen: std::collections::HashMap<std::path::PathBuf, std::time::SystemTime> = Default::default();
+    loop {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let modified = entry.metadata().and_then(|m| m.modified()).ok();
+                let Some(modified) = modified.filter(|_| path.extension().is_some_and(|e| e == "wasm")) else {
+                    continue;
+                };
+                if seen.get(&path) == Some(&modified) {
+                    continue;
+                }
+                seen.insert(path.clone(), modified);
+                let Ok(bytes) = std::fs::read(&path) else { continue };
+                let slot = shared.delivery.slot().clone();
+                if slot.current().plugin.sha256_hex() == crate::plugin::sha256_hex(&bytes) {
+                    continue;
+                }
+                let settings = shared.settings.clone();
+                let name = path.display().to_string();
+                let result =
+                    tokio::task::spawn_blocking(move || slot.swap_in(&bytes, &name, &settings, crate::EXAMPLE_EVENTS))
+                        .await;
+                match result {
+                    Ok(Ok(loaded)) => {
+                        tracing::info!(file = %path.display(), plugin = %loaded.plugin, "swapped in from the plugin directory")
+                    }
+                    Ok(Err(refused)) => {
+                        tracing::warn!(file = %path.display(), %refused, "refused a plugin from the plugin directory")
+                    }
+                    Err(e) => tracing::error!("the swap task failed: {e}"),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 async fn prune(spool: Arc<Spool>, retention: Duration) {
