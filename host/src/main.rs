@@ -357,16 +357,7 @@ fn load_plugin(runtime: &Arc<Runtime>, path: Option<&Path>) -> anyhow::Result<Pl
 fn load_destination(runtime: &Arc<Runtime>, args: &PluginArgs) -> anyhow::Result<(Arc<Plugin>, DestinationSettings)> {
     let plugin = load_plugin(runtime, args.plugin.as_deref())?;
     let settings = DestinationSettings::load(args.settings.as_deref(), plugin.manifest())?;
-    let mut instance = plugin
-        .instance()
-        .map_err(|e| anyhow::anyhow!("{plugin} {e} while starting"))?;
-    let verdict = instance
-        .validate_settings(settings.public_json())
-        .map_err(|e| anyhow::anyhow!("{plugin} {e} while validating settings"))?;
-    if let Err(errors) = verdict {
-        let problems: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.name, e.reason)).collect();
-        bail!("invalid settings for {plugin}: {}", problems.join("; "));
-    }
+    validate_settings(&plugin, &settings)?;
     Ok((Arc::new(plugin), settings))
 }
 

@@ -155,7 +155,8 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn kind_of(value: &Value) -> &'static str {
+/// "array", "string", ...: what kind of JSON value was sent.
+pub(crate) fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "boolean",

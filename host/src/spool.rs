@@ -217,6 +217,17 @@ impl Spool {
 }
 
 impl Spool {
+    /// For each finished event, milliseconds from ingest (`received_at`)
+    /// to its outcome being recorded.
+    pub fn latencies_ms(&self) -> anyhow::Result<Vec<f64>> {
+        let conn = self.conn.lock().unwrap();
+        let mut query = conn.prepare(
+            "SELECT (julianday(updated_at) - julianday(received_at)) * 86400000.0 FROM events WHERE updated_at IS NOT NULL",
+        )?;
+        let rows = query.query_map([], |row| row.get::<_, f64>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// message id -> (state, plugin version), for checks and tools.
     pub fn versions_by_message_id(&self) -> anyhow::Result<std::collections::HashMap<String, (String, String)>> {
         let conn = self.conn.lock().unwrap();

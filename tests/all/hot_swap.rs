@@ -171,9 +171,25 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
         "{mapped_by_each:?}"
     );
     assert!(spool.dead(10).unwrap().is_empty(), "nothing failed");
+    // The longest single mapping over the run, swaps included: the worst
+    // stall a swap could have caused.
+    let metrics = client
+        .get(format!("{}/metrics", serve.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let longest_map = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cdp_plugin_map_seconds_max "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("the metric");
     println!(
-        "hot swap: {} events, mapped by {mapped_by_each:?}; admin call to serving: {swap_ms:?} ms",
-        acked.len()
+        "hot swap: {} events, mapped by {mapped_by_each:?}; admin call to serving: {swap_ms:?} ms; longest single mapping: {:.2} ms",
+        acked.len(),
+        longest_map * 1e3
     );
     serve.kill9();
 }

@@ -159,6 +159,7 @@ pub struct Histogram {
     counts: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
+    max_micros: AtomicU64,
 }
 
 /// Upper bounds of the histogram buckets, in seconds.
@@ -172,6 +173,7 @@ impl Default for Histogram {
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
             count: AtomicU64::new(0),
             sum_micros: AtomicU64::new(0),
+            max_micros: AtomicU64::new(0),
         }
     }
 }
@@ -186,6 +188,12 @@ impl Histogram {
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.max_micros.fetch_max(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The longest observation so far, in seconds.
+    pub fn max_seconds(&self) -> f64 {
+        self.max_micros.load(Ordering::Relaxed) as f64 / 1e6
     }
 
     /// (cumulative bucket counts, count, sum in seconds)

@@ -112,8 +112,8 @@ fn single(body: &[u8], kind: Option<&str>) -> Result<(Option<String>, String, St
     let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
     let Value::Object(mut event) = value else {
         return Err(format!(
-            "the body must be a JSON object (an event), not {}",
-            kind_of(&value)
+            "the body must be a JSON object (an event), not a JSON {}",
+            crate::mapper::kind_of(&value)
         ));
     };
     if let Some(kind) = kind {
@@ -183,15 +183,4 @@ fn unauthorized(message: &str) -> Response {
 
 fn problem(status: StatusCode, message: String) -> Response {
     (status, axum::Json(json!({ "ok": false, "error": message }))).into_response()
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }

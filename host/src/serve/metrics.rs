@@ -114,6 +114,11 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
         out,
         "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
     );
+    let _ = writeln!(
+        out,
+        "# HELP {name}_max The longest observation.\n# TYPE {name}_max gauge\n{name}_max {}",
+        h.max_seconds()
+    );
 }
 
 fn escape(label: &str) -> String {
