@@ -55,7 +55,7 @@ async fn run(
     tweak: impl FnOnce(&mut DeliveryConfig),
     settings: Value,
 ) -> Run {
-    let sandbox = Sandbox::start(sandbox, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sandbox = crate::support::sandbox(sandbox).await;
     let plugin = klaviyo();
     let mut settings = settings.as_object().cloned().unwrap_or_default();
     settings.insert("api_key".into(), api_key.into());
@@ -363,9 +363,7 @@ async fn a_duplicate_profile_conflict_is_resolved_by_sending_without_the_phone()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_outcome_is_reported_once_per_event() {
     let (input, _) = corpus(5);
-    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
     let plugin = klaviyo();
     let mut settings = serde_json::Map::new();
     settings.insert("api_key".into(), DEMO_KEY.into());

@@ -42,9 +42,7 @@ fn settings(plugin: &Plugin) -> DestinationSettings {
 
 /// A misbehaving event between two ordinary ones, delivered to a sandbox.
 async fn deliver_between_neighbours(misbehaving: Value) -> (Report, Sandbox, Vec<Value>) {
-    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
     let plugin = hostile();
     let input = [
         json!({"messageId": "before"}),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cdp_host::sandbox::{DEMO_KEY, Sandbox, SandboxConfig};
+use cdp_host::sandbox::{DEMO_KEY, SandboxConfig};
 use cdp_host::spool::{Durability, Spool};
 use serde_json::Value;
 
@@ -39,15 +39,11 @@ async fn admin(client: &reqwest::Client, method: reqwest::Method, url: String, b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_versions_under_continuous_ingest_loses_nothing() {
-    let sandbox = Sandbox::start(
-        SandboxConfig {
-            rate_limits: false,
-            ..SandboxConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig {
+        rate_limits: false,
+        ..SandboxConfig::default()
+    })
+    .await;
     let spool = spool_path();
     let serve = Serve::start_with(
         &spool,
@@ -196,9 +192,7 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_candidates_are_refused_and_the_active_version_keeps_serving() {
-    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
     let serve = Serve::start_with(&spool_path(), &sandbox.url(), DEMO_KEY, &["--admin-token", ADMIN]);
     let client = reqwest::Client::new();
     let url = format!("{}/admin/plugins/klaviyo", serve.url);
@@ -249,9 +243,7 @@ async fn broken_candidates_are_refused_and_the_active_version_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_needs_its_token() {
-    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
     let with_token = Serve::start_with(&spool_path(), &sandbox.url(), DEMO_KEY, &["--admin-token", ADMIN]);
     let client = reqwest::Client::new();
     let wrong = client
@@ -275,9 +267,7 @@ async fn the_admin_api_needs_its_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_dropped_into_the_plugin_directory_is_checked_and_swapped_in() {
-    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
     let dir = crate::cli_map::tempdir().join("plugins");
     std::fs::create_dir_all(&dir).unwrap();
     let dir_arg = dir.display().to_string();

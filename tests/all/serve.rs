@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use cdp_host::sandbox::{DEMO_KEY, Sandbox, SandboxConfig};
+use cdp_host::sandbox::{DEMO_KEY, SandboxConfig};
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -124,9 +124,7 @@ pub(crate) async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingested_events_are_delivered_to_the_sandbox() {
-    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
     let serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
     let identify = json!({"userId": "u1", "traits": {"email": "ada@example.org"}}).to_string();
@@ -144,13 +142,7 @@ async fn ingested_events_are_delivered_to_the_sandbox() {
     );
     let batch = json!({"batch": [{"type": "track", "event": "Signed Up", "messageId": "t2", "properties": {"email": "b@example.org"}},
                                  {"type": "page", "messageId": "p1"}]});
-    let response = client
-        .post(format!("{}/v1/batch", serve.url))
-        .basic_auth(WRITE_KEY, Some(""))
-        .body(batch.to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = post_batch(&client, &serve.url, &batch).await;
     assert_eq!(response.status().as_u16(), 200);
     // ada (identify), t1@ and b@ (the tracks' own emails).
     wait_for("the sandbox to hold both events and the profiles", || {
@@ -176,9 +168,7 @@ async fn ingested_events_are_delivered_to_the_sandbox() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_answered_clearly_and_stores_nothing() {
-    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
     let spool = spool_path();
     let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
@@ -220,13 +210,7 @@ async fn bad_input_is_answered_clearly_and_stores_nothing() {
         assert!(answer["error"].as_str().unwrap_or("").contains(message), "{answer}");
     }
     let batch = json!({"batch": [{"type": "track", "event": "Fine", "messageId": "ok1", "properties": {"email": "a@example.org"}}, [1, 2]]});
-    let response = client
-        .post(format!("{}/v1/batch", serve.url))
-        .basic_auth(WRITE_KEY, Some(""))
-        .body(batch.to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = post_batch(&client, &serve.url, &batch).await;
     assert_eq!(response.status().as_u16(), 400);
     let answer: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert!(
@@ -261,9 +245,7 @@ async fn bad_input_is_answered_clearly_and_stores_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_intake_finishes_deliveries_and_exits_cleanly() {
-    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
     let serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
     for i in 0..20 {
@@ -291,9 +273,7 @@ async fn sigterm_stops_intake_finishes_deliveries_and_exits_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_can_be_listed_replayed_and_purged() {
-    let sandbox = Sandbox::start(SandboxConfig::default(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
     let spool = spool_path();
     let serve = Serve::start(&spool, &sandbox.url(), "pk_wrong_key");
     let client = reqwest::Client::new();
@@ -360,7 +340,7 @@ async fn killing_serve_at_random_moments_loses_and_duplicates_nothing() {
         rate_limits: false,
         ..SandboxConfig::default()
     };
-    let sandbox = Sandbox::start(unlimited, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sandbox = crate::support::sandbox(unlimited).await;
     let spool = spool_path();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -450,4 +430,15 @@ async fn futures_join(client: &reqwest::Client, url: &str, ids: &[String]) -> Ve
         statuses[i] = status;
     }
     statuses
+}
+
+/// A Segment `/v1/batch` call with the write key as the basic-auth user.
+async fn post_batch(client: &reqwest::Client, url: &str, batch: &Value) -> reqwest::Response {
+    client
+        .post(format!("{url}/v1/batch"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap()
 }

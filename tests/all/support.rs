@@ -7,6 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 use cdp_host::plugin::{BUNDLED_KLAVIYO, Plugin, Runtime, RuntimeConfig};
+use cdp_host::sandbox::{Sandbox, SandboxConfig};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -62,4 +63,9 @@ pub fn klaviyo() -> Arc<Plugin> {
             Arc::new(runtime.load(BUNDLED_KLAVIYO, "bundled klaviyo").unwrap())
         })
         .clone()
+}
+
+/// The local Klaviyo sandbox on a free loopback port.
+pub async fn sandbox(config: SandboxConfig) -> Sandbox {
+    Sandbox::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap()
 }
