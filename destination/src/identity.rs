@@ -88,7 +88,7 @@ impl Identity {
 }
 
 /// Where identifiers may live, in order of precedence.
-fn sources(event: &ChordEvent) -> Vec<(&'static str, &Map<String, Value>)> {
+fn sources<'e>(event: &'e ChordEvent<'_>) -> Vec<(&'static str, &'e Map<String, Value>)> {
     [
         ("traits", event.traits()),
         ("context.traits", event.context_traits()),

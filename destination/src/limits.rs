@@ -21,26 +21,22 @@ pub struct Changes {
 
 impl Changes {
     pub fn into_warnings(self, warnings: &mut Vec<String>) {
-        report(
-            warnings,
-            &self.truncated,
-            &format!("truncated to {} bytes", limits::STRING_BYTES),
-        );
-        report(warnings, &self.cut, &format!("cut to {} items", limits::ARRAY_ITEMS));
-        report(
-            warnings,
-            &self.flattened,
-            &format!("nested deeper than {} levels; sent as JSON text", limits::NESTING_DEPTH),
-        );
-        report(
-            warnings,
-            &self.dropped,
-            &format!("dropped: more than {} event properties", limits::EVENT_PROPERTIES),
-        );
+        // The descriptions are formatted only for kinds that happened: this
+        // runs for every event, and nearly every event fits as it is.
+        report(warnings, &self.truncated, || {
+            format!("truncated to {} bytes", limits::STRING_BYTES)
+        });
+        report(warnings, &self.cut, || format!("cut to {} items", limits::ARRAY_ITEMS));
+        report(warnings, &self.flattened, || {
+            format!("nested deeper than {} levels; sent as JSON text", limits::NESTING_DEPTH)
+        });
+        report(warnings, &self.dropped, || {
+            format!("dropped: more than {} event properties", limits::EVENT_PROPERTIES)
+        });
     }
 }
 
-fn report(warnings: &mut Vec<String>, fields: &[String], what: &str) {
+fn report(warnings: &mut Vec<String>, fields: &[String], what: impl FnOnce() -> String) {
     if fields.is_empty() {
         return;
     }
@@ -56,7 +52,27 @@ fn report(warnings: &mut Vec<String>, fields: &[String], what: &str) {
     } else {
         String::new()
     };
-    warnings.push(format!("{shown}{more}: {what}"));
+    warnings.push(format!("{shown}{more}: {}", what()));
+}
+
+/// Where a value sits (`properties.products[2].name`), written out only
+/// when a change to it is reported: fitting visits every value of every
+/// event, and almost none change.
+#[derive(Clone, Copy)]
+enum Path<'a> {
+    Root(&'a str),
+    Key(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Root(name) => f.write_str(name),
+            Path::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Path::Index(parent, index) => write!(f, "{parent}[{index}]"),
+        }
+    }
 }
 
 /// Event properties within the count limit (keys are kept in sorted order,
@@ -75,46 +91,48 @@ pub fn fit_event_properties(mut properties: Map<String, Value>, changes: &mut Ch
 
 /// An object whose values fit the string, array and depth limits. `depth`
 /// is the nesting level of the object itself (a top-level object is 1).
-pub fn fit_object(object: Map<String, Value>, path: &str, depth: usize, changes: &mut Changes) -> Map<String, Value> {
+pub fn fit_object(
+    mut object: Map<String, Value>,
+    path: &str,
+    depth: usize,
+    changes: &mut Changes,
+) -> Map<String, Value> {
+    fit_members(&mut object, &Path::Root(path), depth, changes);
     object
-        .into_iter()
-        .map(|(key, value)| {
-            let child = format!("{path}.{key}");
-            let value = fit_value(value, &child, depth, changes);
-            (key, value)
-        })
-        .collect()
+}
+
+/// Fits an object's values in place.
+fn fit_members(object: &mut Map<String, Value>, path: &Path<'_>, depth: usize, changes: &mut Changes) {
+    for (key, value) in object.iter_mut() {
+        fit_value(value, &Path::Key(path, key), depth, changes);
+    }
 }
 
 /// `depth` is the nesting level of the object holding this value.
-fn fit_value(value: Value, path: &str, depth: usize, changes: &mut Changes) -> Value {
+fn fit_value(value: &mut Value, path: &Path<'_>, depth: usize, changes: &mut Changes) {
     match value {
-        Value::String(text) => Value::String(fit_string(text, path, changes)),
+        Value::String(text) => fit_string(text, path, changes),
         Value::Array(items) => {
-            let mut items = items;
             if items.len() > limits::ARRAY_ITEMS {
                 items.truncate(limits::ARRAY_ITEMS);
                 changes.cut.push(path.to_string());
             }
-            Value::Array(
-                items
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, item)| fit_value(item, &format!("{path}[{i}]"), depth, changes))
-                    .collect(),
-            )
+            for (i, item) in items.iter_mut().enumerate() {
+                fit_value(item, &Path::Index(path, i), depth, changes);
+            }
         }
         Value::Object(object) if depth >= limits::NESTING_DEPTH => {
             changes.flattened.push(path.to_string());
-            let text = Value::Object(object).to_string();
-            Value::String(fit_string(text, path, changes))
+            let mut text = Value::Object(std::mem::take(object)).to_string();
+            fit_string(&mut text, path, changes);
+            *value = Value::String(text);
         }
-        Value::Object(object) => Value::Object(fit_object(object, path, depth + 1, changes)),
-        other => other,
+        Value::Object(object) => fit_members(object, path, depth + 1, changes),
+        _ => {}
     }
 }
 
-fn fit_string(mut text: String, path: &str, changes: &mut Changes) -> String {
+fn fit_string(text: &mut String, path: &Path<'_>, changes: &mut Changes) {
     if text.len() > limits::STRING_BYTES {
         let mut end = limits::STRING_BYTES;
         while !text.is_char_boundary(end) {
@@ -123,7 +141,6 @@ fn fit_string(mut text: String, path: &str, changes: &mut Changes) -> String {
         text.truncate(end);
         changes.truncated.push(path.to_string());
     }
-    text
 }
 
 /// Serialised size of a JSON value, in bytes (counted, not built).

@@ -193,7 +193,7 @@ fn context_location(event: &ChordEvent, location: &mut Map<String, Value>) {
     }
     let ip = event
         .context_value(&["ip"])
-        .or_else(|| event.root().get("requestIp"))
+        .or_else(|| event.request_ip())
         .and_then(Value::as_str);
     if let Some(ip) = ip {
         location.insert("ip".into(), json!(ip));
@@ -216,7 +216,7 @@ fn context_location(event: &ChordEvent, location: &mut Map<String, Value>) {
 fn find(sources: &[&Map<String, Value>], spellings: &[&str]) -> Option<Found> {
     for source in sources {
         for spelling in spellings {
-            let value = match spelling.split_once('.') {
+            let value = match split_spelling(spelling) {
                 Some((object, key)) => source.get(object).and_then(Value::as_object).and_then(|o| o.get(key)),
                 None => source.get(*spelling),
             };
@@ -281,7 +281,18 @@ fn is_standard_trait(key: &str) -> bool {
             .chain(ATTRIBUTES)
             .chain(LOCATION)
             .flat_map(|a| a.traits.iter())
-            .any(|t| t.split('.').next() == Some(key))
+            .any(|t| {
+                t.strip_prefix(key)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+            })
+}
+
+/// `a.b` as `("a", "b")`. A byte scan: `split_once` goes through the
+/// general pattern searcher, and this runs for every spelling of every
+/// attribute of every event.
+fn split_spelling(spelling: &str) -> Option<(&str, &str)> {
+    let dot = spelling.bytes().position(|b| b == b'.')?;
+    Some((&spelling[..dot], &spelling[dot + 1..]))
 }
 
 fn has_unused_keys(key: &str, value: &Value) -> bool {
@@ -291,7 +302,7 @@ fn has_unused_keys(key: &str, value: &Value) -> bool {
         .chain(ATTRIBUTES)
         .chain(LOCATION)
         .flat_map(|a| a.traits.iter())
-        .filter_map(|t| t.split_once('.'))
+        .filter_map(|t| split_spelling(t))
         .filter(|(object, _)| *object == key)
         .map(|(_, field)| field)
         .collect();

@@ -1,6 +1,7 @@
 //! Building a Klaviyo request descriptor: the headers every call carries
 //! and a JSON:API body.
 
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::contract::{Header, RateClass, Request};
@@ -8,7 +9,13 @@ use crate::klaviyo;
 use crate::settings::Settings;
 
 /// A `POST` to `path` on Klaviyo with the standard headers.
-pub fn post(path: &str, body: &Value, idempotency_key: String, rate: &RateClass, settings: &Settings) -> Request {
+pub fn post(
+    path: &str,
+    body: &impl Serialize,
+    idempotency_key: String,
+    rate: &RateClass,
+    settings: &Settings,
+) -> Request {
     Request {
         method: "POST".to_string(),
         url: format!("https://{}{}", klaviyo::HOST, path),
@@ -43,6 +50,28 @@ pub fn resource(kind: &str, attributes: Map<String, Value>) -> Value {
     let mut document = Map::new();
     document.insert("data".into(), Value::Object(data));
     Value::Object(document)
+}
+
+/// A JSON:API resource document, `{"data": {"type": kind, "attributes":
+/// ...}}`, serialised from typed, borrowed attributes.
+#[derive(Serialize)]
+pub struct Resource<T> {
+    data: Data<T>,
+}
+
+#[derive(Serialize)]
+struct Data<T> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    attributes: T,
+}
+
+impl<T> Resource<T> {
+    pub fn document(kind: &'static str, attributes: T) -> Resource<T> {
+        Resource {
+            data: Data { kind, attributes },
+        }
+    }
 }
 
 /// The path of a request URL (`/api/events`), for telling endpoints apart.
