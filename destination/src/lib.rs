@@ -24,8 +24,12 @@ mod track;
 #[cfg(target_arch = "wasm32")]
 mod component;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use contract::{Manifest, Mapping, Outcome, Request, Response, SettingError, Verdict};
 use event::{ChordEvent, Kind};
+use settings::Settings;
 
 /// The plugin's version: the crate's, unless a build names itself (e.g.
 /// `1.0.0+canary`, semver build metadata) through `KLAVIYO_PLUGIN_VERSION`.
@@ -63,7 +67,7 @@ pub fn map(settings: &str, event: &str, now_unix_ms: i64) -> Mapping {
 }
 
 fn map_event(settings: &str, event: &str, now_unix_ms: i64, warnings: &mut Vec<String>) -> (Outcome, Option<String>) {
-    let settings = match settings::parse(settings) {
+    let settings = match parsed_settings(settings) {
         Ok(settings) => settings,
         Err(errors) => {
             let problems: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.name, e.reason)).collect();
@@ -93,6 +97,26 @@ fn map_event(settings: &str, event: &str, now_unix_ms: i64, warnings: &mut Vec<S
             None,
         ),
     }
+}
+
+thread_local! {
+    /// The settings parsed last, with their text. A host passes the same
+    /// settings with every event of a destination, so they are parsed once,
+    /// not per event; the result is what parsing the text again would give.
+    static LAST_SETTINGS: RefCell<Option<(String, Rc<Settings>)>> = const { RefCell::new(None) };
+}
+
+fn parsed_settings(text: &str) -> Result<Rc<Settings>, Vec<SettingError>> {
+    LAST_SETTINGS.with_borrow_mut(|last| {
+        if let Some((last_text, settings)) = last.as_ref()
+            && last_text == text
+        {
+            return Ok(settings.clone());
+        }
+        let settings = Rc::new(settings::parse(text)?);
+        *last = Some((text.to_string(), settings.clone()));
+        Ok(settings)
+    })
 }
 
 /// Judges the response one of this plugin's requests received.

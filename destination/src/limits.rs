@@ -89,6 +89,21 @@ pub fn fit_event_properties(mut properties: Map<String, Value>, changes: &mut Ch
     fit_object(properties, "properties", 1, changes)
 }
 
+/// Whether event properties are within every limit already, so that
+/// `fit_event_properties` would change nothing.
+pub fn fits(properties: &Map<String, Value>) -> bool {
+    fn value_fits(value: &Value, depth: usize) -> bool {
+        match value {
+            Value::String(text) => text.len() <= limits::STRING_BYTES,
+            Value::Array(items) => items.len() <= limits::ARRAY_ITEMS && items.iter().all(|i| value_fits(i, depth)),
+            Value::Object(_) if depth >= limits::NESTING_DEPTH => false,
+            Value::Object(object) => object.values().all(|v| value_fits(v, depth + 1)),
+            _ => true,
+        }
+    }
+    properties.len() <= limits::EVENT_PROPERTIES && properties.values().all(|v| value_fits(v, 1))
+}
+
 /// An object whose values fit the string, array and depth limits. `depth`
 /// is the nesting level of the object itself (a top-level object is 1).
 pub fn fit_object(
@@ -144,7 +159,7 @@ fn fit_string(text: &mut String, path: &Path<'_>, changes: &mut Changes) {
 }
 
 /// Serialised size of a JSON value, in bytes (counted, not built).
-pub fn json_size(value: &Value) -> usize {
+pub fn json_size(value: &impl serde::Serialize) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -213,6 +228,35 @@ mod tests {
         }
         assert!(at["n"].is_string(), "level 11 is text: {at}");
         assert_eq!(warnings.len(), 1);
+    }
+
+    #[test]
+    fn fits_is_true_exactly_when_fitting_changes_nothing() {
+        let mut deep = json!({"leaf": 1});
+        for _ in 0..12 {
+            deep = json!({ "n": deep });
+        }
+        let mut nine = json!({"leaf": 1});
+        for _ in 0..8 {
+            nine = json!({ "n": nine });
+        }
+        let many: Map<String, Value> = (0..401).map(|i| (format!("p{i:03}"), json!(i))).collect();
+        for (properties, fitting) in [
+            (
+                json!({"a": "x", "n": 1.5, "list": [1, {"b": [true]}], "o": {"p": null}}),
+                true,
+            ),
+            (json!({ "nine": nine }), true),
+            (json!({ "deep": deep }), false),
+            (json!({"note": "x".repeat(limits::STRING_BYTES + 1)}), false),
+            (json!({"ids": vec![1; limits::ARRAY_ITEMS + 1]}), false),
+            (Value::Object(many), false),
+        ] {
+            let map = properties.as_object().unwrap();
+            let (fitted, warnings) = fit(properties.clone());
+            assert_eq!(fits(map), fitting, "{properties:.80}");
+            assert_eq!(warnings.is_empty() && fitted == properties, fitting, "{properties:.80}");
+        }
     }
 
     #[test]

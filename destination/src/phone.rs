@@ -1,8 +1,11 @@
-//! Phone numbers to E.164, the only form Klaviyo accepts, using a port of
-//! Google's libphonenumber. A number written without `+country` is read in
-//! the first country the event tells us (see `identity::countries`).
+//! Phone numbers to E.164, the only form Klaviyo accepts, using
+//! rlibphonenumber, a port of Google's libphonenumber (differentially
+//! fuzzed against the C++ original). A number written without `+country`
+//! is read in the first country the event tells us (see
+//! `identity::countries`).
 
-use phonenumber::{Mode, country};
+use rlibphonenumber::enums::Region;
+use rlibphonenumber::{PHONE_NUMBER_UTIL, PhoneNumberFormat};
 
 /// Normalises `raw` to E.164, reading a national number in each of
 /// `countries` in turn. `None` when no reading gives a valid number.
@@ -15,15 +18,22 @@ pub fn to_e164(raw: &str, countries: &[String]) -> Option<String> {
     if international {
         return valid_e164(None, raw);
     }
-    countries.iter().find_map(|code| {
-        let id = code.parse::<country::Id>().ok()?;
-        valid_e164(Some(id), raw)
-    })
+    countries
+        .iter()
+        .find_map(|code| valid_e164(Some(known_region(code)?), raw))
 }
 
-fn valid_e164(country: Option<country::Id>, raw: &str) -> Option<String> {
-    let number = phonenumber::parse(country, raw).ok()?;
-    phonenumber::is_valid(&number).then(|| number.format().mode(Mode::E164).to_string())
+/// A region libphonenumber has numbering rules for.
+fn known_region(code: &str) -> Option<Region> {
+    let region = code.parse::<Region>().ok()?;
+    PHONE_NUMBER_UTIL.get_country_code_for_region(region).map(|_| region)
+}
+
+fn valid_e164(region: Option<Region>, raw: &str) -> Option<String> {
+    let number = PHONE_NUMBER_UTIL.parse(raw, region).ok()?;
+    number
+        .is_valid()
+        .then(|| number.format_as(PhoneNumberFormat::E164).into_owned())
 }
 
 /// The ISO 3166 alpha-2 code for a country as events write it: a code in
@@ -41,7 +51,7 @@ pub fn region(text: &str) -> Option<String> {
         other if other.len() == 2 => other.to_string(),
         _ => return None,
     };
-    code.parse::<country::Id>().ok().map(|_| code)
+    known_region(&code).map(|_| code)
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! it is. Traits that are not standard attributes become custom profile
 //! properties under their own names.
 
+use std::sync::LazyLock;
+
 use serde_json::{Map, Value, json};
 
 use crate::event::ChordEvent;
@@ -114,10 +116,11 @@ pub fn attributes(
     scope: Scope,
     warnings: &mut Vec<String>,
 ) -> Map<String, Value> {
-    let sources: Vec<&Map<String, Value>> = match scope {
+    let maps: Vec<&Map<String, Value>> = match scope {
         Scope::Full => [event.traits(), event.context_traits()].into_iter().flatten().collect(),
         Scope::EventProfile => event.context_traits().into_iter().collect(),
     };
+    let sources: Vec<Source<'_>> = maps.iter().map(|map| Source::new(map)).collect();
     let mut out = Map::new();
     if let Some(email) = &identity.email {
         out.insert("email".into(), json!(email));
@@ -169,7 +172,7 @@ pub fn attributes(
     }
 
     if scope == Scope::Full {
-        let mut properties = custom_properties(&sources);
+        let mut properties = custom_properties(&maps);
         if let Some(raw) = &identity.phone_raw {
             properties.insert("phone_raw".into(), json!(raw));
         }
@@ -213,12 +216,12 @@ fn context_location(event: &ChordEvent, location: &mut Map<String, Value>) {
 /// The first source that has any of `spellings` decides the value. A
 /// string-valued `company` is the organization; an object `company` is
 /// read through `company.name`.
-fn find(sources: &[&Map<String, Value>], spellings: &[&str]) -> Option<Found> {
+fn find(sources: &[Source<'_>], spellings: &[&str]) -> Option<Found> {
     for source in sources {
         for spelling in spellings {
             let value = match split_spelling(spelling) {
                 Some((object, key)) => source.get(object).and_then(Value::as_object).and_then(|o| o.get(key)),
-                None => source.get(*spelling),
+                None => source.get(spelling),
             };
             match value {
                 None => continue,
@@ -235,7 +238,7 @@ fn find(sources: &[&Map<String, Value>], spellings: &[&str]) -> Option<Found> {
 
 /// `name` fills `first_name` / `last_name` that no trait gave (the first
 /// word, and the rest).
-fn split_name(sources: &[&Map<String, Value>], out: &mut Map<String, Value>) {
+fn split_name(sources: &[Source<'_>], out: &mut Map<String, Value>) {
     let has = |out: &Map<String, Value>, key: &str| out.contains_key(key);
     if has(out, "first_name") && has(out, "last_name") {
         return;
@@ -275,16 +278,46 @@ fn custom_properties(sources: &[&Map<String, Value>]) -> Map<String, Value> {
 /// Whether a top-level trait key feeds a standard attribute (for an
 /// object trait like `address`, through one of its keys).
 fn is_standard_trait(key: &str) -> bool {
-    IDENTIFIER_TRAITS.contains(&key)
-        || NAMES
-            .iter()
-            .chain(ATTRIBUTES)
-            .chain(LOCATION)
-            .flat_map(|a| a.traits.iter())
-            .any(|t| {
-                t.strip_prefix(key)
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-            })
+    STANDARD_TRAITS.binary_search(&key).is_ok()
+}
+
+/// The top-level trait keys that identifiers and standard attributes are
+/// read from, sorted.
+static STANDARD_TRAITS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    let spellings = NAMES
+        .iter()
+        .chain(ATTRIBUTES)
+        .chain(LOCATION)
+        .flat_map(|a| a.traits.iter());
+    let mut keys: Vec<&'static str> = IDENTIFIER_TRAITS
+        .iter()
+        .copied()
+        .chain(spellings.map(|t| split_spelling(t).map_or(*t, |(object, _)| object)))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+});
+
+/// A trait source reduced to the members that identifiers and standard
+/// attributes are read from. Most traits are custom, and looking every
+/// spelling up in the whole map was the largest single cost of a small
+/// event's mapping inside the component.
+struct Source<'a>(Vec<(&'a str, &'a Value)>);
+
+impl<'a> Source<'a> {
+    fn new(map: &'a Map<String, Value>) -> Source<'a> {
+        Source(
+            map.iter()
+                .filter(|(key, _)| is_standard_trait(key))
+                .map(|(key, value)| (key.as_str(), value))
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, value)| *value)
+    }
 }
 
 /// `a.b` as `("a", "b")`. A byte scan: `split_once` goes through the

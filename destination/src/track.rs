@@ -1,15 +1,17 @@
 //! `track` -> Klaviyo Create Event (`POST /api/events`), under the event's
 //! own name, and optionally one `Ordered Product` per item of an order.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::contract::{Outcome, Request};
 use crate::event::ChordEvent;
 use crate::identity::Identity;
 use crate::klaviyo::{self, limits};
-use crate::limits::{Changes, fit_event_properties, fit_object, json_size};
+use crate::limits::{Changes, fit_event_properties, fit_object, fits, json_size};
 use crate::profile::{self, Scope};
 use crate::request::{self, Resource};
 use crate::settings::Settings;
@@ -59,7 +61,12 @@ pub fn map(
     let mut changes = Changes::default();
     let empty = Map::new();
     let original = event.properties().unwrap_or(&empty);
-    let properties = fit_event_properties(original.clone(), &mut changes);
+    // Nearly every event fits as sent, and then is not copied.
+    let properties = if fits(original) {
+        Cow::Borrowed(original)
+    } else {
+        Cow::Owned(fit_event_properties(original.clone(), &mut changes))
+    };
     let currency = currency(original, warnings);
     let attributes = EventAttributes {
         properties: &properties,
@@ -68,7 +75,7 @@ pub fn map(
         value_currency: currency.as_deref(),
         unique_id: &base_id,
         metric: Resource::document("metric", Metric { name }),
-        profile: &profile,
+        profile: Resource::document("profile", &profile),
     };
     let mut requests = vec![event_request(&attributes, settings)];
     if settings.ordered_product_events && name == ORDER_COMPLETED {
@@ -149,29 +156,33 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The `profile` relationship: identifiers, `anonymous_id`, and what
-/// `context.traits` says of names and address, within Klaviyo's 95 KB.
-fn event_profile(event: &ChordEvent, identity: &Identity, warnings: &mut Vec<String>) -> Result<Value, String> {
+/// The `profile` relationship's attributes: identifiers, `anonymous_id`,
+/// and what `context.traits` says of names and address, within Klaviyo's
+/// 95 KB.
+fn event_profile(
+    event: &ChordEvent,
+    identity: &Identity,
+    warnings: &mut Vec<String>,
+) -> Result<Map<String, Value>, String> {
     let mut attributes = profile::attributes(event, identity, Scope::EventProfile, warnings);
     if let Some(anonymous_id) = event.anonymous_id() {
-        attributes.insert("anonymous_id".into(), json!(anonymous_id));
+        attributes.insert("anonymous_id".into(), Value::String(anonymous_id));
     }
     let mut changes = Changes::default();
-    let attributes = fit_object(attributes, "profile", 1, &mut changes);
+    let mut attributes = fit_object(attributes, "profile", 1, &mut changes);
     changes.into_warnings(warnings);
-    let mut profile = request::resource("profile", attributes);
-    if json_size(&profile) > limits::EVENT_PROFILE_BYTES {
-        let attributes = profile["data"]["attributes"].as_object_mut().expect("built above");
+    let size = |attributes: &Map<String, Value>| json_size(&Resource::document("profile", attributes));
+    if size(&attributes) > limits::EVENT_PROFILE_BYTES {
         attributes.retain(|key, _| matches!(key.as_str(), "email" | "phone_number" | "external_id" | "anonymous_id"));
         warnings.push(format!(
             "the event's profile is over Klaviyo's {} byte limit; only its identifiers are sent",
             limits::EVENT_PROFILE_BYTES
         ));
-        if json_size(&profile) > limits::EVENT_PROFILE_BYTES {
+        if size(&attributes) > limits::EVENT_PROFILE_BYTES {
             return Err("the event's profile identifiers alone are over Klaviyo's profile size limit".to_string());
         }
     }
-    Ok(profile)
+    Ok(attributes)
 }
 
 /// The `attributes` of a Create Event body. It is serialised straight from
@@ -188,7 +199,7 @@ struct EventAttributes<'a> {
     value_currency: Option<&'a str>,
     unique_id: &'a str,
     metric: Resource<Metric<'a>>,
-    profile: &'a Value,
+    profile: Resource<&'a Map<String, Value>>,
 }
 
 #[derive(Serialize)]
@@ -240,7 +251,7 @@ fn ordered_products(
     order: &Map<String, Value>,
     order_id: &str,
     time: Option<&str>,
-    profile: &Value,
+    profile: &Map<String, Value>,
     settings: &Settings,
     changes: &mut Changes,
     warnings: &mut Vec<String>,
@@ -287,7 +298,7 @@ fn ordered_products(
                         name: klaviyo::ORDERED_PRODUCT_METRIC,
                     },
                 ),
-                profile,
+                profile: Resource::document("profile", profile),
             },
             settings,
         ));
