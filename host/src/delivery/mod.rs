@@ -654,7 +654,7 @@ impl Delivery {
                 // An idle instance of another version is dropped, freeing
                 // its slot: after a swap the old version drains away.
                 None => {
-                    idle.clear();
+                    idle.drain(..).for_each(|(_, instance)| crate::plugin::retire(instance));
                     None
                 }
             }
