@@ -108,10 +108,11 @@ fn an_infinite_loop_is_stopped_at_its_deadline() {
         result.unwrap_err().to_string(),
         format!("exceeded its {DEADLINE:?} deadline")
     );
-    // The epoch ticks every 10 ms; the bound is generous so a loaded CI
-    // machine cannot make it flaky, and still far from "never stopped".
+    // Never before the deadline (it once fired a tick early, at 199 ms);
+    // the upper bound is loose so that a loaded CI machine cannot make it
+    // flaky, and still far from "never stopped".
     assert!(
-        elapsed >= DEADLINE && elapsed < DEADLINE * 2,
+        elapsed >= DEADLINE && elapsed < DEADLINE * 10,
         "stopped after {elapsed:?}"
     );
 }

@@ -475,8 +475,12 @@ pub fn retire(instance: Instance) {
     let _ = sender.lock().unwrap().send(instance);
 }
 
+/// Epoch ticks for a deadline. The call is interrupted at the N-th tick
+/// after it starts, which comes between N-1 and N ticks later, so one more
+/// tick than the deadline holds: a call gets at least its deadline and at
+/// most one tick beyond it, never less.
 fn deadline_ticks(deadline: Duration) -> u64 {
-    (deadline.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1)
+    (deadline.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1) + 1
 }
 
 /// One instance of a plugin. Any failed call leaves it unusable: drop it
