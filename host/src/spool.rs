@@ -243,3 +243,68 @@ impl Spool {
 pub fn outcome_json(kind: &str, reason: Option<&str>, warnings: &[String]) -> Value {
     json!({ "outcome": kind, "reason": reason, "warnings": warnings })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_deletes_only_finished_events_older_than_the_retention() {
+        let dir = std::env::temp_dir().join(format!("cdp-host-spool-prune-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spool = Spool::open(&dir.join("spool.db"), Durability::ProcessCrash).unwrap();
+        let ids = [
+            "old-delivered",
+            "old-skipped",
+            "old-dead",
+            "old-pending",
+            "new-delivered",
+        ];
+        let events: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                (
+                    Some(id.to_string()),
+                    "2026-11-28T00:00:00Z".to_string(),
+                    "{}".to_string(),
+                )
+            })
+            .collect();
+        spool.append(&events).unwrap();
+        let rows = spool.pending_after(0, 10).unwrap();
+        let outcome = outcome_json("send", None, &[]);
+        for (row, state) in rows.iter().zip([State::Delivered, State::Skipped, State::Dead]) {
+            spool.finish(row.id, state, &outcome, "1.0.0").unwrap();
+        }
+        spool.finish(rows[4].id, State::Delivered, &outcome, "1.0.0").unwrap();
+        // Two hours pass for the first four.
+        spool
+            .conn
+            .lock()
+            .unwrap()
+            .execute(
+                "UPDATE events SET updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours'),
+                                   received_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours')
+                 WHERE message_id LIKE 'old-%'",
+                [],
+            )
+            .unwrap();
+
+        assert_eq!(spool.prune(Duration::from_secs(3600)).unwrap(), 2);
+        let states: Vec<Option<String>> = ids.iter().map(|id| spool.state_of(id).unwrap()).collect();
+        assert_eq!(
+            states,
+            [
+                None,
+                None,
+                Some("dead".to_string()),
+                Some("pending".to_string()),
+                Some("delivered".to_string())
+            ],
+            "dead letters wait for an operator, pending events for delivery, recent ones for the retention"
+        );
+        // Pruning again finds nothing more.
+        assert_eq!(spool.prune(Duration::from_secs(3600)).unwrap(), 0);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

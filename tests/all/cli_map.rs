@@ -159,3 +159,45 @@ pub fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Where the system refuses the pooling allocator's address-space
+/// reservation (here: an address-space limit far below the hundreds of GiB
+/// it reserves, far above what instances allocated on demand need), the
+/// host says so once and maps on demand, with the same results.
+#[test]
+fn without_room_for_the_instance_pool_instances_are_allocated_on_demand() {
+    let limited = |kib: u64| {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg(format!("ulimit -v {kib} && exec \"$0\" map"))
+            .arg(cdp_host().get_program())
+            .env("CDP_HOST_CACHE_DIR", crate::support::cache_dir())
+            .current_dir(cdp_host().get_current_dir().unwrap());
+        c
+    };
+    let input = format!("{IDENTIFY}\n{PAGE}\n{TRACK}\n");
+    let output = run_with_input(limited(40 * 1024 * 1024), &input);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pooling allocator unavailable") && stderr.contains("allocating instances on demand"),
+        "{stderr}"
+    );
+    let outcomes: Vec<String> = rows(&output)
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(outcomes, ["send", "skip", "send"]);
+
+    // Without the limit, the pool is used and nothing is said of it.
+    let output = run_with_input(
+        {
+            let mut c = cdp_host();
+            c.arg("map");
+            c
+        },
+        &input,
+    );
+    assert!(output.status.success());
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("pooling allocator unavailable"));
+}

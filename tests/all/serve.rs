@@ -271,6 +271,52 @@ async fn sigterm_stops_intake_finishes_deliveries_and_exits_cleanly() {
     );
 }
 
+/// An event the spool cannot store is refused with a 503, never
+/// acknowledged: here another process holds the spool's write lock past
+/// its busy timeout (a failing disk cannot be staged for a root test
+/// user, who ignores permissions). Once the lock is gone, the same event is
+/// accepted, stored once and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_spool_cannot_store_is_answered_503_and_not_acknowledged() {
+    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let spool = spool_path();
+    let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
+    let client = reqwest::Client::new();
+    let blocker = rusqlite::Connection::open(&spool).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (status, body) = post(
+        &client,
+        &serve.url,
+        "/api/s/s2s/track",
+        Some(WRITE_KEY),
+        track("locked"),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("nothing was stored, send again later"), "{body}");
+    blocker.execute_batch("ROLLBACK").unwrap();
+
+    let (status, body) = post(
+        &client,
+        &serve.url,
+        "/api/s/s2s/track",
+        Some(WRITE_KEY),
+        track("locked"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let stored: i64 = blocker
+        .query_row("SELECT count(*) FROM events WHERE message_id = 'locked'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(stored, 1, "the refused attempt stored nothing");
+    wait_for("the event to be delivered", || sandbox.events().len() == 1).await;
+    let status = tokio::task::spawn_blocking(move || serve.terminate()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_can_be_listed_replayed_and_purged() {
     let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
