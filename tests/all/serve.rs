@@ -284,27 +284,22 @@ async fn an_event_the_spool_cannot_store_is_answered_503_and_not_acknowledged() 
     let client = reqwest::Client::new();
     let blocker = rusqlite::Connection::open(&spool).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let (status, body) = post(
-        &client,
-        &serve.url,
-        "/api/s/s2s/track",
-        Some(WRITE_KEY),
-        track("locked"),
-    )
-    .await;
+    let send = || {
+        post(
+            &client,
+            &serve.url,
+            "/api/s/s2s/track",
+            Some(WRITE_KEY),
+            track("locked"),
+        )
+    };
+    let (status, body) = send().await;
     assert_eq!(status, 503, "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(error.contains("nothing was stored, send again later"), "{body}");
     blocker.execute_batch("ROLLBACK").unwrap();
 
-    let (status, body) = post(
-        &client,
-        &serve.url,
-        "/api/s/s2s/track",
-        Some(WRITE_KEY),
-        track("locked"),
-    )
-    .await;
+    let (status, body) = send().await;
     assert_eq!(status, 200, "{body}");
     let stored: i64 = blocker
         .query_row("SELECT count(*) FROM events WHERE message_id = 'locked'", [], |r| {
