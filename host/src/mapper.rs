@@ -154,10 +154,12 @@ impl EventMapper {
         let result = instance
             .map_event(self.settings.public_json(), event, now_unix_ms())
             .and_then(|mapping| Ok(self.loaded.plugin.check_mapping(&mapping).map(|()| mapping)?));
-        match result {
-            Ok(_) => self.instance = Some(instance),
-            // Only an instance whose call succeeded is kept.
-            Err(_) => crate::plugin::retire(instance),
+        // Only an instance whose call succeeded is kept. A failed one is
+        // dropped here, not on the retire thread: failures can come one per
+        // event (a plugin that traps on everything), and each must free its
+        // pool slot before the next fresh instance takes one.
+        if result.is_ok() {
+            self.instance = Some(instance);
         }
         result
     }

@@ -459,7 +459,10 @@ impl Plugin {
 /// Drops an instance on a background thread. Dropping a used instance
 /// resets its memory (`madvise` over every page it touched): 0.6-0.8 ms
 /// for a mapping instance, measured by `cargo bench --bench swap`, which a
-/// mapping thread must not wait for.
+/// mapping thread must not wait for. For the rare, bounded retirements (a
+/// version swap, a worn-out instance): its pool slot is freed only when the
+/// drop has run, so a loop that retires an instance per call can outrun
+/// the thread and find the pool busy.
 pub fn retire(instance: Instance) {
     static RETIRED: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Instance>>> =
         std::sync::OnceLock::new();
