@@ -115,7 +115,9 @@ impl PluginSlot {
                 approved: self.approved_hosts.join(", "),
             });
         }
+        let started = Instant::now();
         let warm = warmed_instance(&candidate, settings, golden_events)?;
+        tracing::info!(plugin = %candidate, elapsed = ?started.elapsed(), "canary passed");
         let loaded = Loaded::new(candidate, Some(warm));
         let old = self.active.swap(loaded.clone());
         *self.previous.lock().unwrap() = Some(old);
@@ -177,7 +179,7 @@ pub fn warmed_instance(
             "{candidate} would send none of the golden events"
         )));
     }
-    tracing::info!(plugin = %candidate, elapsed = ?started.elapsed(), "canary passed");
+    tracing::debug!(plugin = %candidate, elapsed = ?started.elapsed(), "golden events mapped");
     Ok(instance)
 }
 
