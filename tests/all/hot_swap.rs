@@ -169,14 +169,7 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
     assert!(spool.dead(10).unwrap().is_empty(), "nothing failed");
     // The longest single mapping over the run, swaps included: the worst
     // stall a swap could have caused.
-    let metrics = client
-        .get(format!("{}/metrics", serve.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::serve::metrics(&client, &serve.url).await;
     let longest_map = metrics
         .lines()
         .find_map(|l| l.strip_prefix("cdp_plugin_map_seconds_max "))

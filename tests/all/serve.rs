@@ -109,6 +109,18 @@ pub(crate) async fn post(
     }
 }
 
+/// `GET /metrics`, the Prometheus text.
+pub(crate) async fn metrics(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub(crate) fn track(id: &str) -> String {
     json!({"event": "Order Completed", "messageId": id, "properties": {"email": format!("{id}@example.org"), "revenue": 1}})
         .to_string()
@@ -149,14 +161,7 @@ async fn ingested_events_are_delivered_to_the_sandbox() {
         sandbox.events().len() == 2 && sandbox.profiles().len() == 3
     })
     .await;
-    let metrics = client
-        .get(format!("{}/metrics", serve.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&client, &serve.url).await;
     assert!(metrics.contains("cdp_events_received_total 4"), "{metrics}");
     assert!(
         metrics.contains("cdp_plugin_info{name=\"klaviyo\",version=\"1.0.0\""),
