@@ -53,7 +53,10 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
     );
     let client = reqwest::Client::new();
 
-    // Continuous ingest: (message id, acknowledged at) for every 200.
+    // Continuous ingest: (message id, sent at) for every 200, in the order
+    // the acknowledgements were seen. The time is taken before sending: an
+    // event sent after a swap answered is certainly mapped after it, while
+    // the moment an acknowledgement is seen can lag the real one.
     let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let sender = {
@@ -63,12 +66,13 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
             while !stop.load(Ordering::Relaxed) {
                 let id = format!("h{n}");
                 n += 1;
+                let sent = Instant::now();
                 if post(&client, &url, "/api/s/s2s/track", Some(WRITE_KEY), track(&id))
                     .await
                     .0
                     == 200
                 {
-                    acked.lock().unwrap().push((id, Instant::now()));
+                    acked.lock().unwrap().push((id, sent));
                 }
             }
         })
@@ -122,6 +126,8 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
         swap_ms.push(answer["swap_ms"].as_u64().unwrap());
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    let acked_now = acked.clone();
+    cuts.push(tokio::task::block_in_place(|| drain(&acked_now)));
     let asked = Instant::now();
     let (status, answer) = admin(
         &client,
@@ -146,22 +152,30 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
     let spool = Spool::open(&spool, Durability::ProcessCrash).unwrap();
     let versions = spool.versions_by_message_id().unwrap();
     let mut mapped_by_each = std::collections::BTreeMap::<String, usize>::new();
-    for (id, at) in &acked {
+    let mut settled_events = 0;
+    for (index, (id, sent)) in acked.iter().enumerate() {
         let (state, version) = versions.get(id).unwrap_or_else(|| panic!("{id} is not in the spool"));
         assert_eq!(state, "delivered", "{id}");
         *mapped_by_each.entry(version.clone()).or_default() += 1;
-        // Accepted after a swap's 200 and before the next swap was asked
-        // for: mapped by that swap's version.
-        let settled = swaps.iter().enumerate().find(|(i, (_, _, answered))| {
-            *at > *answered && swaps.get(i + 1).is_none_or(|(_, next_asked, _)| *at < *next_asked)
-        });
+        // Sent after a swap's 200, and drained (delivered) before the next
+        // swap was asked for: mapped by that swap's version. `cuts[k]` counts
+        // the events drained before swap k.
+        let settled = swaps
+            .iter()
+            .enumerate()
+            .find(|(i, (_, _, answered))| *sent > *answered && cuts.get(i + 1).is_none_or(|cut| index < *cut));
         if let Some((_, (version_then, _, _))) = settled {
+            settled_events += 1;
             assert_eq!(
                 version, version_then,
-                "{id} was accepted after the swap to {version_then}"
+                "{id} was sent after the swap to {version_then} and delivered before the next"
             );
         }
     }
+    assert!(
+        settled_events > 0,
+        "no event fell between two swaps: the check above checked nothing"
+    );
     assert!(
         mapped_by_each.contains_key(V1) && mapped_by_each.contains_key(V2),
         "{mapped_by_each:?}"
