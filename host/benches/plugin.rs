@@ -14,7 +14,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use cdp_host::plugin::{BUNDLED_KLAVIYO, Instance, Plugin, Runtime, RuntimeConfig};
+use cdp_host::bundled;
+use plugin_runtime::{Instance, Plugin, Runtime, RuntimeConfig};
 use serde_json::{Value, json};
 
 const NOW: i64 = 1_795_824_000_000;
@@ -29,7 +30,7 @@ fn main() {
         ..RuntimeConfig::default()
     })
     .expect("runtime");
-    let plugin = runtime.load(BUNDLED_KLAVIYO, "bundled klaviyo").expect("plugin");
+    let plugin = runtime.load(bundled::KLAVIYO, "bundled klaviyo").expect("plugin");
     let mut instance = plugin.instance().expect("instance");
     let settings = r#"{"default_country":"US"}"#;
 

@@ -27,7 +27,7 @@ fn main() {
     let events = 50_000;
     let corpus = dir.join("throughput.ndjson");
     write_corpus(&corpus, events, 5_000);
-    let sandbox = Sandbox::start(&["--no-rate-limits"]);
+    let sandbox = KlaviyoMock::start(&["--no-rate-limits"]);
     let started = Instant::now();
     let output = send(&sandbox.url, &corpus, &dir);
     let elapsed = started.elapsed();
@@ -59,7 +59,7 @@ fn limited(dir: &Path, minutes: u64) {
     let corpus = dir.join("limited.ndjson");
     let events = 3_500 * (minutes as usize + 1);
     write_tracks(&corpus, events);
-    let sandbox = Sandbox::start(&[]);
+    let sandbox = KlaviyoMock::start(&[]);
     let mut sender = Command::new(env!("CARGO_BIN_EXE_cdp-host"))
         .args(["send", "--klaviyo-url", &sandbox.url, "--dead-letters"])
         .arg(dir.join("limited-dead.ndjson"))
@@ -148,13 +148,13 @@ fn track(i: usize, name: &str, email: &str) -> Value {
 }
 
 /// `cdp-host sandbox` as its own process.
-struct Sandbox {
+struct KlaviyoMock {
     child: Child,
     url: String,
 }
 
-impl Sandbox {
-    fn start(flags: &[&str]) -> Sandbox {
+impl KlaviyoMock {
+    fn start(flags: &[&str]) -> KlaviyoMock {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(env!("CARGO_BIN_EXE_cdp-host"))
             .args(["sandbox", "--listen", &format!("127.0.0.1:{port}")])
@@ -168,7 +168,7 @@ impl Sandbox {
             assert!(Instant::now() < deadline, "the sandbox did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Sandbox { child, url }
+        KlaviyoMock { child, url }
     }
 
     fn get_stats(&self) -> Value {
@@ -202,7 +202,7 @@ impl Sandbox {
     }
 }
 
-impl Drop for Sandbox {
+impl Drop for KlaviyoMock {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

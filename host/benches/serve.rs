@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+#[path = "../../tests/support/spool.rs"]
+mod spool_file;
+
 const WRITE_KEY: &str = "wk_bench";
 const EVENTS: usize = 5_000;
 const RATE_PER_SECOND: u64 = 500;
@@ -103,13 +106,12 @@ async fn main() {
             ok += 1;
         }
     }
-    let spool_db = cdp_host::spool::Spool::open(&spool, cdp_host::spool::Durability::ProcessCrash).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while spool_db.count(cdp_host::spool::State::Pending).unwrap() > 0 {
+    while spool_file::pending(&spool) > 0 {
         assert!(Instant::now() < deadline, "events did not drain");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut latencies = spool_db.latencies_ms().unwrap();
+    let mut latencies = spool_file::latencies_ms(&spool);
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
     println!(

@@ -21,9 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cdp_host::mapper::EventMapper;
-use cdp_host::plugin::{BUNDLED_KLAVIYO, PluginSlot, Runtime, RuntimeConfig};
+use cdp_host::bundled::{self, EXAMPLE_EVENTS};
+use cdp_host::mapping::{EventId, EventMapper};
 use cdp_host::settings::DestinationSettings;
+use plugin_runtime::{PluginSlot, Runtime, RuntimeConfig};
 
 const SWAPS: usize = 20;
 const BETWEEN_SWAPS: Duration = Duration::from_millis(300);
@@ -49,23 +50,20 @@ fn main() {
         ..RuntimeConfig::default()
     })
     .expect("runtime");
-    let v1 = Arc::new(runtime.load(BUNDLED_KLAVIYO, "klaviyo v1").expect("v1"));
+    let v1 = Arc::new(runtime.load(bundled::KLAVIYO, "klaviyo v1").expect("v1"));
     let v2_bytes = std::fs::read(plugin_fixtures::KLAVIYO_V2).expect("the v2 fixture component");
     let settings = serde_json::json!({"default_country": "US"});
     let settings = DestinationSettings::from_object(settings.as_object().unwrap().clone(), v1.manifest(), |_| None)
         .expect("settings");
-    let slot = PluginSlot::new(v1);
-    let events: Vec<&str> = cdp_host::EXAMPLE_EVENTS
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
+    let slot = PluginSlot::new(v1, bundled::canary(&settings));
+    let events: Vec<&str> = EXAMPLE_EVENTS.lines().filter(|l| !l.trim().is_empty()).collect();
 
     let stop = Arc::new(AtomicBool::new(false));
     let mapping = {
         let (slot, settings, stop) = (slot.clone(), settings.clone(), stop.clone());
         let events: Vec<String> = events.iter().map(|e| e.to_string()).collect();
         std::thread::spawn(move || {
-            let mut mapper = EventMapper::with_slot(slot, settings);
+            let mapper = EventMapper::new(slot, settings);
             let mut samples = Vec::with_capacity(4_000_000);
             let mut failures = 0;
             for (line, event) in events.iter().cycle().enumerate() {
@@ -73,7 +71,7 @@ fn main() {
                     break;
                 }
                 let started = Instant::now();
-                let mapped = mapper.map_line(line as u64 + 1, event);
+                let mapped = mapper.map(EventId::Line(line as u64 + 1), event);
                 let took = started.elapsed();
                 failures += usize::from(mapped.plugin_failed);
                 samples.push(Sample {
@@ -92,11 +90,10 @@ fn main() {
         let (bytes, name) = if i % 2 == 0 {
             (v2_bytes.as_slice(), "klaviyo v2")
         } else {
-            (BUNDLED_KLAVIYO, "klaviyo v1")
+            (bundled::KLAVIYO, "klaviyo v1")
         };
         let called = Instant::now();
-        slot.swap_in(bytes, name, &settings, cdp_host::EXAMPLE_EVENTS)
-            .expect("the swap");
+        slot.swap_in(bytes, name).expect("the swap");
         swaps.push(Swap {
             called,
             live: Instant::now(),

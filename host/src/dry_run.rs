@@ -5,11 +5,10 @@
 use std::io::{BufRead, Write};
 
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::mapper::{EventMapper, MappedEvent, MappedOutcome};
-use crate::plugin::HttpRequest;
-use crate::settings::{DestinationSettings, Render};
+use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome};
+use crate::settings::DestinationSettings;
+use crate::shown::ShownRequest;
 
 /// One output line.
 #[derive(Serialize)]
@@ -26,34 +25,6 @@ pub struct MapRow {
     pub warnings: Vec<String>,
 }
 
-/// A request as displayed: lower-case header names, secrets as `***`, the
-/// body as JSON when it is JSON.
-#[derive(Serialize)]
-pub struct ShownRequest {
-    pub method: String,
-    pub url: String,
-    pub headers: serde_json::Map<String, Value>,
-    pub body: Value,
-}
-
-impl ShownRequest {
-    pub fn new(request: &HttpRequest, settings: &DestinationSettings) -> ShownRequest {
-        let headers = settings
-            .render_headers(request, Render::Redacted)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|h| (h.name, Value::String(h.value)))
-            .collect();
-        let body = serde_json::from_str(&request.body).unwrap_or_else(|_| Value::String(request.body.clone()));
-        ShownRequest {
-            method: request.method.clone(),
-            url: request.url.clone(),
-            headers,
-            body,
-        }
-    }
-}
-
 impl MapRow {
     pub fn new(mapped: MappedEvent, settings: &DestinationSettings) -> MapRow {
         let (outcome, reason, requests) = match mapped.outcome {
@@ -66,7 +37,7 @@ impl MapRow {
             MappedOutcome::Error(reason) => ("error", Some(reason), Vec::new()),
         };
         MapRow {
-            line: mapped.line,
+            line: mapped.id.number() as u64,
             message_id: mapped.message_id,
             kind: mapped.kind,
             outcome,
@@ -79,7 +50,7 @@ impl MapRow {
 
 /// Maps every line of `input` and writes one row per line to `output`.
 pub fn run(
-    mapper: &mut EventMapper,
+    mapper: &EventMapper,
     settings: &DestinationSettings,
     input: impl BufRead,
     mut output: impl Write,
@@ -89,7 +60,7 @@ pub fn run(
         let bytes = line?;
         let text = String::from_utf8_lossy(&bytes);
         let text = text.strip_suffix('\r').unwrap_or(&text);
-        let mapped = mapper.map_line(index as u64 + 1, text);
+        let mapped = mapper.map(EventId::Line(index as u64 + 1), text);
         summary.count(&mapped.outcome);
         let row = MapRow::new(mapped, settings);
         serde_json::to_writer(&mut output, &row)?;

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::{Map, Value};
 
-use crate::plugin::{DestinationManifest, Header, HttpRequest, SettingSpec};
+use plugin_runtime::{DestinationManifest, Header, HttpRequest, SettingSpec, template};
 
 /// A secret value; printing it shows `***`.
 #[derive(Clone, PartialEq, Eq)]
@@ -141,27 +141,13 @@ impl DestinationSettings {
     }
 
     fn render(&self, value: &str, render: Render) -> anyhow::Result<String> {
-        let mut out = String::with_capacity(value.len());
-        let mut rest = value;
-        while let Some(start) = rest.find(PLACEHOLDER_OPEN) {
-            out.push_str(&rest[..start]);
-            let after = &rest[start + PLACEHOLDER_OPEN.len()..];
-            let Some(end) = after.find(PLACEHOLDER_CLOSE) else {
-                out.push_str(&rest[start..]);
-                return Ok(out);
-            };
-            let name = &after[..end];
-            match render {
-                Render::Redacted => out.push_str("***"),
-                Render::Send => match self.secrets.get(name) {
-                    Some(secret) => out.push_str(secret.expose()),
-                    None => bail!("setting {name} is required to send and is not set"),
-                },
-            }
-            rest = &after[end + PLACEHOLDER_CLOSE.len()..];
-        }
-        out.push_str(rest);
-        Ok(out)
+        template::render(value, |name| match render {
+            Render::Redacted => Ok("***"),
+            Render::Send => match self.secrets.get(name) {
+                Some(secret) => Ok(secret.expose()),
+                None => bail!("setting {name} is required to send and is not set"),
+            },
+        })
     }
 
     /// Every secret value, for scrubbing text that is about to be shown.
@@ -174,24 +160,6 @@ impl DestinationSettings {
     }
 }
 
-const PLACEHOLDER_OPEN: &str = "{{secret:";
-const PLACEHOLDER_CLOSE: &str = "}}";
-
-/// The secret names a header value refers to.
-pub fn secret_references(value: &str) -> Vec<&str> {
-    let mut names = Vec::new();
-    let mut rest = value;
-    while let Some(start) = rest.find(PLACEHOLDER_OPEN) {
-        let after = &rest[start + PLACEHOLDER_OPEN.len()..];
-        let Some(end) = after.find(PLACEHOLDER_CLOSE) else {
-            break;
-        };
-        names.push(&after[..end]);
-        rest = &after[end + PLACEHOLDER_CLOSE.len()..];
-    }
-    names
-}
-
 /// `KLAVIYO_API_KEY` for setting `api_key` of destination `klaviyo`.
 fn env_name(destination: &str, spec: &SettingSpec) -> String {
     format!("{destination}_{}", spec.name)
@@ -202,7 +170,7 @@ fn env_name(destination: &str, spec: &SettingSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::SettingKind;
+    use plugin_runtime::SettingKind;
 
     fn manifest() -> DestinationManifest {
         DestinationManifest {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use serde_json::{Value, json};
 
 /// Where an event is in its life.
@@ -202,41 +202,6 @@ impl Spool {
             [cutoff],
         )?)
     }
-
-    /// The state of the event with this message id, for tests and tools.
-    pub fn state_of(&self, message_id: &str) -> anyhow::Result<Option<String>> {
-        let conn = self.conn.lock().unwrap();
-        Ok(conn
-            .query_row(
-                "SELECT state FROM events WHERE message_id = ?1 ORDER BY id DESC LIMIT 1",
-                [message_id],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-}
-
-impl Spool {
-    /// For each finished event, milliseconds from ingest (`received_at`)
-    /// to its outcome being recorded.
-    pub fn latencies_ms(&self) -> anyhow::Result<Vec<f64>> {
-        let conn = self.conn.lock().unwrap();
-        let mut query = conn.prepare(
-            "SELECT (julianday(updated_at) - julianday(received_at)) * 86400000.0 FROM events WHERE updated_at IS NOT NULL",
-        )?;
-        let rows = query.query_map([], |row| row.get::<_, f64>(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// message id -> (state, plugin version), for checks and tools.
-    pub fn versions_by_message_id(&self) -> anyhow::Result<std::collections::HashMap<String, (String, String)>> {
-        let conn = self.conn.lock().unwrap();
-        let mut query = conn.prepare(
-            "SELECT message_id, state, coalesce(plugin_version, '') FROM events WHERE message_id IS NOT NULL",
-        )?;
-        let rows = query.query_map([], |row| Ok((row.get::<_, String>(0)?, (row.get(1)?, row.get(2)?))))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
 }
 
 /// The outcome column of a finished event.
@@ -246,6 +211,8 @@ pub fn outcome_json(kind: &str, reason: Option<&str>, warnings: &[String]) -> Va
 
 #[cfg(test)]
 mod tests {
+    use rusqlite::OptionalExtension;
+
     use super::*;
 
     #[test]
@@ -291,7 +258,13 @@ mod tests {
             .unwrap();
 
         assert_eq!(spool.prune(Duration::from_secs(3600)).unwrap(), 2);
-        let states: Vec<Option<String>> = ids.iter().map(|id| spool.state_of(id).unwrap()).collect();
+        let state_of = |id: &str| -> Option<String> {
+            let conn = spool.conn.lock().unwrap();
+            conn.query_row("SELECT state FROM events WHERE message_id = ?1", [id], |r| r.get(0))
+                .optional()
+                .unwrap()
+        };
+        let states: Vec<Option<String>> = ids.iter().map(|id| state_of(id)).collect();
         assert_eq!(
             states,
             [

@@ -1,7 +1,7 @@
 //! `cdp-host send` and `cdp-host demo`, through the real binary, against a
 //! sandbox on loopback.
 
-use cdp_host::sandbox::{DEMO_KEY, SandboxConfig};
+use klaviyo_mock::{DEMO_KEY, MockConfig};
 
 use crate::cli_map::tempdir;
 use crate::support::cdp_host;
@@ -17,7 +17,7 @@ const EVENTS: &str = concat!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_delivers_to_the_sandbox_and_exits_zero() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let dir = tempdir();
     std::fs::write(dir.join("events.ndjson"), EVENTS).unwrap();
     let mut command = cdp_host();
@@ -46,7 +46,7 @@ async fn send_delivers_to_the_sandbox_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_key_exits_one_and_the_dead_letters_hold_no_key() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let dir = tempdir();
     std::fs::write(dir.join("events.ndjson"), EVENTS).unwrap();
     let dead = dir.join("dead.ndjson");

@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use cdp_host::delivery::{DeadLetters, Delivery, DeliveryConfig, EventOutcome, Report};
-use cdp_host::sandbox::{DEMO_KEY, EVENTS_ONLY_KEY, Faults, Sandbox, SandboxConfig};
+use cdp_host::delivery::{DeadLetter, Delivery, DeliveryConfig, EventOutcome, Report};
 use cdp_host::settings::DestinationSettings;
+use klaviyo_mock::{DEMO_KEY, EVENTS_ONLY_KEY, Faults, KlaviyoMock, MockConfig};
 use serde_json::{Value, json};
 
 use crate::support::klaviyo;
@@ -44,13 +44,13 @@ fn corpus(people: usize) -> (String, BTreeSet<String>) {
 
 struct Run {
     report: Report,
-    sandbox: Sandbox,
-    dead_letters: Vec<Value>,
+    sandbox: KlaviyoMock,
+    dead_letters: Vec<DeadLetter>,
 }
 
 async fn run(
     input: String,
-    sandbox: SandboxConfig,
+    sandbox: MockConfig,
     api_key: &str,
     tweak: impl FnOnce(&mut DeliveryConfig),
     settings: Value,
@@ -70,21 +70,13 @@ async fn run(
         ..DeliveryConfig::default()
     };
     tweak(&mut config);
-    let delivery = Delivery::new(plugin, settings, config, DeadLetters::in_memory()).unwrap();
-    let report = delivery
-        .run(std::io::Cursor::new(input.into_bytes()), |_| {})
-        .await
-        .unwrap();
-    let dead_letters = delivery_dead_letters(&delivery);
+    let delivery = Delivery::new(crate::support::slot(plugin, &settings), settings, config).unwrap();
+    let (report, dead_letters) = crate::support::deliver(&delivery, input).await;
     Run {
         report,
         sandbox,
         dead_letters,
     }
-}
-
-fn delivery_dead_letters(delivery: &Delivery) -> Vec<Value> {
-    delivery.dead_letters().entries()
 }
 
 /// Every sendable event is stored exactly once, every person's profile was
@@ -110,7 +102,7 @@ fn assert_exactly_once(run: &Run, people: usize, sendable_tracks: &BTreeSet<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_faults_every_sendable_event_is_accepted_once() {
     let (input, tracks) = corpus(20);
-    let run = run(input, SandboxConfig::default(), DEMO_KEY, |_| {}, json!({})).await;
+    let run = run(input, MockConfig::default(), DEMO_KEY, |_| {}, json!({})).await;
     assert_exactly_once(&run, 20, &tracks);
     assert_eq!(run.report.retries, 0);
     assert_eq!(run.sandbox.stats().deduplicated, 0);
@@ -132,10 +124,10 @@ async fn thirty_percent_server_errors_lose_and_duplicate_nothing() {
     };
     let run = run(
         input,
-        SandboxConfig {
+        MockConfig {
             faults,
             seed: 7,
-            ..SandboxConfig::default()
+            ..MockConfig::default()
         },
         DEMO_KEY,
         |_| {},
@@ -159,10 +151,10 @@ async fn a_storm_of_429s_is_waited_out_honouring_retry_after() {
     let started = std::time::Instant::now();
     let run = run(
         input,
-        SandboxConfig {
+        MockConfig {
             faults,
             seed: 3,
-            ..SandboxConfig::default()
+            ..MockConfig::default()
         },
         DEMO_KEY,
         |_| {},
@@ -184,10 +176,10 @@ async fn dropped_connections_are_retried_without_duplicates() {
     };
     let run = run(
         input,
-        SandboxConfig {
+        MockConfig {
             faults,
             seed: 11,
-            ..SandboxConfig::default()
+            ..MockConfig::default()
         },
         DEMO_KEY,
         |_| {},
@@ -216,10 +208,10 @@ async fn answers_slower_than_the_client_timeout_are_retried_without_duplicates()
     };
     let run = run(
         input,
-        SandboxConfig {
+        MockConfig {
             faults,
             seed: 5,
-            ..SandboxConfig::default()
+            ..MockConfig::default()
         },
         DEMO_KEY,
         |c| c.request_timeout = Duration::from_millis(200),
@@ -238,21 +230,21 @@ async fn answers_slower_than_the_client_timeout_are_retried_without_duplicates()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_is_dead_lettered_once_per_event_without_retries() {
     let (input, _) = corpus(3);
-    let run = run(input, SandboxConfig::default(), "pk_not_a_key", |_| {}, json!({})).await;
+    let run = run(input, MockConfig::default(), "pk_not_a_key", |_| {}, json!({})).await;
     let r = &run.report;
     assert_eq!(r.delivered, 0);
     assert_eq!(r.dead_lettered, 15);
     assert_eq!(r.retries, 0);
     assert_eq!(r.requests_sent, 15, "one request per event, no retry storm");
     let letter = &run.dead_letters[0];
-    assert!(
-        letter["reason"].as_str().unwrap().contains("check the api_key setting"),
-        "{letter}"
+    assert!(letter.reason.contains("check the api_key setting"), "{letter:?}");
+    assert_eq!(letter.response.as_ref().unwrap().status, 401);
+    assert_eq!(
+        letter.request.as_ref().unwrap().headers["authorization"],
+        "Klaviyo-API-Key ***"
     );
-    assert_eq!(letter["response"]["status"], 401);
-    assert_eq!(letter["request"]["headers"]["authorization"], "Klaviyo-API-Key ***");
     assert!(
-        !letter.to_string().contains("pk_not_a_key"),
+        !format!("{letter:?}").contains("pk_not_a_key"),
         "the key leaked into a dead letter"
     );
 }
@@ -260,16 +252,16 @@ async fn a_wrong_key_is_dead_lettered_once_per_event_without_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_events_only_key_dead_letters_identify_naming_the_missing_scope() {
     let (input, tracks) = corpus(3);
-    let run = run(input, SandboxConfig::default(), EVENTS_ONLY_KEY, |_| {}, json!({})).await;
+    let run = run(input, MockConfig::default(), EVENTS_ONLY_KEY, |_| {}, json!({})).await;
     let r = &run.report;
     assert_eq!(r.dead_lettered, 3, "the three identifies");
     assert_eq!(r.delivered, 12, "the tracks still go through");
     for letter in &run.dead_letters {
-        assert!(
-            letter["reason"].as_str().unwrap().contains("profiles:write"),
-            "{letter}"
+        assert!(letter.reason.contains("profiles:write"), "{letter:?}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&letter.event).unwrap()["type"],
+            "identify"
         );
-        assert_eq!(letter["event"]["type"], "identify");
     }
     let stored: BTreeSet<String> = run.sandbox.events().into_iter().map(|e| e.unique_id).collect();
     assert_eq!(stored, tracks);
@@ -280,7 +272,7 @@ async fn a_request_klaviyo_finds_invalid_is_dead_lettered_with_klaviyos_message(
     let (input, _) = corpus(2);
     let run = run(
         input,
-        SandboxConfig::default(),
+        MockConfig::default(),
         DEMO_KEY,
         |_| {},
         json!({"revision": "2099-01-01"}),
@@ -288,7 +280,7 @@ async fn a_request_klaviyo_finds_invalid_is_dead_lettered_with_klaviyos_message(
     .await;
     assert_eq!(run.report.dead_lettered, 10);
     assert_eq!(run.report.retries, 0);
-    let reason = run.dead_letters[0]["reason"].as_str().unwrap();
+    let reason = &run.dead_letters[0].reason;
     assert!(
         reason.contains("Klaviyo rejected the request as invalid (400 invalid"),
         "{reason}"
@@ -305,10 +297,10 @@ async fn each_persons_identify_lands_before_their_later_events() {
     };
     let run = run(
         input,
-        SandboxConfig {
+        MockConfig {
             faults,
             seed: 9,
-            ..SandboxConfig::default()
+            ..MockConfig::default()
         },
         DEMO_KEY,
         |c| c.concurrency = 16,
@@ -339,14 +331,7 @@ async fn a_duplicate_profile_conflict_is_resolved_by_sending_without_the_phone()
         json!({"type": "identify", "messageId": "c", "traits": {"email": "ada@example.org", "phone": "+16175550123", "plan": "gold"}}),
     ];
     let input = events.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
-    let run = run(
-        input,
-        SandboxConfig::default(),
-        DEMO_KEY,
-        |c| c.concurrency = 1,
-        json!({}),
-    )
-    .await;
+    let run = run(input, MockConfig::default(), DEMO_KEY, |c| c.concurrency = 1, json!({})).await;
     assert_eq!(run.report.delivered, 3, "{:#?}", run.dead_letters);
     assert_eq!(run.sandbox.stats().rejected.get("409 duplicate_profile"), Some(&1));
     let ada = run
@@ -363,7 +348,7 @@ async fn a_duplicate_profile_conflict_is_resolved_by_sending_without_the_phone()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_outcome_is_reported_once_per_event() {
     let (input, _) = corpus(5);
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let plugin = klaviyo();
     let mut settings = serde_json::Map::new();
     settings.insert("api_key".into(), DEMO_KEY.into());
@@ -372,16 +357,16 @@ async fn every_outcome_is_reported_once_per_event() {
         base_url: Some(sandbox.url().parse().unwrap()),
         ..DeliveryConfig::default()
     };
-    let delivery = Delivery::new(plugin, settings, config, DeadLetters::in_memory()).unwrap();
+    let delivery = Delivery::new(crate::support::slot(plugin, &settings), settings, config).unwrap();
     let lines = std::sync::Mutex::new(Vec::new());
     delivery
         .run(std::io::Cursor::new(input.into_bytes()), |record| {
             assert!(!matches!(record.outcome, EventOutcome::DeadLettered(_)));
-            lines.lock().unwrap().push(record.line);
+            lines.lock().unwrap().push(record.id.number());
         })
         .await
         .unwrap();
     let mut lines = lines.into_inner().unwrap();
     lines.sort();
-    assert_eq!(lines, (1..=32).collect::<Vec<u64>>());
+    assert_eq!(lines, (1..=32).collect::<Vec<i64>>());
 }

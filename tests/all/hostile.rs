@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cdp_host::delivery::{DeadLetters, Delivery, DeliveryConfig, Report};
-use cdp_host::mapper::{EventMapper, MappedOutcome};
-use cdp_host::plugin::{LoadError, Plugin, Runtime, RuntimeConfig};
-use cdp_host::sandbox::{DEMO_KEY, Sandbox, SandboxConfig};
+use cdp_host::delivery::{DeadLetter, Delivery, DeliveryConfig, Report};
+use cdp_host::mapping::{EventId, EventMapper, MappedOutcome};
 use cdp_host::settings::DestinationSettings;
+use klaviyo_mock::{DEMO_KEY, KlaviyoMock, MockConfig};
+use plugin_runtime::{CallError, LoadError, Mapping, Plugin, Runtime, RuntimeConfig};
 use serde_json::{Value, json};
 
 use crate::support::cache_dir;
@@ -41,8 +41,8 @@ fn settings(plugin: &Plugin) -> DestinationSettings {
 }
 
 /// A misbehaving event between two ordinary ones, delivered to a sandbox.
-async fn deliver_between_neighbours(misbehaving: Value) -> (Report, Sandbox, Vec<Value>) {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+async fn deliver_between_neighbours(misbehaving: Value) -> (Report, KlaviyoMock, Vec<DeadLetter>) {
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let plugin = hostile();
     let input = [
         json!({"messageId": "before"}),
@@ -57,18 +57,15 @@ async fn deliver_between_neighbours(misbehaving: Value) -> (Report, Sandbox, Vec
         base_url: Some(sandbox.url().parse().unwrap()),
         ..DeliveryConfig::default()
     };
-    let delivery = Delivery::new(plugin.clone(), settings(&plugin), config, DeadLetters::in_memory()).unwrap();
-    let report = delivery
-        .run(std::io::Cursor::new(input.into_bytes()), |_| {})
-        .await
-        .unwrap();
-    let letters = delivery.dead_letters().entries();
+    let settings = settings(&plugin);
+    let delivery = Delivery::new(crate::support::slot(plugin, &settings), settings, config).unwrap();
+    let (report, letters) = crate::support::deliver(&delivery, input).await;
     (report, sandbox, letters)
 }
 
 /// The neighbours arrived, the misbehaving event was dead-lettered with a
 /// reason containing `expected`, and nothing else happened.
-fn assert_contained(report: &Report, sandbox: &Sandbox, letters: &[Value], expected: &str) {
+fn assert_contained(report: &Report, sandbox: &KlaviyoMock, letters: &[DeadLetter], expected: &str) {
     assert_eq!(
         (report.read, report.delivered, report.dead_lettered),
         (3, 2, 1),
@@ -78,7 +75,7 @@ fn assert_contained(report: &Report, sandbox: &Sandbox, letters: &[Value], expec
     let stored: Vec<String> = sandbox.events().into_iter().map(|e| e.unique_id).collect();
     assert_eq!(stored.len(), 2);
     assert!(stored.contains(&"before".to_string()) && stored.contains(&"after".to_string()));
-    let reason = letters[0]["reason"].as_str().unwrap();
+    let reason = &letters[0].reason;
     assert!(
         reason.contains(expected),
         "reason {reason:?} should contain {expected:?}"
@@ -89,10 +86,7 @@ fn assert_contained(report: &Report, sandbox: &Sandbox, letters: &[Value], expec
     );
 }
 
-fn map_once(
-    plugin: &Plugin,
-    event: Value,
-) -> (Duration, Result<cdp_host::plugin::Mapping, cdp_host::plugin::CallError>) {
+fn map_once(plugin: &Plugin, event: Value) -> (Duration, Result<Mapping, CallError>) {
     let mut instance = plugin.instance().unwrap();
     let started = Instant::now();
     let result = instance.map_event("{}", &event.to_string(), 0);
@@ -127,7 +121,7 @@ async fn an_infinite_loop_is_dead_lettered_as_poison_and_its_neighbours_are_deli
         &letters,
         "exceeded its 200ms deadline while mapping event loop (line 2)",
     );
-    let reason = letters[0]["reason"].as_str().unwrap();
+    let reason = &letters[0].reason;
     assert!(reason.contains("poison: failed 3 times"), "{reason}");
 }
 
@@ -193,8 +187,11 @@ async fn a_request_to_a_foreign_host_is_refused_and_never_sent() {
 fn a_plugin_gets_no_environment_arguments_files_or_network() {
     let plugin = hostile();
     let settings = settings(&plugin);
-    let mut mapper = EventMapper::new(plugin, settings);
-    let mapped = mapper.map_line(1, &json!({"messageId": "probe", "misbehave": "probe"}).to_string());
+    let mapper = EventMapper::new(crate::support::slot(plugin, &settings), settings);
+    let mapped = mapper.map(
+        EventId::Line(1),
+        &json!({"messageId": "probe", "misbehave": "probe"}).to_string(),
+    );
     let MappedOutcome::Send(requests) = mapped.outcome else {
         panic!("{:?}", mapped.outcome)
     };

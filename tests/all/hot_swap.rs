@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cdp_host::sandbox::{DEMO_KEY, SandboxConfig};
 use cdp_host::spool::{Durability, Spool};
+
+use crate::spool_file;
+use klaviyo_mock::{DEMO_KEY, MockConfig};
 use serde_json::Value;
 
 use crate::serve::{Serve, WRITE_KEY, post, spool_path, track, wait_for};
@@ -39,9 +41,9 @@ async fn admin(client: &reqwest::Client, method: reqwest::Method, url: String, b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_versions_under_continuous_ingest_loses_nothing() {
-    let sandbox = crate::support::sandbox(SandboxConfig {
+    let sandbox = crate::support::sandbox(MockConfig {
         rate_limits: false,
-        ..SandboxConfig::default()
+        ..MockConfig::default()
     })
     .await;
     let spool = spool_path();
@@ -82,13 +84,12 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
     // delivered: those are provably mapped before the swap is asked for.
     // Events acknowledged after that cut may still be in the pipeline when
     // the next swap lands, and be mapped by that (newer) version instead.
-    let check = Spool::open(&spool, Durability::ProcessCrash).unwrap();
     let drain = |acked: &Arc<Mutex<Vec<(String, Instant)>>>| {
         let cut = acked.lock().unwrap().len();
         let ids: Vec<String> = acked.lock().unwrap()[..cut].iter().map(|(id, _)| id.clone()).collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let versions = check.versions_by_message_id().unwrap();
+            let versions = spool_file::versions_by_message_id(&spool);
             if ids
                 .iter()
                 .all(|id| versions.get(id).is_some_and(|(state, _)| state == "delivered"))
@@ -149,8 +150,7 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
     })
     .await;
 
-    let spool = Spool::open(&spool, Durability::ProcessCrash).unwrap();
-    let versions = spool.versions_by_message_id().unwrap();
+    let versions = spool_file::versions_by_message_id(&spool);
     let mut mapped_by_each = std::collections::BTreeMap::<String, usize>::new();
     let mut settled_events = 0;
     for (index, (id, sent)) in acked.iter().enumerate() {
@@ -180,7 +180,8 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
         mapped_by_each.contains_key(V1) && mapped_by_each.contains_key(V2),
         "{mapped_by_each:?}"
     );
-    assert!(spool.dead(10).unwrap().is_empty(), "nothing failed");
+    let dead = Spool::open(&spool, Durability::ProcessCrash).unwrap().dead(10).unwrap();
+    assert!(dead.is_empty(), "nothing failed");
     // The longest single mapping over the run, swaps included: the worst
     // stall a swap could have caused.
     let metrics = crate::serve::metrics(&client, &serve.url).await;
@@ -199,7 +200,7 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_candidates_are_refused_and_the_active_version_keeps_serving() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let serve = Serve::start_with(&spool_path(), &sandbox.url(), DEMO_KEY, &["--admin-token", ADMIN]);
     let client = reqwest::Client::new();
     let url = format!("{}/admin/plugins/klaviyo", serve.url);
@@ -250,7 +251,7 @@ async fn broken_candidates_are_refused_and_the_active_version_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_needs_its_token() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let with_token = Serve::start_with(&spool_path(), &sandbox.url(), DEMO_KEY, &["--admin-token", ADMIN]);
     let client = reqwest::Client::new();
     let wrong = client
@@ -274,7 +275,7 @@ async fn the_admin_api_needs_its_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_dropped_into_the_plugin_directory_is_checked_and_swapped_in() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let dir = crate::cli_map::tempdir().join("plugins");
     std::fs::create_dir_all(&dir).unwrap();
     let dir_arg = dir.display().to_string();

@@ -1,7 +1,6 @@
 //! End-to-end tests through the host: the real Klaviyo component, loaded
 //! by the real host (library or `cdp-host` binary).
 
-mod cases;
 mod cli_inspect;
 mod cli_map;
 mod cli_send;
@@ -9,4 +8,6 @@ mod delivery;
 mod hostile;
 mod hot_swap;
 mod serve;
+#[path = "../support/spool.rs"]
+mod spool_file;
 mod support;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use cdp_host::sandbox::{DEMO_KEY, SandboxConfig};
+use klaviyo_mock::{DEMO_KEY, MockConfig};
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -136,7 +136,7 @@ pub(crate) async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingested_events_are_delivered_to_the_sandbox() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
     let identify = json!({"userId": "u1", "traits": {"email": "ada@example.org"}}).to_string();
@@ -173,7 +173,7 @@ async fn ingested_events_are_delivered_to_the_sandbox() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_answered_clearly_and_stores_nothing() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let spool = spool_path();
     let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
@@ -250,7 +250,7 @@ async fn bad_input_is_answered_clearly_and_stores_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_intake_finishes_deliveries_and_exits_cleanly() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
     for i in 0..20 {
@@ -283,7 +283,7 @@ async fn sigterm_stops_intake_finishes_deliveries_and_exits_cleanly() {
 /// accepted, stored once and delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_spool_cannot_store_is_answered_503_and_not_acknowledged() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let spool = spool_path();
     let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
@@ -319,7 +319,7 @@ async fn an_event_the_spool_cannot_store_is_answered_503_and_not_acknowledged() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_can_be_listed_replayed_and_purged() {
-    let sandbox = crate::support::sandbox(SandboxConfig::default()).await;
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let spool = spool_path();
     let serve = Serve::start(&spool, &sandbox.url(), "pk_wrong_key");
     let client = reqwest::Client::new();
@@ -382,9 +382,9 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_serve_at_random_moments_loses_and_duplicates_nothing() {
     // Crash safety, not pacing, is under test: no rate limits on either side.
-    let unlimited = SandboxConfig {
+    let unlimited = MockConfig {
         rate_limits: false,
-        ..SandboxConfig::default()
+        ..MockConfig::default()
     };
     let sandbox = crate::support::sandbox(unlimited).await;
     let spool = spool_path();
@@ -421,11 +421,10 @@ async fn killing_serve_at_random_moments_loses_and_duplicates_nothing() {
             break;
         }
         if Instant::now() > deadline {
-            let check = cdp_host::spool::Spool::open(&spool, cdp_host::spool::Durability::ProcessCrash).unwrap();
             let states: Vec<_> = missing
                 .iter()
                 .take(5)
-                .map(|id| (id.to_string(), check.state_of(id).unwrap()))
+                .map(|id| (id.to_string(), crate::spool_file::state_of(&spool, id)))
                 .collect();
             panic!("{} acknowledged events never arrived, e.g. {states:?}", missing.len());
         }

@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
-use cdp_host::plugin::{BUNDLED_KLAVIYO, Plugin, Runtime, RuntimeConfig};
-use cdp_host::sandbox::{Sandbox, SandboxConfig};
+use cdp_host::bundled;
+use cdp_host::delivery::{DeadLetter, Delivery, EventOutcome, Report};
+use cdp_host::settings::DestinationSettings;
+use klaviyo_mock::{KlaviyoMock, MockConfig};
+use plugin_runtime::{Plugin, PluginSlot, Runtime, RuntimeConfig};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -60,12 +63,36 @@ pub fn klaviyo() -> Arc<Plugin> {
                 ..RuntimeConfig::default()
             })
             .unwrap();
-            Arc::new(runtime.load(BUNDLED_KLAVIYO, "bundled klaviyo").unwrap())
+            Arc::new(runtime.load(bundled::KLAVIYO, "bundled klaviyo").unwrap())
         })
         .clone()
 }
 
 /// The local Klaviyo sandbox on a free loopback port.
-pub async fn sandbox(config: SandboxConfig) -> Sandbox {
-    Sandbox::start(config, "127.0.0.1:0".parse().unwrap()).await.unwrap()
+pub async fn sandbox(config: MockConfig) -> KlaviyoMock {
+    KlaviyoMock::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// A slot serving `plugin` with `settings`, as the binary makes one.
+pub fn slot(plugin: Arc<Plugin>, settings: &DestinationSettings) -> Arc<PluginSlot> {
+    PluginSlot::new(plugin, bundled::canary(settings))
+}
+
+/// Delivers `input` (NDJSON), returning the report and the dead letters
+/// the records carried, in input order.
+pub async fn deliver(delivery: &Arc<Delivery>, input: String) -> (Report, Vec<DeadLetter>) {
+    let letters = std::sync::Mutex::new(Vec::new());
+    let report = delivery
+        .run(std::io::Cursor::new(input.into_bytes()), |record| {
+            if let EventOutcome::DeadLettered(letter) = &record.outcome {
+                letters.lock().unwrap().push((record.id, letter.clone()));
+            }
+        })
+        .await
+        .unwrap();
+    let mut letters = letters.into_inner().unwrap();
+    letters.sort_by_key(|(id, _)| *id);
+    (report, letters.into_iter().map(|(_, letter)| letter).collect())
 }

@@ -1,5 +1,5 @@
-//! Table-driven cases, shared by the native runner (`destination/tests`)
-//! and the runner through the real component (`tests/all`). A case is a
+//! Table-driven cases, read by the one runner (`tests/cases.rs`), which
+//! checks each both natively and through the real component. A case is a
 //! JSON file: an event (or a request and response) in, the expected
 //! outcome out. A new case is a new file, not new code.
 //!

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::plugin::RateClass;
+use plugin_runtime::RateClass;
 
 const BURST_WINDOW: Duration = Duration::from_millis(1_000 + 30);
 const STEADY_WINDOW: Duration = Duration::from_millis(60_000 + 300);

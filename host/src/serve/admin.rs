@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::Shared;
-use crate::plugin::Loaded;
+use plugin_runtime::Loaded;
 
 pub async fn upload(
     State(shared): State<Arc<Shared>>,
@@ -34,11 +34,9 @@ pub async fn upload(
         );
     }
     let started = Instant::now();
-    let settings = shared.settings.clone();
     let source = format!("the uploaded {destination} plugin ({} bytes)", body.len());
     // Compiling and the canary take a while: never on the async workers.
-    let swapped =
-        tokio::task::spawn_blocking(move || slot.swap_in(&body, &source, &settings, crate::EXAMPLE_EVENTS)).await;
+    let swapped = tokio::task::spawn_blocking(move || slot.swap_in(&body, &source)).await;
     match swapped {
         Ok(Ok(loaded)) => {
             tracing::info!(plugin = %loaded.plugin, took = ?started.elapsed(), "swapped in a new plugin version");

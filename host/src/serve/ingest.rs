@@ -1,7 +1,7 @@
 //! Ingest, as Chord (Jitsu) and Segment senders speak it: the server-to-
 //! server API `POST /api/s/s2s/{type}` with `X-Write-Key`, and Segment's
-//! `POST /v1/batch` and `/v1/{track,identify,page}` with the write key as
-//! the basic-auth user. An event is acknowledged (200) only once it is
+//! `POST /v1/batch` and `/v1/{type}` with the write key as the basic-auth
+//! user, for each of the six types in `KINDS`. An event is acknowledged (200) only once it is
 //! committed to the spool; a request with any bad event stores nothing.
 
 use std::sync::Arc;
@@ -113,7 +113,7 @@ fn single(body: &[u8], kind: Option<&str>) -> Result<(Option<String>, String, St
     let Value::Object(mut event) = value else {
         return Err(format!(
             "the body must be a JSON object (an event), not a JSON {}",
-            crate::mapper::kind_of(&value)
+            crate::mapping::kind_of(&value)
         ));
     };
     if let Some(kind) = kind {

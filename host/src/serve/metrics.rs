@@ -1,5 +1,5 @@
 //! `/metrics` in Prometheus text format: what came in, what became of it,
-//! what Klaviyo answered, how long the plugin and delivery took, the spool
+//! what the destination answered, how long the plugin and delivery took, the spool
 //! depth and the plugin serving.
 
 use std::collections::BTreeMap;

@@ -2,9 +2,10 @@
 //! come in over HTTP (`ingest`), are committed to the spool before they are
 //! acknowledged, and a feeder hands pending rows to the delivery engine in
 //! order; each outcome is written back to its row with the plugin version
-//! that mapped it. At-least-once to Klaviyo with stable `unique_id`s: after
-//! a crash the pending rows are delivered again and Klaviyo drops what it
-//! already had.
+//! that mapped it. At-least-once to the destination, which must drop what it
+//! already had by the stable ids the plugin derives (Klaviyo's `unique_id`):
+//! after a crash the pending rows are delivered again and the destination
+//! drops what it already had.
 
 mod admin;
 mod ingest;
@@ -22,10 +23,22 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post};
 use tokio::sync::Notify;
 
-use crate::delivery::{DeadLetters, Delivery, DeliveryConfig, EventOutcome, EventRecord};
-use crate::plugin::Plugin;
+use plugin_runtime::PluginSlot;
+
+use crate::delivery::{Delivery, DeliveryConfig, EventOutcome, EventRecord};
+use crate::mapping::EventId;
 use crate::settings::{DestinationSettings, Secret};
 use crate::spool::{Spool, State as RowState, outcome_json};
+
+/// `serve`'s defaults, each defined once (the command line shows them).
+pub struct Defaults;
+
+impl Defaults {
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    pub const SPOOL: &str = "cdp-spool.sqlite";
+    pub const RETENTION_HOURS: u64 = 24;
+    pub const SHUTDOWN_GRACE_SECONDS: u64 = 20;
+}
 
 /// How `serve` runs.
 pub struct ServeConfig {
@@ -53,7 +66,6 @@ pub(crate) struct Shared {
     draining: AtomicBool,
     metrics: metrics::Metrics,
     delivery: Arc<Delivery>,
-    settings: DestinationSettings,
     admin_token: Option<Secret>,
 }
 
@@ -78,13 +90,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Serves until SIGTERM or Ctrl-C, then drains and returns.
-pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<()> {
-    let delivery = Delivery::new(
-        plugin.clone(),
-        config.settings.clone(),
-        config.delivery.clone(),
-        DeadLetters::in_memory(),
-    )?;
+pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result<()> {
+    let plugin = slot.current().plugin.clone();
+    let delivery = Delivery::new(slot, config.settings.clone(), config.delivery.clone())?;
     let shared = Arc::new(Shared {
         spool: config.spool.clone(),
         write_keys: config.write_keys.clone(),
@@ -92,7 +100,6 @@ pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<(
         draining: AtomicBool::new(false),
         metrics: metrics::Metrics::default(),
         delivery: delivery.clone(),
-        settings: config.settings.clone(),
         admin_token: config.admin_token.clone(),
     });
     let app = Router::new()
@@ -113,7 +120,7 @@ pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<(
 
     // Events go from the spool to the engine through a small channel: the
     // engine pulls as it has room, so the spool, not memory, holds backlog.
-    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, String)>(512);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(EventId, String)>(512);
     let in_flight = Arc::new(Mutex::new(HashSet::<i64>::new()));
     let feeder = tokio::spawn(feed(shared.clone(), tx, in_flight.clone()));
     let engine = {
@@ -158,7 +165,11 @@ pub async fn serve(config: ServeConfig, plugin: Arc<Plugin>) -> anyhow::Result<(
 /// Hands pending rows to the engine, oldest first, each once while it is
 /// in flight; a row replayed from the dead letters is picked up on the next
 /// full sweep.
-async fn feed(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<(u64, String)>, in_flight: Arc<Mutex<HashSet<i64>>>) {
+async fn feed(
+    shared: Arc<Shared>,
+    tx: tokio::sync::mpsc::Sender<(EventId, String)>,
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+) {
     let mut cursor = 0i64;
     let mut last_sweep = tokio::time::Instant::now();
     loop {
@@ -188,7 +199,7 @@ async fn feed(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<(u64, String)>,
             if !in_flight.lock().unwrap().insert(row.id) {
                 continue;
             }
-            if tx.send((row.id as u64, row.body)).await.is_err() {
+            if tx.send((EventId::SpoolRow(row.id), row.body)).await.is_err() {
                 return;
             }
         }
@@ -197,7 +208,7 @@ async fn feed(shared: Arc<Shared>, tx: tokio::sync::mpsc::Sender<(u64, String)>,
 
 /// Writes an event's outcome to its row and counts it.
 fn finish(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, record: &EventRecord) {
-    let id = record.line as i64;
+    let id = record.id.number();
     let (state, outcome) = match &record.outcome {
         EventOutcome::Delivered { .. } => (RowState::Delivered, outcome_json("delivered", None, &record.warnings)),
         EventOutcome::Skipped(reason) => {
@@ -207,16 +218,14 @@ fn finish(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, record: &EventRecord
                 outcome_json("skipped", Some(reason), &record.warnings),
             )
         }
-        EventOutcome::DeadLettered(reason) => {
-            tracing::warn!(event = id, message_id = ?record.message_id, %reason, "dead-lettered");
-            (RowState::Dead, outcome_json("dead", Some(reason), &record.warnings))
+        EventOutcome::DeadLettered(letter) => {
+            tracing::warn!(event = id, message_id = ?record.message_id, reason = %letter.reason, "dead-lettered");
+            let mut outcome = outcome_json("dead", Some(&letter.reason), &record.warnings);
+            outcome["request"] = letter.request_json();
+            outcome["response"] = letter.response_json();
+            (RowState::Dead, outcome)
         }
     };
-    let mut outcome = outcome;
-    if let (RowState::Dead, Some(letter)) = (state, shared.delivery.dead_letters().take(record.line)) {
-        outcome["request"] = letter["request"].clone();
-        outcome["response"] = letter["response"].clone();
-    }
     if let Err(e) = shared.spool.finish(id, state, &outcome, &record.plugin_version) {
         // The row stays pending and is delivered again (idempotently).
         tracing::error!("recording the outcome of event {id}: {e:#}");
@@ -244,14 +253,11 @@ async fn watch_plugin_dir(shared: Arc<Shared>, dir: std::path::PathBuf) {
                 seen.insert(path.clone(), modified);
                 let Ok(bytes) = std::fs::read(&path) else { continue };
                 let slot = shared.delivery.slot().clone();
-                if slot.current().plugin.sha256_hex() == crate::plugin::sha256_hex(&bytes) {
+                if slot.current().plugin.sha256_hex() == plugin_runtime::sha256_hex(&bytes) {
                     continue;
                 }
-                let settings = shared.settings.clone();
                 let name = path.display().to_string();
-                let result =
-                    tokio::task::spawn_blocking(move || slot.swap_in(&bytes, &name, &settings, crate::EXAMPLE_EVENTS))
-                        .await;
+                let result = tokio::task::spawn_blocking(move || slot.swap_in(&bytes, &name)).await;
                 match result {
                     Ok(Ok(loaded)) => {
                         tracing::info!(file = %path.display(), plugin = %loaded.plugin, "swapped in from the plugin directory")

@@ -68,7 +68,7 @@ pub struct Faults {
 }
 
 #[derive(Debug, Clone)]
-pub struct SandboxConfig {
+pub struct MockConfig {
     pub keys: Vec<ApiKey>,
     /// Enforce each endpoint's burst and steady rate limits.
     pub rate_limits: bool,
@@ -77,9 +77,9 @@ pub struct SandboxConfig {
     pub seed: u64,
 }
 
-impl Default for SandboxConfig {
+impl Default for MockConfig {
     fn default() -> Self {
-        SandboxConfig {
+        MockConfig {
             keys: vec![
                 ApiKey::new(
                     DEMO_KEY,
@@ -180,28 +180,28 @@ impl RateWindows {
 }
 
 struct Shared {
-    config: SandboxConfig,
+    config: MockConfig,
     model: Mutex<Model>,
     windows: Mutex<RateWindows>,
     rng: Mutex<StdRng>,
 }
 
 /// A running sandbox.
-pub struct Sandbox {
+pub struct KlaviyoMock {
     addr: SocketAddr,
     shared: Arc<Shared>,
     server: JoinHandle<()>,
 }
 
-impl Drop for Sandbox {
+impl Drop for KlaviyoMock {
     fn drop(&mut self) {
         self.server.abort();
     }
 }
 
-impl Sandbox {
+impl KlaviyoMock {
     /// Listens on `addr` (port 0 picks a free port) and serves until dropped.
-    pub async fn start(config: SandboxConfig, addr: SocketAddr) -> std::io::Result<Sandbox> {
+    pub async fn start(config: MockConfig, addr: SocketAddr) -> std::io::Result<KlaviyoMock> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -211,16 +211,12 @@ impl Sandbox {
             windows: Mutex::new(RateWindows::default()),
         });
         let server = tokio::spawn(serve(listener, shared.clone()));
-        Ok(Sandbox { addr, shared, server })
+        Ok(KlaviyoMock { addr, shared, server })
     }
 
     /// `http://127.0.0.1:PORT`, to pass as `--klaviyo-url`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     pub fn stats(&self) -> Stats {

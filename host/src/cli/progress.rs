@@ -72,7 +72,7 @@ pub fn outcome_line(record: &EventRecord) -> String {
             )
         }
         EventOutcome::Skipped(reason) => format!("skipped: {reason}"),
-        EventOutcome::DeadLettered(reason) => format!("dead-lettered: {reason}"),
+        EventOutcome::DeadLettered(letter) => format!("dead-lettered: {}", letter.reason),
     };
     let retries = if record.retries > 0 {
         format!(" after {} retries", record.retries)
@@ -81,7 +81,7 @@ pub fn outcome_line(record: &EventRecord) -> String {
     };
     let mut line = format!(
         "  line {:<3} {:<9} {:<10} {outcome}{retries}",
-        record.line,
+        record.id.number(),
         record.kind.as_deref().unwrap_or("-"),
         record.message_id.as_deref().unwrap_or("-"),
     );

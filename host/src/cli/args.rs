@@ -1,0 +1,327 @@
+//! The command line and the `serve` configuration file. Every option that
+//! both can set is layered once, here: a flag wins over the file, the file
+//! over the default, and each default is defined once, beside the type it
+//! configures (`DeliveryConfig::default`, `Limits::default`,
+//! `serve::Defaults`), never repeated in help texts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cdp_host::delivery::DeliveryConfig;
+use cdp_host::serve::Defaults;
+use clap::{Args, Parser, Subcommand};
+use plugin_runtime::Limits;
+
+#[derive(Parser)]
+#[command(
+    name = "cdp-host",
+    version,
+    about = "Runs Chord CDP destination plugins (WebAssembly components) in a sandbox"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Dry run: map NDJSON events to the requests the plugin would send, one output line per input line.
+    Map(MapArgs),
+    /// Map NDJSON events and deliver the requests to Klaviyo (or the sandbox), retrying what is transient.
+    Send(SendArgs),
+    /// Run the local Klaviyo sandbox: the endpoints this destination uses, with Klaviyo's checks, state and limits.
+    #[cfg(feature = "sandbox")]
+    Sandbox(SandboxArgs),
+    /// Start a sandbox, send the bundled example events through the bundled plugin, and show the result.
+    #[cfg(feature = "sandbox")]
+    Demo,
+    /// Run as a service: Chord/Segment-compatible ingest, a durable spool, delivery through the plugin.
+    Serve(ServeArgs),
+    /// Inspect, re-drive or delete the dead letters in a serve spool.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Inspect plugin components.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+/// "{what} [default: {value}]", so a help text names the one default.
+fn with_default(what: &str, value: impl std::fmt::Display) -> String {
+    format!("{what} [default: {value}]")
+}
+
+#[derive(Args)]
+pub struct RuntimeArgs {
+    /// Where compiled plugins are cached [default: $CDP_HOST_CACHE_DIR, else ~/.cache/cdp-host]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile the plugin every time instead of using the cache.
+    #[arg(long, global = true)]
+    pub no_cache: bool,
+    #[arg(long, global = true, value_name = "MS",
+          help = with_default("Wall-clock limit for one plugin call, in milliseconds", Limits::default().deadline.as_millis()))]
+    pub plugin_deadline_ms: Option<u64>,
+    #[arg(long, global = true, value_name = "MIB",
+          help = with_default("Linear memory limit of one plugin instance, in MiB", Limits::default().memory_bytes >> 20))]
+    pub plugin_memory_mib: Option<usize>,
+}
+
+impl RuntimeArgs {
+    pub fn limits(&self) -> Limits {
+        let mut limits = Limits::default();
+        if let Some(ms) = self.plugin_deadline_ms {
+            limits.deadline = Duration::from_millis(ms.max(1));
+        }
+        if let Some(mib) = self.plugin_memory_mib {
+            limits.memory_bytes = mib.max(1) << 20;
+        }
+        limits
+    }
+}
+
+#[derive(Args)]
+pub struct PluginArgs {
+    /// The destination plugin (a WebAssembly component) [default: the bundled Klaviyo plugin]
+    #[arg(long, value_name = "FILE.wasm")]
+    pub plugin: Option<PathBuf>,
+    /// Destination settings, a JSON object (secrets may come from the environment, e.g. KLAVIYO_API_KEY)
+    #[arg(long, value_name = "FILE.json")]
+    pub settings: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct MapArgs {
+    #[command(flatten)]
+    pub plugin: PluginArgs,
+    /// NDJSON events, one JSON object per line; `-` or nothing for standard input.
+    #[arg(value_name = "INPUT")]
+    pub input: Option<PathBuf>,
+}
+
+/// How delivery runs, for `send` and `serve` alike; in the config file,
+/// `base_url` and `concurrency` at the top and the rest under `[retry]`.
+#[derive(Args, Clone, Default)]
+pub struct DeliveryArgs {
+    /// Send to this base URL instead of the plugin's declared host, e.g. the sandbox's http://127.0.0.1:4010
+    #[arg(long, alias = "klaviyo-url", value_name = "URL")]
+    pub base_url: Option<url::Url>,
+    #[arg(long, value_name = "N", help = with_default("Events in flight at once", DeliveryConfig::default().concurrency))]
+    pub concurrency: Option<usize>,
+    #[arg(long, value_name = "N",
+          help = with_default("Attempts per request, the first included", DeliveryConfig::default().max_attempts))]
+    pub max_attempts: Option<u32>,
+    #[arg(long, value_name = "SECONDS",
+          help = with_default("Seconds a request may spend being retried", DeliveryConfig::default().max_retry_time.as_secs()))]
+    pub max_retry_seconds: Option<u64>,
+    #[arg(long, value_name = "MS",
+          help = with_default("Timeout of one HTTP attempt, in milliseconds", DeliveryConfig::default().request_timeout.as_millis()))]
+    pub timeout_ms: Option<u64>,
+    /// Do not pace requests to the plugin's declared rate budgets (only for a destination without limits, such as `sandbox --no-rate-limits`).
+    #[arg(long)]
+    pub no_pacing: bool,
+}
+
+impl DeliveryArgs {
+    /// These flags over `file`'s values.
+    pub fn or(self, file: DeliveryArgs) -> DeliveryArgs {
+        DeliveryArgs {
+            base_url: self.base_url.or(file.base_url),
+            concurrency: self.concurrency.or(file.concurrency),
+            max_attempts: self.max_attempts.or(file.max_attempts),
+            max_retry_seconds: self.max_retry_seconds.or(file.max_retry_seconds),
+            timeout_ms: self.timeout_ms.or(file.timeout_ms),
+            no_pacing: self.no_pacing || file.no_pacing,
+        }
+    }
+
+    /// The configuration, with the defaults where nothing was set.
+    pub fn config(self) -> DeliveryConfig {
+        let default = DeliveryConfig::default();
+        DeliveryConfig {
+            base_url: self.base_url,
+            concurrency: self.concurrency.unwrap_or(default.concurrency).max(1),
+            pacing: !self.no_pacing,
+            max_attempts: self.max_attempts.unwrap_or(default.max_attempts).max(1),
+            max_retry_time: self
+                .max_retry_seconds
+                .map_or(default.max_retry_time, Duration::from_secs),
+            request_timeout: self
+                .timeout_ms
+                .map_or(default.request_timeout, |ms| Duration::from_millis(ms.max(1))),
+            ..default
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub plugin: PluginArgs,
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
+    /// Where undeliverable events are appended, as NDJSON (created at the first one).
+    #[arg(long, default_value = "dead-letters.ndjson", value_name = "FILE")]
+    pub dead_letters: PathBuf,
+    /// Print one line per event as it completes.
+    #[arg(long)]
+    pub print_outcomes: bool,
+    /// NDJSON events, one JSON object per line; `-` for standard input.
+    #[arg(value_name = "INPUT")]
+    pub input: PathBuf,
+}
+
+#[cfg(feature = "sandbox")]
+#[derive(Args)]
+pub struct SandboxArgs {
+    #[arg(long, default_value = "127.0.0.1:4010", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Do not enforce Klaviyo's rate limits.
+    #[arg(long)]
+    pub no_rate_limits: bool,
+    /// Share of requests answered 500/502/503/504 (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    pub fault_5xx: f64,
+    /// Share of requests whose connection is dropped without an answer.
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    pub fault_drop: f64,
+    /// Share of requests answered 429 with Retry-After: 1.
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    pub fault_429: f64,
+    /// Injected 5xx answers carry an HTML page instead of JSON.
+    #[arg(long)]
+    pub fault_html: bool,
+    /// Delay added to answers, in milliseconds (after the request is stored).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub fault_latency_ms: u64,
+    /// Share of answers that get the added delay.
+    #[arg(long, default_value_t = 1.0, value_name = "SHARE")]
+    pub fault_slow: f64,
+    /// Seed for fault injection.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); flags override what it says.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_name = "ADDR", help = with_default("Address to listen on", Defaults::LISTEN))]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, value_name = "FILE", help = with_default("The spool database", Defaults::SPOOL))]
+    pub spool: Option<PathBuf>,
+    /// A write key senders must present (repeatable); also $CDP_HOST_WRITE_KEYS, comma-separated.
+    #[arg(long = "write-key", value_name = "KEY")]
+    pub write_keys: Vec<String>,
+    /// The destination plugin [default: the bundled Klaviyo plugin]
+    #[arg(long, value_name = "FILE.wasm")]
+    pub plugin: Option<PathBuf>,
+    /// Destination settings, a JSON object (or [settings] in the config file).
+    #[arg(long, value_name = "FILE.json")]
+    pub settings: Option<PathBuf>,
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
+    #[arg(long, value_name = "HOURS",
+          help = with_default("Hours delivered and skipped events stay in the spool", Defaults::RETENTION_HOURS))]
+    pub retention_hours: Option<u64>,
+    #[arg(long, value_name = "SECONDS",
+          help = with_default("Seconds SIGTERM waits for deliveries in flight", Defaults::SHUTDOWN_GRACE_SECONDS))]
+    pub shutdown_grace_seconds: Option<u64>,
+    /// process-crash (WAL, synchronous=NORMAL) or power-loss (fsync per commit) [default: process-crash]
+    #[arg(long, value_name = "LEVEL")]
+    pub durability: Option<String>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Token that enables the admin API (hot swap, rollback); also $CDP_HOST_ADMIN_TOKEN.
+    #[arg(long, value_name = "TOKEN")]
+    pub admin_token: Option<String>,
+    /// Watch this directory for new versions of the plugin (*.wasm), checked and swapped in like uploads.
+    #[arg(long, value_name = "DIR")]
+    pub plugin_dir: Option<PathBuf>,
+}
+
+/// The `serve` configuration file; every key optional, each named like
+/// its flag.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ServeFile {
+    pub listen: Option<SocketAddr>,
+    pub spool: Option<PathBuf>,
+    #[serde(default)]
+    pub write_keys: Vec<String>,
+    pub plugin: Option<PathBuf>,
+    pub base_url: Option<url::Url>,
+    /// The old name of `base_url`, still read.
+    pub klaviyo_url: Option<url::Url>,
+    pub concurrency: Option<usize>,
+    pub retention_hours: Option<u64>,
+    pub shutdown_grace_seconds: Option<u64>,
+    pub durability: Option<String>,
+    pub settings: Option<toml::Table>,
+    pub retry: Option<RetryFile>,
+    pub admin_token: Option<String>,
+    pub plugin_dir: Option<PathBuf>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RetryFile {
+    pub max_attempts: Option<u32>,
+    pub max_retry_seconds: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+impl ServeFile {
+    /// What the file says about delivery.
+    pub fn delivery(&self) -> DeliveryArgs {
+        let retry = self.retry.as_ref();
+        DeliveryArgs {
+            base_url: self.base_url.clone().or_else(|| self.klaviyo_url.clone()),
+            concurrency: self.concurrency,
+            max_attempts: retry.and_then(|r| r.max_attempts),
+            max_retry_seconds: retry.and_then(|r| r.max_retry_seconds),
+            timeout_ms: retry.and_then(|r| r.timeout_ms),
+            no_pacing: false,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// Print the dead letters as NDJSON (event, reason, request, Klaviyo's answer).
+    List {
+        #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]
+        spool: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Put dead letters back to be delivered again by a running (or the next) serve.
+    Replay {
+        #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]
+        spool: PathBuf,
+        /// Only these (repeatable); all when none is given.
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+    },
+    /// Delete dead letters.
+    Purge {
+        #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]
+        spool: PathBuf,
+        /// Only these (repeatable); all when none is given.
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PluginCommand {
+    /// Print a plugin's manifest, interface version, SHA-256 and size.
+    Inspect {
+        #[arg(value_name = "FILE.wasm")]
+        file: PathBuf,
+    },
+}

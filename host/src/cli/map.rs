@@ -1,0 +1,71 @@
+//! `cdp-host map` (the dry run) and `cdp-host plugin inspect`.
+
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use cdp_host::dry_run;
+use cdp_host::mapping::EventMapper;
+use plugin_runtime::SettingKind;
+
+use super::args::{MapArgs, RuntimeArgs};
+
+pub fn map(runtime_args: &RuntimeArgs, args: MapArgs) -> anyhow::Result<ExitCode> {
+    let runtime = super::runtime(runtime_args, 1)?;
+    let (slot, settings) = super::load_destination(&runtime, &args.plugin)?;
+    let mapper = EventMapper::new(slot, settings.clone());
+    let stdout = io::stdout().lock();
+    match args.input.as_deref() {
+        None => dry_run::run(&mapper, &settings, io::stdin().lock(), stdout)?,
+        Some(path) if path == Path::new("-") => dry_run::run(&mapper, &settings, io::stdin().lock(), stdout)?,
+        Some(path) => {
+            let file = File::open(path).with_context(|| format!("reading events {}", path.display()))?;
+            dry_run::run(&mapper, &settings, BufReader::new(file), stdout)?
+        }
+    };
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn inspect(runtime_args: &RuntimeArgs, file: &Path) -> anyhow::Result<ExitCode> {
+    let runtime = super::runtime(runtime_args, 1)?;
+    let plugin = super::load_plugin(&runtime, Some(file))?;
+    let manifest = plugin.manifest();
+    let report = serde_json::json!({
+        "file": file.display().to_string(),
+        "interface": plugin.interface(),
+        "sha256": plugin.sha256_hex(),
+        "size_bytes": plugin.size(),
+        "manifest": {
+            "name": manifest.name,
+            "version": manifest.version,
+            "api_revision": manifest.api_revision,
+            "allowed_hosts": manifest.allowed_hosts,
+            "rate_classes": manifest.rate_classes.iter().map(|r| serde_json::json!({
+                "name": r.name,
+                "burst_per_second": r.burst_per_second,
+                "steady_per_minute": r.steady_per_minute,
+            })).collect::<Vec<_>>(),
+            "settings": manifest.settings.iter().map(|s| serde_json::json!({
+                "name": s.name,
+                "kind": kind_name(s.kind),
+                "description": s.description,
+                "required_to_send": s.required_to_send,
+                "secret": s.secret,
+                "default": s.default_value.as_deref().and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok()),
+            })).collect::<Vec<_>>(),
+        }
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The WIT name of a setting's kind.
+fn kind_name(kind: SettingKind) -> &'static str {
+    match kind {
+        SettingKind::String => "string",
+        SettingKind::Boolean => "boolean",
+        SettingKind::StringList => "string-list",
+    }
+}

@@ -1,0 +1,112 @@
+//! `cdp-host serve` (its configuration layered from flags, the config file
+//! and the defaults) and `cdp-host dlq`, which works on its spool.
+
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cdp_host::serve::{Defaults, ServeConfig};
+use cdp_host::settings::{DestinationSettings, Secret};
+use cdp_host::spool::{Durability, Spool};
+
+use super::args::{DlqCommand, RuntimeArgs, ServeArgs, ServeFile};
+
+pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let file: ServeFile = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => ServeFile::default(),
+    };
+    let delivery = args.delivery.or(file.delivery()).config();
+    let runtime = super::runtime(runtime_args, delivery.concurrency)?;
+    let plugin = super::load_plugin(&runtime, args.plugin.as_deref().or(file.plugin.as_deref()))?;
+    let settings = match (&args.settings, file.settings) {
+        (Some(path), _) => DestinationSettings::load(Some(path), plugin.manifest())?,
+        (None, Some(table)) => {
+            let object = serde_json::to_value(table)?.as_object().cloned().unwrap_or_default();
+            DestinationSettings::from_object(object, plugin.manifest(), |name| std::env::var(name).ok())?
+        }
+        (None, None) => DestinationSettings::load(None, plugin.manifest())?,
+    };
+    let slot = super::slot(plugin, &settings)?;
+    let mut write_keys: Vec<String> = args.write_keys;
+    write_keys.extend(file.write_keys);
+    if let Ok(keys) = std::env::var("CDP_HOST_WRITE_KEYS") {
+        write_keys.extend(
+            keys.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_string),
+        );
+    }
+    if write_keys.is_empty() {
+        bail!("serve needs at least one write key (--write-key, write_keys in the config, or $CDP_HOST_WRITE_KEYS)");
+    }
+    let durability = match args.durability.or(file.durability).as_deref() {
+        None | Some("process-crash") => Durability::ProcessCrash,
+        Some("power-loss") => Durability::PowerLoss,
+        Some(other) => bail!("durability {other:?} is not process-crash or power-loss"),
+    };
+    let spool_path = args
+        .spool
+        .or(file.spool)
+        .unwrap_or_else(|| PathBuf::from(Defaults::SPOOL));
+    let spool = Arc::new(Spool::open(&spool_path, durability)?);
+    let hours = args
+        .retention_hours
+        .or(file.retention_hours)
+        .unwrap_or(Defaults::RETENTION_HOURS);
+    let grace = args
+        .shutdown_grace_seconds
+        .or(file.shutdown_grace_seconds)
+        .unwrap_or(Defaults::SHUTDOWN_GRACE_SECONDS);
+    let config = ServeConfig {
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| Defaults::LISTEN.parse().expect("the default address parses")),
+        spool,
+        write_keys: write_keys.into_iter().map(Secret::new).collect(),
+        settings,
+        delivery,
+        retention: Duration::from_secs(3600 * hours),
+        shutdown_grace: Duration::from_secs(grace),
+        admin_token: args
+            .admin_token
+            .or(file.admin_token)
+            .or_else(|| std::env::var("CDP_HOST_ADMIN_TOKEN").ok())
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
+        plugin_dir: args.plugin_dir.or(file.plugin_dir),
+    };
+    super::tokio_runtime()?.block_on(cdp_host::serve::serve(config, slot))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DlqCommand::List { spool, limit } => {
+            let spool = Spool::open(&spool, Durability::ProcessCrash)?;
+            let stdout = io::stdout();
+            let mut out = stdout.lock();
+            for row in spool.dead(limit)? {
+                serde_json::to_writer(&mut out, &row)?;
+                io::Write::write_all(&mut out, b"\n")?;
+            }
+        }
+        DlqCommand::Replay { spool, ids } => {
+            let n = Spool::open(&spool, Durability::ProcessCrash)?.replay(&ids)?;
+            println!("{n} dead letters put back to be delivered");
+        }
+        DlqCommand::Purge { spool, ids } => {
+            let n = Spool::open(&spool, Durability::ProcessCrash)?.purge(&ids)?;
+            println!("{n} dead letters deleted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,206 @@
+//! One request's life: paced, sent, its answer judged by the plugin's
+//! `interpret`, and then delivered, retried after a backoff, replaced once,
+//! or given up as undelivered.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use plugin_runtime::{CallError, Header, HttpRequest, HttpResponse, Plugin, Verdict};
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::Delivery;
+use crate::settings::Render;
+
+/// Why a request ended undelivered.
+pub(super) struct Undelivered {
+    pub reason: String,
+    pub request: HttpRequest,
+    pub response: Option<HttpResponse>,
+}
+
+impl Delivery {
+    /// Sends one request until the plugin judges it delivered, or it ends
+    /// undelivered. `replacement` marks a request the plugin offered in
+    /// place of a failed one: it may not be replaced again.
+    pub(super) async fn deliver_request(
+        &self,
+        plugin: &Arc<Plugin>,
+        request: HttpRequest,
+        replacement: bool,
+        retries: &mut u64,
+    ) -> Result<(), Undelivered> {
+        let undelivered = |reason: String, response: Option<HttpResponse>| Undelivered {
+            reason,
+            request: request.clone(),
+            response,
+        };
+        let target = plugin
+            .egress()
+            .target(&request.url, self.config.base_url.as_ref())
+            .map_err(|e| undelivered(format!("refused to send: {plugin} made {e}"), None))?;
+        let headers = self
+            .settings
+            .render_headers(&request, Render::Send)
+            .map_err(|e| undelivered(format!("{e:#}"), None))?;
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            if self.config.pacing {
+                self.pacer
+                    .acquire(&request.rate_class, &plugin.manifest().rate_classes)
+                    .await;
+            }
+            self.requests_sent.fetch_add(1, Ordering::Relaxed);
+            let (verdict, response, transport_error) = match self.send(&request, &target, &headers).await {
+                Ok(response) => match self.interpret(plugin, &request, &response).await {
+                    Ok(verdict) => (verdict, Some(response), None),
+                    Err(busy @ CallError::Busy(_)) => (Verdict::Retry(None), Some(response), Some(busy.to_string())),
+                    Err(e) => {
+                        let reason = format!("{plugin} {e} while interpreting the answer");
+                        return Err(undelivered(reason, Some(response)));
+                    }
+                },
+                // Connection failures and timeouts are worth another try
+                // whatever the destination: the request may not have arrived.
+                Err(error) => (Verdict::Retry(None), None, Some(error)),
+            };
+            match verdict {
+                Verdict::Delivered => return Ok(()),
+                Verdict::Rejected(reason) => return Err(undelivered(reason, response)),
+                Verdict::Replace(requests) => {
+                    if replacement {
+                        return Err(undelivered(
+                            format!("{plugin} asked to replace a replacement request; refused to avoid a loop"),
+                            response,
+                        ));
+                    }
+                    if let Err(e) = plugin.check_requests(&requests) {
+                        return Err(undelivered(
+                            format!("{plugin} offered a replacement that {e}"),
+                            response,
+                        ));
+                    }
+                    for replacement in requests {
+                        Box::pin(self.deliver_request(plugin, replacement, true, retries)).await?;
+                    }
+                    return Ok(());
+                }
+                Verdict::Retry(after) => {
+                    let delay = self.backoff(attempt, after.map(Duration::from_millis));
+                    let last = match (&transport_error, &response) {
+                        (Some(error), _) => error.clone(),
+                        (None, Some(r)) => format!("HTTP {}", r.status),
+                        (None, None) => "no answer".to_string(),
+                    };
+                    if attempt >= self.config.max_attempts || started.elapsed() + delay > self.config.max_retry_time {
+                        return Err(undelivered(
+                            format!(
+                                "gave up after {attempt} attempts over {:.1}s; the last was {last}",
+                                started.elapsed().as_secs_f64()
+                            ),
+                            response,
+                        ));
+                    }
+                    *retries += 1;
+                    self.progress.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Full-jitter exponential backoff, never sooner than the server asked.
+    fn backoff(&self, attempt: u32, at_least: Option<Duration>) -> Duration {
+        let ceiling = self
+            .config
+            .backoff_base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.config.backoff_cap);
+        let jittered = Duration::from_secs_f64(rand::rng().random_range(0.0..=ceiling.as_secs_f64()));
+        jittered.max(at_least.unwrap_or_default())
+    }
+
+    async fn send(&self, request: &HttpRequest, target: &url::Url, headers: &[Header]) -> Result<HttpResponse, String> {
+        let method = reqwest::Method::from_bytes(request.method.as_bytes()).map_err(|e| e.to_string())?;
+        let mut builder = self.client.request(method, target.clone());
+        for header in headers {
+            builder = builder.header(&header.name, &header.value);
+        }
+        if !request.body.is_empty() {
+            builder = builder.body(request.body.clone());
+        }
+        let mut response = builder.send().await.map_err(describe_transport_error)?;
+        let status = response.status().as_u16();
+        *self.progress.statuses.lock().unwrap().entry(status).or_default() += 1;
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| Header {
+                name: name.as_str().to_ascii_lowercase(),
+                value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            })
+            .collect();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(describe_transport_error)? {
+            let room = RESPONSE_BODY_LIMIT.saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if room <= chunk.len() {
+                break;
+            }
+        }
+        Ok(HttpResponse {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    /// Asks the plugin what a response means, on a blocking thread (the
+    /// call is bounded by the plugin deadline, not by the async runtime),
+    /// with an instance from the pool of the version that made the request.
+    async fn interpret(
+        &self,
+        plugin: &Arc<Plugin>,
+        request: &HttpRequest,
+        response: &HttpResponse,
+    ) -> Result<Verdict, CallError> {
+        let _permit = self.interpreters.acquire().await.expect("never closed");
+        let plugin = plugin.clone();
+        let settings = self.settings.public_json().to_string();
+        let (request, response) = (request.clone(), response.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut instance = plugin.pool().take(&plugin)?;
+            let verdict = instance.interpret(&settings, &request, &response)?;
+            plugin.pool().give_back(&plugin, instance);
+            Ok(verdict)
+        })
+        .await
+        .map_err(|e| CallError::Trap(format!("interpret task failed: {e}")))?
+    }
+}
+
+/// Response bodies beyond this are cut before the plugin sees them.
+const RESPONSE_BODY_LIMIT: usize = 64 * 1024;
+
+fn describe_transport_error(error: reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect"
+    } else if error.is_body() || error.is_decode() {
+        "the answer broke off"
+    } else {
+        "the connection failed"
+    };
+    let mut text = format!("{kind} ({error}");
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text.push(')');
+    text
+}

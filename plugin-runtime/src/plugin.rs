@@ -1,0 +1,328 @@
+//! A loaded plugin and its instances. Each instance lives in its own store
+//! with a memory cap and an epoch deadline; WASI is linked with nothing
+//! granted, and stderr goes to a small in-memory buffer so a plugin's panic
+//! message reaches the operator. After any failure an instance is dropped
+//! (a trapped component store refuses all later calls anyway).
+//!
+//! Calls block, and must be made from a plain or `spawn_blocking` thread,
+//! never from an async task: WASI's synchronous bindings (the guest's
+//! stderr, say) drive tokio themselves and panic inside a runtime worker.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::{Destination, DestinationPre};
+use crate::egress::EgressPolicy;
+use crate::output::{self, OutputError};
+use crate::pool::InstancePool;
+use crate::runtime::{Limits, LoadError, Runtime, TICK, hex};
+use crate::{DestinationManifest, HttpRequest, HttpResponse, Mapping, SettingError, Verdict};
+
+/// Why one plugin call failed. The instance that failed is discarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("exceeded its {0:?} deadline")]
+    Deadline(Duration),
+    #[error("reached its memory limit of {} MiB", .0 >> 20)]
+    Memory(usize),
+    #[error("panicked: {0}")]
+    Panic(String),
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("returned unusable output: {0}")]
+    Output(#[from] OutputError),
+    /// Not the plugin's fault: every instance slot the host reserved is in
+    /// use. Worth another try once one frees up.
+    #[error("could not be instantiated: all {0} instance slots are in use")]
+    Busy(u32),
+}
+
+fn empty_manifest() -> DestinationManifest {
+    DestinationManifest {
+        name: String::new(),
+        version: String::new(),
+        api_revision: String::new(),
+        allowed_hosts: Vec::new(),
+        rate_classes: Vec::new(),
+        settings: Vec::new(),
+    }
+}
+
+/// A loaded, checked plugin, ready to instantiate.
+pub struct Plugin {
+    runtime: Arc<Runtime>,
+    pre: DestinationPre<PluginState>,
+    interface: String,
+    sha256: [u8; 32],
+    size: usize,
+    manifest: DestinationManifest,
+    egress: EgressPolicy,
+    pool: InstancePool,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Plugin({}@{}, {})",
+            self.manifest.name,
+            self.manifest.version,
+            self.sha256_hex()
+        )
+    }
+}
+
+impl fmt::Display for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "plugin {}@{}", self.manifest.name, self.manifest.version)
+    }
+}
+
+impl Plugin {
+    /// Reads the manifest from a first instance, which then waits in the
+    /// pool for the first call.
+    pub(crate) fn new(
+        runtime: Arc<Runtime>,
+        pre: DestinationPre<PluginState>,
+        source_name: String,
+        interface: String,
+        sha256: [u8; 32],
+        size: usize,
+    ) -> Result<Plugin, LoadError> {
+        let mut plugin = Plugin {
+            runtime,
+            pre,
+            interface,
+            sha256,
+            size,
+            manifest: empty_manifest(),
+            egress: EgressPolicy::new(&[]),
+            pool: InstancePool::default(),
+        };
+        let manifest_error = |e: CallError| LoadError::Manifest {
+            source_name: source_name.clone(),
+            reason: e.to_string(),
+        };
+        let mut instance = plugin.instance().map_err(manifest_error)?;
+        plugin.manifest = instance.manifest().map_err(manifest_error)?;
+        plugin.egress = EgressPolicy::new(&plugin.manifest.allowed_hosts);
+        plugin.pool.add(instance);
+        Ok(plugin)
+    }
+
+    pub fn manifest(&self) -> &DestinationManifest {
+        &self.manifest
+    }
+
+    /// `chord:destination/plugin@1.0.0`.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    pub fn sha256_hex(&self) -> String {
+        hex(&self.sha256)
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The hosts this plugin may reach, from its manifest.
+    pub fn egress(&self) -> &EgressPolicy {
+        &self.egress
+    }
+
+    /// Its idle instances, shared by every caller.
+    pub fn pool(&self) -> &InstancePool {
+        &self.pool
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// A fresh instance in its own store.
+    pub fn instance(&self) -> Result<Instance, CallError> {
+        let limits = &self.runtime.limits;
+        let stderr = MemoryOutputPipe::new(limits.stderr_bytes);
+        let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
+        let state = PluginState {
+            wasi,
+            table: ResourceTable::new(),
+            memory: MemoryCap {
+                limit: limits.memory_bytes,
+                hit: false,
+            },
+        };
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|state| &mut state.memory);
+        store.set_epoch_deadline(deadline_ticks(limits.deadline));
+        let bindings = self.pre.instantiate(&mut store).map_err(|e| {
+            if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+                CallError::Busy(self.runtime.instance_slots)
+            } else {
+                classify(e.into(), &store, &stderr, limits)
+            }
+        })?;
+        Ok(Instance {
+            store,
+            bindings,
+            stderr,
+            limits: limits.clone(),
+            calls: 0,
+            replacement_requested: false,
+        })
+    }
+
+    /// Checks a mapping's requests against the manifest and the limits.
+    pub fn check_mapping(&self, mapping: &Mapping) -> Result<(), OutputError> {
+        output::check_mapping(mapping, &self.manifest, &self.egress, &self.runtime.limits)
+    }
+
+    /// Checks one request (e.g. a replacement from `interpret`).
+    pub fn check_requests(&self, requests: &[HttpRequest]) -> Result<(), OutputError> {
+        output::check_requests(requests, &self.manifest, &self.egress, &self.runtime.limits)
+    }
+}
+
+/// Epoch ticks for a deadline. The call is interrupted at the N-th tick
+/// after it starts, which comes between N-1 and N ticks later, so one more
+/// tick than the deadline holds: a call gets at least its deadline and at
+/// most one tick beyond it, never less.
+fn deadline_ticks(deadline: Duration) -> u64 {
+    (deadline.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1) + 1
+}
+
+/// One instance of a plugin. Any failed call leaves it unusable: drop it
+/// and take a fresh one.
+pub struct Instance {
+    store: Store<PluginState>,
+    bindings: Destination,
+    stderr: MemoryOutputPipe,
+    limits: Limits,
+    calls: u32,
+    /// A replacement is being prepared (see the pool).
+    pub(crate) replacement_requested: bool,
+}
+
+impl Instance {
+    /// Whether it has served its share of calls and should be replaced by
+    /// a fresh one (bounding what a long-lived instance can accumulate).
+    pub fn worn_out(&self) -> bool {
+        self.calls >= self.limits.calls_per_instance
+    }
+
+    fn call<R>(
+        &mut self,
+        f: impl FnOnce(&Destination, &mut Store<PluginState>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        self.calls += 1;
+        self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
+        f(&self.bindings, &mut self.store).map_err(|err| classify(err.into(), &self.store, &self.stderr, &self.limits))
+    }
+
+    pub fn manifest(&mut self) -> Result<DestinationManifest, CallError> {
+        self.call(|b, s| b.chord_destination_plugin().call_manifest(s))
+    }
+
+    pub fn validate_settings(&mut self, settings: &str) -> Result<Result<(), Vec<SettingError>>, CallError> {
+        self.call(|b, s| b.chord_destination_plugin().call_validate_settings(s, settings))
+    }
+
+    pub fn map_event(&mut self, settings: &str, event: &str, now_unix_ms: i64) -> Result<Mapping, CallError> {
+        self.call(|b, s| {
+            b.chord_destination_plugin()
+                .call_map_event(s, settings, event, now_unix_ms)
+        })
+    }
+
+    pub fn interpret(
+        &mut self,
+        settings: &str,
+        request: &HttpRequest,
+        response: &HttpResponse,
+    ) -> Result<Verdict, CallError> {
+        self.call(|b, s| {
+            b.chord_destination_plugin()
+                .call_interpret(s, settings, request, response)
+        })
+    }
+}
+
+/// Turns a wasmtime error into the reason an operator reads.
+fn classify(err: anyhow::Error, store: &Store<PluginState>, stderr: &MemoryOutputPipe, limits: &Limits) -> CallError {
+    if store.data().memory.hit {
+        return CallError::Memory(limits.memory_bytes);
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => CallError::Deadline(limits.deadline),
+        Some(trap) => {
+            let stderr = String::from_utf8_lossy(&stderr.contents()).into_owned();
+            match panic_message(&stderr) {
+                Some(message) => CallError::Panic(message),
+                None if stderr.contains("memory allocation of") => CallError::Memory(limits.memory_bytes),
+                None => CallError::Trap(trap.to_string()),
+            }
+        }
+        None => CallError::Trap(format!("{err}")),
+    }
+}
+
+/// The message of a Rust panic as the guest printed it to stderr:
+/// "thread '<unnamed>' panicked at src/lib.rs:4:5:\nthe message".
+fn panic_message(stderr: &str) -> Option<String> {
+    let start = stderr.find("panicked at ")?;
+    let rest = &stderr[start..];
+    let (location, message) = rest.split_once(":\n").unwrap_or((rest, ""));
+    let location = location.trim_start_matches("panicked at ");
+    let message = message
+        .lines()
+        .take_while(|l| !l.starts_with("note:"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message: String = message.chars().take(500).collect();
+    Some(format!("{message} (at {location})"))
+}
+
+/// What a store holds: WASI with nothing granted, and the memory cap.
+pub(crate) struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    memory: MemoryCap,
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps linear memory, remembering whether the cap was hit so the failure
+/// can be named (the guest sees a failed grow and aborts).
+struct MemoryCap {
+    limit: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}

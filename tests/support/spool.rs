@@ -1,0 +1,63 @@
+//! Read-only looks into a `serve` spool file, for tests and benchmarks:
+//! what they check is the database a user's `serve` wrote, read with
+//! SQLite directly rather than through the host's own API.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+fn open(path: &Path) -> Connection {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("opening the spool {}: {e}", path.display()));
+    conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    conn
+}
+
+/// The state of the newest event with this message id.
+pub fn state_of(path: &Path, message_id: &str) -> Option<String> {
+    open(path)
+        .query_row(
+            "SELECT state FROM events WHERE message_id = ?1 ORDER BY id DESC LIMIT 1",
+            [message_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .unwrap()
+}
+
+/// message id -> (state, plugin version).
+pub fn versions_by_message_id(path: &Path) -> HashMap<String, (String, String)> {
+    let conn = open(path);
+    let mut query = conn
+        .prepare("SELECT message_id, state, coalesce(plugin_version, '') FROM events WHERE message_id IS NOT NULL")
+        .unwrap();
+    let rows = query
+        .query_map([], |row| Ok((row.get::<_, String>(0)?, (row.get(1)?, row.get(2)?))))
+        .unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+/// Events not yet finished.
+pub fn pending(path: &Path) -> u64 {
+    open(path)
+        .query_row("SELECT count(*) FROM events WHERE state = 'pending'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap() as u64
+}
+
+/// For each finished event, milliseconds from ingest (`received_at`) to
+/// its outcome being recorded.
+pub fn latencies_ms(path: &Path) -> Vec<f64> {
+    let conn = open(path);
+    let mut query = conn
+        .prepare(
+            "SELECT (julianday(updated_at) - julianday(received_at)) * 86400000.0 FROM events WHERE updated_at IS NOT NULL",
+        )
+        .unwrap();
+    let rows = query.query_map([], |row| row.get::<_, f64>(0)).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
