@@ -65,28 +65,94 @@ fn klaviyo() -> &'static Arc<Plugin> {
     })
 }
 
+// The plugin's contract types and the host's are the same WIT records,
+// generated twice (by wit-bindgen for the plugin, by wasmtime for the
+// host), so these macros build and read them for either side.
+
+/// A mapping's outcome, in the runner's plain terms.
+macro_rules! mapped {
+    ($mapping:expr, $Outcome:path) => {{
+        use $Outcome as Outcome;
+        let mapping = $mapping;
+        let (outcome, reason, requests) = match mapping.outcome {
+            Outcome::Send(requests) => ("send", None, requests),
+            Outcome::Skip(reason) => ("skip", Some(reason), Vec::new()),
+            Outcome::Error(reason) => ("error", Some(reason), Vec::new()),
+        };
+        Mapped {
+            outcome: outcome.to_string(),
+            reason,
+            requests: requests
+                .into_iter()
+                .map(|r| MappedRequest {
+                    method: r.method,
+                    url: r.url,
+                    headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+                    body: r.body,
+                })
+                .collect(),
+            warnings: mapping.warnings,
+            ordering_key: mapping.ordering_key,
+        }
+    }};
+}
+
+/// The case's request and response.
+macro_rules! exchange {
+    ($case:expr, $Header:ident, $Request:ident, $Response:ident) => {{
+        let case: &InterpretCase = $case;
+        let request = $Request {
+            method: "POST".into(),
+            url: case.url.clone(),
+            headers: vec![$Header {
+                name: "revision".into(),
+                value: "2026-07-15".into(),
+            }],
+            body: case.request_body.clone(),
+            idempotency_key: Some("key".into()),
+            rate_class: "events".into(),
+        };
+        let response = $Response {
+            status: case.status,
+            headers: case
+                .headers
+                .iter()
+                .map(|(n, v)| $Header {
+                    name: n.to_ascii_lowercase(),
+                    value: v.clone(),
+                })
+                .collect(),
+            body: case.response_body.clone(),
+        };
+        (request, response)
+    }};
+}
+
+/// A verdict, in the runner's plain terms.
+macro_rules! judged {
+    ($verdict:expr, $Verdict:path) => {{
+        use $Verdict as Verdict;
+        let judged = |verdict: &str, retry_after_ms, reason, replacements| Judged {
+            verdict: verdict.to_string(),
+            retry_after_ms,
+            reason,
+            replacements,
+        };
+        match $verdict {
+            Verdict::Delivered => judged("delivered", None, None, vec![]),
+            Verdict::Retry(after) => judged("retry", after, None, vec![]),
+            Verdict::Rejected(reason) => judged("rejected", None, Some(reason), vec![]),
+            Verdict::Replace(requests) => judged("replace", None, None, requests.into_iter().map(|r| r.body).collect()),
+        }
+    }};
+}
+
 fn map_natively(case: &MappingCase) -> Mapped {
-    use klaviyo_destination::contract::Outcome;
     let mapping = klaviyo_destination::map(&case.settings, &case.event, case.now_unix_ms);
-    let (outcome, reason, requests) = match mapping.outcome {
-        Outcome::Send(requests) => ("send", None, requests),
-        Outcome::Skip(reason) => ("skip", Some(reason), Vec::new()),
-        Outcome::Error(reason) => ("error", Some(reason), Vec::new()),
-    };
-    let requests = requests
-        .into_iter()
-        .map(|r| MappedRequest {
-            method: r.method,
-            url: r.url,
-            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-            body: r.body,
-        })
-        .collect();
-    mapped(outcome, reason, requests, mapping.warnings, mapping.ordering_key)
+    mapped!(mapping, klaviyo_destination::contract::Outcome)
 }
 
 fn map_in_component(case: &MappingCase) -> Result<Mapped, Failed> {
-    use plugin_runtime::Outcome;
     let plugin = klaviyo();
     let mut instance = plugin.pool().take(plugin).map_err(|e| e.to_string())?;
     let mapping = instance
@@ -94,122 +160,26 @@ fn map_in_component(case: &MappingCase) -> Result<Mapped, Failed> {
         .map_err(|e| e.to_string())?;
     plugin.pool().give_back(plugin, instance);
     plugin.check_mapping(&mapping).map_err(|e| e.to_string())?;
-    let (outcome, reason, requests) = match mapping.outcome {
-        Outcome::Send(requests) => ("send", None, requests),
-        Outcome::Skip(reason) => ("skip", Some(reason), Vec::new()),
-        Outcome::Error(reason) => ("error", Some(reason), Vec::new()),
-    };
-    let requests = requests
-        .into_iter()
-        .map(|r| MappedRequest {
-            method: r.method,
-            url: r.url,
-            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-            body: r.body,
-        })
-        .collect();
-    Ok(mapped(
-        outcome,
-        reason,
-        requests,
-        mapping.warnings,
-        mapping.ordering_key,
-    ))
-}
-
-fn mapped(
-    outcome: &str,
-    reason: Option<String>,
-    requests: Vec<MappedRequest>,
-    warnings: Vec<String>,
-    ordering_key: Option<String>,
-) -> Mapped {
-    Mapped {
-        outcome: outcome.to_string(),
-        reason,
-        requests,
-        warnings,
-        ordering_key,
-    }
+    Ok(mapped!(mapping, plugin_runtime::Outcome))
 }
 
 fn interpret_natively(case: &InterpretCase) -> Judged {
-    use klaviyo_destination::contract::{Header, Request, Response, Verdict};
-    let request = Request {
-        method: "POST".into(),
-        url: case.url.clone(),
-        headers: vec![Header {
-            name: "revision".into(),
-            value: "2026-07-15".into(),
-        }],
-        body: case.request_body.clone(),
-        idempotency_key: Some("key".into()),
-        rate_class: "events".into(),
-    };
-    let response = Response {
-        status: case.status,
-        headers: case
-            .headers
-            .iter()
-            .map(|(n, v)| Header {
-                name: n.to_ascii_lowercase(),
-                value: v.clone(),
-            })
-            .collect(),
-        body: case.response_body.clone(),
-    };
-    match klaviyo_destination::interpret("{}", &request, &response) {
-        Verdict::Delivered => judged("delivered", None, None, vec![]),
-        Verdict::Retry(after) => judged("retry", after, None, vec![]),
-        Verdict::Rejected(reason) => judged("rejected", None, Some(reason), vec![]),
-        Verdict::Replace(requests) => judged("replace", None, None, requests.into_iter().map(|r| r.body).collect()),
-    }
+    use klaviyo_destination::contract::{Header, Request, Response};
+    let (request, response) = exchange!(case, Header, Request, Response);
+    judged!(
+        klaviyo_destination::interpret("{}", &request, &response),
+        klaviyo_destination::contract::Verdict
+    )
 }
 
 fn interpret_in_component(case: &InterpretCase) -> Result<Judged, Failed> {
-    use plugin_runtime::{Header, HttpRequest, HttpResponse, Verdict};
-    let request = HttpRequest {
-        method: "POST".into(),
-        url: case.url.clone(),
-        headers: vec![Header {
-            name: "revision".into(),
-            value: "2026-07-15".into(),
-        }],
-        body: case.request_body.clone(),
-        idempotency_key: Some("key".into()),
-        rate_class: "events".into(),
-    };
-    let response = HttpResponse {
-        status: case.status,
-        headers: case
-            .headers
-            .iter()
-            .map(|(n, v)| Header {
-                name: n.to_ascii_lowercase(),
-                value: v.clone(),
-            })
-            .collect(),
-        body: case.response_body.clone(),
-    };
+    use plugin_runtime::{Header, HttpRequest, HttpResponse};
+    let (request, response) = exchange!(case, Header, HttpRequest, HttpResponse);
     let plugin = klaviyo();
     let mut instance = plugin.pool().take(plugin).map_err(|e| e.to_string())?;
     let verdict = instance
         .interpret("{}", &request, &response)
         .map_err(|e| e.to_string())?;
     plugin.pool().give_back(plugin, instance);
-    Ok(match verdict {
-        Verdict::Delivered => judged("delivered", None, None, vec![]),
-        Verdict::Retry(after) => judged("retry", after, None, vec![]),
-        Verdict::Rejected(reason) => judged("rejected", None, Some(reason), vec![]),
-        Verdict::Replace(requests) => judged("replace", None, None, requests.into_iter().map(|r| r.body).collect()),
-    })
-}
-
-fn judged(verdict: &str, retry_after_ms: Option<u64>, reason: Option<String>, replacements: Vec<String>) -> Judged {
-    Judged {
-        verdict: verdict.to_string(),
-        retry_after_ms,
-        reason,
-        replacements,
-    }
+    Ok(judged!(verdict, plugin_runtime::Verdict))
 }

@@ -14,7 +14,7 @@ use crate::spool_file;
 use klaviyo_mock::{DEMO_KEY, MockConfig};
 use serde_json::Value;
 
-use crate::serve::{Serve, WRITE_KEY, post, spool_path, track, wait_for};
+use crate::serve::{Serve, WRITE_KEY, post, post_track, spool_path, track, wait_for};
 
 const ADMIN: &str = "admin_test_token";
 const V1: &str = "klaviyo@1.0.0";
@@ -228,12 +228,7 @@ async fn broken_candidates_are_refused_and_the_active_version_keeps_serving() {
         assert!(answer["error"].as_str().unwrap().contains(reason), "{answer}");
         // Traffic still flows, through the original version.
         let id = format!("still-{i}");
-        assert_eq!(
-            post(&client, &serve.url, "/api/s/s2s/track", Some(WRITE_KEY), track(&id))
-                .await
-                .0,
-            200
-        );
+        assert_eq!(post_track(&client, &serve.url, &id).await, 200);
     }
     wait_for("the events sent between refusals", || sandbox.events().len() == 4).await;
     let (_, listed) = admin(
@@ -303,18 +298,7 @@ async fn a_version_dropped_into_the_plugin_directory_is_checked_and_swapped_in()
         assert!(Instant::now() < deadline, "the new version was not swapped in");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(
-        post(
-            &client,
-            &serve.url,
-            "/api/s/s2s/track",
-            Some(WRITE_KEY),
-            track("after-drop")
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(post_track(&client, &serve.url, "after-drop").await, 200);
     wait_for("the event after the swap", || sandbox.events().len() == 1).await;
     serve.kill9();
 }

@@ -121,6 +121,13 @@ pub(crate) async fn metrics(client: &reqwest::Client, url: &str) -> String {
         .unwrap()
 }
 
+/// Posts one s2s track with the right write key; the status.
+pub(crate) async fn post_track(client: &reqwest::Client, url: &str, id: &str) -> u16 {
+    post(client, url, "/api/s/s2s/track", Some(WRITE_KEY), track(id))
+        .await
+        .0
+}
+
 pub(crate) fn track(id: &str) -> String {
     json!({"event": "Order Completed", "messageId": id, "properties": {"email": format!("{id}@example.org"), "revenue": 1}})
         .to_string()
@@ -146,12 +153,7 @@ async fn ingested_events_are_delivered_to_the_sandbox() {
             .0,
         200
     );
-    assert_eq!(
-        post(&client, &serve.url, "/api/s/s2s/track", Some(WRITE_KEY), track("t1"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(post_track(&client, &serve.url, "t1").await, 200);
     let batch = json!({"batch": [{"type": "track", "event": "Signed Up", "messageId": "t2", "properties": {"email": "b@example.org"}},
                                  {"type": "page", "messageId": "p1"}]});
     let response = post_batch(&client, &serve.url, &batch).await;
@@ -233,12 +235,7 @@ async fn bad_input_is_answered_clearly_and_stores_nothing() {
             .as_u16(),
         200
     );
-    assert_eq!(
-        post(&client, &serve.url, "/api/s/s2s/track", Some(WRITE_KEY), track("after"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(post_track(&client, &serve.url, "after").await, 200);
     wait_for("the good event", || sandbox.events().len() == 1).await;
     assert_eq!(
         sandbox.events()[0].unique_id,
@@ -254,18 +251,7 @@ async fn sigterm_stops_intake_finishes_deliveries_and_exits_cleanly() {
     let serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
     for i in 0..20 {
-        assert_eq!(
-            post(
-                &client,
-                &serve.url,
-                "/api/s/s2s/track",
-                Some(WRITE_KEY),
-                track(&format!("g{i}"))
-            )
-            .await
-            .0,
-            200
-        );
+        assert_eq!(post_track(&client, &serve.url, &format!("g{i}")).await, 200);
     }
     let status = tokio::task::spawn_blocking(move || serve.terminate()).await.unwrap();
     assert!(status.success(), "{status:?}");
@@ -324,12 +310,7 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
     let serve = Serve::start(&spool, &sandbox.url(), "pk_wrong_key");
     let client = reqwest::Client::new();
     for id in ["d1", "d2"] {
-        assert_eq!(
-            post(&client, &serve.url, "/api/s/s2s/track", Some(WRITE_KEY), track(id))
-                .await
-                .0,
-            200
-        );
+        assert_eq!(post_track(&client, &serve.url, id).await, 200);
     }
     let listed = || {
         let output = cdp_host()
