@@ -7,8 +7,9 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use plugin_runtime::{CallError, HttpRequest, Loaded, Mapping, Outcome, Plugin, PluginSlot, now_unix_ms};
+use plugin_runtime::{CallError, HttpRequest, Instance, Loaded, Mapping, Outcome, Plugin, PluginSlot, now_unix_ms};
 use serde_json::Value;
 
 use crate::settings::DestinationSettings;
@@ -136,7 +137,7 @@ impl EventMapper {
 
     fn call(&self, loaded: &Loaded, event: &str) -> Result<Mapping, CallError> {
         let plugin = &loaded.plugin;
-        let mut instance = plugin.pool().take(plugin)?;
+        let mut instance = take_waiting(plugin)?;
         let result = instance
             .map_event(self.settings.public_json(), event, now_unix_ms())
             .and_then(|mapping| Ok(plugin.check_mapping(&mapping).map(|()| mapping)?));
@@ -148,6 +149,28 @@ impl EventMapper {
             plugin.pool().give_back(plugin, instance);
         }
         result
+    }
+}
+
+/// An instance of `plugin`, waiting while every instance slot is in use:
+/// a busy pool is not the plugin's fault, so the event waits for a slot
+/// (back-pressure on the input) rather than counting as a failure.
+fn take_waiting(plugin: &Arc<Plugin>) -> Result<Instance, CallError> {
+    let mut wait = Duration::from_millis(1);
+    let started = Instant::now();
+    let mut warned = false;
+    loop {
+        match plugin.pool().take(plugin) {
+            Err(CallError::Busy(slots)) => {
+                if !warned && started.elapsed() > Duration::from_secs(1) {
+                    tracing::warn!(%plugin, "all {slots} plugin instance slots are in use; mapping waits for one");
+                    warned = true;
+                }
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -252,3 +252,39 @@ fn bytes_that_are_not_a_component_are_refused_in_one_sentence() {
     );
     assert_eq!(error.to_string().lines().count(), 1, "{error}");
 }
+
+/// Regression: a full instance pool on the mapping side was taken for a
+/// plugin failure, mapped three times and dead-lettered as poison. A busy
+/// pool is the host's own limit, so the event waits for a slot instead.
+#[test]
+fn a_busy_instance_pool_makes_mapping_wait_not_dead_letter() {
+    let runtime = Runtime::new(RuntimeConfig {
+        concurrency: 1,
+        cache_dir: Some(cache_dir()),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let bytes = std::fs::read(plugin_fixtures::HOSTILE).unwrap();
+    let plugin = Arc::new(runtime.load(&bytes, "hostile").unwrap());
+    if !runtime.pooling() {
+        return; // On-demand allocation has no slots to run out of.
+    }
+    // The idle instance the load left in the pool, then every free slot.
+    let mut held = vec![plugin.pool().take(&plugin).unwrap()];
+    loop {
+        match plugin.instance() {
+            Ok(instance) => held.push(instance),
+            Err(CallError::Busy(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let settings = settings(&plugin);
+    let mapper = EventMapper::new(crate::support::slot(plugin, &settings), settings);
+    let mapping = std::thread::spawn(move || mapper.map(EventId::Line(1), &json!({"messageId": "waits"}).to_string()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!mapping.is_finished(), "mapping went ahead with no free slot");
+    drop(held.pop());
+    let mapped = mapping.join().unwrap();
+    assert!(!mapped.plugin_failed, "{:?}", mapped.outcome);
+    assert!(matches!(mapped.outcome, MappedOutcome::Send(_)), "{:?}", mapped.outcome);
+}
