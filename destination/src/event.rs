@@ -1,10 +1,12 @@
 //! Read-only access to a Chord (Jitsu/Segment-shaped) event: where each
 //! field lives, and nothing about Klaviyo.
 
+use std::cell::OnceCell;
 use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The Segment/Jitsu call types Chord sends.
@@ -24,22 +26,31 @@ pub enum Kind {
 /// `userAgent`, `page`...) are skipped while parsing, never built: building
 /// and dropping them was a fifth of a small event's mapping. JSON `null` and
 /// an absent field read the same.
+///
+/// `properties`, often most of an event's bytes and nearly always passed on
+/// as they are, is kept as the text it was sent as; it is built as a tree
+/// only when something needs the whole of it.
 pub struct ChordEvent<'a> {
     /// The event as received, for the content hash of an event without a
     /// `messageId`.
     text: &'a str,
-    fields: Fields,
+    fields: Fields<'a>,
+    /// `properties` as a tree, built on first use.
+    properties: OnceCell<Option<Value>>,
+    /// `properties`' top-level members, found on first use.
+    property_index: OnceCell<Vec<(String, &'a RawValue)>>,
 }
 
 #[derive(Default)]
-struct Fields {
+struct Fields<'a> {
     kind: Option<Value>,
     name: Option<Value>,
     message_id: Option<Value>,
     user_id: Option<Value>,
     anonymous_id: Option<Value>,
     timestamp: Option<Value>,
-    properties: Option<Value>,
+    /// Only when it is an object.
+    properties: Option<&'a RawValue>,
     traits: Option<Value>,
     request_ip: Option<Value>,
     context: Context,
@@ -60,7 +71,12 @@ impl<'a> ChordEvent<'a> {
     /// Parses event JSON; the reason names what is wrong.
     pub fn parse(text: &'a str) -> Result<ChordEvent<'a>, String> {
         match serde_json::from_str::<ObjectOr<Fields>>(text) {
-            Ok(ObjectOr::Object(fields)) => Ok(ChordEvent { text, fields }),
+            Ok(ObjectOr::Object(fields)) => Ok(ChordEvent {
+                text,
+                fields,
+                properties: OnceCell::new(),
+                property_index: OnceCell::new(),
+            }),
             Ok(ObjectOr::Other(kind)) => Err(format!("the event is a JSON {kind}, not an object")),
             Err(e) => Err(format!("the event is not valid JSON: {e}")),
         }
@@ -117,8 +133,41 @@ impl<'a> ChordEvent<'a> {
         self.fields.request_ip.as_ref()
     }
 
+    /// `properties` as sent, when it is an object.
+    pub fn properties_raw(&self) -> Option<&'a RawValue> {
+        self.fields.properties
+    }
+
+    /// `properties` as a tree (built on first use).
     pub fn properties(&self) -> Option<&Map<String, Value>> {
-        self.fields.properties.as_ref().and_then(Value::as_object)
+        self.properties
+            .get_or_init(|| {
+                let raw = self.fields.properties?;
+                serde_json::from_str(raw.get()).ok()
+            })
+            .as_ref()
+            .and_then(Value::as_object)
+    }
+
+    /// One top-level member of `properties`, without building the rest;
+    /// `null` reads as absent. A repeated key keeps its last value.
+    pub fn property(&self, key: &str) -> Option<Value> {
+        if let Some(tree) = self.properties.get() {
+            return tree.as_ref()?.get(key).filter(|v| !v.is_null()).cloned();
+        }
+        let index = self.property_index.get_or_init(|| match self.fields.properties {
+            Some(raw) => serde_json::from_str::<Members<'a>>(raw.get()).map_or_else(|_| Vec::new(), |m| m.0),
+            None => Vec::new(),
+        });
+        let (_, raw) = index.iter().rev().find(|(name, _)| name == key)?;
+        serde_json::from_str::<Value>(raw.get()).ok().filter(|v| !v.is_null())
+    }
+
+    /// The members of `properties` named `keys`, as a small object.
+    pub fn properties_subset(&self, keys: &[&str]) -> Map<String, Value> {
+        keys.iter()
+            .filter_map(|key| Some((key.to_string(), self.property(key)?)))
+            .collect()
     }
 
     /// Top-level `traits` (identify and group calls).
@@ -159,12 +208,35 @@ enum ObjectOr<T> {
     Other(&'static str),
 }
 
-/// Reads an object's members into a struct, skipping unread keys unbuilt.
-trait ReadObject: Sized {
-    fn read<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+/// An object's top-level members, each kept as the text it was sent as.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+                let mut members = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    members.push((key, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
 }
 
-impl<'de, T: ReadObject> Deserialize<'de> for ObjectOr<T> {
+/// Reads an object's members into a struct, skipping unread keys unbuilt.
+trait ReadObject<'de>: Sized {
+    fn read<A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+}
+
+impl<'de, T: ReadObject<'de>> Deserialize<'de> for ObjectOr<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ObjectOrVisitor(std::marker::PhantomData))
     }
@@ -172,7 +244,7 @@ impl<'de, T: ReadObject> Deserialize<'de> for ObjectOr<T> {
 
 struct ObjectOrVisitor<T>(std::marker::PhantomData<T>);
 
-impl<'de, T: ReadObject> Visitor<'de> for ObjectOrVisitor<T> {
+impl<'de, T: ReadObject<'de>> Visitor<'de> for ObjectOrVisitor<T> {
     type Value = ObjectOr<T>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -239,8 +311,17 @@ fn value<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<Value>, A::Error>
     Ok(Some(map.next_value::<Value>()?).filter(|v| !v.is_null()))
 }
 
-impl ReadObject for Fields {
-    fn read<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+/// `properties` as sent, when it is an object. Capturing it checks its
+/// syntax; the few things only a full read finds (a lone UTF-16 surrogate
+/// in an escape, a number out of range) are found when the mapping reads
+/// it (`limits::raw_fits`).
+fn raw_object<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<&'de RawValue>, A::Error> {
+    let raw = map.next_value::<&'de RawValue>()?;
+    Ok(raw.get().starts_with('{').then_some(raw))
+}
+
+impl<'de> ReadObject<'de> for Fields<'de> {
+    fn read<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
         let mut fields = Fields::default();
         while let Some(key) = map.next_key::<TopKey>()? {
             match key {
@@ -250,7 +331,7 @@ impl ReadObject for Fields {
                 TopKey::UserId => fields.user_id = value(&mut map)?,
                 TopKey::AnonymousId => fields.anonymous_id = value(&mut map)?,
                 TopKey::Timestamp => fields.timestamp = value(&mut map)?,
-                TopKey::Properties => fields.properties = value(&mut map)?,
+                TopKey::Properties => fields.properties = raw_object(&mut map)?,
                 TopKey::Traits => fields.traits = value(&mut map)?,
                 TopKey::RequestIp => fields.request_ip = value(&mut map)?,
                 TopKey::Context => {
@@ -281,8 +362,8 @@ enum ContextKey {
     Other,
 }
 
-impl ReadObject for Context {
-    fn read<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+impl<'de> ReadObject<'de> for Context {
+    fn read<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
         let mut context = Context::default();
         while let Some(key) = map.next_key::<ContextKey>()? {
             match key {

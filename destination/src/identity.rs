@@ -3,6 +3,8 @@
 //! `context.traits` (copied into browser calls) and `properties` (server
 //! events such as Order Completed); the first usable one wins, in that order.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::event::ChordEvent;
@@ -87,12 +89,14 @@ impl Identity {
     }
 }
 
-/// Where identifiers may live, in order of precedence.
-fn sources<'e>(event: &'e ChordEvent<'_>) -> Vec<(&'static str, &'e Map<String, Value>)> {
+/// Where identifiers may live, in order of precedence. Of `properties`,
+/// only the identifier members are read (it can be hundreds of KB).
+fn sources<'e>(event: &'e ChordEvent<'_>) -> Vec<(&'static str, Cow<'e, Map<String, Value>>)> {
+    let properties = event.properties_subset(&["email", "phone", "phone_number"]);
     [
-        ("traits", event.traits()),
-        ("context.traits", event.context_traits()),
-        ("properties", event.properties()),
+        ("traits", event.traits().map(Cow::Borrowed)),
+        ("context.traits", event.context_traits().map(Cow::Borrowed)),
+        ("properties", (!properties.is_empty()).then_some(Cow::Owned(properties))),
     ]
     .into_iter()
     .filter_map(|(name, map)| map.map(|m| (name, m)))

@@ -3,6 +3,10 @@
 //! objects nested too deep kept as JSON text, properties beyond the count
 //! dropped. Each change is reported as a warning naming the field.
 
+use std::borrow::Cow;
+
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::klaviyo::limits;
@@ -90,7 +94,9 @@ pub fn fit_event_properties(mut properties: Map<String, Value>, changes: &mut Ch
 }
 
 /// Whether event properties are within every limit already, so that
-/// `fit_event_properties` would change nothing.
+/// `fit_event_properties` would change nothing: the plain statement of
+/// what `raw_fits` decides on text, which the tests hold it to.
+#[cfg(test)]
 pub fn fits(properties: &Map<String, Value>) -> bool {
     fn value_fits(value: &Value, depth: usize) -> bool {
         match value {
@@ -102,6 +108,138 @@ pub fn fits(properties: &Map<String, Value>) -> bool {
         }
     }
     properties.len() <= limits::EVENT_PROPERTIES && properties.values().all(|v| value_fits(v, 1))
+}
+
+/// The same judgement as `fits`, made on the properties as sent, without
+/// building them: a scan that allocates nothing but the top-level keys.
+/// A large event (a 200 KB product list) then costs a read, not a tree
+/// built, walked and printed again. A repeated top-level key, which a
+/// tree would have collapsed, counts as not fitting, so that event takes
+/// the tree path and is sent exactly as before. `Err` when the text is not
+/// valid JSON.
+pub fn raw_fits(properties: &RawValue) -> Result<bool, serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_str(properties.get());
+    FitsTop.deserialize(&mut deserializer)
+}
+
+/// The top-level properties object.
+struct FitsTop;
+
+impl<'de> DeserializeSeed<'de> for FitsTop {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FitsTop {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut keys: Vec<Cow<'de, str>> = Vec::new();
+        let mut fits = true;
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            if fits {
+                fits = keys.len() < limits::EVENT_PROPERTIES && !keys.contains(&key.0);
+                keys.push(key.0);
+            }
+            fits = if fits {
+                map.next_value_seed(Fits { depth: 1 })?
+            } else {
+                map.next_value::<IgnoredAny>()?;
+                false
+            };
+        }
+        Ok(fits)
+    }
+}
+
+/// An object key, borrowed unless it holds escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(key)))
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key.to_string())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// A value held by an object at nesting level `depth`.
+struct Fits {
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Fits {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Fits {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<bool, E> {
+        Ok(text.len() <= limits::STRING_BYTES)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        Ok(true)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let mut fits = true;
+        let mut items = 0;
+        loop {
+            let item = if fits {
+                seq.next_element_seed(Fits { depth: self.depth })?
+            } else {
+                seq.next_element::<IgnoredAny>()?.map(|_| false)
+            };
+            let Some(item_fits) = item else { break };
+            items += 1;
+            fits = item_fits && items <= limits::ARRAY_ITEMS;
+        }
+        Ok(fits)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut fits = self.depth < limits::NESTING_DEPTH;
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            fits = if fits {
+                map.next_value_seed(Fits { depth: self.depth + 1 })?
+            } else {
+                map.next_value::<IgnoredAny>()?;
+                false
+            };
+        }
+        Ok(fits)
+    }
 }
 
 /// An object whose values fit the string, array and depth limits. `depth`
@@ -231,6 +369,18 @@ mod tests {
     }
 
     #[test]
+    fn raw_fits_sends_repeated_keys_and_bad_text_down_the_tree_path() {
+        let raw = |text: &str| RawValue::from_string(text.to_string()).unwrap();
+        assert!(!raw_fits(&raw(r#"{"a": 1, "a": 2}"#)).unwrap(), "a repeated key");
+        assert!(
+            raw_fits(&raw(r#"{"a\u0062": {"a": 1}, "ab2": [1]}"#)).unwrap(),
+            "escaped keys"
+        );
+        assert!(raw_fits(&raw(r#"{"s": "\ud800"}"#)).is_err(), "a lone surrogate");
+        assert!(raw_fits(&raw(r#"{"n": 1e999}"#)).is_err(), "a number out of range");
+    }
+
+    #[test]
     fn fits_is_true_exactly_when_fitting_changes_nothing() {
         let mut deep = json!({"leaf": 1});
         for _ in 0..12 {
@@ -255,6 +405,8 @@ mod tests {
             let map = properties.as_object().unwrap();
             let (fitted, warnings) = fit(properties.clone());
             assert_eq!(fits(map), fitting, "{properties:.80}");
+            let raw = RawValue::from_string(properties.to_string()).unwrap();
+            assert_eq!(raw_fits(&raw).unwrap(), fitting, "raw: {properties:.80}");
             assert_eq!(warnings.is_empty() && fitted == properties, fitting, "{properties:.80}");
         }
     }

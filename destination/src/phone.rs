@@ -4,8 +4,25 @@
 //! is read in the first country the event tells us (see
 //! `identity::countries`).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use rlibphonenumber::enums::Region;
 use rlibphonenumber::{PHONE_NUMBER_UTIL, PhoneNumberFormat};
+
+/// A number as written, and the countries it is read in.
+type CacheKey = (String, Vec<String>);
+
+/// Numbers remembered per instance (then forgotten all at once).
+const CACHE_ENTRIES: usize = 4096;
+
+thread_local! {
+    /// Recent answers, by number and countries. A shopper's number comes
+    /// with every event they send (`context.traits` carries it), and often
+    /// twice in one event; libphonenumber's parse and validation run
+    /// dozens of regexes, tens of microseconds in the component.
+    static CACHE: RefCell<HashMap<CacheKey, Option<String>>> = RefCell::new(HashMap::new());
+}
 
 /// Normalises `raw` to E.164, reading a national number in each of
 /// `countries` in turn. `None` when no reading gives a valid number.
@@ -14,6 +31,21 @@ pub fn to_e164(raw: &str, countries: &[String]) -> Option<String> {
     if raw.is_empty() {
         return None;
     }
+    let key = (raw.to_string(), countries.to_vec());
+    if let Some(known) = CACHE.with_borrow(|cache| cache.get(&key).cloned()) {
+        return known;
+    }
+    let answer = parse_e164(raw, countries);
+    CACHE.with_borrow_mut(|cache| {
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, answer.clone());
+    });
+    answer
+}
+
+fn parse_e164(raw: &str, countries: &[String]) -> Option<String> {
     let international = raw.starts_with('+') || raw.starts_with("00");
     if international {
         return valid_e164(None, raw);

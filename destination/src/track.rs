@@ -1,9 +1,8 @@
 //! `track` -> Klaviyo Create Event (`POST /api/events`), under the event's
 //! own name, and optionally one `Ordered Product` per item of an order.
 
-use std::borrow::Cow;
-
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -11,7 +10,7 @@ use crate::contract::{Outcome, Request};
 use crate::event::ChordEvent;
 use crate::identity::Identity;
 use crate::klaviyo::{self, limits};
-use crate::limits::{Changes, fit_event_properties, fit_object, fits, json_size};
+use crate::limits::{Changes, fit_event_properties, fit_object, json_size, raw_fits};
 use crate::profile::{self, Scope};
 use crate::request::{self, Resource};
 use crate::settings::Settings;
@@ -59,28 +58,41 @@ pub fn map(
     };
 
     let mut changes = Changes::default();
-    let empty = Map::new();
-    let original = event.properties().unwrap_or(&empty);
-    // Nearly every event fits as sent, and then is not copied.
-    let properties = if fits(original) {
-        Cow::Borrowed(original)
-    } else {
-        Cow::Owned(fit_event_properties(original.clone(), &mut changes))
+    // Nearly every event's properties fit as sent, and then are passed on
+    // as the very text they came in, never built into a tree.
+    let fitting = match event.properties_raw().map(raw_fits) {
+        None => Ok(true),
+        Some(Ok(fitting)) => Ok(fitting),
+        Some(Err(e)) => Err(format!("the event's properties are not valid JSON: {e}")),
     };
-    let currency = currency(original, warnings);
+    let properties = match (fitting, event.properties_raw()) {
+        (Err(reason), _) => return (Outcome::Error(reason), ordering_key),
+        (Ok(true), Some(raw)) => Properties::AsSent(raw),
+        (Ok(true), None) => Properties::Fitted(Map::new()),
+        (Ok(false), _) => {
+            let original = event.properties().cloned().unwrap_or_default();
+            Properties::Fitted(fit_event_properties(original, &mut changes))
+        }
+    };
+    let currency = currency(event.property("currency"), warnings);
     let attributes = EventAttributes {
         properties: &properties,
         time: time.as_deref(),
-        value: first_number(original, &["revenue", "total", "value"]),
+        value: ["revenue", "total", "value"]
+            .iter()
+            .find_map(|key| number(&event.property(key)?)),
         value_currency: currency.as_deref(),
         unique_id: &base_id,
         metric: Resource::document("metric", Metric { name }),
         profile: Resource::document("profile", &profile),
     };
     let mut requests = vec![event_request(&attributes, settings)];
-    if settings.ordered_product_events && name == ORDER_COMPLETED {
+    if settings.ordered_product_events
+        && name == ORDER_COMPLETED
+        && let Some(order) = event.properties()
+    {
         requests.extend(ordered_products(
-            original,
+            order,
             &base_id,
             time.as_deref(),
             &profile,
@@ -190,7 +202,7 @@ fn event_profile(
 /// as much as all the rest of a small event's mapping.
 #[derive(Serialize)]
 struct EventAttributes<'a> {
-    properties: &'a Map<String, Value>,
+    properties: &'a Properties<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     time: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -200,6 +212,14 @@ struct EventAttributes<'a> {
     unique_id: &'a str,
     metric: Resource<Metric<'a>>,
     profile: Resource<&'a Map<String, Value>>,
+}
+
+/// Event properties: as sent, or fitted into Klaviyo's limits.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Properties<'a> {
+    AsSent(&'a RawValue),
+    Fitted(Map<String, Value>),
 }
 
 #[derive(Serialize)]
@@ -217,11 +237,6 @@ fn event_request(attributes: &EventAttributes<'_>, settings: &Settings) -> Reque
     )
 }
 
-/// The first of `keys` that holds a number (or a numeric string).
-fn first_number(properties: &Map<String, Value>, keys: &[&str]) -> Option<f64> {
-    keys.iter().find_map(|key| number(properties.get(*key)?))
-}
-
 fn number(value: &Value) -> Option<f64> {
     match value {
         Value::Number(n) => n.as_f64(),
@@ -231,8 +246,9 @@ fn number(value: &Value) -> Option<f64> {
 }
 
 /// `currency` as an ISO 4217 code in upper case.
-fn currency(properties: &Map<String, Value>, warnings: &mut Vec<String>) -> Option<String> {
-    let raw = properties.get("currency")?.as_str()?.trim();
+fn currency(currency: Option<Value>, warnings: &mut Vec<String>) -> Option<String> {
+    let currency = currency?;
+    let raw = currency.as_str()?.trim();
     if raw.len() == 3 && raw.chars().all(|c| c.is_ascii_alphabetic()) {
         Some(raw.to_ascii_uppercase())
     } else {
@@ -259,7 +275,7 @@ fn ordered_products(
     let Some(items) = order.get("products").and_then(Value::as_array) else {
         return Vec::new();
     };
-    let currency = currency(order, &mut Vec::new());
+    let currency = currency(order.get("currency").cloned(), &mut Vec::new());
     let mut requests = Vec::new();
     for (position, item) in items.iter().enumerate() {
         let Some(item) = item.as_object() else {
@@ -280,7 +296,7 @@ fn ordered_products(
         if let Some(id) = order.get("order_id") {
             properties.insert("order_id".into(), id.clone());
         }
-        let properties = fit_event_properties(properties, changes);
+        let properties = Properties::Fitted(fit_event_properties(properties, changes));
         let value = item.get("price").and_then(number).map(|price| {
             let quantity = item.get("quantity").and_then(number).unwrap_or(1.0);
             round(price * quantity)

@@ -6,7 +6,7 @@ use std::io::{BufRead, Write};
 
 use serde::Serialize;
 
-use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome};
+use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome, line_text};
 use crate::settings::DestinationSettings;
 use crate::shown::ShownRequest;
 
@@ -31,7 +31,10 @@ impl MapRow {
             MappedOutcome::Send(requests) => (
                 "send",
                 None,
-                requests.iter().map(|r| ShownRequest::new(r, settings)).collect(),
+                requests
+                    .into_iter()
+                    .map(|r| ShownRequest::from_owned(r, settings))
+                    .collect(),
             ),
             MappedOutcome::Skip(reason) => ("skip", Some(reason), Vec::new()),
             MappedOutcome::Error(reason) => ("error", Some(reason), Vec::new()),
@@ -52,15 +55,20 @@ impl MapRow {
 pub fn run(
     mapper: &EventMapper,
     settings: &DestinationSettings,
-    input: impl BufRead,
+    mut input: impl BufRead,
     mut output: impl Write,
 ) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
-    for (index, line) in input.split(b'\n').enumerate() {
-        let bytes = line?;
-        let text = String::from_utf8_lossy(&bytes);
-        let text = text.strip_suffix('\r').unwrap_or(&text);
-        let mapped = mapper.map(EventId::Line(index as u64 + 1), text);
+    let mut line = Vec::new();
+    let mut number = 0;
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        number += 1;
+        let text = line_text(line.strip_suffix(b"\n").unwrap_or(&line));
+        let mapped = mapper.map(EventId::Line(number), &text);
         summary.count(&mapped.outcome);
         let row = MapRow::new(mapped, settings);
         serde_json::to_writer(&mut output, &row)?;

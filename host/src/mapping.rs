@@ -5,11 +5,13 @@
 //! delivery can map it again with a fresh instance before calling it
 //! poison; the failed instance is dropped.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plugin_runtime::{CallError, HttpRequest, Instance, Loaded, Mapping, Outcome, Plugin, PluginSlot, now_unix_ms};
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use crate::settings::DestinationSettings;
@@ -89,28 +91,16 @@ impl EventMapper {
             ordering_key: None,
             plugin_failed: false,
         };
-        let envelope = match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(object)) => object,
-            Ok(other) => {
-                mapped.outcome =
-                    MappedOutcome::Error(format!("{id} is a JSON {}, not an event object", kind_of(&other)));
+        match Envelope::read(id, text) {
+            Ok(envelope) => {
+                mapped.message_id = envelope.message_id;
+                mapped.kind = envelope.kind;
+            }
+            Err(reason) => {
+                mapped.outcome = MappedOutcome::Error(reason);
                 return mapped;
             }
-            Err(_) if text.trim().is_empty() => {
-                mapped.outcome = MappedOutcome::Error(format!("{id} is empty"));
-                return mapped;
-            }
-            Err(e) => {
-                mapped.outcome = MappedOutcome::Error(format!("{id} is not JSON: {e}"));
-                return mapped;
-            }
-        };
-        mapped.message_id = match envelope.get("messageId") {
-            Some(Value::String(id)) => Some(id.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        };
-        mapped.kind = envelope.get("type").and_then(Value::as_str).map(str::to_string);
+        }
 
         loaded.count_mapped();
         match self.call(&loaded, text) {
@@ -152,6 +142,58 @@ impl EventMapper {
     }
 }
 
+/// What the host reads of an event itself: the rest is the plugin's. Read
+/// without building the event (every other field is skipped unparsed), so
+/// a 200 KB event costs the host a scan, not a tree.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "messageId", default, deserialize_with = "message_id")]
+    message_id: Option<String>,
+    #[serde(rename = "type", default, deserialize_with = "kind")]
+    kind: Option<String>,
+}
+
+impl Envelope {
+    /// The envelope of an event object, or why the text is not one.
+    fn read(id: EventId, text: &str) -> Result<Envelope, String> {
+        if text.trim().is_empty() {
+            return Err(format!("{id} is empty"));
+        }
+        // Only an object is an event (a derived struct would also read an
+        // array, by position).
+        let object = text.trim_start().starts_with('{');
+        match serde_json::from_str::<Envelope>(text) {
+            Ok(envelope) if object => Ok(envelope),
+            // Not an object, or not JSON: say which, from the whole value.
+            _ => match serde_json::from_str::<Value>(text) {
+                Ok(Value::Object(_)) => Ok(Envelope {
+                    message_id: None,
+                    kind: None,
+                }),
+                Ok(other) => Err(format!("{id} is a JSON {}, not an event object", kind_of(&other))),
+                Err(e) => Err(format!("{id} is not JSON: {e}")),
+            },
+        }
+    }
+}
+
+/// `messageId` as text, whether sent as a string or a number.
+fn message_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::String(id) => Some(id),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+/// `type` when it is a string.
+fn kind<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::String(kind) => Some(kind),
+        _ => None,
+    })
+}
+
 /// An instance of `plugin`, waiting while every instance slot is in use:
 /// a busy pool is not the plugin's fault, so the event waits for a slot
 /// (back-pressure on the input) rather than counting as a failure.
@@ -171,6 +213,17 @@ fn take_waiting(plugin: &Arc<Plugin>) -> Result<Instance, CallError> {
             }
             other => return other,
         }
+    }
+}
+
+/// An input line as text: as it is when it is UTF-8, which `from_utf8`
+/// checks at full speed; otherwise with each invalid byte replaced (the
+/// plugin then sees U+FFFD, and the event is still mapped).
+pub fn line_text(bytes: &[u8]) -> Cow<'_, str> {
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
     }
 }
 

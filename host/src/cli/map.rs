@@ -16,7 +16,9 @@ pub fn map(runtime_args: &RuntimeArgs, args: MapArgs) -> anyhow::Result<ExitCode
     let runtime = super::runtime(runtime_args, 1)?;
     let (slot, settings) = super::load_destination(&runtime, &args.plugin)?;
     let mapper = EventMapper::new(slot, settings.clone());
-    let stdout = io::stdout().lock();
+    // Block-buffered: stdout is line-buffered, and a flush per output line
+    // cost a tenth of `map`'s time.
+    let stdout = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
     match args.input.as_deref() {
         None => dry_run::run(&mapper, &settings, io::stdin().lock(), stdout)?,
         Some(path) if path == Path::new("-") => dry_run::run(&mapper, &settings, io::stdin().lock(), stdout)?,

@@ -30,7 +30,7 @@ pub use outcome::{DeadLetter, EventOutcome, EventRecord, Report};
 use pacing::Pacer;
 pub use stats::{BUCKETS, Histogram, Progress};
 
-use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome};
+use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome, line_text};
 use crate::settings::DestinationSettings;
 use crate::shown::ShownRequest;
 
@@ -136,11 +136,7 @@ impl Delivery {
     ) -> anyhow::Result<Report> {
         let lines = input.split(b'\n').enumerate().map(|(index, line)| {
             let bytes = line?;
-            let text = String::from_utf8_lossy(&bytes);
-            Ok((
-                EventId::Line(index as u64 + 1),
-                text.strip_suffix('\r').unwrap_or(&text).to_string(),
-            ))
+            Ok((EventId::Line(index as u64 + 1), line_text(&bytes).into_owned()))
         });
         self.run_events(lines, observe).await
     }
