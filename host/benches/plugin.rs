@@ -1,7 +1,10 @@
 //! `cargo bench -p cdp-host --bench plugin`: what a plugin call costs.
 //!
 //! 1. Mapping cost per event, the same Klaviyo mapping code compiled
-//!    natively and run as the component through the host, side by side:
+//!    natively and run as the component through the host, side by side,
+//!    on Chord's 24 samples (`../shared/chord/sample-events.ndjson`, or
+//!    `$CHORD_SAMPLES`), on the generated mix by event type (`chord-corpus`,
+//!    seed 1), and on four synthetic events kept as extra rows:
 //!    short batches alternate between the two so machine noise hits both
 //!    alike. Noise on a shared VM only ever adds time, so the fastest batch
 //!    is the steadiest estimate of the cost itself; the median is shown
@@ -22,6 +25,8 @@ const NOW: i64 = 1_795_824_000_000;
 const BATCHES: usize = 15;
 /// Mapping batches: many short ones, so some run undisturbed.
 const MAPPING_BATCHES: usize = 61;
+/// Batches per sample and per type of the mix: fewer, as there are many.
+const SAMPLE_BATCHES: usize = 21;
 
 fn main() {
     let runtime = Runtime::new(RuntimeConfig {
@@ -34,34 +39,44 @@ fn main() {
     let mut instance = plugin.instance().expect("instance");
     let settings = r#"{"default_country":"US"}"#;
 
-    println!("Mapping cost per event, µs ({MAPPING_BATCHES} interleaved batches: fastest / median)");
-    println!("{:<40} {:>15} {:>15} {:>14}", "event", "native", "component", "ratio");
+    println!("Mapping cost per event, µs (interleaved batches: fastest / median)");
+    println!("{:<44} {:>15} {:>15} {:>12}", "event", "native", "component", "ratio");
+    if let Some(samples) = samples() {
+        println!("Chord's samples ({SAMPLE_BATCHES} batches each)");
+        let (mut native_sum, mut component_sum) = (0.0, 0.0);
+        for (index, sample) in samples.iter().enumerate() {
+            let label = format!("{:>2} {} ({} B)", index + 1, name(sample), sample.len());
+            let (n, c) = compare(
+                &mut instance,
+                settings,
+                &label,
+                std::slice::from_ref(sample),
+                SAMPLE_BATCHES,
+            );
+            native_sum += n;
+            component_sum += c;
+        }
+        println!(
+            "{:<44} {:>15.2} {:>15.2} {:>12.2}",
+            "mean of the 24 (fastest)",
+            native_sum / samples.len() as f64,
+            component_sum / samples.len() as f64,
+            component_sum / native_sum
+        );
+    }
+    println!("The generated mix by type ({SAMPLE_BATCHES} batches each; per event over all of a type)");
+    let mut by_type: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for event in chord_corpus::generate(1, 5_000) {
+        by_type.entry(name(&event)).or_default().push(event);
+    }
+    for (kind, events) in &by_type {
+        let label = format!("{kind} ({} events)", events.len());
+        compare(&mut instance, settings, &label, events, SAMPLE_BATCHES);
+    }
+    println!("Synthetic events ({MAPPING_BATCHES} batches each)");
     for (name, event) in corpus() {
         let text = event.to_string();
-        let iterations = if text.len() > 100_000 { 4 } else { 300 };
-        let mut native = Vec::new();
-        let mut component = Vec::new();
-        for _ in 0..MAPPING_BATCHES {
-            native.push(per_call(iterations, || {
-                black_box(klaviyo_destination::map(settings, black_box(&text), NOW));
-            }));
-            component.push(per_call(iterations, || {
-                black_box(instance.map_event(settings, black_box(&text), NOW).expect("map"));
-            }));
-        }
-        let (n_min, c_min) = (fastest(&native), fastest(&component));
-        let (n_med, c_med) = (median(native), median(component));
-        println!(
-            "{:<40} {:>15} {:>15} {:>14}",
-            format!("{name} ({} B)", text.len()),
-            format!("{:.2} / {:.2}", micros(n_min), micros(n_med)),
-            format!("{:.2} / {:.2}", micros(c_min), micros(c_med)),
-            format!(
-                "{:.2} / {:.2}",
-                c_min.as_secs_f64() / n_min.as_secs_f64(),
-                c_med.as_secs_f64() / n_med.as_secs_f64()
-            ),
-        );
+        compare(&mut instance, settings, name, &[text], MAPPING_BATCHES);
     }
 
     println!("\nHost call overhead (validate-settings of \"{{}}\": a near-empty call)");
@@ -117,6 +132,72 @@ fn main() {
         micros(fresh_identify)
     );
     println!("pooling allocator: {}", runtime.pooling());
+    let mut warmed = plugin.instance().expect("instance");
+    let fresh = warmed.memory_bytes();
+    map(&mut warmed, &identify);
+    println!(
+        "instance memory: fresh {} KiB, after an identify with a phone {} KiB, after the corpus {} KiB",
+        fresh >> 10,
+        warmed.memory_bytes() >> 10,
+        instance.memory_bytes() >> 10
+    );
+}
+
+/// Maps `events` natively and in the component in alternating batches of
+/// about 2 ms, prints the row, and returns the fastest per-event µs of each.
+fn compare(instance: &mut Instance, settings: &str, label: &str, events: &[String], batches: usize) -> (f64, f64) {
+    let bytes: usize = events.iter().map(String::len).sum();
+    let rounds = (2_000_000 / bytes.max(1)).clamp(1, 300);
+    let mut native = Vec::new();
+    let mut component = Vec::new();
+    for _ in 0..batches {
+        native.push(per_call(rounds, || {
+            for event in events {
+                black_box(klaviyo_destination::map(settings, black_box(event), NOW));
+            }
+        }));
+        component.push(per_call(rounds, || {
+            for event in events {
+                black_box(instance.map_event(settings, black_box(event), NOW).expect("map"));
+            }
+        }));
+    }
+    let per_event = |d: Duration| micros(d) / events.len() as f64;
+    let (n_min, c_min) = (per_event(fastest(&native)), per_event(fastest(&component)));
+    let (n_med, c_med) = (per_event(median(native)), per_event(median(component)));
+    println!(
+        "{:<44} {:>15} {:>15} {:>12}",
+        label,
+        format!("{n_min:.2} / {n_med:.2}"),
+        format!("{c_min:.2} / {c_med:.2}"),
+        format!("{:.2} / {:.2}", c_min / n_min, c_med / n_med),
+    );
+    (n_min, c_min)
+}
+
+/// Chord's sample events, if they are beside the checkout.
+fn samples() -> Option<Vec<String>> {
+    let path = std::env::var_os("CHORD_SAMPLES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/chord/sample-events.ndjson")
+        });
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// `track` events by name, others by type.
+fn name(event: &str) -> String {
+    let value: Value = serde_json::from_str(event).unwrap();
+    match value["event"].as_str() {
+        Some(name) => name.to_string(),
+        None => value["type"].as_str().unwrap_or("?").to_string(),
+    }
 }
 
 fn call(instance: &mut Instance) {

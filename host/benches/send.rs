@@ -1,8 +1,12 @@
 //! `cargo bench -p cdp-host --bench send`: `cdp-host send` end to end, into
 //! `cdp-host sandbox` running as a separate process on loopback.
 //!
-//! 1. Throughput with the sandbox's rate limits off: events per second and
-//!    the sender's peak resident memory.
+//! 1. Throughput with the sandbox's rate limits off, on what Chord sends:
+//!    the generated mix (`chord-corpus`, 50,000 events, seed 1) and Chord's
+//!    24 samples x 250 with unique message ids (`../shared/chord/`, or
+//!    `$CHORD_SAMPLES`). Reported: events per second, the sender's peak
+//!    resident memory and CPU time, and the sandbox's CPU time apart (on
+//!    this 2-core machine the two processes share the cores).
 //! 2. With Klaviyo's limits on: the delivered rate as a share of the events
 //!    endpoint's steady budget (3500/min), and the 429s seen, both counted
 //!    after a one-minute warm-up. `BENCH_LIMITED_MINUTES` (default 3) sets
@@ -12,7 +16,7 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,24 +28,14 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("cdp-host-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
-    let events = 50_000;
-    let corpus = dir.join("throughput.ndjson");
-    write_corpus(&corpus, events, 5_000);
-    let sandbox = KlaviyoMock::start(&["--no-rate-limits"]);
-    let started = Instant::now();
-    let output = send(&sandbox.url, &corpus, &dir);
-    let elapsed = started.elapsed();
-    let summary = String::from_utf8_lossy(&output.stdout);
-    println!("Throughput, sandbox rate limits off ({events} events, 5000 people, concurrency 64)");
-    for line in summary
-        .lines()
-        .filter(|l| l.contains("events read") || l.starts_with("peak memory"))
-    {
-        println!("  {line}");
+    let mix = dir.join("mix.ndjson");
+    write_lines(&mix, chord_corpus::generate(1, 50_000));
+    throughput("the generated mix (50,000 events, seed 1)", &mix, &dir);
+    if let Some(samples) = samples() {
+        let file = dir.join("samples.ndjson");
+        write_lines(&file, unique_copies(&samples, 250));
+        throughput("Chord's 24 samples x 250, unique message ids", &file, &dir);
     }
-    println!("  wall clock including start-up: {:.2}s", elapsed.as_secs_f64());
-    println!("  sandbox: {}", sandbox.stats_line());
-    drop(sandbox);
 
     let minutes: u64 = std::env::var("BENCH_LIMITED_MINUTES")
         .ok()
@@ -53,6 +47,76 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn throughput(what: &str, corpus: &Path, dir: &Path) {
+    let sandbox = KlaviyoMock::start(&["--no-rate-limits"]);
+    let sandbox_before = sandbox.cpu();
+    let sender_before = children_cpu();
+    let output = send(&sandbox.url, corpus, dir);
+    let sender_cpu = children_cpu() - sender_before;
+    let sandbox_cpu = sandbox.cpu() - sandbox_before;
+    let summary = String::from_utf8_lossy(&output.stdout);
+    println!("Throughput into the sandbox, rate limits off, concurrency 64: {what}");
+    for line in summary
+        .lines()
+        .filter(|l| l.contains("events read") || l.starts_with("peak memory"))
+    {
+        println!("  {line}");
+    }
+    println!(
+        "  CPU: sender {:.2}s, sandbox {:.2}s",
+        sender_cpu.as_secs_f64(),
+        sandbox_cpu.as_secs_f64()
+    );
+    println!("  sandbox: {}", sandbox.stats_line());
+}
+
+/// Chord's sample events, if they are beside the checkout.
+fn samples() -> Option<Vec<String>> {
+    let path = std::env::var_os("CHORD_SAMPLES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/chord/sample-events.ndjson"));
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// `times` copies of `events`, each with its own message id, so that the
+/// sandbox stores every copy rather than deduplicating it.
+fn unique_copies(events: &[String], times: usize) -> impl Iterator<Item = String> {
+    (0..times).flat_map(move |copy| {
+        events.iter().map(move |event| {
+            let mut event: Value = serde_json::from_str(event).unwrap();
+            let id = event["messageId"].as_str().unwrap_or("m").to_string();
+            event["messageId"] = json!(format!("{id}-{copy}"));
+            event.to_string()
+        })
+    })
+}
+
+fn write_lines(path: &Path, lines: impl Iterator<Item = String>) {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for line in lines {
+        writeln!(out, "{line}").unwrap();
+    }
+    out.flush().unwrap();
+}
+
+/// User and system time of the waited-for children so far.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
 /// Klaviyo's limits on: more events than the budget allows in the run, so
 /// the sender is always limited; the rate is read from the sandbox.
 fn limited(dir: &Path, minutes: u64) {
@@ -61,7 +125,7 @@ fn limited(dir: &Path, minutes: u64) {
     write_tracks(&corpus, events);
     let sandbox = KlaviyoMock::start(&[]);
     let mut sender = Command::new(env!("CARGO_BIN_EXE_cdp-host"))
-        .args(["send", "--klaviyo-url", &sandbox.url, "--dead-letters"])
+        .args(["send", "--base-url", &sandbox.url, "--dead-letters"])
         .arg(dir.join("limited-dead.ndjson"))
         .arg(&corpus)
         .env("KLAVIYO_API_KEY", KEY)
@@ -91,7 +155,7 @@ fn send(url: &str, corpus: &Path, dir: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_cdp-host"))
         .args([
             "send",
-            "--klaviyo-url",
+            "--base-url",
             url,
             "--concurrency",
             "64",
@@ -104,29 +168,6 @@ fn send(url: &str, corpus: &Path, dir: &Path) -> std::process::Output {
         .stderr(Stdio::null())
         .output()
         .unwrap()
-}
-
-/// `people` shoppers, each an identify then browsing and ordering.
-fn write_corpus(path: &Path, events: usize, people: usize) {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let names = [
-        "Product Viewed",
-        "Product Added",
-        "Cart Viewed",
-        "Checkout Started",
-        "Order Completed",
-    ];
-    for i in 0..events {
-        let p = i % people;
-        let email = format!("shopper{p}@example.org");
-        let event = if i < people {
-            json!({"type": "identify", "messageId": format!("m{i}"), "userId": format!("u{p}"),
-                   "traits": {"email": email, "firstName": "Shopper", "lastName": format!("{p}"), "plan": "gold"}})
-        } else {
-            track(i, names[i % names.len()], &email)
-        };
-        writeln!(out, "{event}").unwrap();
-    }
 }
 
 fn write_tracks(path: &Path, events: usize) {
@@ -191,6 +232,20 @@ impl KlaviyoMock {
         let accepted = stats["accepted"].as_u64().unwrap_or(0);
         let throttled = stats["rejected"]["429 throttled"].as_u64().unwrap_or(0);
         (accepted, throttled)
+    }
+
+    /// The sandbox process's CPU time so far (Linux `/proc`).
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map_or(vec![], |(_, rest)| rest.split(' ').collect());
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let ticks_of = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15, the 12th and 13th here.
+        Duration::from_secs_f64((ticks_of(11) + ticks_of(12)) / ticks)
     }
 
     fn stats_line(&self) -> String {

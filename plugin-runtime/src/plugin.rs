@@ -158,6 +158,7 @@ impl Plugin {
             memory: MemoryCap {
                 limit: limits.memory_bytes,
                 hit: false,
+                size: 0,
             },
         };
         let mut store = Store::new(&self.runtime.engine, state);
@@ -214,8 +215,16 @@ pub struct Instance {
 impl Instance {
     /// Whether it has served its share of calls and should be replaced by
     /// a fresh one (bounding what a long-lived instance can accumulate).
+    /// Also when its memory has grown past what an idle instance may keep
+    /// (a wasm memory never shrinks: one very large event would otherwise
+    /// hold its high-water mark in every instance that saw one).
     pub fn worn_out(&self) -> bool {
-        self.calls >= self.limits.calls_per_instance
+        self.calls >= self.limits.calls_per_instance || self.memory_bytes() > self.limits.keep_memory_bytes
+    }
+
+    /// Its linear memory's size.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().memory.size
     }
 
     fn call<R>(
@@ -311,6 +320,8 @@ impl WasiView for PluginState {
 struct MemoryCap {
     limit: usize,
     hit: bool,
+    /// The largest linear memory grown to so far.
+    size: usize,
 }
 
 impl ResourceLimiter for MemoryCap {
@@ -319,6 +330,7 @@ impl ResourceLimiter for MemoryCap {
             self.hit = true;
             return Ok(false);
         }
+        self.size = self.size.max(desired);
         Ok(true)
     }
 

@@ -35,6 +35,9 @@ pub struct Limits {
     pub stderr_bytes: usize,
     /// Calls an instance serves before it is replaced by a fresh one.
     pub calls_per_instance: u32,
+    /// Linear memory an instance may keep between calls; one that grew
+    /// beyond it is replaced by a fresh one.
+    pub keep_memory_bytes: usize,
 }
 
 impl Default for Limits {
@@ -46,6 +49,7 @@ impl Default for Limits {
             max_output_bytes: 64 << 20,
             stderr_bytes: 64 << 10,
             calls_per_instance: 10_000,
+            keep_memory_bytes: 8 << 20,
         }
     }
 }

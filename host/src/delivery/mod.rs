@@ -108,8 +108,12 @@ impl Delivery {
             .user_agent(concat!("cdp-host/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(config.concurrency.max(1))
             .build()?;
-        // Half the slots, less the mapping instance and one for loading.
-        let interpreters = (plugin.runtime().instance_slots() / 2).saturating_sub(2).max(1) as usize;
+        // An interpret call takes microseconds, so a few instances judge
+        // every answer of a busy run; each one more costs its linear
+        // memory (about a megabyte). Two per core, within half the slots.
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let slots = (plugin.runtime().instance_slots() / 2).saturating_sub(2).max(1) as usize;
+        let interpreters = cores.min(slots);
         Ok(Arc::new(Delivery {
             slot,
             settings,

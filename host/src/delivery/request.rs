@@ -6,12 +6,22 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use plugin_runtime::{CallError, Header, HttpRequest, HttpResponse, Plugin, Verdict};
 use rand::Rng;
 use tokio::time::Instant;
 
 use super::Delivery;
 use crate::settings::Render;
+
+/// A request's body, handed to the HTTP client without a copy.
+struct RequestBody(Arc<HttpRequest>);
+
+impl AsRef<[u8]> for RequestBody {
+    fn as_ref(&self) -> &[u8] {
+        self.0.body.as_bytes()
+    }
+}
 
 /// Why a request ended undelivered.
 pub(super) struct Undelivered {
@@ -31,9 +41,12 @@ impl Delivery {
         replacement: bool,
         retries: &mut u64,
     ) -> Result<(), Undelivered> {
+        // Shared, not copied, with the HTTP client and the plugin's
+        // interpret call: a body can be megabytes.
+        let request = Arc::new(request);
         let undelivered = |reason: String, response: Option<HttpResponse>| Undelivered {
             reason,
-            request: request.clone(),
+            request: (*request).clone(),
             response,
         };
         let target = plugin
@@ -123,14 +136,19 @@ impl Delivery {
         jittered.max(at_least.unwrap_or_default())
     }
 
-    async fn send(&self, request: &HttpRequest, target: &url::Url, headers: &[Header]) -> Result<HttpResponse, String> {
+    async fn send(
+        &self,
+        request: &Arc<HttpRequest>,
+        target: &url::Url,
+        headers: &[Header],
+    ) -> Result<HttpResponse, String> {
         let method = reqwest::Method::from_bytes(request.method.as_bytes()).map_err(|e| e.to_string())?;
         let mut builder = self.client.request(method, target.clone());
         for header in headers {
             builder = builder.header(&header.name, &header.value);
         }
         if !request.body.is_empty() {
-            builder = builder.body(request.body.clone());
+            builder = builder.body(Bytes::from_owner(RequestBody(request.clone())));
         }
         let mut response = builder.send().await.map_err(describe_transport_error)?;
         let status = response.status().as_u16();
@@ -164,7 +182,7 @@ impl Delivery {
     async fn interpret(
         &self,
         plugin: &Arc<Plugin>,
-        request: &HttpRequest,
+        request: &Arc<HttpRequest>,
         response: &HttpResponse,
     ) -> Result<Verdict, CallError> {
         let _permit = self.interpreters.acquire().await.expect("never closed");

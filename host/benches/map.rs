@@ -1,0 +1,157 @@
+//! `cargo bench -p cdp-host --bench map`: `cdp-host map` end to end, the
+//! way a user runs it, on what Chord sends.
+//!
+//! 1. Chord's 24 sample events (`../shared/chord/sample-events.ndjson`, or
+//!    `$CHORD_SAMPLES`) repeated 400 times, as one file: the mean per event.
+//! 2. Each sample alone, repeated 400 times: the cost per event type.
+//! 3. The generated mix (`chord-corpus`, 20,000 events, seed 1), by type.
+//!
+//! Each figure is the child process's CPU time (user + system, from
+//! `getrusage`), less a run over an empty file (start-up: loading the
+//! cached component), divided by the events; the fastest of `RUNS` runs,
+//! since noise on a shared machine only adds time. Speed is reported,
+//! never asserted. Results: BENCHMARKS.md.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const REPEAT: usize = 400;
+const RUNS: usize = 5;
+const MIX_EVENTS: usize = 20_000;
+
+fn main() {
+    let dir = std::env::temp_dir().join(format!("cdp-host-map-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = write(&dir.join("empty.ndjson"), &[]);
+    // The first run compiles the component into the cache.
+    map_cpu(&empty);
+    let startup = fastest(|| map_cpu(&empty));
+    println!("start-up (an empty input): {:.1} ms of CPU", ms(startup));
+
+    let samples = samples();
+    let all: Vec<String> = (0..REPEAT).flat_map(|_| samples.iter().cloned()).collect();
+    let file = write(&dir.join("samples.ndjson"), &all);
+    let mean = per_event(&file, all.len(), startup);
+    println!(
+        "\nChord's 24 samples x {REPEAT} ({} events): {:.1} µs per event",
+        all.len(),
+        micros(mean)
+    );
+
+    println!("\nEach sample alone, x {REPEAT}: µs per event");
+    for (index, sample) in samples.iter().enumerate() {
+        let copies = vec![sample.clone(); REPEAT];
+        let file = write(&dir.join(format!("sample-{index}.ndjson")), &copies);
+        println!(
+            "  {:>2} {:<32} {:>8} B {:>9.1}",
+            index + 1,
+            name(sample),
+            sample.len(),
+            micros(per_event(&file, REPEAT, startup))
+        );
+    }
+
+    let mix: Vec<String> = chord_corpus::generate(1, MIX_EVENTS).collect();
+    let file = write(&dir.join("mix.ndjson"), &mix);
+    println!(
+        "\nThe generated mix ({MIX_EVENTS} events, seed 1): {:.1} µs per event",
+        micros(per_event(&file, mix.len(), startup))
+    );
+    let mut by_type: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for event in mix {
+        by_type.entry(name(&event)).or_default().push(event);
+    }
+    println!("  by type (each type's events as one input): µs per event, events, mean bytes");
+    for (kind, events) in by_type {
+        let bytes = events.iter().map(String::len).sum::<usize>() / events.len();
+        let file = write(&dir.join("type.ndjson"), &events);
+        println!(
+            "  {:<32} {:>9.1} {:>7} {:>9}",
+            kind,
+            micros(per_event(&file, events.len(), startup)),
+            events.len(),
+            bytes
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Chord's sample events, one per line.
+fn samples() -> Vec<String> {
+    let path = std::env::var_os("CHORD_SAMPLES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/chord/sample-events.ndjson"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "reading Chord's samples at {} (set $CHORD_SAMPLES): {e}",
+            path.display()
+        )
+    });
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `track` events by name, others by type.
+fn name(event: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(event).unwrap();
+    match value["event"].as_str() {
+        Some(name) => name.to_string(),
+        None => value["type"].as_str().unwrap_or("?").to_string(),
+    }
+}
+
+fn per_event(file: &Path, events: usize, startup: Duration) -> Duration {
+    fastest(|| map_cpu(file)).saturating_sub(startup) / events as u32
+}
+
+fn fastest(mut run: impl FnMut() -> Duration) -> Duration {
+    (0..RUNS).map(|_| run()).min().unwrap()
+}
+
+/// CPU time of one `cdp-host map` over `file`, output discarded.
+fn map_cpu(file: &Path) -> Duration {
+    let before = children_cpu();
+    let status = Command::new(env!("CARGO_BIN_EXE_cdp-host"))
+        .env("CDP_HOST_CACHE_DIR", std::env::temp_dir().join("cdp-host-bench-cache"))
+        .arg("map")
+        .arg(file)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    children_cpu() - before
+}
+
+/// User and system time of the waited-for children so far.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+fn write(path: &Path, lines: &[String]) -> PathBuf {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for line in lines {
+        writeln!(out, "{line}").unwrap();
+    }
+    out.flush().unwrap();
+    path.to_path_buf()
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
