@@ -9,7 +9,7 @@ mod table;
 use std::sync::{Arc, OnceLock};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use plugin_runtime::{Plugin, Runtime, RuntimeConfig};
+use plugin_runtime::{Plugin, Runtime, RuntimeConfig, Use};
 
 use table::{InterpretCase, Judged, Mapped, MappedRequest, MappingCase};
 
@@ -154,11 +154,11 @@ fn map_natively(case: &MappingCase) -> Mapped {
 
 fn map_in_component(case: &MappingCase) -> Result<Mapped, Failed> {
     let plugin = klaviyo();
-    let mut instance = plugin.pool().take(plugin).map_err(|e| e.to_string())?;
+    let mut instance = plugin.pool().take(plugin, Use::Mapping).map_err(|e| e.to_string())?;
     let mapping = instance
         .map_event(&case.settings, &case.event, case.now_unix_ms)
         .map_err(|e| e.to_string())?;
-    plugin.pool().give_back(plugin, instance);
+    plugin.pool().give_back(plugin, Use::Mapping, instance);
     plugin.check_mapping(&mapping).map_err(|e| e.to_string())?;
     Ok(mapped!(mapping, plugin_runtime::Outcome))
 }
@@ -176,10 +176,13 @@ fn interpret_in_component(case: &InterpretCase) -> Result<Judged, Failed> {
     use plugin_runtime::{Header, HttpRequest, HttpResponse};
     let (request, response) = exchange!(case, Header, HttpRequest, HttpResponse);
     let plugin = klaviyo();
-    let mut instance = plugin.pool().take(plugin).map_err(|e| e.to_string())?;
+    let mut instance = plugin
+        .pool()
+        .take(plugin, Use::Interpreting)
+        .map_err(|e| e.to_string())?;
     let verdict = instance
         .interpret("{}", &request, &response)
         .map_err(|e| e.to_string())?;
-    plugin.pool().give_back(plugin, instance);
+    plugin.pool().give_back(plugin, Use::Interpreting, instance);
     Ok(judged!(verdict, plugin_runtime::Verdict))
 }

@@ -10,7 +10,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plugin_runtime::{CallError, HttpRequest, Instance, Loaded, Mapping, Outcome, Plugin, PluginSlot, now_unix_ms};
+use plugin_runtime::{
+    CallError, HttpRequest, Instance, Loaded, Mapping, Outcome, Plugin, PluginSlot, Use, now_unix_ms,
+};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
@@ -136,7 +138,7 @@ impl EventMapper {
         // event (a plugin that traps on everything), and each must free its
         // pool slot before the next fresh instance takes one.
         if result.is_ok() {
-            plugin.pool().give_back(plugin, instance);
+            plugin.pool().give_back(plugin, Use::Mapping, instance);
         }
         result
     }
@@ -202,7 +204,7 @@ fn take_waiting(plugin: &Arc<Plugin>) -> Result<Instance, CallError> {
     let started = Instant::now();
     let mut warned = false;
     loop {
-        match plugin.pool().take(plugin) {
+        match plugin.pool().take(plugin, Use::Mapping) {
             Err(CallError::Busy(slots)) => {
                 if !warned && started.elapsed() > Duration::from_secs(1) {
                     tracing::warn!(%plugin, "all {slots} plugin instance slots are in use; mapping waits for one");

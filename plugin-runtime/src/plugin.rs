@@ -112,7 +112,7 @@ impl Plugin {
         let mut instance = plugin.instance().map_err(manifest_error)?;
         plugin.manifest = instance.manifest().map_err(manifest_error)?;
         plugin.egress = EgressPolicy::new(&plugin.manifest.allowed_hosts);
-        plugin.pool.add(instance);
+        plugin.pool.add(crate::pool::Use::Mapping, instance);
         Ok(plugin)
     }
 

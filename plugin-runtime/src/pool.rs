@@ -4,12 +4,18 @@
 //! 25 ms of lazy setup on its first events, so instances are reused.
 //!
 //! The pool belongs to its `Plugin`, so an instance can only ever serve
-//! the version it was made from. An instance whose call failed is never
-//! given back (a trapped store refuses every later call). One that has
-//! served its share of calls keeps serving while a replacement is built
-//! and warmed on another thread, and is retired once that one is ready, so
-//! renewal never stalls an event. A closed pool (a version swapped out)
-//! retires what is given back, freeing its slots for the new version.
+//! the version it was made from. It keeps mapping and interpreting
+//! instances apart (`Use`): a mapping instance builds the plugin's lazy
+//! state (for Klaviyo, libphonenumber's metadata and compiled regexes,
+//! 6-15 MiB), which an interpreting one never needs, so letting them mix
+//! gave every instance that weight. An instance whose call failed is never
+//! given back (a trapped store refuses every later call). A mapping
+//! instance that has served its share keeps serving while a replacement is
+//! built and warmed on another thread, and is retired once that one is
+//! ready, so renewal never stalls an event; a worn-out interpreting one is
+//! simply retired (a fresh one costs tens of microseconds). A closed pool
+//! (a version swapped out) retires what is given back, freeing its slots
+//! for the new version.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -20,9 +26,17 @@ use crate::plugin::{CallError, Instance, Plugin};
 /// lazy state built), so a replacement serves its first event at full speed.
 pub type Warmer = dyn Fn(&mut Instance) -> Result<(), CallError> + Send + Sync;
 
+/// What an instance is used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    Mapping,
+    Interpreting,
+}
+
 #[derive(Default)]
 pub struct InstancePool {
-    idle: Mutex<Vec<Instance>>,
+    /// Idle mapping and interpreting instances.
+    idle: Mutex<[Vec<Instance>; 2]>,
     closed: AtomicBool,
     /// Warmed replacements made ready and not yet matched by a retirement.
     ready: AtomicUsize,
@@ -35,18 +49,18 @@ impl InstancePool {
         let _ = self.warmer.set(warmer);
     }
 
-    /// An instance of `plugin`: an idle one, or else a fresh one.
-    pub fn take(&self, plugin: &Plugin) -> Result<Instance, CallError> {
-        let idle = self.idle.lock().unwrap().pop();
+    /// An instance of `plugin` for `used`: an idle one, or else a fresh one.
+    pub fn take(&self, plugin: &Plugin, used: Use) -> Result<Instance, CallError> {
+        let idle = self.idle.lock().unwrap()[used as usize].pop();
         match idle {
             Some(instance) => Ok(instance),
             None => plugin.instance(),
         }
     }
 
-    /// Gives back an instance whose call succeeded.
-    pub fn give_back(&self, plugin: &Arc<Plugin>, mut instance: Instance) {
-        if self.closed.load(Ordering::Acquire) {
+    /// Gives back an instance whose call (for `used`) succeeded.
+    pub fn give_back(&self, plugin: &Arc<Plugin>, used: Use, mut instance: Instance) {
+        if self.closed.load(Ordering::Acquire) || (used == Use::Interpreting && instance.worn_out()) {
             retire(instance);
             return;
         }
@@ -63,14 +77,14 @@ impl InstancePool {
                 return;
             }
         }
-        self.idle.lock().unwrap().push(instance);
+        self.idle.lock().unwrap()[used as usize].push(instance);
     }
 
     /// Stops taking instances back and retires the idle ones.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let idle = std::mem::take(&mut *self.idle.lock().unwrap());
-        idle.into_iter().for_each(retire);
+        idle.into_iter().flatten().for_each(retire);
     }
 
     /// Takes instances back again (a rolled-back version serving anew).
@@ -79,16 +93,12 @@ impl InstancePool {
     }
 
     /// Adds an instance that is ready to serve (a canary's warmed one).
-    pub fn add(&self, instance: Instance) {
+    pub fn add(&self, used: Use, instance: Instance) {
         if self.closed.load(Ordering::Acquire) {
             retire(instance);
         } else {
-            self.idle.lock().unwrap().push(instance);
+            self.idle.lock().unwrap()[used as usize].push(instance);
         }
-    }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap().len()
     }
 
     fn replace_in_background(&self, plugin: &Arc<Plugin>) {
@@ -120,7 +130,8 @@ impl InstancePool {
     /// instance). The worn-out instance it replaces is retired now if it is
     /// idle, or else when it is given back.
     fn replacement_ready(&self, fresh: Option<Instance>) {
-        let mut idle = self.idle.lock().unwrap();
+        let mut all = self.idle.lock().unwrap();
+        let idle = &mut all[Use::Mapping as usize];
         match idle.iter().position(|i| i.replacement_requested) {
             Some(index) => retire(idle.swap_remove(index)),
             None => {

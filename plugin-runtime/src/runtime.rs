@@ -49,7 +49,7 @@ impl Default for Limits {
             max_output_bytes: 64 << 20,
             stderr_bytes: 64 << 10,
             calls_per_instance: 10_000,
-            keep_memory_bytes: 8 << 20,
+            keep_memory_bytes: 32 << 20,
         }
     }
 }
@@ -62,6 +62,9 @@ pub struct RuntimeConfig {
     pub concurrency: u32,
     /// Where compiled components are cached; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
+    /// Write `/tmp/perf-PID.map`, so that `perf` names the plugin's own
+    /// functions (compile with no cache: cached code is not listed).
+    pub perf_map: bool,
 }
 
 /// Why the runtime could not start.
@@ -184,6 +187,9 @@ fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true);
     wasm.epoch_interruption(true);
+    if config.perf_map {
+        wasm.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     if pooling {
         let slots = instance_slots(config);
         let mut pool = PoolingAllocationConfig::default();

@@ -16,6 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 
 use crate::plugin::{CallError, Instance, Plugin};
+use crate::pool::Use;
 use crate::runtime::LoadError;
 
 /// One loaded version and what it has done.
@@ -166,7 +167,7 @@ impl PluginSlot {
         // The canary's instance serves the first events after the swap.
         let warm = self.canary.warmed_instance(&candidate)?;
         tracing::info!(plugin = %candidate, elapsed = ?started.elapsed(), "canary passed");
-        candidate.pool().add(warm);
+        candidate.pool().add(Use::Mapping, warm);
         set_warmer(&candidate, &self.canary);
         let loaded = Loaded::new(candidate);
         let old = self.active.swap(loaded.clone());

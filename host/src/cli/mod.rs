@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use cdp_host::bundled;
 use cdp_host::settings::DestinationSettings;
-use plugin_runtime::{Plugin, PluginSlot, Runtime, RuntimeConfig};
+use plugin_runtime::{Plugin, PluginSlot, Runtime, RuntimeConfig, Use};
 
 use args::{PluginArgs, RuntimeArgs};
 
@@ -30,6 +30,8 @@ pub fn runtime(args: &RuntimeArgs, concurrency: usize) -> anyhow::Result<Arc<Run
         } else {
             args.cache_dir.clone().or_else(default_cache_dir)
         },
+        // For profiling a plugin with `perf`; see BENCHMARKS.md.
+        perf_map: std::env::var_os("CDP_HOST_PERF_MAP").is_some(),
     };
     Ok(Runtime::new(config)?)
 }
@@ -70,7 +72,7 @@ pub fn load_destination(
 pub fn slot(plugin: Arc<Plugin>, settings: &DestinationSettings) -> anyhow::Result<Arc<PluginSlot>> {
     let mut instance = plugin
         .pool()
-        .take(&plugin)
+        .take(&plugin, Use::Mapping)
         .map_err(|e| anyhow::anyhow!("{plugin} {e} while starting"))?;
     let verdict = instance
         .validate_settings(settings.public_json())
@@ -79,7 +81,7 @@ pub fn slot(plugin: Arc<Plugin>, settings: &DestinationSettings) -> anyhow::Resu
         let problems: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.name, e.reason)).collect();
         bail!("invalid settings for {plugin}: {}", problems.join("; "));
     }
-    plugin.pool().give_back(&plugin, instance);
+    plugin.pool().give_back(&plugin, Use::Mapping, instance);
     Ok(PluginSlot::new(plugin, bundled::canary(settings)))
 }
 

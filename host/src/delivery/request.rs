@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use plugin_runtime::{CallError, Header, HttpRequest, HttpResponse, Plugin, Verdict};
+use plugin_runtime::{CallError, Header, HttpRequest, HttpResponse, Plugin, Use, Verdict};
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -190,9 +190,9 @@ impl Delivery {
         let settings = self.settings.public_json().to_string();
         let (request, response) = (request.clone(), response.clone());
         tokio::task::spawn_blocking(move || {
-            let mut instance = plugin.pool().take(&plugin)?;
+            let mut instance = plugin.pool().take(&plugin, Use::Interpreting)?;
             let verdict = instance.interpret(&settings, &request, &response)?;
-            plugin.pool().give_back(&plugin, instance);
+            plugin.pool().give_back(&plugin, Use::Interpreting, instance);
             Ok(verdict)
         })
         .await
