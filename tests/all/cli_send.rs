@@ -22,7 +22,7 @@ async fn send_delivers_to_the_sandbox_and_exits_zero() {
     std::fs::write(dir.join("events.ndjson"), EVENTS).unwrap();
     let mut command = cdp_host();
     command
-        .args(["send", "--klaviyo-url", &sandbox.url(), "--dead-letters"])
+        .args(["send", "--base-url", &sandbox.url(), "--dead-letters"])
         .arg(dir.join("dead.ndjson"))
         .arg(dir.join("events.ndjson"))
         .env("KLAVIYO_API_KEY", DEMO_KEY);
@@ -52,7 +52,7 @@ async fn a_rejected_key_exits_one_and_the_dead_letters_hold_no_key() {
     let dead = dir.join("dead.ndjson");
     let mut command = cdp_host();
     command
-        .args(["send", "--klaviyo-url", &sandbox.url(), "--dead-letters"])
+        .args(["send", "--base-url", &sandbox.url(), "--dead-letters"])
         .arg(&dead)
         .arg(dir.join("events.ndjson"))
         .env("KLAVIYO_API_KEY", "pk_wrong_key_12345");

@@ -468,3 +468,119 @@ async fn post_batch(client: &reqwest::Client, url: &str, batch: &Value) -> reqwe
         .await
         .unwrap()
 }
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+fn deflate(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// Regression: Segment's libraries (analytics-python with `gzip=True`)
+/// send compressed batches; serve answered 400, which those clients treat
+/// as final, and the events were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_and_deflate_batches_are_decoded_and_delivered() {
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
+    let serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
+    let client = reqwest::Client::new();
+    for (encoding, encode) in [("gzip", gzip as fn(&[u8]) -> Vec<u8>), ("deflate", deflate)] {
+        let batch = json!({"batch": (0..5).map(|i| json!({"type": "track", "event": "Order Completed",
+            "messageId": format!("{encoding}-{i}"), "properties": {"email": format!("z{i}@example.org")}}))
+            .collect::<Vec<_>>()});
+        let response = client
+            .post(format!("{}/v1/batch", serve.url))
+            .basic_auth(WRITE_KEY, Some(""))
+            .header("content-encoding", encoding)
+            .body(encode(batch.to_string().as_bytes()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{encoding}: {}", response.text().await.unwrap());
+    }
+    wait_for("the ten events in the sandbox", || sandbox.events().len() == 10).await;
+}
+
+/// A small compressed body that expands past the batch limit is refused
+/// there, not decoded whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_body_over_the_limit_once_decoded_is_refused() {
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
+    let serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
+    let bomb = gzip(&vec![b' '; 17 << 20]);
+    assert!(bomb.len() < 100_000, "{} bytes compressed", bomb.len());
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/batch", serve.url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert!(body["error"].as_str().unwrap().contains("byte limit"), "{body}");
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/batch", serve.url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-encoding", "br")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+}
+
+/// Segment's HTTP API also takes the write key as the basic-auth password
+/// under an empty user, and as `writeKey` in the body; a wrong key gets the
+/// same 401 wherever it is; a key sent in an event is not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_key_may_be_the_basic_password_or_in_the_body() {
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
+    let spool = spool_path();
+    let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
+    let client = reqwest::Client::new();
+    let event = |id: &str, key: Option<&str>| {
+        let mut event =
+            json!({"event": "Signed In", "messageId": id, "properties": {"email": format!("{id}@example.org")}});
+        if let Some(key) = key {
+            event["writeKey"] = json!(key);
+        }
+        event.to_string()
+    };
+    let post = |user: &str, password: Option<&str>, body: String| {
+        let mut request = client.post(format!("{}/v1/track", serve.url)).body(body);
+        if !user.is_empty() || password.is_some() {
+            request = request.basic_auth(user, password);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(post("", Some(WRITE_KEY), event("as-password", None)).await, 200);
+    assert_eq!(post("", None, event("in-body", Some(WRITE_KEY))).await, 200);
+    assert_eq!(post("", Some("wrong"), event("bad-password", None)).await, 401);
+    assert_eq!(post("", None, event("bad-body", Some("wrong"))).await, 401);
+    assert_eq!(post("", None, event("none", None)).await, 401);
+    let batch = json!({"writeKey": WRITE_KEY, "batch": [json!({"type": "track", "event": "Signed In",
+        "messageId": "batch-body", "properties": {"email": "batch-body@example.org"}})]});
+    let status = client
+        .post(format!("{}/v1/batch", serve.url))
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    wait_for("the three accepted events in the sandbox", || {
+        sandbox.events().len() == 3
+    })
+    .await;
+    let stored = crate::spool_file::bodies(&spool).join("\n");
+    assert!(!stored.contains(WRITE_KEY), "a write key was kept in the spool");
+}

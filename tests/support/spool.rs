@@ -61,3 +61,11 @@ pub fn latencies_ms(path: &Path) -> Vec<f64> {
     let rows = query.query_map([], |row| row.get::<_, f64>(0)).unwrap();
     rows.collect::<Result<_, _>>().unwrap()
 }
+
+/// Every event's stored text.
+pub fn bodies(path: &Path) -> Vec<String> {
+    let conn = open(path);
+    let mut query = conn.prepare("SELECT body FROM events ORDER BY id").unwrap();
+    let rows = query.query_map([], |row| row.get::<_, String>(0)).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
