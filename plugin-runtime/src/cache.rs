@@ -61,12 +61,16 @@ impl ComponentCache {
         Ok(())
     }
 
-    /// Only a directory no other user can write to is trusted.
+    /// Only a directory this user owns, and no other user can write to, is
+    /// trusted: mode bits alone would trust a 0755 directory of another
+    /// user, who could plant an artifact there.
     fn is_private(&self) -> bool {
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
-            fs::metadata(&self.dir).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o022 == 0)
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            fs::metadata(&self.dir).is_ok_and(|m| m.is_dir() && m.uid() == me && m.permissions().mode() & 0o022 == 0)
         }
         #[cfg(not(unix))]
         {
@@ -88,5 +92,32 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     #[cfg(not(unix))]
     {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// Regression: the directory was trusted by its mode bits alone.
+    #[test]
+    fn a_directory_of_another_user_is_not_trusted() {
+        let dir = std::env::temp_dir().join(format!("plugin-cache-owner-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = ComponentCache::new(dir.clone());
+        assert!(cache.is_private(), "our own 0755 directory");
+        // Give it to `nobody`; only root may, so elsewhere there is nothing to show.
+        let nobody = 65534;
+        // SAFETY: chown on a path we created, with a NUL-terminated copy.
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        if unsafe { libc::chown(path.as_ptr(), nobody, nobody) } == 0 {
+            assert!(!cache.is_private(), "another user's 0755 directory was trusted");
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!cache.is_private(), "a world-writable directory was trusted");
+        fs::remove_dir_all(&dir).ok();
     }
 }

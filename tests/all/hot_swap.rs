@@ -302,3 +302,27 @@ async fn a_version_dropped_into_the_plugin_directory_is_checked_and_swapped_in()
     wait_for("the event after the swap", || sandbox.events().len() == 1).await;
     serve.kill9();
 }
+
+/// Regression: idle interpreting instances were keyed by the address of
+/// their plugin, which did not keep it alive; after swaps a new version
+/// could be loaded at a freed address and have a response judged by the
+/// old version's instance. Instances now live in their version's own pool.
+#[test]
+fn a_version_loaded_where_another_was_freed_gets_none_of_its_instances() {
+    use plugin_runtime::{Runtime, RuntimeConfig, Use};
+    let runtime = Runtime::new(RuntimeConfig {
+        concurrency: 2,
+        cache_dir: Some(crate::support::cache_dir()),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    for _ in 0..20 {
+        let v1 = Arc::new(runtime.load(cdp_host::bundled::KLAVIYO, "v1").unwrap());
+        let instance = v1.pool().take(&v1, Use::Interpreting).unwrap();
+        v1.pool().give_back(&v1, Use::Interpreting, instance);
+        drop(v1);
+        let v2 = Arc::new(runtime.load(&component(plugin_fixtures::KLAVIYO_V2), "v2").unwrap());
+        let mut instance = v2.pool().take(&v2, Use::Interpreting).unwrap();
+        assert_eq!(instance.manifest().unwrap().version, "1.0.0+v2");
+    }
+}
