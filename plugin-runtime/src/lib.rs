@@ -9,7 +9,8 @@
 //!   what an operator sets); loading, with the interface-version check and
 //!   a compile `cache`.
 //! - `plugin`: a loaded version and its instances, each with a memory cap,
-//!   WASI linked with nothing granted, and failures named in one sentence.
+//!   WASI linked with nothing granted, and failures named in one sentence;
+//!   `call_env`: the clocks and randomness a plugin sees, none of them real.
 //! - `pool`: one pool of idle instances per version, for every caller.
 //! - `slot`: the active version, swapped at runtime behind a canary.
 //! - `output`, `egress`, `template`: what a plugin returns is checked
@@ -28,6 +29,7 @@ mod bindings {
 }
 
 mod cache;
+mod call_env;
 pub mod egress;
 mod output;
 mod plugin;

@@ -18,6 +18,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::{Destination, DestinationPre};
+use crate::call_env::CallEnv;
 use crate::egress::EgressPolicy;
 use crate::output::{self, OutputError};
 use crate::pool::InstancePool;
@@ -151,9 +152,13 @@ impl Plugin {
     pub fn instance(&self) -> Result<Instance, CallError> {
         let limits = &self.runtime.limits;
         let stderr = MemoryOutputPipe::new(limits.stderr_bytes);
-        let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
+        let env = Arc::new(CallEnv::default());
+        let mut wasi = WasiCtx::builder();
+        wasi.stderr(stderr.clone());
+        env.install(&mut wasi);
         let state = PluginState {
-            wasi,
+            wasi: wasi.build(),
+            env,
             table: ResourceTable::new(),
             memory: MemoryCap {
                 limit: limits.memory_bytes,
@@ -229,23 +234,27 @@ impl Instance {
 
     fn call<R>(
         &mut self,
+        now_unix_ms: Option<i64>,
         f: impl FnOnce(&Destination, &mut Store<PluginState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         self.calls += 1;
+        self.store.data().env.begin(now_unix_ms, self.calls);
         self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
         f(&self.bindings, &mut self.store).map_err(|err| classify(err.into(), &self.store, &self.stderr, &self.limits))
     }
 
     pub fn manifest(&mut self) -> Result<DestinationManifest, CallError> {
-        self.call(|b, s| b.chord_destination_plugin().call_manifest(s))
+        self.call(None, |b, s| b.chord_destination_plugin().call_manifest(s))
     }
 
     pub fn validate_settings(&mut self, settings: &str) -> Result<Result<(), Vec<SettingError>>, CallError> {
-        self.call(|b, s| b.chord_destination_plugin().call_validate_settings(s, settings))
+        self.call(None, |b, s| {
+            b.chord_destination_plugin().call_validate_settings(s, settings)
+        })
     }
 
     pub fn map_event(&mut self, settings: &str, event: &str, now_unix_ms: i64) -> Result<Mapping, CallError> {
-        self.call(|b, s| {
+        self.call(Some(now_unix_ms), |b, s| {
             b.chord_destination_plugin()
                 .call_map_event(s, settings, event, now_unix_ms)
         })
@@ -257,7 +266,7 @@ impl Instance {
         request: &HttpRequest,
         response: &HttpResponse,
     ) -> Result<Verdict, CallError> {
-        self.call(|b, s| {
+        self.call(None, |b, s| {
             b.chord_destination_plugin()
                 .call_interpret(s, settings, request, response)
         })
@@ -302,6 +311,8 @@ fn panic_message(stderr: &str) -> Option<String> {
 /// What a store holds: WASI with nothing granted, and the memory cap.
 pub(crate) struct PluginState {
     wasi: WasiCtx,
+    /// The clocks and randomness the plugin sees (see `call_env`).
+    env: Arc<CallEnv>,
     table: ResourceTable,
     memory: MemoryCap,
 }

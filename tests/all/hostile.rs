@@ -288,3 +288,34 @@ fn a_busy_instance_pool_makes_mapping_wait_not_dead_letter() {
     assert!(!mapped.plugin_failed, "{:?}", mapped.outcome);
     assert!(matches!(mapped.outcome, MappedOutcome::Send(_)), "{:?}", mapped.outcome);
 }
+
+/// Regression: the WIT promises a plugin no clock, yet it read the host's
+/// wall clock, its monotonic clock and real random bytes. The wall clock
+/// now reads the `now` the host passed to the call, the monotonic clock
+/// starts at zero per call and tells nothing of elapsed time, and what is
+/// seeded from randomness is the same for the same call on a fresh instance.
+#[test]
+fn a_plugin_reads_no_real_clock_and_no_real_randomness() {
+    let plugin = hostile();
+    let probe = json!({"messageId": "clock", "misbehave": "probe"}).to_string();
+    let now = 1_234_567_890_123; // 2009: far from the real time
+    let read = || {
+        let mut instance = plugin.instance().unwrap();
+        let mapping = instance.map_event("{}", &probe, now).unwrap();
+        let plugin_runtime::Outcome::Send(requests) = mapping.outcome else {
+            panic!("{:?}", mapping.outcome)
+        };
+        let body: Value = serde_json::from_str(&requests[0].body).unwrap();
+        body["data"]["attributes"]["properties"].clone()
+    };
+    let (first, second) = (read(), read());
+    assert_eq!(first["wall_ms"], now, "the wall clock is the call's now: {first}");
+    assert!(
+        first["monotonic_ns"].as_u64().unwrap() < 10_000,
+        "the monotonic clock measured real time: {first}"
+    );
+    assert_eq!(
+        first["hash_seeded"], second["hash_seeded"],
+        "the seed differs between identical calls"
+    );
+}
