@@ -3,7 +3,7 @@
 //! refused, never sent.
 
 use crate::egress::{EgressError, EgressPolicy};
-use crate::{DestinationManifest, HttpRequest, Limits, Mapping, Outcome, template};
+use crate::{DestinationManifest, HttpRequest, Limits, Mapping, Outcome, SettingError, Verdict, template};
 
 /// Why a plugin's output was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +20,102 @@ pub enum OutputError {
     UndeclaredSecret(String),
     #[error("a request with method {0:?}")]
     BadMethod(String),
+    #[error("{what} of {bytes} bytes, over the limit of {limit}")]
+    TextTooLong {
+        what: &'static str,
+        bytes: usize,
+        limit: usize,
+    },
+    #[error("{count} {what}, over the limit of {limit}")]
+    TooManyItems {
+        what: &'static str,
+        count: usize,
+        limit: usize,
+    },
+}
+
+/// Every text of a mapping within its bound: a plugin's words reach logs,
+/// dead letters, the spool and summaries, so none may be unbounded.
+pub(crate) fn check_mapping_texts(mapping: &Mapping, limits: &Limits) -> Result<(), OutputError> {
+    match &mapping.outcome {
+        Outcome::Skip(reason) => text("a skip reason", reason, limits)?,
+        Outcome::Error(reason) => text("an error reason", reason, limits)?,
+        Outcome::Send(_) => {}
+    }
+    items("warnings", mapping.warnings.len(), limits)?;
+    for warning in &mapping.warnings {
+        text("a warning", warning, limits)?;
+    }
+    if let Some(key) = &mapping.ordering_key {
+        text("an ordering key", key, limits)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn check_verdict_texts(verdict: &Verdict, limits: &Limits) -> Result<(), OutputError> {
+    match verdict {
+        Verdict::Rejected(reason) => text("a verdict's reason", reason, limits),
+        Verdict::Replace(requests) => items("replacement requests", requests.len(), limits),
+        Verdict::Delivered | Verdict::Retry(_) => Ok(()),
+    }
+}
+
+pub(crate) fn check_setting_errors(errors: &[SettingError], limits: &Limits) -> Result<(), OutputError> {
+    items("setting errors", errors.len(), limits)?;
+    for error in errors {
+        text("a setting error's name", &error.name, limits)?;
+        text("a setting error", &error.reason, limits)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn check_manifest(manifest: &DestinationManifest, limits: &Limits) -> Result<(), OutputError> {
+    for (what, value) in [
+        ("the manifest's name", &manifest.name),
+        ("the manifest's version", &manifest.version),
+        ("the manifest's API revision", &manifest.api_revision),
+    ] {
+        text(what, value, limits)?;
+    }
+    items("allowed hosts", manifest.allowed_hosts.len(), limits)?;
+    items("rate classes", manifest.rate_classes.len(), limits)?;
+    items("settings", manifest.settings.len(), limits)?;
+    for host in &manifest.allowed_hosts {
+        text("an allowed host", host, limits)?;
+    }
+    for class in &manifest.rate_classes {
+        text("a rate class's name", &class.name, limits)?;
+    }
+    for setting in &manifest.settings {
+        text("a setting's name", &setting.name, limits)?;
+        text("a setting's description", &setting.description, limits)?;
+        if let Some(default) = &setting.default_value {
+            text("a setting's default", default, limits)?;
+        }
+    }
+    Ok(())
+}
+
+fn text(what: &'static str, value: &str, limits: &Limits) -> Result<(), OutputError> {
+    if value.len() > limits.max_text_bytes {
+        return Err(OutputError::TextTooLong {
+            what,
+            bytes: value.len(),
+            limit: limits.max_text_bytes,
+        });
+    }
+    Ok(())
+}
+
+fn items(what: &'static str, count: usize, limits: &Limits) -> Result<(), OutputError> {
+    if count > limits.max_items {
+        return Err(OutputError::TooManyItems {
+            what,
+            count,
+            limit: limits.max_items,
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn check_mapping(

@@ -244,20 +244,28 @@ impl Instance {
     }
 
     pub fn manifest(&mut self) -> Result<DestinationManifest, CallError> {
-        self.call(None, |b, s| b.chord_destination_plugin().call_manifest(s))
+        let manifest = self.call(None, |b, s| b.chord_destination_plugin().call_manifest(s))?;
+        output::check_manifest(&manifest, &self.limits)?;
+        Ok(manifest)
     }
 
     pub fn validate_settings(&mut self, settings: &str) -> Result<Result<(), Vec<SettingError>>, CallError> {
-        self.call(None, |b, s| {
+        let verdict = self.call(None, |b, s| {
             b.chord_destination_plugin().call_validate_settings(s, settings)
-        })
+        })?;
+        if let Err(errors) = &verdict {
+            output::check_setting_errors(errors, &self.limits)?;
+        }
+        Ok(verdict)
     }
 
     pub fn map_event(&mut self, settings: &str, event: &str, now_unix_ms: i64) -> Result<Mapping, CallError> {
-        self.call(Some(now_unix_ms), |b, s| {
+        let mapping = self.call(Some(now_unix_ms), |b, s| {
             b.chord_destination_plugin()
                 .call_map_event(s, settings, event, now_unix_ms)
-        })
+        })?;
+        output::check_mapping_texts(&mapping, &self.limits)?;
+        Ok(mapping)
     }
 
     pub fn interpret(
@@ -266,10 +274,12 @@ impl Instance {
         request: &HttpRequest,
         response: &HttpResponse,
     ) -> Result<Verdict, CallError> {
-        self.call(None, |b, s| {
+        let verdict = self.call(None, |b, s| {
             b.chord_destination_plugin()
                 .call_interpret(s, settings, request, response)
-        })
+        })?;
+        output::check_verdict_texts(&verdict, &self.limits)?;
+        Ok(verdict)
     }
 }
 

@@ -38,6 +38,12 @@ pub struct Limits {
     /// Linear memory an instance may keep between calls; one that grew
     /// beyond it is replaced by a fresh one.
     pub keep_memory_bytes: usize,
+    /// Any one text a plugin returns: a skip or error reason, a warning, a
+    /// verdict's reason, a setting error, a manifest field.
+    pub max_text_bytes: usize,
+    /// Warnings one mapping may return; also setting errors, and the
+    /// entries of each manifest list.
+    pub max_items: usize,
 }
 
 impl Default for Limits {
@@ -50,6 +56,8 @@ impl Default for Limits {
             stderr_bytes: 64 << 10,
             calls_per_instance: 10_000,
             keep_memory_bytes: 32 << 20,
+            max_text_bytes: 16 << 10,
+            max_items: 200,
         }
     }
 }

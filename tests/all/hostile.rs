@@ -319,3 +319,33 @@ fn a_plugin_reads_no_real_clock_and_no_real_randomness() {
         "the seed differs between identical calls"
     );
 }
+
+/// Regression: only requests were bounded; a 100 MB skip reason and 70
+/// warnings of 1 MB came through whole, into `map`'s output, `send`'s
+/// summary and the spool. Every text a plugin returns is bounded now.
+#[test]
+fn a_huge_reason_or_a_flood_of_warnings_is_refused() {
+    let (_, result) = map_once(&hostile(), json!({"misbehave": "long-reason"}));
+    assert_eq!(
+        result.unwrap_err().to_string(),
+        "returned unusable output: a skip reason of 8388608 bytes, over the limit of 16384"
+    );
+    let (_, result) = map_once(&hostile(), json!({"misbehave": "many-warnings"}));
+    assert_eq!(
+        result.unwrap_err().to_string(),
+        "returned unusable output: 5000 warnings, over the limit of 200"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_reason_is_dead_lettered_naming_plugin_event_and_limit() {
+    let (report, sandbox, letters) =
+        deliver_between_neighbours(json!({"messageId": "wordy", "misbehave": "long-reason"})).await;
+    assert_contained(
+        &report,
+        &sandbox,
+        &letters,
+        "returned unusable output: a skip reason of 8388608 bytes, over the limit of 16384 while mapping event wordy (line 2)",
+    );
+    assert!(letters[0].reason.len() < 1_000, "{} bytes", letters[0].reason.len());
+}
