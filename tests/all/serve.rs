@@ -584,3 +584,51 @@ async fn the_write_key_may_be_the_basic_password_or_in_the_body() {
     let stored = crate::spool_file::bodies(&spool).join("\n");
     assert!(!stored.contains(WRITE_KEY), "a write key was kept in the spool");
 }
+
+/// Regression: each distinct skip reason became a metric series, kept for
+/// good: 300 reasons made 300 series. Labels are bounded now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_reasons_make_a_bounded_number_of_metric_series() {
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
+    let names: Vec<String> = (0..60).map(|i| format!("Skipped Event {i}")).collect();
+    let settings = tempdir().join("settings.json");
+    std::fs::write(&settings, json!({"skip_events": names}).to_string()).unwrap();
+    let serve = Serve::start_with(
+        &spool_path(),
+        &sandbox.url(),
+        DEMO_KEY,
+        &["--settings", settings.to_str().unwrap()],
+    );
+    let client = reqwest::Client::new();
+    for (i, name) in names.iter().enumerate() {
+        let event = json!({"event": name, "messageId": format!("skip-{i}"), "properties": {"email": "s@example.org"}});
+        let (status, _) = post(
+            &client,
+            &serve.url,
+            "/api/s/s2s/track",
+            Some(WRITE_KEY),
+            event.to_string(),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let mut text = String::new();
+    let counted = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("cdp_events_skipped_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counted(&text) < 60 {
+        assert!(Instant::now() < deadline, "the skips were not counted: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = metrics(&client, &serve.url).await;
+    }
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("cdp_events_skipped_total{"))
+        .count();
+    assert!(series <= 17, "{series} series:\n{text}");
+    assert!(text.contains("cdp_events_skipped_total{reason=\"other\"} 44"), "{text}");
+}

@@ -17,14 +17,26 @@ pub struct Metrics {
     skipped_by_reason: Mutex<BTreeMap<String, u64>>,
 }
 
+/// Distinct skip reasons kept as label values; later ones count as `other`.
+const REASON_LABELS: usize = 16;
+/// A reason label's length, in characters.
+const REASON_LABEL_CHARS: usize = 120;
+
 impl Metrics {
+    /// Counts a skip under a bounded label: the reason's first 120
+    /// characters, for the first 16 distinct reasons, and `other` after
+    /// that. A plugin's text must not become unbounded metric series; the
+    /// full reason stays in the spool and the logs. (Reason codes declared
+    /// in the manifest would be better labels; the 1.0 contract has none.)
     pub fn skipped(&self, reason: &str) {
-        *self
-            .skipped_by_reason
-            .lock()
-            .unwrap()
-            .entry(reason.to_string())
-            .or_default() += 1;
+        let label: String = reason.chars().take(REASON_LABEL_CHARS).collect();
+        let mut skipped = self.skipped_by_reason.lock().unwrap();
+        let key = if skipped.contains_key(&label) || skipped.len() < REASON_LABELS {
+            label
+        } else {
+            "other".to_string()
+        };
+        *skipped.entry(key).or_default() += 1;
     }
 }
 
