@@ -53,8 +53,9 @@ fn main() {
     let v1 = Arc::new(runtime.load(bundled::KLAVIYO, "klaviyo v1").expect("v1"));
     let v2_bytes = std::fs::read(plugin_fixtures::KLAVIYO_V2).expect("the v2 fixture component");
     let settings = serde_json::json!({"default_country": "US"});
-    let settings = DestinationSettings::from_object(settings.as_object().unwrap().clone(), v1.manifest(), |_| None)
-        .expect("settings");
+    let settings =
+        DestinationSettings::from_object(settings.as_object().unwrap().clone(), v1.manifest(), &[], |_| None)
+            .expect("settings");
     let slot = PluginSlot::new(v1, bundled::canary(&settings));
     let events: Vec<&str> = EXAMPLE_EVENTS.lines().filter(|l| !l.trim().is_empty()).collect();
 

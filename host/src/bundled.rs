@@ -4,7 +4,7 @@
 
 use plugin_runtime::Canary;
 
-use crate::settings::DestinationSettings;
+use crate::settings::{DestinationSettings, SecretDefaults};
 
 /// The Klaviyo destination plugin, a WebAssembly component.
 pub const KLAVIYO: &[u8] = include_bytes!(env!("KLAVIYO_COMPONENT"));
@@ -12,6 +12,11 @@ pub const KLAVIYO: &[u8] = include_bytes!(env!("KLAVIYO_COMPONENT"));
 /// Example Chord events: the demo sends them, and every plugin version
 /// must map them all without a plugin failure (its canary).
 pub const EXAMPLE_EVENTS: &str = include_str!("../../examples/events.ndjson");
+
+/// The bundled plugin's one secret default: its `api_key` may come from
+/// `$KLAVIYO_API_KEY` when the settings name no source. Any other plugin's
+/// secrets come only from sources the operator names in its settings.
+pub const SECRET_DEFAULTS: SecretDefaults<'static> = &[("api_key", "KLAVIYO_API_KEY")];
 
 /// The settings the example events are sent with.
 pub const EXAMPLE_SETTINGS: &str = include_str!("../../examples/settings.json");

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::{Map, Value};
 
-use plugin_runtime::{DestinationManifest, Header, HttpRequest, SettingSpec, template};
+use plugin_runtime::{DestinationManifest, Header, HttpRequest, template};
 
 /// A secret value; printing it shows `***`.
 #[derive(Clone, PartialEq, Eq)]
@@ -38,7 +38,15 @@ pub struct DestinationSettings {
     /// The settings JSON object without secrets, as passed to the plugin.
     public: String,
     secrets: BTreeMap<String, Secret>,
+    /// The default variables the operator's binary allows, by setting.
+    defaults: BTreeMap<String, String>,
 }
+
+/// Where a secret setting is read from when the settings do not say: only
+/// what the host binary grants for a plugin it ships (`KLAVIYO_API_KEY`
+/// for the bundled Klaviyo plugin's `api_key`), never a name a plugin could
+/// choose.
+pub type SecretDefaults<'a> = &'a [(&'a str, &'a str)];
 
 /// How a request's secrets are rendered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,10 +58,14 @@ pub enum Render {
 }
 
 impl DestinationSettings {
-    /// Reads settings from an optional JSON file, then fills absent secrets
-    /// from the environment: secret `api_key` of destination `klaviyo` comes
-    /// from `KLAVIYO_API_KEY`.
-    pub fn load(path: Option<&Path>, manifest: &DestinationManifest) -> anyhow::Result<DestinationSettings> {
+    /// Reads settings from an optional JSON file. A secret setting is its
+    /// value, or the source the operator names for it: `{"env": "VAR"}` or
+    /// `{"file": "PATH"}`. An absent secret comes from `defaults` only.
+    pub fn load(
+        path: Option<&Path>,
+        manifest: &DestinationManifest,
+        defaults: SecretDefaults<'_>,
+    ) -> anyhow::Result<DestinationSettings> {
         let object = match path {
             None => Map::new(),
             Some(path) => {
@@ -66,32 +78,38 @@ impl DestinationSettings {
                 }
             }
         };
-        Self::from_object(object, manifest, |name| std::env::var(name).ok())
+        Self::from_object(object, manifest, defaults, |name| std::env::var(name).ok())
     }
 
     /// Splits a settings object; `env` looks up environment variables.
     pub fn from_object(
         mut object: Map<String, Value>,
         manifest: &DestinationManifest,
+        defaults: SecretDefaults<'_>,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<DestinationSettings> {
         let mut secrets = BTreeMap::new();
         for spec in manifest.settings.iter().filter(|s| s.secret) {
-            match object.remove(&spec.name) {
-                Some(Value::String(value)) if !value.is_empty() => {
-                    secrets.insert(spec.name.clone(), Secret(value));
-                }
-                Some(Value::Null) | None => {
-                    if let Some(value) = env(&env_name(&manifest.name, spec)).filter(|v| !v.is_empty()) {
-                        secrets.insert(spec.name.clone(), Secret(value));
-                    }
-                }
-                Some(_) => bail!("setting {} must be a string", spec.name),
+            let name = &spec.name;
+            let value = match object.remove(name) {
+                Some(Value::String(value)) => Some(value),
+                Some(Value::Object(source)) => Some(read_source(name, &source, &env)?),
+                Some(Value::Null) | None => defaults
+                    .iter()
+                    .find(|(setting, _)| setting == name)
+                    .and_then(|(_, variable)| env(variable)),
+                Some(_) => bail!(
+                    "setting {name} must be a string, or name its source as {{\"env\": \"VAR\"}} or {{\"file\": \"PATH\"}}"
+                ),
+            };
+            if let Some(value) = value.filter(|v| !v.is_empty()) {
+                secrets.insert(name.clone(), Secret(value));
             }
         }
         Ok(DestinationSettings {
             public: Value::Object(object).to_string(),
             secrets,
+            defaults: defaults.iter().map(|(s, v)| (s.to_string(), v.to_string())).collect(),
         })
     }
 
@@ -116,12 +134,13 @@ impl DestinationSettings {
                         .is_none()
                 }
             })
-            .map(|s| {
-                if s.secret {
-                    format!("{} (in --settings, or ${})", s.name, env_name(&manifest.name, s))
-                } else {
-                    s.name.clone()
-                }
+            .map(|s| match (s.secret, self.defaults.get(&s.name)) {
+                (true, Some(variable)) => format!("{} (in --settings, or ${variable})", s.name),
+                (true, None) => format!(
+                    "{} (in --settings: the value, or {{\"env\": \"VAR\"}} or {{\"file\": \"PATH\"}})",
+                    s.name
+                ),
+                (false, _) => s.name.clone(),
             })
             .collect()
     }
@@ -160,17 +179,27 @@ impl DestinationSettings {
     }
 }
 
-/// `KLAVIYO_API_KEY` for setting `api_key` of destination `klaviyo`.
-fn env_name(destination: &str, spec: &SettingSpec) -> String {
-    format!("{destination}_{}", spec.name)
-        .to_ascii_uppercase()
-        .replace(['-', '.'], "_")
+/// A secret from the source the operator named for it.
+fn read_source(
+    name: &str,
+    source: &Map<String, Value>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<String> {
+    match (source.get("env"), source.get("file"), source.len()) {
+        (Some(Value::String(variable)), None, 1) => {
+            env(variable).with_context(|| format!("setting {name} names ${variable}, which is not set"))
+        }
+        (None, Some(Value::String(path)), 1) => std::fs::read_to_string(path)
+            .map(|text| text.trim_end_matches(['\n', '\r']).to_string())
+            .with_context(|| format!("setting {name} names the file {path}, which cannot be read")),
+        _ => bail!("setting {name} must name one source: {{\"env\": \"VAR\"}} or {{\"file\": \"PATH\"}}"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_runtime::SettingKind;
+    use plugin_runtime::{SettingKind, SettingSpec};
 
     fn manifest() -> DestinationManifest {
         DestinationManifest {
@@ -204,18 +233,55 @@ mod tests {
         }
     }
 
+    const KLAVIYO: SecretDefaults<'static> = &[("api_key", "KLAVIYO_API_KEY")];
+
+    /// Regression: a secret was read from a variable named after the
+    /// plugin's own name and setting, so a plugin named `cdp` with a secret
+    /// `host_admin_token` received $CDP_HOST_ADMIN_TOKEN.
+    #[test]
+    fn a_plugin_cannot_choose_which_variable_becomes_its_secret() {
+        let env = |name: &str| (name == "KLAVIYO_API_KEY").then(|| "pk_host_secret".to_string());
+        let settings = DestinationSettings::from_object(Map::new(), &manifest(), &[], env).unwrap();
+        assert!(settings.render_headers(&request(), Render::Send).is_err());
+        assert!(settings.missing_for_send(&manifest())[0].contains("{\"env\": \"VAR\"}"));
+    }
+
+    #[test]
+    fn the_operator_names_each_secret_source() {
+        let file = std::env::temp_dir().join(format!("secret-{}", std::process::id()));
+        std::fs::write(&file, "pk_from_file\n").unwrap();
+        let env = |name: &str| (name == "MY_KEY").then(|| "pk_from_env".to_string());
+        for (source, expected) in [
+            (serde_json::json!({"env": "MY_KEY"}), "Klaviyo-API-Key pk_from_env"),
+            (serde_json::json!({"file": file}), "Klaviyo-API-Key pk_from_file"),
+        ] {
+            let object = serde_json::json!({ "api_key": source });
+            let settings =
+                DestinationSettings::from_object(object.as_object().unwrap().clone(), &manifest(), &[], env).unwrap();
+            assert_eq!(
+                settings.render_headers(&request(), Render::Send).unwrap()[0].value,
+                expected
+            );
+        }
+        let unset = serde_json::json!({"api_key": {"env": "UNSET"}});
+        let err =
+            DestinationSettings::from_object(unset.as_object().unwrap().clone(), &manifest(), &[], env).unwrap_err();
+        assert_eq!(err.to_string(), "setting api_key names $UNSET, which is not set");
+        std::fs::remove_file(&file).ok();
+    }
+
     #[test]
     fn the_plugin_never_sees_a_secret() {
         let object = serde_json::json!({"api_key": "pk_live_123", "revision": "2026-07-15"});
         let settings =
-            DestinationSettings::from_object(object.as_object().unwrap().clone(), &manifest(), |_| None).unwrap();
+            DestinationSettings::from_object(object.as_object().unwrap().clone(), &manifest(), &[], |_| None).unwrap();
         assert!(!settings.public_json().contains("pk_live"));
         assert!(!format!("{settings:?}").contains("pk_live"));
     }
 
     #[test]
     fn headers_render_the_secret_only_for_sending() {
-        let settings = DestinationSettings::from_object(Map::new(), &manifest(), |name| {
+        let settings = DestinationSettings::from_object(Map::new(), &manifest(), KLAVIYO, |name| {
             (name == "KLAVIYO_API_KEY").then(|| "pk_env_456".to_string())
         })
         .unwrap();
@@ -229,7 +295,7 @@ mod tests {
 
     #[test]
     fn a_missing_secret_is_named_with_its_environment_variable() {
-        let settings = DestinationSettings::from_object(Map::new(), &manifest(), |_| None).unwrap();
+        let settings = DestinationSettings::from_object(Map::new(), &manifest(), KLAVIYO, |_| None).unwrap();
         assert_eq!(
             settings.missing_for_send(&manifest()),
             ["api_key (in --settings, or $KLAVIYO_API_KEY)"]

@@ -101,3 +101,58 @@ fn the_demo_runs_with_no_account_and_shows_what_klaviyo_holds() {
     assert!(stdout.contains("event   Ordered Product"), "{stdout}");
     assert!(stdout.contains("profile 01SANDBOX"), "{stdout}");
 }
+
+/// Regression: a plugin's secrets were read from a variable named after
+/// its own manifest name and setting, so a plugin could pick which host
+/// variable it received. A plugin that is not the bundled one gets a secret
+/// only from a source the operator names in its settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_gets_no_secret_from_a_variable_it_chose() {
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
+    let dir = tempdir();
+    std::fs::write(dir.join("events.ndjson"), EVENTS).unwrap();
+    let send = |settings: Option<&str>| {
+        let mut command = cdp_host();
+        command
+            .args([
+                "send",
+                "--plugin",
+                plugin_fixtures::HOSTILE,
+                "--base-url",
+                &sandbox.url(),
+            ])
+            .arg("--dead-letters")
+            .arg(dir.join("dead.ndjson"))
+            .env("HOSTILE_API_KEY", DEMO_KEY)
+            .env("KLAVIYO_API_KEY", DEMO_KEY)
+            .env("OPERATOR_NAMED_KEY", DEMO_KEY);
+        if let Some(settings) = settings {
+            let path = dir.join("settings.json");
+            std::fs::write(&path, settings).unwrap();
+            command.arg("--settings").arg(path);
+        }
+        command.arg(dir.join("events.ndjson"));
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+    };
+    let output = send(None).await.unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot send without: api_key (in --settings"),
+        "{stderr}"
+    );
+    assert!(sandbox.events().is_empty());
+
+    // Bound by the operator, the same key is used: the events arrive.
+    let output = send(Some(r#"{"api_key": {"env": "OPERATOR_NAMED_KEY"}}"#))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!sandbox.events().is_empty());
+}

@@ -59,7 +59,7 @@ async fn run(
     let plugin = klaviyo();
     let mut settings = settings.as_object().cloned().unwrap_or_default();
     settings.insert("api_key".into(), api_key.into());
-    let settings = DestinationSettings::from_object(settings, plugin.manifest(), |_| None).unwrap();
+    let settings = DestinationSettings::from_object(settings, plugin.manifest(), &[], |_| None).unwrap();
     let mut config = DeliveryConfig {
         base_url: Some(sandbox.url().parse().unwrap()),
         concurrency: 32,
@@ -352,7 +352,7 @@ async fn every_outcome_is_reported_once_per_event() {
     let plugin = klaviyo();
     let mut settings = serde_json::Map::new();
     settings.insert("api_key".into(), DEMO_KEY.into());
-    let settings = DestinationSettings::from_object(settings, plugin.manifest(), |_| None).unwrap();
+    let settings = DestinationSettings::from_object(settings, plugin.manifest(), &[], |_| None).unwrap();
     let config = DeliveryConfig {
         base_url: Some(sandbox.url().parse().unwrap()),
         ..DeliveryConfig::default()

@@ -37,7 +37,7 @@ fn hostile() -> Arc<Plugin> {
 fn settings(plugin: &Plugin) -> DestinationSettings {
     let mut object = serde_json::Map::new();
     object.insert("api_key".into(), DEMO_KEY.into());
-    DestinationSettings::from_object(object, plugin.manifest(), |_| None).unwrap()
+    DestinationSettings::from_object(object, plugin.manifest(), &[], |_| None).unwrap()
 }
 
 /// A misbehaving event between two ordinary ones, delivered to a sandbox.

@@ -57,7 +57,7 @@ pub fn demo(runtime_args: &RuntimeArgs) -> anyhow::Result<ExitCode> {
         );
         let mut settings: serde_json::Map<String, serde_json::Value> = serde_json::from_str(bundled::EXAMPLE_SETTINGS)?;
         settings.insert("api_key".into(), DEMO_KEY.into());
-        let settings = DestinationSettings::from_object(settings, plugin.manifest(), |_| None)?;
+        let settings = DestinationSettings::from_object(settings, plugin.manifest(), &[], |_| None)?;
         let config = DeliveryConfig {
             base_url: Some(sandbox.url().parse()?),
             concurrency: 8,

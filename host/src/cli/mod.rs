@@ -64,7 +64,11 @@ pub fn load_destination(
     args: &PluginArgs,
 ) -> anyhow::Result<(Arc<PluginSlot>, DestinationSettings)> {
     let plugin = load_plugin(runtime, args.plugin.as_deref())?;
-    let settings = DestinationSettings::load(args.settings.as_deref(), plugin.manifest())?;
+    let settings = DestinationSettings::load(
+        args.settings.as_deref(),
+        plugin.manifest(),
+        secret_defaults(args.plugin.as_deref()),
+    )?;
     Ok((slot(plugin, &settings)?, settings))
 }
 
@@ -83,6 +87,15 @@ pub fn slot(plugin: Arc<Plugin>, settings: &DestinationSettings) -> anyhow::Resu
     }
     plugin.pool().give_back(&plugin, Use::Mapping, instance);
     Ok(PluginSlot::new(plugin, bundled::canary(settings)))
+}
+
+/// The secret defaults of the plugin at `path`: the bundled plugin's when
+/// there is none, otherwise none at all.
+pub fn secret_defaults(path: Option<&Path>) -> cdp_host::settings::SecretDefaults<'static> {
+    match path {
+        None => bundled::SECRET_DEFAULTS,
+        Some(_) => &[],
+    }
 }
 
 pub fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {

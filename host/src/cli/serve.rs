@@ -24,14 +24,16 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
     };
     let delivery = args.delivery.or(file.delivery()).config();
     let runtime = super::runtime(runtime_args, delivery.concurrency)?;
-    let plugin = super::load_plugin(&runtime, args.plugin.as_deref().or(file.plugin.as_deref()))?;
+    let plugin_path = args.plugin.as_deref().or(file.plugin.as_deref());
+    let plugin = super::load_plugin(&runtime, plugin_path)?;
+    let defaults = super::secret_defaults(plugin_path);
     let settings = match (&args.settings, file.settings) {
-        (Some(path), _) => DestinationSettings::load(Some(path), plugin.manifest())?,
+        (Some(path), _) => DestinationSettings::load(Some(path), plugin.manifest(), defaults)?,
         (None, Some(table)) => {
             let object = serde_json::to_value(table)?.as_object().cloned().unwrap_or_default();
-            DestinationSettings::from_object(object, plugin.manifest(), |name| std::env::var(name).ok())?
+            DestinationSettings::from_object(object, plugin.manifest(), defaults, |name| std::env::var(name).ok())?
         }
-        (None, None) => DestinationSettings::load(None, plugin.manifest())?,
+        (None, None) => DestinationSettings::load(None, plugin.manifest(), defaults)?,
     };
     let slot = super::slot(plugin, &settings)?;
     let mut write_keys: Vec<String> = args.write_keys;
