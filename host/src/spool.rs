@@ -89,6 +89,15 @@ impl Spool {
              );
              CREATE INDEX IF NOT EXISTS events_state ON events (state, id);",
         )?;
+        // Spools written before `not_before` existed gain it.
+        let has_not_before: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('events') WHERE name = 'not_before'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_not_before {
+            conn.execute_batch("ALTER TABLE events ADD COLUMN not_before TEXT")?;
+        }
         Ok(Spool { conn: Mutex::new(conn) })
     }
 
@@ -110,8 +119,11 @@ impl Spool {
     /// Pending events with an id above `after`, oldest first.
     pub fn pending_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<SpooledEvent>> {
         let conn = self.conn.lock().unwrap();
-        let mut query = conn
-            .prepare_cached("SELECT id, body FROM events WHERE state = 'pending' AND id > ?1 ORDER BY id LIMIT ?2")?;
+        let mut query = conn.prepare_cached(
+            "SELECT id, body FROM events WHERE state = 'pending' AND id > ?1
+                 AND (not_before IS NULL OR not_before <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+                 ORDER BY id LIMIT ?2",
+        )?;
         let rows = query.query_map(params![after, limit as i64], |row| {
             Ok(SpooledEvent {
                 id: row.get(0)?,
@@ -119,6 +131,17 @@ impl Spool {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records that the destination asked for this event not to be sent
+    /// again before `until` (its Retry-After), so that a restarted process
+    /// waits as this one would have.
+    pub fn defer(&self, id: i64, until: chrono::DateTime<chrono::Utc>) -> anyhow::Result<()> {
+        let until = until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let conn = self.conn.lock().unwrap();
+        conn.prepare_cached("UPDATE events SET not_before = ?2 WHERE id = ?1")?
+            .execute(params![id, until])?;
+        Ok(())
     }
 
     /// Records how an event ended and which plugin version mapped it.

@@ -58,8 +58,10 @@ pub struct Faults {
     pub server_errors: f64,
     /// Close the connection without answering (half after storing).
     pub drop_connections: f64,
-    /// Answer 429 `throttled` with `Retry-After: 1` regardless of load.
+    /// Answer 429 `throttled` regardless of load, with `Retry-After` of
+    /// `storm_retry_after` seconds (at least 1).
     pub throttle_storm: f64,
+    pub storm_retry_after: u64,
     /// Injected 5xx answers carry an HTML page, as Klaviyo's edge does.
     pub html_errors: bool,
     /// Added before the answer (after storing) of a `slow` share of requests.
@@ -313,7 +315,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     };
     if storm {
         count_fault(&shared, "throttle_storm");
-        return Ok(throttled(&shared, 1));
+        return Ok(throttled(&shared, shared.config.faults.storm_retry_after.max(1)));
     }
     if let Err(error) = authorize(&shared, endpoint, header("authorization"), header("revision")) {
         return reject(&shared, error);

@@ -632,3 +632,38 @@ async fn skip_reasons_make_a_bounded_number_of_metric_series() {
     assert!(series <= 17, "{series} series:\n{text}");
     assert!(text.contains("cdp_events_skipped_total{reason=\"other\"} 44"), "{text}");
 }
+
+/// Regression: after a kill -9, the new process resent rows sooner than
+/// the Retry-After its predecessor had been told (40-115 requests per
+/// restart under a 429 storm). The not-before time is kept in the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_serve_keeps_the_retry_after_it_was_told() {
+    let storm = MockConfig {
+        faults: klaviyo_mock::Faults {
+            throttle_storm: 1.0,
+            storm_retry_after: 30,
+            ..Default::default()
+        },
+        ..MockConfig::default()
+    };
+    let sandbox = crate::support::sandbox(storm).await;
+    let spool = spool_path();
+    let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        assert_eq!(post_track(&client, &serve.url, &format!("told-{i}")).await, 200);
+    }
+    wait_for("three throttled requests", || sandbox.stats().requests >= 3).await;
+    // The deferral is written just after the 429 is judged.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    serve.kill9();
+    let before = sandbox.stats().requests;
+    let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        sandbox.stats().requests,
+        before,
+        "the restarted serve resent within the 30 s Retry-After"
+    );
+    serve.kill9();
+}

@@ -187,9 +187,12 @@ pub struct SandboxArgs {
     /// Share of requests whose connection is dropped without an answer.
     #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
     pub fault_drop: f64,
-    /// Share of requests answered 429 with Retry-After: 1.
+    /// Share of requests answered 429, with Retry-After of --fault-429-retry-after seconds.
     #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
     pub fault_429: f64,
+    /// The Retry-After of injected 429s, in seconds.
+    #[arg(long, default_value_t = 1, value_name = "SECONDS")]
+    pub fault_429_retry_after: u64,
     /// Injected 5xx answers carry an HTML page instead of JSON.
     #[arg(long)]
     pub fault_html: bool,

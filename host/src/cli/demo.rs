@@ -20,6 +20,7 @@ pub fn sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
             server_errors: args.fault_5xx,
             drop_connections: args.fault_drop,
             throttle_storm: args.fault_429,
+            storm_retry_after: args.fault_429_retry_after,
             html_errors: args.fault_html,
             latency: std::time::Duration::from_millis(args.fault_latency_ms),
             slow: args.fault_slow,

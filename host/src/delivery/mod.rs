@@ -88,7 +88,13 @@ pub struct Delivery {
     interpreters: tokio::sync::Semaphore,
     requests_sent: AtomicU64,
     pub progress: Arc<Progress>,
+    /// Told when the destination asks for an event not to be sent again
+    /// before a time (Retry-After), so that a caller can keep it.
+    deferred: Option<DeferObserver>,
 }
+
+/// Called with an event and the time before which it must not be resent.
+pub type DeferObserver = Box<dyn Fn(EventId, std::time::SystemTime) + Send + Sync>;
 
 impl Delivery {
     /// Delivers through whichever version `slot` holds (see hot swap).
@@ -123,7 +129,21 @@ impl Delivery {
             interpreters: tokio::sync::Semaphore::new(interpreters),
             requests_sent: AtomicU64::new(0),
             progress: Arc::new(Progress::default()),
+            deferred: None,
         }))
+    }
+
+    /// The same, telling `deferred` of each Retry-After (`serve` persists
+    /// it, so that a restart does not resend sooner than it was asked).
+    pub fn with_deferrals(
+        slot: Arc<PluginSlot>,
+        settings: DestinationSettings,
+        config: DeliveryConfig,
+        deferred: DeferObserver,
+    ) -> anyhow::Result<Arc<Delivery>> {
+        let mut delivery = Arc::into_inner(Delivery::new(slot, settings, config)?).expect("just made");
+        delivery.deferred = Some(deferred);
+        Ok(Arc::new(delivery))
     }
 
     /// The slot holding the active version, for swapping and rollback.
@@ -276,7 +296,10 @@ impl Delivery {
                 let count = requests.len();
                 let mut failed = None;
                 for request in requests {
-                    if let Err(undelivered) = self.deliver_request(&plugin, request, false, &mut record.retries).await {
+                    if let Err(undelivered) = self
+                        .deliver_request(record.id, &plugin, request, false, &mut record.retries)
+                        .await
+                    {
                         failed = Some(undelivered);
                         break;
                     }

@@ -12,6 +12,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::Delivery;
+use crate::mapping::EventId;
 use crate::settings::Render;
 
 /// A request's body, handed to the HTTP client without a copy.
@@ -36,6 +37,7 @@ impl Delivery {
     /// place of a failed one: it may not be replaced again.
     pub(super) async fn deliver_request(
         &self,
+        id: EventId,
         plugin: &Arc<Plugin>,
         request: HttpRequest,
         replacement: bool,
@@ -97,7 +99,7 @@ impl Delivery {
                         ));
                     }
                     for replacement in requests {
-                        Box::pin(self.deliver_request(plugin, replacement, true, retries)).await?;
+                        Box::pin(self.deliver_request(id, plugin, replacement, true, retries)).await?;
                     }
                     return Ok(());
                 }
@@ -119,6 +121,9 @@ impl Delivery {
                     }
                     *retries += 1;
                     self.progress.retries.fetch_add(1, Ordering::Relaxed);
+                    if let (Some(deferred), Some(_)) = (&self.deferred, after) {
+                        deferred(id, std::time::SystemTime::now() + delay);
+                    }
                     tokio::time::sleep(delay).await;
                 }
             }

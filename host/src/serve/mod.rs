@@ -92,7 +92,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Serves until SIGTERM or Ctrl-C, then drains and returns.
 pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result<()> {
     let plugin = slot.current().plugin.clone();
-    let delivery = Delivery::new(slot, config.settings.clone(), config.delivery.clone())?;
+    let spool = config.spool.clone();
+    let deferred = Box::new(move |id: EventId, until: std::time::SystemTime| {
+        if let EventId::SpoolRow(row) = id
+            && let Err(e) = spool.defer(row, until.into())
+        {
+            tracing::warn!("recording the Retry-After of event {row}: {e:#}");
+        }
+    });
+    let delivery = Delivery::with_deferrals(slot, config.settings.clone(), config.delivery.clone(), deferred)?;
     let shared = Arc::new(Shared {
         spool: config.spool.clone(),
         write_keys: config.write_keys.clone(),
