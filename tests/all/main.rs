@@ -7,6 +7,7 @@ mod cli_send;
 mod delivery;
 mod hostile;
 mod hot_swap;
+mod properties;
 mod serve;
 #[path = "../support/spool.rs"]
 mod spool_file;
