@@ -23,6 +23,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+mod common;
+
+use common::{children_cpu, name};
+
 const REPEAT: usize = 400;
 const RUNS: usize = 5;
 const MIX_EVENTS: usize = 20_000;
@@ -36,7 +40,7 @@ fn main() {
     let startup = fastest(|| map_cpu(&empty));
     println!("start-up (an empty input): {:.1} ms of CPU", ms(startup));
 
-    let samples = samples();
+    let samples = common::samples().expect("Chord's samples beside the checkout, or $CHORD_SAMPLES");
     let all: Vec<String> = (0..REPEAT).flat_map(|_| samples.iter().cloned()).collect();
     println!(
         "\nChord's 24 samples x {REPEAT} ({} events), µs per event: start-up subtracted {:.1}, steady {:.1}",
@@ -79,32 +83,6 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Chord's sample events, one per line.
-fn samples() -> Vec<String> {
-    let path = std::env::var_os("CHORD_SAMPLES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/chord/sample-events.ndjson"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "reading Chord's samples at {} (set $CHORD_SAMPLES): {e}",
-            path.display()
-        )
-    });
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-/// `track` events by name, others by type.
-fn name(event: &str) -> String {
-    let value: serde_json::Value = serde_json::from_str(event).unwrap();
-    match value["event"].as_str() {
-        Some(name) => name.to_string(),
-        None => value["type"].as_str().unwrap_or("?").to_string(),
-    }
-}
-
 /// CPU per event of one run over `events`, less `startup`.
 fn per_event(dir: &Path, events: &[String], startup: Duration) -> Duration {
     let file = write(&dir.join("events.ndjson"), events);
@@ -136,18 +114,6 @@ fn map_cpu(file: &Path) -> Duration {
         .unwrap();
     assert!(status.success());
     children_cpu() - before
-}
-
-/// User and system time of the waited-for children so far.
-fn children_cpu() -> Duration {
-    // SAFETY: getrusage writes into the struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
-        usage
-    };
-    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 fn write(path: &Path, lines: &[String]) -> PathBuf {

@@ -21,6 +21,10 @@ use cdp_host::bundled;
 use plugin_runtime::{Instance, Plugin, Runtime, RuntimeConfig};
 use serde_json::{Value, json};
 
+mod common;
+
+use common::{name, samples};
+
 const NOW: i64 = 1_795_824_000_000;
 const BATCHES: usize = 15;
 /// Mapping batches: many short ones, so some run undisturbed.
@@ -173,31 +177,6 @@ fn compare(instance: &mut Instance, settings: &str, label: &str, events: &[Strin
         format!("{:.2} / {:.2}", c_min / n_min, c_med / n_med),
     );
     (n_min, c_min)
-}
-
-/// Chord's sample events, if they are beside the checkout.
-fn samples() -> Option<Vec<String>> {
-    let path = std::env::var_os("CHORD_SAMPLES")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/chord/sample-events.ndjson")
-        });
-    let text = std::fs::read_to_string(path).ok()?;
-    Some(
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect(),
-    )
-}
-
-/// `track` events by name, others by type.
-fn name(event: &str) -> String {
-    let value: Value = serde_json::from_str(event).unwrap();
-    match value["event"].as_str() {
-        Some(name) => name.to_string(),
-        None => value["type"].as_str().unwrap_or("?").to_string(),
-    }
 }
 
 fn call(instance: &mut Instance) {

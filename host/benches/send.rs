@@ -16,11 +16,15 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+mod common;
+
+use common::{children_cpu, samples};
 
 const KEY: &str = "pk_sandbox_demo";
 
@@ -70,20 +74,6 @@ fn throughput(what: &str, corpus: &Path, dir: &Path) {
     println!("  sandbox: {}", sandbox.stats_line());
 }
 
-/// Chord's sample events, if they are beside the checkout.
-fn samples() -> Option<Vec<String>> {
-    let path = std::env::var_os("CHORD_SAMPLES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/chord/sample-events.ndjson"));
-    let text = std::fs::read_to_string(path).ok()?;
-    Some(
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect(),
-    )
-}
-
 /// `times` copies of `events`, each with its own message id, so that the
 /// sandbox stores every copy rather than deduplicating it.
 fn unique_copies(events: &[String], times: usize) -> impl Iterator<Item = String> {
@@ -103,18 +93,6 @@ fn write_lines(path: &Path, lines: impl Iterator<Item = String>) {
         writeln!(out, "{line}").unwrap();
     }
     out.flush().unwrap();
-}
-
-/// User and system time of the waited-for children so far.
-fn children_cpu() -> Duration {
-    // SAFETY: getrusage writes into the struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
-        usage
-    };
-    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// Klaviyo's limits on: more events than the budget allows in the run, so
