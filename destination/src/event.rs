@@ -83,9 +83,16 @@ impl<'a> ChordEvent<'a> {
     }
 
     /// The whole event as a JSON tree (built on demand: only the content
-    /// hash needs it).
-    pub fn to_value(&self) -> Value {
-        serde_json::from_str(self.text).expect("parsed once already")
+    /// hash needs it). `None` for text that only a full read finds invalid
+    /// (a number out of range, a lone surrogate in `properties`, which is
+    /// kept as text when the event is parsed).
+    pub fn to_value(&self) -> Option<Value> {
+        serde_json::from_str(self.text).ok()
+    }
+
+    /// The event exactly as received.
+    pub fn text(&self) -> &str {
+        self.text
     }
 
     /// The call type, or why it cannot be read.

@@ -154,9 +154,12 @@ fn unique_id(event: &ChordEvent, warnings: &mut Vec<String>) -> String {
 
 /// SHA-256 of the event's content, without the fields that change when the
 /// same event is sent again (`sentAt`, `receivedAt`). serde_json keeps
-/// object keys sorted, so the text hashed is canonical.
+/// object keys sorted, so the text hashed is canonical. An event whose
+/// tree cannot be built (it is refused as invalid later) hashes its text.
 pub fn event_hash(event: &ChordEvent) -> String {
-    let mut content = event.to_value();
+    let Some(mut content) = event.to_value() else {
+        return hex(&Sha256::digest(event.text().as_bytes()));
+    };
     if let Some(content) = content.as_object_mut() {
         content.remove("sentAt");
         content.remove("receivedAt");
