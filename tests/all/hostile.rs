@@ -125,6 +125,50 @@ async fn an_infinite_loop_is_dead_lettered_as_poison_and_its_neighbours_are_deli
     assert!(reason.contains("poison: failed 3 times"), "{reason}");
 }
 
+/// Mapping runs on several workers, and an event the plugin is stuck on is
+/// overtaken: the events of other people behind a poison event are
+/// delivered while it runs into its deadline three times, and only the same
+/// person's later event waits for it (their order is kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_holds_up_only_the_same_persons_later_events() {
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
+    let plugin = hostile();
+    let mut input = vec![json!({"messageId": "poison", "userId": "stuck", "misbehave": "loop"})];
+    input.extend((0..40).map(|n| json!({"messageId": format!("other-{n}"), "userId": format!("person-{n}")})));
+    input.push(json!({"messageId": "same-person-later", "userId": "stuck"}));
+    let input = input.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
+    let config = DeliveryConfig {
+        base_url: Some(sandbox.url().parse().unwrap()),
+        ..DeliveryConfig::default()
+    };
+    let settings = settings(&plugin);
+    let delivery = Delivery::new(crate::support::slot(plugin, &settings), settings, config).unwrap();
+    let finished = std::sync::Mutex::new(Vec::new());
+    let report = delivery
+        .run(std::io::Cursor::new(input.into_bytes()), |record| {
+            finished
+                .lock()
+                .unwrap()
+                .push(record.message_id.clone().unwrap_or_default());
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.read, report.delivered, report.dead_lettered),
+        (42, 41, 1),
+        "{}",
+        report.summary()
+    );
+    let finished = finished.into_inner().unwrap();
+    let position = |id: &str| finished.iter().position(|m| m == id).unwrap();
+    // Three 200 ms deadlines against microseconds per ordinary event: every
+    // other person's event is through before the poison is given up on.
+    for n in 0..40 {
+        assert!(position(&format!("other-{n}")) < position("poison"), "{finished:?}");
+    }
+    assert_eq!(position("same-person-later"), 41, "{finished:?}");
+}
+
 #[test]
 fn unbounded_allocation_stops_at_the_memory_cap() {
     let (_, result) = map_once(&hostile(), json!({"misbehave": "alloc"}));

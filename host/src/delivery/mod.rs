@@ -30,7 +30,7 @@ pub use outcome::{DeadLetter, EventOutcome, EventRecord, Report};
 use pacing::Pacer;
 pub use stats::{BUCKETS, Histogram, Progress};
 
-use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome, line_text};
+use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome, MappingStage, StageConfig, line_text};
 use crate::settings::DestinationSettings;
 use crate::shown::ShownRequest;
 
@@ -58,6 +58,8 @@ pub struct DeliveryConfig {
     /// Times an event is mapped again after the plugin itself failed
     /// (trap, deadline) before it is dead-lettered as poison.
     pub poison_attempts: u32,
+    /// Threads mapping events (see `MappingStage`).
+    pub mapping_workers: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -72,6 +74,7 @@ impl Default for DeliveryConfig {
             backoff_cap: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             poison_attempts: 3,
+            mapping_workers: StageConfig::default_workers(),
         }
     }
 }
@@ -221,38 +224,29 @@ impl Delivery {
         Ok(report)
     }
 
-    /// Maps events on a blocking thread, in input order. An event whose
-    /// mapping failed in the plugin itself is mapped again, each time with
-    /// a fresh instance, `poison_attempts` times in all.
+    /// Maps events on the mapping stage's workers (see `MappingStage`):
+    /// in input order, except that an event the plugin is stuck on is
+    /// overtaken by other people's events rather than holding them up.
     fn mapping_stage(
         self: &Arc<Self>,
         events: impl Iterator<Item = anyhow::Result<(EventId, String)>> + Send + 'static,
         tx: mpsc::Sender<(MappedEvent, String)>,
     ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-        let mapper = EventMapper::new(self.slot.clone(), self.settings.clone());
-        let attempts = self.config.poison_attempts.max(1);
+        let stage = MappingStage::new(
+            EventMapper::new(self.slot.clone(), self.settings.clone()),
+            StageConfig {
+                workers: self.config.mapping_workers,
+                poison_attempts: self.config.poison_attempts,
+                ..StageConfig::default()
+            },
+        );
         let progress = self.progress.clone();
         tokio::task::spawn_blocking(move || {
-            for event in events {
-                let (id, text) = event?;
-                let started = std::time::Instant::now();
-                let mut mapped = mapper.map(id, &text);
-                let mut tries = 1;
-                while mapped.plugin_failed && tries < attempts {
-                    mapped = mapper.map(id, &text);
-                    tries += 1;
-                }
-                progress.map_seconds.observe(started.elapsed());
-                if mapped.plugin_failed
-                    && let MappedOutcome::Error(reason) = &mut mapped.outcome
-                {
-                    reason.push_str(&format!(" (poison: failed {tries} times with fresh instances)"));
-                }
-                if tx.blocking_send((mapped, text)).is_err() {
-                    break;
-                }
-            }
-            Ok(())
+            stage.run(
+                events,
+                |mapped, text| tx.blocking_send((mapped, text)).is_ok(),
+                |took| progress.map_seconds.observe(took),
+            )
         })
     }
 

@@ -1,9 +1,14 @@
 //! One event through the plugin's `map-event`: the host reads the envelope
-//! it needs (`messageId`, `type`), hands the event to whichever version the
-//! slot holds, on an instance from that version's pool, and checks what
-//! comes back. A plugin failure becomes that event's error, marked so that
-//! delivery can map it again with a fresh instance before calling it
-//! poison; the failed instance is dropped.
+//! it needs (`messageId`, `type`, and the person it is about), hands the
+//! event to whichever version the slot holds, on an instance from that
+//! version's pool, and checks what comes back. A plugin failure becomes that
+//! event's error, marked so that it can be mapped again with a fresh
+//! instance before it is called poison; the failed instance is dropped.
+//! `stage` maps a stream of events on several workers.
+
+mod stage;
+
+pub use stage::{MappingStage, StageConfig};
 
 use std::borrow::Cow;
 use std::fmt;
@@ -82,6 +87,11 @@ impl EventMapper {
 
     /// Maps the text of one JSON event.
     pub fn map(&self, id: EventId, text: &str) -> MappedEvent {
+        self.map_read(id, text, Envelope::read(id, text))
+    }
+
+    /// Maps an event whose envelope has been read already.
+    pub(crate) fn map_read(&self, id: EventId, text: &str, envelope: Result<Envelope, String>) -> MappedEvent {
         let loaded = self.slot.current();
         let mut mapped = MappedEvent {
             plugin: loaded.plugin.clone(),
@@ -93,7 +103,7 @@ impl EventMapper {
             ordering_key: None,
             plugin_failed: false,
         };
-        match Envelope::read(id, text) {
+        match envelope {
             Ok(envelope) => {
                 mapped.message_id = envelope.message_id;
                 mapped.kind = envelope.kind;
@@ -147,17 +157,27 @@ impl EventMapper {
 /// What the host reads of an event itself: the rest is the plugin's. Read
 /// without building the event (every other field is skipped unparsed), so
 /// a 200 KB event costs the host a scan, not a tree.
-#[derive(Deserialize)]
-struct Envelope {
+#[derive(Clone, Deserialize)]
+pub(crate) struct Envelope {
     #[serde(rename = "messageId", default, deserialize_with = "message_id")]
     message_id: Option<String>,
     #[serde(rename = "type", default, deserialize_with = "kind")]
     kind: Option<String>,
+    #[serde(rename = "userId", default, deserialize_with = "id_text")]
+    user_id: Option<String>,
+    #[serde(rename = "anonymousId", default, deserialize_with = "id_text")]
+    anonymous_id: Option<String>,
+    #[serde(default)]
+    traits: Email,
+    #[serde(default)]
+    context: ContextTraits,
+    #[serde(default)]
+    properties: Email,
 }
 
 impl Envelope {
     /// The envelope of an event object, or why the text is not one.
-    fn read(id: EventId, text: &str) -> Result<Envelope, String> {
+    pub(crate) fn read(id: EventId, text: &str) -> Result<Envelope, String> {
         if text.trim().is_empty() {
             return Err(format!("{id} is empty"));
         }
@@ -168,14 +188,123 @@ impl Envelope {
             Ok(envelope) if object => Ok(envelope),
             // Not an object, or not JSON: say which, from the whole value.
             _ => match serde_json::from_str::<Value>(text) {
-                Ok(Value::Object(_)) => Ok(Envelope {
-                    message_id: None,
-                    kind: None,
-                }),
+                Ok(Value::Object(_)) => Ok(Envelope::default()),
                 Ok(other) => Err(format!("{id} is a JSON {}, not an event object", kind_of(&other))),
                 Err(e) => Err(format!("{id} is not JSON: {e}")),
             },
         }
+    }
+
+    /// Who the event is about, as the host can tell without the plugin:
+    /// `userId`, else `anonymousId`, else the email in `traits`,
+    /// `context.traits` or `properties` (lowercased). Events with the same
+    /// key are mapped one after another, in the order they came.
+    pub(crate) fn person_key(&self) -> Option<String> {
+        if let Some(user) = &self.user_id {
+            return Some(format!("user:{user}"));
+        }
+        if let Some(anonymous) = &self.anonymous_id {
+            return Some(format!("anonymous:{anonymous}"));
+        }
+        [&self.traits.0, &self.context.traits.0, &self.properties.0]
+            .into_iter()
+            .flatten()
+            .next()
+            .map(|email| format!("email:{}", email.trim().to_lowercase()))
+    }
+}
+
+impl Default for Envelope {
+    fn default() -> Self {
+        Envelope {
+            message_id: None,
+            kind: None,
+            user_id: None,
+            anonymous_id: None,
+            traits: Email(None),
+            context: ContextTraits::default(),
+            properties: Email(None),
+        }
+    }
+}
+
+/// `context.traits.email`, everything else in `context` skipped.
+#[derive(Clone, Default, Deserialize)]
+struct ContextTraits {
+    #[serde(default)]
+    traits: Email,
+}
+
+/// The `email` member of an object; any other value, or an object without
+/// a string `email`, reads as none. Other members are skipped unparsed.
+#[derive(Clone, Default)]
+struct Email(Option<String>);
+
+impl<'de> Deserialize<'de> for Email {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Email;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Email, A::Error> {
+                let mut email = None;
+                while let Some(IsEmail(is_email)) = map.next_key()? {
+                    if is_email && email.is_none() {
+                        email = match map.next_value::<Value>()? {
+                            Value::String(text) if !text.trim().is_empty() => Some(text),
+                            _ => None,
+                        };
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Email(email))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Email, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Email(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Email, E> {
+                Ok(Email(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Email, E> {
+                Ok(Email(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Email, E> {
+                Ok(Email(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Email, E> {
+                Ok(Email(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Email, E> {
+                Ok(Email(None))
+            }
+            fn visit_unit<E>(self) -> Result<Email, E> {
+                Ok(Email(None))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
+}
+
+/// Whether an object key is `email`, read without copying it.
+struct IsEmail(bool);
+
+impl<'de> Deserialize<'de> for IsEmail {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = IsEmail;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E>(self, key: &str) -> Result<IsEmail, E> {
+                Ok(IsEmail(key == "email"))
+            }
+        }
+        deserializer.deserialize_str(Visit)
     }
 }
 
@@ -183,6 +312,15 @@ impl Envelope {
 fn message_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
     Ok(match Value::deserialize(deserializer)? {
         Value::String(id) => Some(id),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+/// A person's id as text, whether sent as a string or a number.
+fn id_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::String(id) if !id.is_empty() => Some(id),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     })
