@@ -11,6 +11,8 @@ mod admin;
 mod ingest;
 mod metrics;
 
+pub use ingest::wire;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -121,6 +123,7 @@ pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result
         .route("/admin/plugins/{destination}/rollback", post(admin::rollback))
         .layer(DefaultBodyLimit::max(ingest::MAX_BATCH_BYTES + 1))
         .with_state(shared.clone());
+    let stop = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -148,7 +151,6 @@ pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result
         .clone()
         .map(|dir| tokio::spawn(watch_plugin_dir(shared.clone(), dir)));
 
-    let stop = shutdown_signal();
     axum::serve(listener, app).with_graceful_shutdown(stop).await?;
     tracing::info!("stopping intake; finishing deliveries in flight");
     shared.draining.store(true, Ordering::Relaxed);
@@ -301,18 +303,34 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> String {
     metrics::render(&shared.metrics, &shared.delivery, depth)
 }
 
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Resolves at SIGTERM or Ctrl-C. The handlers are installed here, before
+/// the listener is bound, so that a signal sent as soon as the service
+/// answers is never met by the default action (which would kill it
+/// without draining).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    let interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+    async move {
+        let terminate = async {
+            match terminate {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        let interrupt = async {
+            match interrupt {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
     }
 }
 
