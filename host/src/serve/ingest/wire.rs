@@ -1,0 +1,197 @@
+//! The ingest wire formats, as pure functions of the bytes received (the
+//! handlers in `ingest` add the HTTP and the spool; the fuzz targets call
+//! these directly): content decoding within a decoded-size limit, the
+//! write key's placements, and one event or a Segment batch checked and
+//! completed into what the spool stores.
+
+use std::borrow::Cow;
+use std::io::Read;
+
+use base64::Engine as _;
+use serde_json::{Map, Value, json};
+
+/// The largest event accepted.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+/// The largest batch request accepted.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// The event types ingest takes.
+pub const KINDS: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
+
+/// An event as the spool stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    pub message_id: String,
+    pub received_at: String,
+    /// The event as JSON text, `type`, `receivedAt` and `messageId` filled
+    /// in and any `writeKey` masked.
+    pub text: String,
+}
+
+/// Why a body was refused, and which HTTP status says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// 400: the body is not what it should be.
+    BadRequest(String),
+    /// 415: a `Content-Encoding` this service does not read.
+    UnsupportedEncoding(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::BadRequest(message) | Refused::UnsupportedEncoding(message) => f.write_str(message),
+        }
+    }
+}
+
+/// The body, decoded from its `Content-Encoding`, and refused once its
+/// decoded size passes `limit` (a zip bomb is cut off there, not decoded
+/// whole).
+pub fn decode<'a>(content_encoding: Option<&str>, body: &'a [u8], limit: usize) -> Result<Cow<'a, [u8]>, Refused> {
+    let encoding = content_encoding
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let read = match encoding.as_str() {
+        "" | "identity" => return Ok(Cow::Borrowed(body)),
+        "gzip" | "x-gzip" => flate2::read::MultiGzDecoder::new(body)
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out),
+        // HTTP's "deflate" is zlib-wrapped; some clients send it raw.
+        "deflate" => match flate2::read::ZlibDecoder::new(body)
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out)
+        {
+            Ok(n) => Ok(n),
+            Err(_) => {
+                out.clear();
+                flate2::read::DeflateDecoder::new(body)
+                    .take(limit as u64 + 1)
+                    .read_to_end(&mut out)
+            }
+        },
+        other => {
+            return Err(Refused::UnsupportedEncoding(format!(
+                "Content-Encoding {other:?} is not supported; send gzip, deflate or none"
+            )));
+        }
+    };
+    match read {
+        Ok(_) if out.len() > limit => Err(Refused::BadRequest(format!(
+            "the body decodes to more than the {limit} byte limit; nothing was stored"
+        ))),
+        Ok(_) => Ok(Cow::Owned(out)),
+        Err(e) => Err(Refused::BadRequest(format!(
+            "the body is not valid {encoding} data: {e}; nothing was stored"
+        ))),
+    }
+}
+
+/// One event checked and completed; `kind` (from the path) sets `type`.
+pub fn single(body: &[u8], kind: Option<&str>, received_at: &str) -> Result<Received, String> {
+    if body.len() > MAX_EVENT_BYTES {
+        return Err(format!(
+            "the event is {} bytes, over the {MAX_EVENT_BYTES} byte limit",
+            body.len()
+        ));
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    complete(value, kind, received_at)
+}
+
+/// Every event of a Segment batch (`{"batch": [...]}`), or why the batch
+/// is refused as a whole, naming the first bad item.
+pub fn batch(body: &[u8], received_at: &str) -> Result<Vec<Received>, String> {
+    if body.len() > MAX_BATCH_BYTES {
+        return Err(format!(
+            "the batch is {} bytes, over the {MAX_BATCH_BYTES} byte limit",
+            body.len()
+        ));
+    }
+    #[derive(serde::Deserialize)]
+    struct Batch<'a> {
+        #[serde(borrow)]
+        batch: Vec<&'a serde_json::value::RawValue>,
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    if value.get("batch").and_then(Value::as_array).is_none() {
+        return Err("the body must be an object with a `batch` array of events".to_string());
+    }
+    // Each item is checked on its own text, so its size is what it was sent as.
+    let items: Batch = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    let mut events = Vec::with_capacity(items.batch.len());
+    for (i, item) in items.batch.iter().enumerate() {
+        match single(item.get().as_bytes(), None, received_at) {
+            Ok(event) => events.push(event),
+            Err(message) => return Err(format!("batch[{i}]: {message}; nothing was stored")),
+        }
+    }
+    Ok(events)
+}
+
+fn complete(value: Value, kind: Option<&str>, received_at: &str) -> Result<Received, String> {
+    let Value::Object(mut event) = value else {
+        return Err(format!(
+            "the body must be a JSON object (an event), not a JSON {}",
+            crate::mapping::kind_of(&value)
+        ));
+    };
+    if let Some(kind) = kind {
+        event.insert("type".into(), json!(kind));
+    }
+    mask_write_key(&mut event);
+    event.insert("receivedAt".into(), json!(received_at));
+    let message_id = message_id(&mut event);
+    Ok(Received {
+        message_id,
+        received_at: received_at.to_string(),
+        text: Value::Object(event).to_string(),
+    })
+}
+
+/// The event's `messageId`, filled in when absent so a retried delivery
+/// keeps one idempotency key.
+fn message_id(event: &mut Map<String, Value>) -> String {
+    match event.get("messageId") {
+        Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => {
+            let id = uuid::Uuid::new_v4().to_string();
+            event.insert("messageId".into(), json!(id));
+            id
+        }
+    }
+}
+
+/// A write key sent inside an event is a secret: it is not kept.
+fn mask_write_key(event: &mut Map<String, Value>) {
+    if event.contains_key("writeKey") {
+        event.insert("writeKey".into(), json!("***"));
+    }
+}
+
+/// The write key of a Segment request: the basic-auth user, else its
+/// password when the user is empty, else the body's `writeKey`.
+pub fn segment_key(authorization: Option<&str>, body: &[u8]) -> Option<String> {
+    if let Some((user, password)) = authorization.and_then(basic_credentials) {
+        let key = if user.is_empty() { password } else { user };
+        if !key.is_empty() {
+            return Some(key);
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct WithKey {
+        #[serde(rename = "writeKey")]
+        write_key: Option<String>,
+    }
+    serde_json::from_slice::<WithKey>(body).ok()?.write_key
+}
+
+fn basic_credentials(authorization: &str) -> Option<(String, String)> {
+    let encoded = authorization.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':').unwrap_or((&text, ""));
+    Some((user.to_string(), password.to_string()))
+}
