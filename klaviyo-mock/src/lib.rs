@@ -5,6 +5,7 @@
 //! an account see the same answers. Faults can be injected to prove that
 //! delivery loses nothing. `/sandbox/*` shows what it holds.
 
+mod bulk;
 mod model;
 mod validate;
 
@@ -77,6 +78,9 @@ pub struct MockConfig {
     pub faults: Faults,
     /// Seed for fault injection, so a failing test can be replayed.
     pub seed: u64,
+    /// How long a bulk profile import stays queued and processing before
+    /// it is applied.
+    pub import_job_time: Duration,
 }
 
 impl Default for MockConfig {
@@ -85,13 +89,21 @@ impl Default for MockConfig {
             keys: vec![
                 ApiKey::new(
                     DEMO_KEY,
-                    &["events:write", "profiles:write", "lists:write", "accounts:read"],
+                    &[
+                        "events:write",
+                        "profiles:write",
+                        "profiles:read",
+                        "lists:write",
+                        "lists:read",
+                        "accounts:read",
+                    ],
                 ),
                 ApiKey::new(EVENTS_ONLY_KEY, &["events:write", "accounts:read"]),
             ],
             rate_limits: true,
             faults: Faults::default(),
             seed: 1,
+            import_job_time: Duration::from_millis(200),
         }
     }
 }
@@ -103,19 +115,34 @@ enum Endpoint {
     ProfileImport,
     EventBulkCreateJobs,
     ProfileBulkImportJobs,
+    ProfileBulkImportJob,
+    ProfileBulkImportErrors,
     Accounts,
 }
 
 impl Endpoint {
-    fn route(method: &Method, path: &str) -> Option<Endpoint> {
+    /// The endpoint, and the job id in its path if it has one.
+    fn route(method: &Method, path: &str) -> Option<(Endpoint, Option<String>)> {
         let path = path.trim_end_matches('/');
-        match (method, path) {
+        let fixed = match (method, path) {
             (&Method::POST, "/api/events") => Some(Endpoint::Events),
             (&Method::POST, "/api/profile-import") => Some(Endpoint::ProfileImport),
             (&Method::POST, "/api/event-bulk-create-jobs") => Some(Endpoint::EventBulkCreateJobs),
             (&Method::POST, "/api/profile-bulk-import-jobs") => Some(Endpoint::ProfileBulkImportJobs),
             (&Method::GET, "/api/accounts") => Some(Endpoint::Accounts),
             _ => None,
+        };
+        if let Some(endpoint) = fixed {
+            return Some((endpoint, None));
+        }
+        let job = path.strip_prefix("/api/profile-bulk-import-jobs/")?;
+        if *method != Method::GET {
+            return None;
+        }
+        match job.split_once('/') {
+            None => Some((Endpoint::ProfileBulkImportJob, Some(job.to_string()))),
+            Some((id, "import-errors")) => Some((Endpoint::ProfileBulkImportErrors, Some(id.to_string()))),
+            Some(_) => None,
         }
     }
 
@@ -125,6 +152,8 @@ impl Endpoint {
             Endpoint::ProfileImport => "POST /api/profile-import",
             Endpoint::EventBulkCreateJobs => "POST /api/event-bulk-create-jobs",
             Endpoint::ProfileBulkImportJobs => "POST /api/profile-bulk-import-jobs",
+            Endpoint::ProfileBulkImportJob => "GET /api/profile-bulk-import-jobs/{id}",
+            Endpoint::ProfileBulkImportErrors => "GET /api/profile-bulk-import-jobs/{id}/import-errors",
             Endpoint::Accounts => "GET /api/accounts",
         }
     }
@@ -135,6 +164,8 @@ impl Endpoint {
             Endpoint::Events | Endpoint::EventBulkCreateJobs => &["events:write"],
             Endpoint::ProfileImport => &["profiles:write"],
             Endpoint::ProfileBulkImportJobs => &["lists:write", "profiles:write"],
+            Endpoint::ProfileBulkImportJob => &["lists:read", "profiles:read"],
+            Endpoint::ProfileBulkImportErrors => &["profiles:read"],
             Endpoint::Accounts => &["accounts:read"],
         }
     }
@@ -144,7 +175,10 @@ impl Endpoint {
         match self {
             Endpoint::Events => (350, 3500),
             Endpoint::ProfileImport => (75, 750),
-            Endpoint::EventBulkCreateJobs | Endpoint::ProfileBulkImportJobs => (10, 150),
+            Endpoint::EventBulkCreateJobs
+            | Endpoint::ProfileBulkImportJobs
+            | Endpoint::ProfileBulkImportJob
+            | Endpoint::ProfileBulkImportErrors => (10, 150),
             Endpoint::Accounts => (1, 15),
         }
     }
@@ -229,8 +263,11 @@ impl KlaviyoMock {
         self.shared.model.lock().unwrap().events().to_vec()
     }
 
+    /// The profiles, with every bulk import whose time has come applied.
     pub fn profiles(&self) -> Vec<Profile> {
-        self.shared.model.lock().unwrap().profiles().to_vec()
+        let mut model = self.shared.model.lock().unwrap();
+        model.settle(Utc::now());
+        model.profiles().to_vec()
     }
 
     /// Every accepted write, in the order the sandbox stored it.
@@ -268,7 +305,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     if method == Method::GET && path.starts_with("/sandbox/") {
         return Ok(inspect(&shared, &path));
     }
-    let Some(endpoint) = Endpoint::route(&method, &path) else {
+    let Some((endpoint, job)) = Endpoint::route(&method, &path) else {
         return Ok(json_response(
             404,
             &ApiError::new(
@@ -328,7 +365,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     if (fault_5xx || drop) && !after {
         return fault(&shared, drop).await;
     }
-    let answer = process(&shared, endpoint, header("content-type"), &body);
+    let answer = match job {
+        Some(id) => job_document(&shared, endpoint, &id),
+        None => process(&shared, endpoint, header("content-type"), &body),
+    };
     if (fault_5xx || drop) && after {
         return fault(&shared, drop).await;
     }
@@ -443,6 +483,7 @@ fn process(
     })?;
     let now = Utc::now();
     let mut model = shared.model.lock().unwrap();
+    model.settle(now);
     match endpoint {
         Endpoint::Events => {
             let event = validate::event(&value, now)?;
@@ -461,63 +502,39 @@ fn process(
             ))
         }
         Endpoint::EventBulkCreateJobs => {
-            let entries = value
-                .pointer("/data/attributes/events-bulk-create/data")
-                .and_then(Value::as_array)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "'events-bulk-create' is required.",
-                        "/data/attributes/events-bulk-create",
-                    )
-                })?;
-            if entries.len() > 1000 {
-                return Err(ApiError::invalid(
-                    "At most 1000 events per request.",
-                    "/data/attributes/events-bulk-create/data",
-                ));
-            }
-            for entry in entries {
-                let profile = entry.pointer("/attributes/profile").cloned().unwrap_or(Value::Null);
-                for event in entry
-                    .pointer("/attributes/events/data")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let mut attributes = event.get("attributes").cloned().unwrap_or(json!({}));
-                    attributes["profile"] = profile.clone();
-                    let single = json!({"data": {"type": "event", "attributes": attributes}});
-                    let event = validate::event(&single, now)?;
-                    model.add_event(event, &now.to_rfc3339())?;
-                }
+            let events = bulk::events(&value, now)?;
+            for event in events {
+                model.add_event(event, &now.to_rfc3339())?;
             }
             Ok((202, None))
         }
         Endpoint::ProfileBulkImportJobs => {
-            let profiles = value
-                .pointer("/data/attributes/profiles/data")
-                .and_then(Value::as_array)
-                .ok_or_else(|| ApiError::invalid("'profiles' is required.", "/data/attributes/profiles"))?;
-            if profiles.len() > 10_000 {
-                return Err(ApiError::invalid(
-                    "At most 10000 profiles per request.",
-                    "/data/attributes/profiles/data",
-                ));
-            }
-            for profile in profiles {
-                let single = json!({"data": profile});
-                let input = validate::profile_import(&single, 0)?;
-                model.import_profile(&input)?;
-            }
-            Ok((
-                202,
-                Some(
-                    json!({"data": {"type": "profile-bulk-import-job", "id": format!("job-{}", now.timestamp_millis()), "attributes": {"status": "complete", "total_count": profiles.len(), "completed_count": profiles.len(), "failed_count": 0}}}),
-                ),
-            ))
+            let profiles = bulk::profiles(&value)?;
+            let processing = chrono::Duration::from_std(shared.config.import_job_time).unwrap_or_default();
+            Ok((202, Some(model.create_job(profiles, now, processing))))
         }
+        Endpoint::ProfileBulkImportJob | Endpoint::ProfileBulkImportErrors => unreachable!("answered by job_document"),
         Endpoint::Accounts => unreachable!("answered above"),
     }
+}
+
+/// A bulk import job's status or its import errors.
+fn job_document(shared: &Shared, endpoint: Endpoint, id: &str) -> Result<(u16, Option<Value>), ApiError> {
+    let now = Utc::now();
+    let mut model = shared.model.lock().unwrap();
+    model.settle(now);
+    let found = match endpoint {
+        Endpoint::ProfileBulkImportJob => model.job(id, now),
+        _ => model.job_errors(id),
+    };
+    found.map(|document| (200, Some(document))).ok_or_else(|| {
+        ApiError::new(
+            404,
+            "not_found",
+            "Not found.",
+            format!("There is no profile bulk import job {id:?}."),
+        )
+    })
 }
 
 async fn fault(shared: &Shared, drop: bool) -> Answer {
@@ -610,7 +627,8 @@ fn error_id(shared: &Shared) -> String {
 
 /// `/sandbox/events`, `/sandbox/profiles`, `/sandbox/stats`.
 fn inspect(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
-    let model = shared.model.lock().unwrap();
+    let mut model = shared.model.lock().unwrap();
+    model.settle(Utc::now());
     let value = match path.trim_end_matches('/') {
         "/sandbox/events" => json!(model.events()),
         "/sandbox/profiles" => json!(model.profiles()),

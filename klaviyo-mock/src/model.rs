@@ -6,8 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use super::validate::{ApiError, EventInput, ProfileInput};
 
@@ -67,7 +68,20 @@ pub struct Model {
     events: Vec<StoredEvent>,
     seen: HashSet<(String, String, String)>,
     arrivals: Vec<Arrival>,
+    jobs: Vec<ImportJob>,
     pub stats: Stats,
+}
+
+/// A bulk profile import: queued when created, applied once `due`.
+struct ImportJob {
+    id: String,
+    created_at: DateTime<Utc>,
+    due: DateTime<Utc>,
+    completed_at: Option<DateTime<Utc>>,
+    /// Each profile of the request: valid, or its import error.
+    profiles: Vec<Result<ProfileInput, ApiError>>,
+    completed: usize,
+    errors: Vec<Value>,
 }
 
 /// What a profile upsert did.
@@ -77,6 +91,93 @@ pub enum Upsert {
 }
 
 impl Model {
+    /// Queues a bulk import; its document, as the 202 answers it.
+    pub fn create_job(
+        &mut self,
+        profiles: Vec<Result<ProfileInput, ApiError>>,
+        now: DateTime<Utc>,
+        processing: chrono::Duration,
+    ) -> Value {
+        let id = format!("job{:08}", self.jobs.len() + 1);
+        self.jobs.push(ImportJob {
+            id: id.clone(),
+            created_at: now,
+            due: now + processing,
+            completed_at: None,
+            profiles,
+            completed: 0,
+            errors: Vec::new(),
+        });
+        self.job(&id, now).expect("just created")
+    }
+
+    /// Applies every job whose processing time has passed.
+    pub fn settle(&mut self, now: DateTime<Utc>) {
+        let mut jobs = std::mem::take(&mut self.jobs);
+        for job in jobs.iter_mut().filter(|j| j.completed_at.is_none() && j.due <= now) {
+            for (index, profile) in std::mem::take(&mut job.profiles).into_iter().enumerate() {
+                let applied = profile.and_then(|p| self.import_profile(&p).map(|_| ()));
+                match applied {
+                    Ok(()) => job.completed += 1,
+                    Err(error) => {
+                        let pointer = error
+                            .pointer
+                            .clone()
+                            .unwrap_or_else(|| format!("/data/attributes/profiles/data/{index}"));
+                        job.errors.push(json!({
+                            "type": "import-error",
+                            "id": format!("{}-{index}", job.id),
+                            "attributes": {
+                                "code": error.code,
+                                "title": error.title,
+                                "detail": error.detail,
+                                "source": {"pointer": pointer},
+                                "original_payload": {"index": index},
+                            },
+                        }));
+                    }
+                }
+            }
+            job.completed_at = Some(now);
+        }
+        self.jobs = jobs;
+    }
+
+    /// A job's document (`GET /api/profile-bulk-import-jobs/{id}`).
+    pub fn job(&self, id: &str, now: DateTime<Utc>) -> Option<Value> {
+        let job = self.jobs.iter().find(|j| j.id == id)?;
+        let time = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, true);
+        let total = job.completed + job.errors.len() + job.profiles.len();
+        let status = match job.completed_at {
+            Some(_) => "complete",
+            None if now >= job.created_at + (job.due - job.created_at) / 2 => "processing",
+            None => "queued",
+        };
+        Some(json!({"data": {
+            "type": "profile-bulk-import-job",
+            "id": job.id,
+            "attributes": {
+                "status": status,
+                "created_at": time(job.created_at),
+                "total_count": total,
+                "completed_count": job.completed,
+                "failed_count": job.errors.len(),
+                "completed_at": job.completed_at.map(time),
+                "expires_at": time(job.created_at + chrono::Duration::days(7)),
+                "started_at": time(job.created_at),
+            },
+            "links": {"self": format!("/api/profile-bulk-import-jobs/{}", job.id)},
+        }}))
+    }
+
+    /// A job's import errors (`GET …/{id}/import-errors`), one page.
+    pub fn job_errors(&self, id: &str) -> Option<Value> {
+        let job = self.jobs.iter().find(|j| j.id == id)?;
+        Some(
+            json!({"data": job.errors, "links": {"self": format!("/api/profile-bulk-import-jobs/{id}/import-errors"), "next": null, "prev": null}}),
+        )
+    }
+
     pub fn events(&self) -> &[StoredEvent] {
         &self.events
     }

@@ -18,6 +18,9 @@ pub struct ApiError {
     pub detail: String,
     pub pointer: Option<String>,
     pub meta: Map<String, Value>,
+    /// Further errors answered in the same response (a bulk request lists
+    /// one per bad item).
+    pub more: Vec<ApiError>,
 }
 
 impl ApiError {
@@ -29,6 +32,7 @@ impl ApiError {
             detail: detail.into(),
             pointer: Some(pointer.to_string()),
             meta: Map::new(),
+            more: Vec::new(),
         }
     }
 
@@ -40,11 +44,21 @@ impl ApiError {
             detail: detail.into(),
             pointer: None,
             meta: Map::new(),
+            more: Vec::new(),
         }
     }
 
     /// The JSON:API error document.
     pub fn body(&self, id: &str) -> Value {
+        let errors: Vec<Value> = std::iter::once(self)
+            .chain(&self.more)
+            .enumerate()
+            .map(|(n, error)| error.object(&if n == 0 { id.to_string() } else { format!("{id}-{n}") }))
+            .collect();
+        json!({ "errors": errors })
+    }
+
+    fn object(&self, id: &str) -> Value {
         let mut error = json!({
             "id": id,
             "status": self.status,
@@ -57,7 +71,7 @@ impl ApiError {
         if let Some(pointer) = &self.pointer {
             error["source"] = json!({ "pointer": pointer });
         }
-        json!({ "errors": [error] })
+        error
     }
 }
 
