@@ -187,6 +187,6 @@ fn gather(mut errors: Vec<ApiError>) -> Option<ApiError> {
             .push_str(&format!(" ({unlisted} more errors are not listed.)"));
     }
     let mut first = errors.remove(0);
-    first.more = errors;
+    first.more = errors.into_boxed_slice();
     Some(first)
 }

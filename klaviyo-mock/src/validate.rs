@@ -20,7 +20,7 @@ pub struct ApiError {
     pub meta: Map<String, Value>,
     /// Further errors answered in the same response (a bulk request lists
     /// one per bad item).
-    pub more: Vec<ApiError>,
+    pub more: Box<[ApiError]>,
 }
 
 impl ApiError {
@@ -32,7 +32,7 @@ impl ApiError {
             detail: detail.into(),
             pointer: Some(pointer.to_string()),
             meta: Map::new(),
-            more: Vec::new(),
+            more: Box::default(),
         }
     }
 
@@ -44,14 +44,14 @@ impl ApiError {
             detail: detail.into(),
             pointer: None,
             meta: Map::new(),
-            more: Vec::new(),
+            more: Box::default(),
         }
     }
 
     /// The JSON:API error document.
     pub fn body(&self, id: &str) -> Value {
         let errors: Vec<Value> = std::iter::once(self)
-            .chain(&self.more)
+            .chain(self.more.iter())
             .enumerate()
             .map(|(n, error)| error.object(&if n == 0 { id.to_string() } else { format!("{id}-{n}") }))
             .collect();
