@@ -54,6 +54,12 @@ pub fn decode<'a>(content_encoding: Option<&str>, body: &'a [u8], limit: usize) 
         .unwrap_or_default();
     let mut out = Vec::new();
     let read = match encoding.as_str() {
+        "" | "identity" if body.len() > limit => {
+            return Err(Refused::BadRequest(format!(
+                "the body is {} bytes, over the {limit} byte limit; nothing was stored",
+                body.len()
+            )));
+        }
         "" | "identity" => return Ok(Cow::Borrowed(body)),
         "gzip" | "x-gzip" => flate2::read::MultiGzDecoder::new(body)
             .take(limit as u64 + 1)
@@ -194,4 +200,44 @@ fn basic_credentials(authorization: &str) -> Option<(String, String)> {
     let text = String::from_utf8(decoded).ok()?;
     let (user, password) = text.split_once(':').unwrap_or((&text, ""));
     Some((user.to_string(), password.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `ingest` fuzz target: the limit held for gzip and
+    /// deflate only, and an unencoded body passed through whatever its size.
+    #[test]
+    fn an_unencoded_body_over_the_limit_is_refused_like_a_decoded_one() {
+        let body = vec![b' '; 11];
+        for encoding in [None, Some("identity")] {
+            assert!(
+                matches!(decode(encoding, &body, 10), Err(Refused::BadRequest(m)) if m.contains("11 bytes, over the 10 byte limit"))
+            );
+            assert_eq!(decode(encoding, &body[..10], 10).unwrap().len(), 10);
+        }
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_cut_off_at_the_limit() {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&vec![b'{'; 1 << 20]).unwrap();
+        let bomb = encoder.finish().unwrap();
+        assert!(bomb.len() < 4096);
+        assert!(matches!(decode(Some("gzip"), &bomb, 1000), Err(Refused::BadRequest(m)) if m.contains("more than the 1000 byte limit")));
+    }
+
+    #[test]
+    fn a_batch_names_its_first_bad_item_and_masks_write_keys() {
+        let ok = br#"{"batch": [{"type": "track", "writeKey": "secret", "messageId": "m1"}, {"type": "identify"}]}"#;
+        let events = batch(ok, "2026-12-02T00:00:00.000Z").unwrap();
+        assert_eq!(events.len(), 2);
+        assert!(!events[0].text.contains("secret") && events[0].message_id == "m1");
+        assert!(!events[1].message_id.is_empty(), "a missing messageId is filled in");
+        let bad = br#"{"batch": [{"type": "track"}, 7]}"#;
+        let refused = batch(bad, "2026-12-02T00:00:00.000Z").unwrap_err();
+        assert!(refused.starts_with("batch[1]: ") && refused.contains("not a JSON number"), "{refused}");
+    }
 }
