@@ -31,7 +31,7 @@ mod bindings {
 mod cache;
 mod call_env;
 pub mod egress;
-mod output;
+pub mod output;
 mod plugin;
 mod pool;
 mod runtime;

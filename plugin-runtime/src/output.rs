@@ -118,6 +118,20 @@ fn items(what: &'static str, count: usize, limits: &Limits) -> Result<(), Output
     Ok(())
 }
 
+/// Everything a mapping is checked for before the host acts on it: its
+/// texts within their bounds, and each request to a declared host, in a
+/// declared rate class, naming only declared secrets, within the per-event
+/// caps. (Public so that the fuzz target can call it on any mapping.)
+pub fn check(
+    mapping: &Mapping,
+    manifest: &DestinationManifest,
+    egress: &EgressPolicy,
+    limits: &Limits,
+) -> Result<(), OutputError> {
+    check_mapping_texts(mapping, limits)?;
+    check_mapping(mapping, manifest, egress, limits)
+}
+
 pub(crate) fn check_mapping(
     mapping: &Mapping,
     manifest: &DestinationManifest,
