@@ -7,6 +7,13 @@
 //! to the spool, read back from the spool itself. On this 2-core machine
 //! the poster, serve and the sandbox share the cores.
 //!
+//! Poison: `BENCH_SERVE_POISON_PER_SECOND=1` runs the test-only hostile
+//! plugin (which maps an ordinary event to one request) and adds that many
+//! events a second on which it loops until its deadline
+//! (`BENCH_SERVE_DEADLINE_MS`, default the host's); the latency reported is
+//! then the other events'. `BENCH_SERVE_PLUGIN=hostile` with no poison is
+//! the run to compare against.
+//!
 //! Speed is reported, never asserted. Results: BENCHMARKS.md.
 
 use std::net::TcpListener;
@@ -48,6 +55,18 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("cdp-host-serve-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let spool = dir.join("spool.sqlite");
+    let poison_rate = setting("BENCH_SERVE_POISON_PER_SECOND", 0);
+    let hostile = poison_rate > 0 || std::env::var("BENCH_SERVE_PLUGIN").is_ok_and(|p| p == "hostile");
+    let mut plugin_args: Vec<String> = Vec::new();
+    if hostile {
+        let settings = dir.join("settings.json");
+        std::fs::write(&settings, r#"{"api_key": "pk_sandbox_demo"}"#).unwrap();
+        plugin_args.extend(["--plugin".into(), plugin_fixtures::HOSTILE.into()]);
+        plugin_args.extend(["--settings".into(), settings.display().to_string()]);
+    }
+    if let Ok(deadline) = std::env::var("BENCH_SERVE_DEADLINE_MS") {
+        plugin_args.extend(["--plugin-deadline-ms".into(), deadline]);
+    }
     let (sandbox_port, serve_port) = (free_port(), free_port());
     let _sandbox = Killed(
         Command::new(env!("CARGO_BIN_EXE_cdp-host"))
@@ -73,6 +92,7 @@ async fn main() {
                 &format!("127.0.0.1:{serve_port}"),
             ])
             .args(["--base-url", &format!("http://127.0.0.1:{sandbox_port}")])
+            .args(&plugin_args)
             .arg("--spool")
             .arg(&spool)
             .env("KLAVIYO_API_KEY", "pk_sandbox_demo")
@@ -85,7 +105,7 @@ async fn main() {
 
     let rate = setting("BENCH_SERVE_RATE", 5_000);
     let events = (rate * setting("BENCH_SERVE_SECONDS", 10)) as usize;
-    let mix: Vec<(String, String)> = chord_corpus::generate(1, events)
+    let mut mix: Vec<(String, String)> = chord_corpus::generate(1, events)
         .map(|event| {
             let kind = serde_json::from_str::<serde_json::Value>(&event).unwrap()["type"]
                 .as_str()
@@ -94,12 +114,22 @@ async fn main() {
             (kind, event)
         })
         .collect();
+    if poison_rate > 0 {
+        let every = (rate / poison_rate).max(1) as usize;
+        for n in (0..mix.len()).step_by(every).rev() {
+            let poison = serde_json::json!({
+                "type": "track", "messageId": format!("poison-{n}"), "userId": format!("poison-{n}"), "misbehave": "loop",
+            });
+            mix.insert(n, ("track".into(), poison.to_string()));
+        }
+    }
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{serve_port}/api/s/s2s");
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut posts = tokio::task::JoinSet::new();
+    let mix_len = mix.len();
     for (kind, body) in mix {
         tick.tick().await;
         let (client, url) = (client.clone(), format!("{base}/{kind}"));
@@ -119,20 +149,21 @@ async fn main() {
             ok += 1;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while spool_file::pending(&spool) > 0 {
         assert!(Instant::now() < deadline, "events did not drain");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut latencies = spool_file::latencies_ms(&spool);
+    let mut latencies = spool_file::latencies_ms_except(&spool, "poison-");
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
     println!(
-        "serve: {ok} of {events} events of the mix acknowledged, posted at {rate}/s, all in {:.1}s",
+        "serve: {ok} of {} events acknowledged ({poison_rate} poison a second), posted at {rate}/s, all in {:.1}s",
+        mix_len,
         started.elapsed().as_secs_f64()
     );
     println!(
-        "ingest-to-delivery latency (ms): p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1} ({} events)",
+        "ingest-to-outcome latency of the others (ms): p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1} ({} events)",
         at(0.5),
         at(0.9),
         at(0.99),

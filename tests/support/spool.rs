@@ -49,6 +49,22 @@ pub fn pending(path: &Path) -> u64 {
         .unwrap() as u64
 }
 
+/// The same, leaving out events whose message id starts with `prefix`.
+pub fn latencies_ms_except(path: &Path, prefix: &str) -> Vec<f64> {
+    let conn = open(path);
+    let mut query = conn
+        .prepare(
+            "SELECT (julianday(updated_at) - julianday(received_at)) * 86400000.0 FROM events
+             WHERE updated_at IS NOT NULL AND substr(coalesce(message_id, ''), 1, length(?1)) <> ?1",
+        )
+        .unwrap();
+    query
+        .query_map([prefix], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// For each finished event, milliseconds from ingest (`received_at`) to
 /// its outcome being recorded.
 pub fn latencies_ms(path: &Path) -> Vec<f64> {

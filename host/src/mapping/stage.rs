@@ -36,10 +36,10 @@ pub struct StageConfig {
 }
 
 impl StageConfig {
-    /// Workers by default: twice the cores, at least four.
+    /// Workers by default: four per core, at least eight.
     pub fn default_workers() -> usize {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        (cores * 2).max(4)
+        (cores * 4).max(8)
     }
 }
 
@@ -48,7 +48,7 @@ impl Default for StageConfig {
         StageConfig {
             workers: StageConfig::default_workers(),
             poison_attempts: 3,
-            overtake_after: Duration::from_millis(100),
+            overtake_after: Duration::from_millis(25),
             max_queued: 1024,
         }
     }
