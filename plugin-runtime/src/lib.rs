@@ -28,6 +28,19 @@ mod bindings {
     });
 }
 
+/// The optional `batching` interface (since 1.1), loaded from the same
+/// instance as `destination` when a plugin exports it; the shared types are
+/// the ones above.
+mod batching_bindings {
+    wasmtime::component::bindgen!({
+        world: "batching-destination",
+        path: "../wit",
+        with: {
+            "chord:destination/types": crate::bindings::chord::destination::types,
+        },
+    });
+}
+
 mod cache;
 mod call_env;
 pub mod egress;
@@ -38,6 +51,9 @@ mod runtime;
 mod slot;
 pub mod template;
 
+pub use batching_bindings::chord::destination::batch_types::{
+    BatchClass, BatchItem, BatchVerdict, FollowUp, ItemDecision, ItemVerdict,
+};
 pub use bindings::chord::destination::types::{
     DestinationManifest, Header, HttpRequest, HttpResponse, Mapping, Outcome, RateClass, SettingError, SettingKind,
     SettingSpec, Verdict,
@@ -51,4 +67,6 @@ pub use slot::{Canary, Loaded, PluginSlot, SwapError, now_unix_ms};
 
 /// The interface a plugin must export, and the major version this host speaks.
 pub const INTERFACE: &str = "chord:destination/plugin";
+/// The optional interface a batching plugin exports (since 1.1).
+pub const BATCHING_INTERFACE: &str = "chord:destination/batching";
 pub const INTERFACE_MAJOR: u64 = 1;

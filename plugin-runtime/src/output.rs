@@ -3,7 +3,9 @@
 //! refused, never sent.
 
 use crate::egress::{EgressError, EgressPolicy};
-use crate::{DestinationManifest, HttpRequest, Limits, Mapping, Outcome, SettingError, Verdict, template};
+use crate::{
+    BatchClass, BatchItem, DestinationManifest, HttpRequest, Limits, Mapping, Outcome, SettingError, Verdict, template,
+};
 
 /// Why a plugin's output was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +28,10 @@ pub enum OutputError {
         bytes: usize,
         limit: usize,
     },
+    #[error("{verdicts} item verdicts for a batch of {items} items")]
+    VerdictCount { verdicts: usize, items: usize },
+    #[error("batch class {class:?} of up to {bytes} bytes, over the per-request limit of {limit}")]
+    BatchTooLarge { class: String, bytes: u64, limit: usize },
     #[error("{count} {what}, over the limit of {limit}")]
     TooManyItems {
         what: &'static str,
@@ -50,6 +56,44 @@ pub(crate) fn check_mapping_texts(mapping: &Mapping, limits: &Limits) -> Result<
         text("an ordering key", key, limits)?;
     }
     Ok(())
+}
+
+/// Batch classes: bounded names, and no class whose requests could exceed
+/// the per-request output limit.
+pub(crate) fn check_batch_classes(classes: &[BatchClass], limits: &Limits) -> Result<(), OutputError> {
+    items("batch classes", classes.len(), limits)?;
+    for class in classes {
+        text("a batch class name", &class.name, limits)?;
+        text("a batch class's rate class", &class.rate_class, limits)?;
+        if class.max_bytes as usize > limits.max_output_bytes {
+            return Err(OutputError::BatchTooLarge {
+                class: class.name.clone(),
+                bytes: class.max_bytes.into(),
+                limit: limits.max_output_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A batch item: its class name and dedupe key are bounded texts, and the
+/// item itself is within the per-event output limit.
+pub(crate) fn check_batch_item(item: &BatchItem, limits: &Limits) -> Result<(), OutputError> {
+    text("a batch item's class", &item.class, limits)?;
+    if let Some(key) = &item.dedupe_key {
+        text("a batch item's dedupe key", key, limits)?;
+    }
+    if item.item.len() > limits.max_output_bytes {
+        return Err(OutputError::TooLarge {
+            bytes: item.item.len(),
+            limit: limits.max_output_bytes,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_text(what: &'static str, value: &str, limits: &Limits) -> Result<(), OutputError> {
+    text(what, value, limits)
 }
 
 pub(crate) fn check_verdict_texts(verdict: &Verdict, limits: &Limits) -> Result<(), OutputError> {

@@ -17,13 +17,17 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::bindings::{Destination, DestinationPre};
+use crate::batching_bindings::{BatchingDestination, BatchingDestinationIndices};
+use crate::bindings::{Destination, DestinationIndices};
 use crate::call_env::CallEnv;
 use crate::egress::EgressPolicy;
 use crate::output::{self, OutputError};
 use crate::pool::InstancePool;
 use crate::runtime::{Limits, LoadError, Runtime, TICK, hex};
-use crate::{DestinationManifest, HttpRequest, HttpResponse, Mapping, SettingError, Verdict};
+use crate::{
+    BatchClass, BatchItem, BatchVerdict, DestinationManifest, HttpRequest, HttpResponse, ItemVerdict, Mapping,
+    SettingError, Verdict,
+};
 
 /// Why one plugin call failed. The instance that failed is discarded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,10 +59,18 @@ fn empty_manifest() -> DestinationManifest {
     }
 }
 
+/// What a plugin exports, found at load: the `plugin` interface, and
+/// `batching` when it has it.
+pub(crate) struct Exports {
+    pub(crate) pre: wasmtime::component::InstancePre<PluginState>,
+    pub(crate) indices: DestinationIndices,
+    pub(crate) batching: Option<BatchingDestinationIndices>,
+}
+
 /// A loaded, checked plugin, ready to instantiate.
 pub struct Plugin {
     runtime: Arc<Runtime>,
-    pre: DestinationPre<PluginState>,
+    exports: Exports,
     interface: String,
     sha256: [u8; 32],
     size: usize,
@@ -90,7 +102,7 @@ impl Plugin {
     /// pool for the first call.
     pub(crate) fn new(
         runtime: Arc<Runtime>,
-        pre: DestinationPre<PluginState>,
+        exports: Exports,
         source_name: String,
         interface: String,
         sha256: [u8; 32],
@@ -98,7 +110,7 @@ impl Plugin {
     ) -> Result<Plugin, LoadError> {
         let mut plugin = Plugin {
             runtime,
-            pre,
+            exports,
             interface,
             sha256,
             size,
@@ -124,6 +136,11 @@ impl Plugin {
     /// `chord:destination/plugin@1.0.0`.
     pub fn interface(&self) -> &str {
         &self.interface
+    }
+
+    /// Whether it exports `batching` (since 1.1).
+    pub fn batches(&self) -> bool {
+        self.exports.batching.is_some()
     }
 
     pub fn sha256_hex(&self) -> String {
@@ -169,16 +186,30 @@ impl Plugin {
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|state| &mut state.memory);
         store.set_epoch_deadline(deadline_ticks(limits.deadline));
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| {
+        let instance = self.exports.pre.instantiate(&mut store).map_err(|e| {
             if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
                 CallError::Busy(self.runtime.instance_slots)
             } else {
                 classify(e.into(), &store, &stderr, limits)
             }
         })?;
+        let bindings = self
+            .exports
+            .indices
+            .load(&mut store, &instance)
+            .map_err(|e| classify(e.into(), &store, &stderr, limits))?;
+        let batching = match &self.exports.batching {
+            Some(indices) => Some(
+                indices
+                    .load(&mut store, &instance)
+                    .map_err(|e| classify(e.into(), &store, &stderr, limits))?,
+            ),
+            None => None,
+        };
         Ok(Instance {
             store,
             bindings,
+            batching,
             stderr,
             limits: limits.clone(),
             calls: 0,
@@ -210,6 +241,7 @@ fn deadline_ticks(deadline: Duration) -> u64 {
 pub struct Instance {
     store: Store<PluginState>,
     bindings: Destination,
+    batching: Option<BatchingDestination>,
     stderr: MemoryOutputPipe,
     limits: Limits,
     calls: u32,
@@ -241,6 +273,81 @@ impl Instance {
         self.store.data().env.begin(now_unix_ms, self.calls);
         self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
         f(&self.bindings, &mut self.store).map_err(|err| classify(err.into(), &self.store, &self.stderr, &self.limits))
+    }
+
+    /// A call to `batching`, which only a batching plugin's instance has.
+    fn call_batching<R>(
+        &mut self,
+        f: impl FnOnce(&BatchingDestination, &mut Store<PluginState>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        let Some(batching) = &self.batching else {
+            return Err(CallError::Trap("does not export batching".to_string()));
+        };
+        self.calls += 1;
+        self.store.data().env.begin(None, self.calls);
+        self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
+        f(batching, &mut self.store).map_err(|err| classify(err.into(), &self.store, &self.stderr, &self.limits))
+    }
+
+    /// The batch classes these settings allow (`batching.batch-classes`).
+    pub fn batch_classes(&mut self, settings: &str) -> Result<Vec<BatchClass>, CallError> {
+        let classes = self.call_batching(|b, s| b.chord_destination_batching().call_batch_classes(s, settings))?;
+        output::check_batch_classes(&classes, &self.limits)?;
+        Ok(classes)
+    }
+
+    /// Whether a mapped request may be batched, and as what.
+    pub fn batchable(&mut self, settings: &str, request: &HttpRequest) -> Result<Option<BatchItem>, CallError> {
+        let item = self.call_batching(|b, s| b.chord_destination_batching().call_batchable(s, settings, request))?;
+        if let Some(item) = &item {
+            output::check_batch_item(item, &self.limits)?;
+        }
+        Ok(item)
+    }
+
+    /// One request carrying `items` of `class`.
+    pub fn assemble(
+        &mut self,
+        settings: &str,
+        class: &str,
+        items: &[String],
+    ) -> Result<Result<HttpRequest, String>, CallError> {
+        let assembled =
+            self.call_batching(|b, s| b.chord_destination_batching().call_assemble(s, settings, class, items))?;
+        if let Err(reason) = &assembled {
+            output::check_text("a reason a batch cannot be assembled", reason, &self.limits)?;
+        }
+        Ok(assembled)
+    }
+
+    /// Judges the response to a batch request or a follow-up of one: one
+    /// verdict per item, a retry of the whole batch, or a follow-up.
+    pub fn judge(
+        &mut self,
+        settings: &str,
+        class: &str,
+        items: &[String],
+        request: &HttpRequest,
+        response: &HttpResponse,
+    ) -> Result<BatchVerdict, CallError> {
+        let verdict = self.call_batching(|b, s| {
+            b.chord_destination_batching()
+                .call_judge(s, settings, class, items, request, response)
+        })?;
+        if let BatchVerdict::Items(verdicts) = &verdict {
+            if verdicts.len() != items.len() {
+                return Err(CallError::Output(OutputError::VerdictCount {
+                    verdicts: verdicts.len(),
+                    items: items.len(),
+                }));
+            }
+            for verdict in verdicts {
+                if let ItemVerdict::Rejected(reason) = verdict {
+                    output::check_text("an item's rejection reason", reason, &self.limits)?;
+                }
+            }
+        }
+        Ok(verdict)
     }
 
     pub fn manifest(&mut self) -> Result<DestinationManifest, CallError> {

@@ -10,10 +10,11 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::bindings::DestinationPre;
+use crate::batching_bindings::BatchingDestinationIndices;
+use crate::bindings::DestinationIndices;
 use crate::cache::ComponentCache;
-use crate::plugin::{Plugin, PluginState};
-use crate::{INTERFACE, INTERFACE_MAJOR};
+use crate::plugin::{Exports, Plugin, PluginState};
+use crate::{BATCHING_INTERFACE, INTERFACE, INTERFACE_MAJOR};
 
 /// Epoch tick: the granularity of call deadlines.
 pub(crate) const TICK: Duration = Duration::from_millis(10);
@@ -177,11 +178,28 @@ impl Runtime {
             source_name: source_name.clone(),
             reason: format!("{e:#}"),
         })?;
-        let pre = DestinationPre::new(pre).map_err(|e| LoadError::Incompatible {
+        let indices = DestinationIndices::new(&pre).map_err(|e| LoadError::Incompatible {
             source_name: source_name.clone(),
             found: format!("{interface} with other functions ({e:#})"),
         })?;
-        Plugin::new(self.clone(), pre, source_name, interface, sha256, bytes.len())
+        // Batching is optional: only a plugin that exports it is asked.
+        let batching = match exports_batching(&self.engine, &component) {
+            false => None,
+            true => Some(
+                BatchingDestinationIndices::new(&pre).map_err(|e| LoadError::Incompatible {
+                    source_name: source_name.clone(),
+                    found: format!("{BATCHING_INTERFACE} with other functions ({e:#})"),
+                })?,
+            ),
+        };
+        Plugin::new(
+            self.clone(),
+            Exports { pre, indices, batching },
+            source_name,
+            interface,
+            sha256,
+            bytes.len(),
+        )
     }
 }
 
@@ -258,6 +276,17 @@ fn check_header(bytes: &[u8], source_name: &str) -> Result<(), LoadError> {
         });
     }
     Ok(())
+}
+
+/// Whether the component exports `batching` in this host's major version.
+fn exports_batching(engine: &Engine, component: &Component) -> bool {
+    component.component_type().exports(engine).any(|(name, _)| {
+        name.strip_prefix(BATCHING_INTERFACE)
+            .and_then(|rest| rest.strip_prefix('@'))
+            .and_then(|version| version.split('.').next())
+            .and_then(|major| major.parse::<u64>().ok())
+            == Some(INTERFACE_MAJOR)
+    })
 }
 
 /// The versioned name of the `plugin` interface the component exports,
