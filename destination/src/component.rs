@@ -2,9 +2,17 @@
 //! interface by converting between the generated bindings and the plain
 //! types the mapping is written in. No logic lives here.
 
+// Built with `contract-1-0`, the same plugin speaks the frozen 1.0 contract
+// (no batching): the fixture that proves 1.0 plugins keep working.
+#[cfg(not(feature = "contract-1-0"))]
+wit_bindgen::generate!({
+    world: "batching-destination",
+    path: "../wit",
+});
+#[cfg(feature = "contract-1-0")]
 wit_bindgen::generate!({
     world: "destination",
-    path: "../wit",
+    path: "../tests/fixtures/wit-1.0",
 });
 
 use chord::destination::types as wit;
@@ -81,16 +89,97 @@ impl Guest for KlaviyoPlugin {
     }
 
     fn interpret(settings: String, request: wit::HttpRequest, response: wit::HttpResponse) -> wit::Verdict {
-        let response = contract::Response {
-            status: response.status,
-            headers: response.headers.into_iter().map(from_wit_header).collect(),
-            body: response.body,
-        };
-        match crate::interpret(&settings, &from_wit(request), &response) {
+        match crate::interpret(&settings, &from_wit(request), &from_wit_response(response)) {
             contract::Verdict::Delivered => wit::Verdict::Delivered,
             contract::Verdict::Retry(after) => wit::Verdict::Retry(after),
             contract::Verdict::Rejected(reason) => wit::Verdict::Rejected(reason),
             contract::Verdict::Replace(requests) => wit::Verdict::Replace(requests.into_iter().map(to_wit).collect()),
+        }
+    }
+}
+
+fn from_wit_response(response: wit::HttpResponse) -> contract::Response {
+    contract::Response {
+        status: response.status,
+        headers: response.headers.into_iter().map(from_wit_header).collect(),
+        body: response.body,
+    }
+}
+
+/// Batching (contract 1.1): Klaviyo's bulk endpoints, see `bulk.rs`.
+#[cfg(not(feature = "contract-1-0"))]
+mod batching {
+    use super::{from_wit, from_wit_response, to_wit};
+    use crate::component::chord::destination::batch_types as bt;
+    use crate::component::chord::destination::types as wit;
+    use crate::component::exports::chord::destination::batching::Guest;
+    use crate::contract;
+
+    impl Guest for super::KlaviyoPlugin {
+        fn batch_classes(settings: String) -> Vec<bt::BatchClass> {
+            crate::batch_classes(&settings)
+                .into_iter()
+                .map(|c| bt::BatchClass {
+                    name: c.name.into(),
+                    max_items: c.max_items,
+                    max_bytes: c.max_bytes,
+                    item_overhead_bytes: c.item_overhead_bytes,
+                    max_wait_ms: c.max_wait_ms,
+                    rate_class: c.rate_class.into(),
+                })
+                .collect()
+        }
+
+        fn batchable(settings: String, request: wit::HttpRequest) -> Option<bt::BatchItem> {
+            crate::batchable(&settings, &from_wit(request)).map(|item| bt::BatchItem {
+                class: item.class,
+                item: item.item,
+                dedupe_key: item.dedupe_key,
+            })
+        }
+
+        fn assemble(settings: String, class: String, items: Vec<String>) -> Result<wit::HttpRequest, String> {
+            crate::assemble(&settings, &class, &items).map(to_wit)
+        }
+
+        fn judge(
+            settings: String,
+            class: String,
+            items: Vec<String>,
+            request: wit::HttpRequest,
+            response: wit::HttpResponse,
+        ) -> bt::BatchVerdict {
+            let verdict = crate::judge(
+                &settings,
+                &class,
+                &items,
+                &from_wit(request),
+                &from_wit_response(response),
+            );
+            match verdict {
+                contract::BatchVerdict::Items(items) => bt::BatchVerdict::Items(items.into_iter().map(item).collect()),
+                contract::BatchVerdict::Retry(after) => bt::BatchVerdict::Retry(after),
+                contract::BatchVerdict::FollowUp(follow) => bt::BatchVerdict::FollowUp(bt::FollowUp {
+                    request: to_wit(follow.request),
+                    after_ms: follow.after_ms,
+                    decided: follow
+                        .decided
+                        .into_iter()
+                        .map(|(index, verdict)| bt::ItemDecision {
+                            index,
+                            verdict: item(verdict),
+                        })
+                        .collect(),
+                }),
+            }
+        }
+    }
+
+    fn item(verdict: contract::ItemVerdict) -> bt::ItemVerdict {
+        match verdict {
+            contract::ItemVerdict::Delivered => bt::ItemVerdict::Delivered,
+            contract::ItemVerdict::Retry(after) => bt::ItemVerdict::Retry(after),
+            contract::ItemVerdict::Rejected(reason) => bt::ItemVerdict::Rejected(reason),
         }
     }
 }

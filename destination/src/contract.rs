@@ -114,3 +114,46 @@ pub struct SettingError {
     pub name: String,
     pub reason: String,
 }
+
+/// A kind of item sent many to a request (`batch-class`, since 1.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchClass {
+    pub name: &'static str,
+    pub max_items: u32,
+    pub max_bytes: u32,
+    pub item_overhead_bytes: u32,
+    pub max_wait_ms: u32,
+    pub rate_class: &'static str,
+}
+
+/// A mapped request as an item of a batch class.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchItem {
+    pub class: String,
+    pub item: String,
+    pub dedupe_key: Option<String>,
+}
+
+/// What became of one item of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ItemVerdict {
+    Delivered,
+    Retry(Option<u64>),
+    Rejected(String),
+}
+
+/// A request about a batch already sent, and the items already decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FollowUp {
+    pub request: Request,
+    pub after_ms: u64,
+    pub decided: Vec<(u32, ItemVerdict)>,
+}
+
+/// The judgement of a batch's (or a follow-up's) response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchVerdict {
+    Items(Vec<ItemVerdict>),
+    Retry(Option<u64>),
+    FollowUp(FollowUp),
+}

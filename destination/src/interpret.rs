@@ -32,7 +32,11 @@ pub fn interpret(request: &Request, response: &Response) -> Verdict {
         )),
         403 if error.is_html => Verdict::Retry(None),
         403 => {
-            let scope = if is_profile_import {
+            let scope = if endpoint == klaviyo::BULK_PROFILES_PATH {
+                "the lists:write and profiles:write scopes that bulk profile import needs (the bulk_profiles setting); grant them in Klaviyo, Settings > API keys, or set bulk_profiles to false"
+            } else if endpoint.starts_with(klaviyo::BULK_PROFILES_PATH) {
+                "the lists:read and profiles:read scopes needed to read a bulk import job (the bulk_profiles setting); grant them in Klaviyo, Settings > API keys, or set bulk_profiles to false"
+            } else if is_profile_import {
                 "the profiles:write scope that identify needs (Chord's setup guide grants only Events); give the key Profiles: Full Access in Klaviyo, Settings > API keys"
             } else {
                 "the events:write scope that track needs; give the key Events: Full Access in Klaviyo, Settings > API keys"

@@ -13,6 +13,8 @@ pub const HOST: &str = "a.klaviyo.com";
 
 pub const EVENTS_PATH: &str = "/api/events";
 pub const PROFILE_IMPORT_PATH: &str = "/api/profile-import";
+pub const BULK_EVENTS_PATH: &str = "/api/event-bulk-create-jobs";
+pub const BULK_PROFILES_PATH: &str = "/api/profile-bulk-import-jobs";
 
 /// JSON:API media type, for `content-type` and `accept`.
 pub const MEDIA_TYPE: &str = "application/vnd.api+json";
@@ -32,6 +34,30 @@ pub const PROFILES_RATE: RateClass = RateClass {
     name: "profiles",
     burst_per_second: 75,
     steady_per_minute: 750,
+};
+
+/// `POST /api/event-bulk-create-jobs`: burst 10/s, steady 150/min (scope
+/// events:write), up to 1,000 events and 5 MB a request.
+pub const BULK_EVENTS_RATE: RateClass = RateClass {
+    name: "bulk_events",
+    burst_per_second: 10,
+    steady_per_minute: 150,
+};
+
+/// `POST /api/profile-bulk-import-jobs`: burst 10/s, steady 150/min (scopes
+/// lists:write and profiles:write), up to 10,000 profiles and 5 MB.
+pub const BULK_PROFILES_RATE: RateClass = RateClass {
+    name: "bulk_profiles",
+    burst_per_second: 10,
+    steady_per_minute: 150,
+};
+
+/// `GET /api/profile-bulk-import-jobs/{id}` and its `import-errors`: each
+/// burst 10/s, steady 150/min; counted together, which stays inside both.
+pub const BULK_JOBS_RATE: RateClass = RateClass {
+    name: "bulk_jobs",
+    burst_per_second: 10,
+    steady_per_minute: 150,
 };
 
 /// Name of the per-item metric of the optional order fan-out (Klaviyo's own).
@@ -56,6 +82,10 @@ pub mod limits {
     pub const PROFILE_IMPORT_BYTES: usize = 100_000;
     /// Any request body.
     pub const BODY_BYTES: usize = 5_000_000;
+    /// Events in one bulk create request.
+    pub const BULK_EVENTS: usize = 1_000;
+    /// Profiles in one bulk import request.
+    pub const BULK_PROFILES: usize = 10_000;
     /// `unique_id`, `external_id`: 1 to 255 characters.
     pub const ID_CHARS: usize = 255;
     /// An email address.

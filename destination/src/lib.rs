@@ -7,6 +7,7 @@
 //! `identify` upserts the profile; only events carrying an email or phone
 //! number are sent; page views are not passed through.
 
+mod bulk;
 pub mod contract;
 mod event;
 mod identify;
@@ -27,7 +28,9 @@ mod component;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use contract::{Manifest, Mapping, Outcome, Request, Response, SettingError, Verdict};
+use contract::{
+    BatchClass, BatchItem, BatchVerdict, Manifest, Mapping, Outcome, Request, Response, SettingError, Verdict,
+};
 use event::{ChordEvent, Kind};
 use settings::Settings;
 
@@ -45,7 +48,13 @@ pub fn manifest() -> Manifest {
         version: VERSION,
         api_revision: klaviyo::REVISION,
         allowed_hosts: vec![klaviyo::HOST],
-        rate_classes: vec![klaviyo::EVENTS_RATE, klaviyo::PROFILES_RATE],
+        rate_classes: vec![
+            klaviyo::EVENTS_RATE,
+            klaviyo::PROFILES_RATE,
+            klaviyo::BULK_EVENTS_RATE,
+            klaviyo::BULK_PROFILES_RATE,
+            klaviyo::BULK_JOBS_RATE,
+        ],
         settings: settings::specs(),
     }
 }
@@ -122,4 +131,26 @@ fn parsed_settings(text: &str) -> Result<Rc<Settings>, Vec<SettingError>> {
 /// Judges the response one of this plugin's requests received.
 pub fn interpret(_settings: &str, request: &Request, response: &Response) -> Verdict {
     interpret::interpret(request, response)
+}
+
+/// The batch classes these settings allow (none when they do not parse:
+/// then nothing is batched, and mapping reports the settings' errors).
+pub fn batch_classes(settings: &str) -> Vec<BatchClass> {
+    parsed_settings(settings).map(|s| bulk::classes(&s)).unwrap_or_default()
+}
+
+/// Whether a mapped request may go in a batch, and as what.
+pub fn batchable(settings: &str, request: &Request) -> Option<BatchItem> {
+    bulk::batchable(&*parsed_settings(settings).ok()?, request)
+}
+
+/// One bulk request carrying `items` of `class`.
+pub fn assemble(settings: &str, class: &str, items: &[String]) -> Result<Request, String> {
+    let settings = parsed_settings(settings).map_err(|_| "the settings are not valid".to_string())?;
+    bulk::assemble(&settings, class, items)
+}
+
+/// Judges a bulk request's (or a follow-up's) response per item.
+pub fn judge(_settings: &str, class: &str, items: &[String], request: &Request, response: &Response) -> BatchVerdict {
+    bulk::judge(class, items, request, response)
 }

@@ -16,6 +16,10 @@ pub struct Settings {
     pub default_country: Option<String>,
     pub ordered_product_events: bool,
     pub skip_events: Vec<String>,
+    /// Events go to bulk create jobs under a backlog (`auto`), or never.
+    pub batching: bool,
+    /// Profiles go to bulk import jobs too (needs lists:write).
+    pub bulk_profiles: bool,
 }
 
 impl Default for Settings {
@@ -25,6 +29,8 @@ impl Default for Settings {
             default_country: None,
             ordered_product_events: false,
             skip_events: Vec::new(),
+            batching: true,
+            bulk_profiles: false,
         }
     }
 }
@@ -60,6 +66,22 @@ pub fn specs() -> Vec<SettingSpec> {
             name: "ordered_product_events",
             kind: SettingKind::Boolean,
             description: "When true, each item of an Order Completed also becomes an `Ordered Product` event.",
+            required_to_send: false,
+            secret: false,
+            default_value: Some("false"),
+        },
+        SettingSpec {
+            name: "batching",
+            kind: SettingKind::String,
+            description: "\"auto\": under a backlog, events go to Klaviyo's bulk create jobs (up to 1,000 a request, about 40 times the single endpoint's rate); at a trickle each goes alone. \"off\": every event alone.",
+            required_to_send: false,
+            secret: false,
+            default_value: Some("\"auto\""),
+        },
+        SettingSpec {
+            name: "bulk_profiles",
+            kind: SettingKind::Boolean,
+            description: "When true (and batching is auto), identify's profiles go to bulk import jobs under a backlog. The key then also needs lists:write and profiles:read (and lists:read to read the job).",
             required_to_send: false,
             secret: false,
             default_value: Some("false"),
@@ -118,6 +140,15 @@ pub fn parse(text: &str) -> Result<Settings, Vec<SettingError>> {
             },
             "ordered_product_events" => match value.as_bool() {
                 Some(flag) => settings.ordered_product_events = flag,
+                None => errors.push(error(name, "must be true or false")),
+            },
+            "batching" => match value.as_str() {
+                Some("auto") => settings.batching = true,
+                Some("off") => settings.batching = false,
+                _ => errors.push(error(name, "must be \"auto\" or \"off\"")),
+            },
+            "bulk_profiles" => match value.as_bool() {
+                Some(flag) => settings.bulk_profiles = flag,
                 None => errors.push(error(name, "must be true or false")),
             },
             "skip_events" => match value.as_array() {
