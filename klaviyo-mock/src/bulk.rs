@@ -30,7 +30,7 @@ const MAX_ERRORS_LISTED: usize = 100;
 const ENTRIES: &str = "/data/attributes/events-bulk-create/data";
 
 /// Every event of a bulk create request, or the request's 400.
-pub fn events(body: &Value, now: DateTime<Utc>) -> Result<Vec<EventInput>, ApiError> {
+pub fn events(body: &Value, now: DateTime<Utc>, marker: Option<&str>) -> Result<Vec<EventInput>, ApiError> {
     expect(body, "/data", "event-bulk-create-job")?;
     let entries = body
         .pointer(ENTRIES)
@@ -76,7 +76,9 @@ pub fn events(body: &Value, now: DateTime<Utc>) -> Result<Vec<EventInput>, ApiEr
             }
             let single =
                 json!({"data": {"type": item.get("type").cloned().unwrap_or(Value::Null), "attributes": attributes}});
-            match validate::event(&single, now) {
+            match refuse_marked(&single, marker, "/data/attributes/properties")
+                .and_then(|()| validate::event(&single, now))
+            {
                 Ok(event) => {
                     if let Some(unique_id) = &event.unique_id {
                         let key = (identity(&event.profile), event.metric.clone(), unique_id.clone());
@@ -115,7 +117,7 @@ pub fn events(body: &Value, now: DateTime<Utc>) -> Result<Vec<EventInput>, ApiEr
 
 /// A bulk import request's profiles, each valid or with its import error
 /// (pointing into the request), or the request's 400.
-pub fn profiles(body: &Value) -> Result<Vec<Result<ProfileInput, ApiError>>, ApiError> {
+pub fn profiles(body: &Value, marker: Option<&str>) -> Result<Vec<Result<ProfileInput, ApiError>>, ApiError> {
     expect(body, "/data", "profile-bulk-import-job")?;
     let at = "/data/attributes/profiles/data";
     let items = body
@@ -136,10 +138,24 @@ pub fn profiles(body: &Value) -> Result<Vec<Result<ProfileInput, ApiError>>, Api
         .enumerate()
         .map(|(i, item)| {
             let size = serde_json::to_vec(item).map_or(0, |v| v.len());
-            validate::profile_import(&json!({ "data": item }), size)
+            let single = json!({ "data": item });
+            refuse_marked(&single, marker, "/data/attributes")
+                .and_then(|()| validate::profile_import(&single, size))
                 .map_err(|error| rebase(error, "/data", &format!("{at}/{i}")))
         })
         .collect())
+}
+
+/// The injected fault `invalid_marker`: a document containing the marker
+/// is refused, pointing at `at`.
+pub fn refuse_marked(document: &Value, marker: Option<&str>, at: &str) -> Result<(), ApiError> {
+    match marker {
+        Some(marker) if document.to_string().contains(marker) => Err(ApiError::invalid(
+            format!("This value was refused by the sandbox's injected fault (it contains {marker:?})."),
+            at,
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Who a profile is, for telling duplicates apart within one request.

@@ -72,6 +72,11 @@ pub struct Faults {
     /// Added before the answer (after storing) of a `slow` share of requests.
     pub latency: Duration,
     pub slow: f64,
+    /// Any event or profile whose JSON contains this text is invalid, as
+    /// data Klaviyo refuses for reasons a sender cannot check beforehand:
+    /// a 400 naming it (in a bulk request, pointing at it among the rest;
+    /// in a bulk import, one of the job's import errors).
+    pub invalid_marker: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -490,11 +495,15 @@ fn process(
     model.settle(now);
     match endpoint {
         Endpoint::Events => {
+            let marker = shared.config.faults.invalid_marker.as_deref();
+            bulk::refuse_marked(&value, marker, "/data/attributes/properties")?;
             let event = validate::event(&value, now)?;
             model.add_event(event, &now.to_rfc3339())?;
             Ok((202, None))
         }
         Endpoint::ProfileImport => {
+            let marker = shared.config.faults.invalid_marker.as_deref();
+            bulk::refuse_marked(&value, marker, "/data/attributes")?;
             let profile = validate::profile_import(&value, body.len())?;
             let (status, id) = match model.import_profile(&profile)? {
                 Upsert::Created(id) => (201, id),
@@ -506,14 +515,14 @@ fn process(
             ))
         }
         Endpoint::EventBulkCreateJobs => {
-            let events = bulk::events(&value, now)?;
+            let events = bulk::events(&value, now, shared.config.faults.invalid_marker.as_deref())?;
             for event in events {
                 model.add_event(event, &now.to_rfc3339())?;
             }
             Ok((202, None))
         }
         Endpoint::ProfileBulkImportJobs => {
-            let profiles = bulk::profiles(&value)?;
+            let profiles = bulk::profiles(&value, shared.config.faults.invalid_marker.as_deref())?;
             let processing = chrono::Duration::from_std(shared.config.import_job_time).unwrap_or_default();
             Ok((202, Some(model.create_job(profiles, now, processing))))
         }

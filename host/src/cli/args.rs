@@ -122,6 +122,9 @@ pub struct DeliveryArgs {
     /// Do not pace requests to the plugin's declared rate budgets (only for a destination without limits, such as `sandbox --no-rate-limits`).
     #[arg(long)]
     pub no_pacing: bool,
+    /// Send every request the plugin can batch in a batch, even at a trickle (for a backfill); by default batches form only under a backlog.
+    #[arg(long)]
+    pub batch_always: bool,
 }
 
 impl DeliveryArgs {
@@ -134,6 +137,7 @@ impl DeliveryArgs {
             max_retry_seconds: self.max_retry_seconds.or(file.max_retry_seconds),
             timeout_ms: self.timeout_ms.or(file.timeout_ms),
             no_pacing: self.no_pacing || file.no_pacing,
+            batch_always: self.batch_always || file.batch_always,
         }
     }
 
@@ -144,6 +148,7 @@ impl DeliveryArgs {
             base_url: self.base_url,
             concurrency: self.concurrency.unwrap_or(default.concurrency).max(1),
             pacing: !self.no_pacing,
+            batch_always: self.batch_always,
             max_attempts: self.max_attempts.unwrap_or(default.max_attempts).max(1),
             max_retry_time: self
                 .max_retry_seconds
@@ -202,6 +207,9 @@ pub struct SandboxArgs {
     /// Share of answers that get the added delay.
     #[arg(long, default_value_t = 1.0, value_name = "SHARE")]
     pub fault_slow: f64,
+    /// Refuse as invalid (400, or a bulk import error) any event or profile containing this text.
+    #[arg(long, value_name = "TEXT")]
+    pub fault_invalid_marker: Option<String>,
     /// Seed for fault injection.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -289,6 +297,7 @@ impl ServeFile {
             max_retry_seconds: retry.and_then(|r| r.max_retry_seconds),
             timeout_ms: retry.and_then(|r| r.timeout_ms),
             no_pacing: false,
+            batch_always: false,
         }
     }
 }

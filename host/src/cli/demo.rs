@@ -24,6 +24,7 @@ pub fn sandbox(args: SandboxArgs) -> anyhow::Result<ExitCode> {
             html_errors: args.fault_html,
             latency: std::time::Duration::from_millis(args.fault_latency_ms),
             slow: args.fault_slow,
+            invalid_marker: args.fault_invalid_marker.clone(),
         },
         seed: args.seed,
         ..MockConfig::default()
