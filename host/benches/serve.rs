@@ -114,8 +114,8 @@ async fn main() {
             (kind, event)
         })
         .collect();
-    if poison_rate > 0 {
-        let every = (rate / poison_rate).max(1) as usize;
+    if let Some(every) = rate.checked_div(poison_rate) {
+        let every = every.max(1) as usize;
         for n in (0..mix.len()).step_by(every).rev() {
             let poison = serde_json::json!({
                 "type": "track", "messageId": format!("poison-{n}"), "userId": format!("poison-{n}"), "misbehave": "loop",

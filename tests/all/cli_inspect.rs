@@ -9,7 +9,8 @@ fn inspect_shows_the_manifest_interface_and_digest() {
     let output = cdp_host().args(["plugin", "inspect"]).arg(&wasm).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(report["interface"], "chord:destination/plugin@1.0.0");
+    assert_eq!(report["interface"], "chord:destination/plugin@1.1.0");
+    assert_eq!(report["batching"], true);
     assert_eq!(report["manifest"]["name"], "klaviyo");
     assert_eq!(report["manifest"]["api_revision"], "2026-07-15");
     assert_eq!(
@@ -57,4 +58,16 @@ fn a_core_module_is_refused_as_not_a_component() {
         stderr.contains("is a core WebAssembly module, not a component"),
         "{stderr}"
     );
+}
+
+#[test]
+fn inspect_tells_a_1_0_plugin_by_its_interface_and_no_batching() {
+    let output = cdp_host()
+        .args(["plugin", "inspect", plugin_fixtures::KLAVIYO_1_0])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["interface"], "chord:destination/plugin@1.0.0");
+    assert_eq!(report["batching"], false);
 }

@@ -37,6 +37,7 @@ pub fn inspect(runtime_args: &RuntimeArgs, file: &Path) -> anyhow::Result<ExitCo
     let report = serde_json::json!({
         "file": file.display().to_string(),
         "interface": plugin.interface(),
+        "batching": plugin.batches(),
         "sha256": plugin.sha256_hex(),
         "size_bytes": plugin.size(),
         "manifest": {

@@ -10,6 +10,7 @@
 //! record: the request, the answer and the reason), and the report's counts
 //! add up to the input.
 
+mod batch;
 mod outcome;
 mod pacing;
 mod request;
@@ -60,6 +61,9 @@ pub struct DeliveryConfig {
     pub poison_attempts: u32,
     /// Threads mapping events (see `MappingStage`).
     pub mapping_workers: usize,
+    /// Send every request the plugin can batch in a batch, even at a
+    /// trickle (a backfill); otherwise batches form only under a backlog.
+    pub batch_always: bool,
 }
 
 impl Default for DeliveryConfig {
@@ -75,6 +79,7 @@ impl Default for DeliveryConfig {
             request_timeout: Duration::from_secs(10),
             poison_attempts: 3,
             mapping_workers: StageConfig::default_workers(),
+            batch_always: false,
         }
     }
 }
@@ -94,6 +99,10 @@ pub struct Delivery {
     /// Told when the destination asks for an event not to be sent again
     /// before a time (Retry-After), so that a caller can keep it.
     deferred: Option<DeferObserver>,
+    /// Batch queues per plugin version (by SHA-256), for plugins that batch.
+    batching: std::sync::Mutex<HashMap<String, Arc<batch::PluginBatching>>>,
+    /// Events kept in flight beyond `concurrency` so that batches can fill.
+    batch_room: std::sync::atomic::AtomicUsize,
 }
 
 /// Called with an event and the time before which it must not be resent.
@@ -133,6 +142,8 @@ impl Delivery {
             requests_sent: AtomicU64::new(0),
             progress: Arc::new(Progress::default()),
             deferred: None,
+            batching: Default::default(),
+            batch_room: Default::default(),
         }))
     }
 
@@ -185,7 +196,7 @@ impl Delivery {
         let mut input_done = false;
         loop {
             tokio::select! {
-                job = rx.recv(), if !input_done && running.len() < self.config.concurrency => {
+                job = rx.recv(), if !input_done && running.len() < self.config.concurrency + self.batch_room.load(Ordering::Relaxed) => {
                     let Some((mapped, raw)) = job else {
                         input_done = true;
                         continue;
@@ -233,7 +244,7 @@ impl Delivery {
         tx: mpsc::Sender<(MappedEvent, String)>,
     ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
         let stage = MappingStage::new(
-            EventMapper::new(self.slot.clone(), self.settings.clone()),
+            EventMapper::new(self.slot.clone(), self.settings.clone()).with_batch_items(),
             StageConfig {
                 workers: self.config.mapping_workers,
                 poison_attempts: self.config.poison_attempts,
@@ -266,7 +277,7 @@ impl Delivery {
 
     /// Delivers one mapped event; `raw` is its text as received, kept for
     /// its dead letter.
-    async fn deliver_event(&self, mapped: MappedEvent, raw: String) -> EventRecord {
+    async fn deliver_event(self: &Arc<Self>, mapped: MappedEvent, raw: String) -> EventRecord {
         let mut record = EventRecord {
             id: mapped.id,
             message_id: mapped.message_id.clone(),
@@ -289,9 +300,11 @@ impl Delivery {
                 let started = Instant::now();
                 let count = requests.len();
                 let mut failed = None;
+                let mut items = mapped.batch_items.into_iter();
                 for request in requests {
+                    let item = items.next().flatten();
                     if let Err(undelivered) = self
-                        .deliver_request(record.id, &plugin, request, false, &mut record.retries)
+                        .deliver_request(record.id, &plugin, request, item, &mut record.retries)
                         .await
                     {
                         failed = Some(undelivered);

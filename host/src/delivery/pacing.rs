@@ -61,7 +61,26 @@ impl Pacer {
     }
 }
 
+impl Pacer {
+    /// Whether a request of `class` could be sent now without waiting
+    /// (nothing is counted).
+    pub fn has_room(&self, class: &str, declared: &[RateClass]) -> bool {
+        let window = self.classes.lock().unwrap().get(class).cloned();
+        match window {
+            Some(window) => window.has_room(Instant::now()),
+            None => declared.iter().any(|c| c.name == class),
+        }
+    }
+}
+
 impl Window {
+    fn has_room(&self, now: Instant) -> bool {
+        let sent = self.sent.lock().unwrap();
+        let in_steady = sent.len() - sent.partition_point(|t| now.duration_since(*t) >= STEADY_WINDOW);
+        let in_burst = sent.len() - sent.partition_point(|t| now.duration_since(*t) >= BURST_WINDOW);
+        in_steady < self.steady && in_burst < self.burst
+    }
+
     /// `None` when taken; otherwise how long until a slot may free up.
     fn try_take(&self, now: Instant) -> Option<Duration> {
         let mut sent = self.sent.lock().unwrap();

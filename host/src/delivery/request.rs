@@ -7,11 +7,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use plugin_runtime::{CallError, Header, HttpRequest, HttpResponse, Plugin, Use, Verdict};
+use plugin_runtime::{BatchItem, CallError, Header, HttpRequest, HttpResponse, Plugin, Verdict};
 use rand::Rng;
 use tokio::time::Instant;
 
 use super::Delivery;
+use super::batch::{ItemOutcome, Route};
 use crate::mapping::EventId;
 use crate::settings::Render;
 
@@ -33,19 +34,54 @@ pub(super) struct Undelivered {
 
 impl Delivery {
     /// Sends one request until the plugin judges it delivered, or it ends
-    /// undelivered. `replacement` marks a request the plugin offered in
-    /// place of a failed one: it may not be replaced again.
+    /// undelivered; in a batch when `item` says how and the moment is
+    /// right (see `batch`).
     pub(super) async fn deliver_request(
-        &self,
+        self: &Arc<Self>,
         id: EventId,
         plugin: &Arc<Plugin>,
         request: HttpRequest,
+        item: Option<BatchItem>,
+        retries: &mut u64,
+    ) -> Result<(), Undelivered> {
+        let request = Arc::new(request);
+        if let Some(item) = item
+            && let Route::Batched(outcome) = self.route(plugin, &request, item).await
+        {
+            match outcome.await {
+                Ok(ItemOutcome::Delivered) => return Ok(()),
+                Ok(ItemOutcome::Rejected { reason, response }) => {
+                    return Err(Undelivered {
+                        reason,
+                        request: (*request).clone(),
+                        response,
+                    });
+                }
+                Ok(ItemOutcome::Alone) => {}
+                Err(_) => {
+                    return Err(Undelivered {
+                        reason: "its batch was dropped unsent".to_string(),
+                        request: (*request).clone(),
+                        response: None,
+                    });
+                }
+            }
+        }
+        self.send_alone(id, plugin, request, false, retries).await
+    }
+
+    /// Sends one request alone. `replacement` marks a request the plugin
+    /// offered in place of a failed one: it may not be replaced again.
+    async fn send_alone(
+        self: &Arc<Self>,
+        id: EventId,
+        plugin: &Arc<Plugin>,
+        request: Arc<HttpRequest>,
         replacement: bool,
         retries: &mut u64,
     ) -> Result<(), Undelivered> {
         // Shared, not copied, with the HTTP client and the plugin's
         // interpret call: a body can be megabytes.
-        let request = Arc::new(request);
         let undelivered = |reason: String, response: Option<HttpResponse>| Undelivered {
             reason,
             request: (*request).clone(),
@@ -99,7 +135,7 @@ impl Delivery {
                         ));
                     }
                     for replacement in requests {
-                        Box::pin(self.deliver_request(id, plugin, replacement, true, retries)).await?;
+                        Box::pin(self.send_alone(id, plugin, Arc::new(replacement), true, retries)).await?;
                     }
                     return Ok(());
                 }
@@ -131,7 +167,7 @@ impl Delivery {
     }
 
     /// Full-jitter exponential backoff, never sooner than the server asked.
-    fn backoff(&self, attempt: u32, at_least: Option<Duration>) -> Duration {
+    pub(super) fn backoff(&self, attempt: u32, at_least: Option<Duration>) -> Duration {
         let ceiling = self
             .config
             .backoff_base
@@ -141,7 +177,7 @@ impl Delivery {
         jittered.max(at_least.unwrap_or_default())
     }
 
-    async fn send(
+    pub(super) async fn send(
         &self,
         request: &Arc<HttpRequest>,
         target: &url::Url,
@@ -190,18 +226,11 @@ impl Delivery {
         request: &Arc<HttpRequest>,
         response: &HttpResponse,
     ) -> Result<Verdict, CallError> {
-        let _permit = self.interpreters.acquire().await.expect("never closed");
-        let plugin = plugin.clone();
-        let settings = self.settings.public_json().to_string();
         let (request, response) = (request.clone(), response.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut instance = plugin.pool().take(&plugin, Use::Interpreting)?;
-            let verdict = instance.interpret(&settings, &request, &response)?;
-            plugin.pool().give_back(&plugin, Use::Interpreting, instance);
-            Ok(verdict)
+        self.plugin_call(plugin, move |instance, settings| {
+            instance.interpret(settings, &request, &response)
         })
         .await
-        .map_err(|e| CallError::Trap(format!("interpret task failed: {e}")))?
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plugin_runtime::{
-    CallError, HttpRequest, Instance, Loaded, Mapping, Outcome, Plugin, PluginSlot, Use, now_unix_ms,
+    BatchItem, CallError, HttpRequest, Instance, Loaded, Mapping, Outcome, Plugin, PluginSlot, Use, now_unix_ms,
 };
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -72,17 +72,32 @@ pub struct MappedEvent {
     pub plugin_failed: bool,
     /// The version that mapped it; its requests are judged by it too.
     pub plugin: Arc<Plugin>,
+    /// For each request, what it is as a batch item, when the plugin
+    /// batches it (empty unless the mapper asks, see `with_batch_items`).
+    pub batch_items: Vec<Option<BatchItem>>,
 }
 
 /// Maps events through whichever version the slot holds when each starts.
 pub struct EventMapper {
     slot: Arc<PluginSlot>,
     settings: DestinationSettings,
+    batch_items: bool,
 }
 
 impl EventMapper {
     pub fn new(slot: Arc<PluginSlot>, settings: DestinationSettings) -> EventMapper {
-        EventMapper { slot, settings }
+        EventMapper {
+            slot,
+            settings,
+            batch_items: false,
+        }
+    }
+
+    /// Also asks a batching plugin (1.1) what each request is as a batch
+    /// item, on the same instance right after mapping.
+    pub fn with_batch_items(mut self) -> EventMapper {
+        self.batch_items = true;
+        self
     }
 
     /// Maps the text of one JSON event.
@@ -102,6 +117,7 @@ impl EventMapper {
             warnings: Vec::new(),
             ordering_key: None,
             plugin_failed: false,
+            batch_items: Vec::new(),
         };
         match envelope {
             Ok(envelope) => {
@@ -116,7 +132,8 @@ impl EventMapper {
 
         loaded.count_mapped();
         match self.call(&loaded, text) {
-            Ok(mapping) => {
+            Ok((mapping, batch_items)) => {
+                mapped.batch_items = batch_items;
                 mapped.warnings = mapping.warnings;
                 mapped.ordering_key = mapping.ordering_key;
                 mapped.outcome = match mapping.outcome {
@@ -137,12 +154,23 @@ impl EventMapper {
         mapped
     }
 
-    fn call(&self, loaded: &Loaded, event: &str) -> Result<Mapping, CallError> {
+    fn call(&self, loaded: &Loaded, event: &str) -> Result<(Mapping, Vec<Option<BatchItem>>), CallError> {
         let plugin = &loaded.plugin;
+        let settings = self.settings.public_json();
         let mut instance = take_waiting(plugin)?;
         let result = instance
-            .map_event(self.settings.public_json(), event, now_unix_ms())
-            .and_then(|mapping| Ok(plugin.check_mapping(&mapping).map(|()| mapping)?));
+            .map_event(settings, event, now_unix_ms())
+            .and_then(|mapping| Ok(plugin.check_mapping(&mapping).map(|()| mapping)?))
+            .and_then(|mapping| {
+                let items = match &mapping.outcome {
+                    Outcome::Send(requests) if self.batch_items && plugin.batches() => requests
+                        .iter()
+                        .map(|request| instance.batchable(settings, request))
+                        .collect::<Result<_, _>>()?,
+                    _ => Vec::new(),
+                };
+                Ok((mapping, items))
+            });
         // Only an instance whose call succeeded goes back. A failed one is
         // dropped here, not on the retire thread: failures can come one per
         // event (a plugin that traps on everything), and each must free its

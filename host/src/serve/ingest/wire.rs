@@ -226,7 +226,9 @@ mod tests {
         encoder.write_all(&vec![b'{'; 1 << 20]).unwrap();
         let bomb = encoder.finish().unwrap();
         assert!(bomb.len() < 4096);
-        assert!(matches!(decode(Some("gzip"), &bomb, 1000), Err(Refused::BadRequest(m)) if m.contains("more than the 1000 byte limit")));
+        assert!(
+            matches!(decode(Some("gzip"), &bomb, 1000), Err(Refused::BadRequest(m)) if m.contains("more than the 1000 byte limit"))
+        );
     }
 
     #[test]
@@ -238,6 +240,9 @@ mod tests {
         assert!(!events[1].message_id.is_empty(), "a missing messageId is filled in");
         let bad = br#"{"batch": [{"type": "track"}, 7]}"#;
         let refused = batch(bad, "2026-12-02T00:00:00.000Z").unwrap_err();
-        assert!(refused.starts_with("batch[1]: ") && refused.contains("not a JSON number"), "{refused}");
+        assert!(
+            refused.starts_with("batch[1]: ") && refused.contains("not a JSON number"),
+            "{refused}"
+        );
     }
 }
