@@ -1,9 +1,13 @@
 //! `cdp-host map`: the dry run. One NDJSON line out per line in, in input
 //! order, showing each event's outcome and the requests that would be sent,
-//! with secrets masked.
+//! with secrets masked. With `--batch`, a batching plugin's batchable
+//! requests are shown as the batches they would go in, as under a backlog
+//! (one line per batch, after the events' lines).
 
 use std::io::{BufRead, Write};
 
+use plugin_runtime::batching::next_batch;
+use plugin_runtime::{BatchItem, PluginSlot, Use};
 use serde::Serialize;
 
 use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome, line_text};
@@ -51,16 +55,51 @@ impl MapRow {
     }
 }
 
+/// One batch, as `--batch` shows it.
+#[derive(Serialize)]
+pub struct BatchRow {
+    pub batch: u64,
+    pub class: String,
+    /// The input lines whose requests it carries, in its order.
+    pub lines: Vec<u64>,
+    pub outcome: &'static str,
+    pub requests: Vec<ShownRequest>,
+}
+
 /// Maps every line of `input` and writes one row per line to `output`.
 pub fn run(
     mapper: &EventMapper,
     settings: &DestinationSettings,
+    input: impl BufRead,
+    output: impl Write,
+) -> anyhow::Result<Summary> {
+    run_with(mapper, settings, input, output, None)
+}
+
+/// The same, with each batchable request moved into the batches it would
+/// go in: a line keeps its unbatchable requests, and each batch follows as
+/// a row of its own.
+pub fn run_batched(
+    mapper: &EventMapper,
+    settings: &DestinationSettings,
+    slot: &PluginSlot,
+    input: impl BufRead,
+    output: impl Write,
+) -> anyhow::Result<Summary> {
+    run_with(mapper, settings, input, output, Some(slot))
+}
+
+fn run_with(
+    mapper: &EventMapper,
+    settings: &DestinationSettings,
     mut input: impl BufRead,
     mut output: impl Write,
+    batching: Option<&PluginSlot>,
 ) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
     let mut line = Vec::new();
     let mut number = 0;
+    let mut items: Vec<(u64, BatchItem)> = Vec::new();
     loop {
         line.clear();
         if input.read_until(b'\n', &mut line)? == 0 {
@@ -68,14 +107,96 @@ pub fn run(
         }
         number += 1;
         let text = line_text(line.strip_suffix(b"\n").unwrap_or(&line));
-        let mapped = mapper.map(EventId::Line(number), &text);
+        let mut mapped = mapper.map(EventId::Line(number), &text);
         summary.count(&mapped.outcome);
+        if batching.is_some()
+            && let MappedOutcome::Send(requests) = &mut mapped.outcome
+        {
+            let batch_items = std::mem::take(&mut mapped.batch_items);
+            let mut kept = Vec::new();
+            for (request, item) in std::mem::take(requests)
+                .into_iter()
+                .zip(batch_items.into_iter().chain(std::iter::repeat(None)))
+            {
+                match item {
+                    Some(item) => items.push((number, item)),
+                    None => kept.push(request),
+                }
+            }
+            *requests = kept;
+        }
         let row = MapRow::new(mapped, settings);
         serde_json::to_writer(&mut output, &row)?;
         output.write_all(b"\n")?;
     }
+    if let Some(slot) = batching {
+        write_batches(slot, settings, items, &mut output)?;
+    }
     output.flush()?;
     Ok(summary)
+}
+
+/// Packs `items` per class, as delivery does under a backlog, and writes
+/// each batch's assembled request.
+fn write_batches(
+    slot: &PluginSlot,
+    settings: &DestinationSettings,
+    mut items: Vec<(u64, BatchItem)>,
+    mut output: impl Write,
+) -> anyhow::Result<()> {
+    let plugin = slot.current().plugin.clone();
+    let mut instance = plugin.pool().take(&plugin, Use::Interpreting)?;
+    let public = settings.public_json();
+    let classes = instance.batch_classes(public)?;
+    let mut number = 0;
+    for class in classes {
+        let (mut queue, rest): (Vec<_>, Vec<_>) = items.into_iter().partition(|(_, item)| item.class == class.name);
+        items = rest;
+        while !queue.is_empty() {
+            let taken = next_batch(
+                &class,
+                queue.iter().map(|(_, i)| (i.item.len(), i.dedupe_key.as_deref(), true)),
+            );
+            if taken.is_empty() {
+                anyhow::bail!(
+                    "an item of batch class {} does not fit in a batch of its own",
+                    class.name
+                );
+            }
+            let mut batch = Vec::new();
+            let mut left = Vec::new();
+            let mut taken = taken.into_iter().peekable();
+            for (index, entry) in queue.into_iter().enumerate() {
+                if taken.next_if_eq(&index).is_some() {
+                    batch.push(entry);
+                } else {
+                    left.push(entry);
+                }
+            }
+            queue = left;
+            let texts: Vec<String> = batch.iter().map(|(_, item)| item.item.clone()).collect();
+            let request = instance
+                .assemble(public, &class.name, &texts)?
+                .map_err(|reason| anyhow::anyhow!("{plugin} could not assemble a {} batch: {reason}", class.name))?;
+            number += 1;
+            let row = BatchRow {
+                batch: number,
+                class: class.name.clone(),
+                lines: batch.iter().map(|(line, _)| *line).collect(),
+                outcome: "send",
+                requests: vec![ShownRequest::from_owned(request, settings)],
+            };
+            serde_json::to_writer(&mut output, &row)?;
+            output.write_all(b"\n")?;
+        }
+    }
+    if let Some((line, item)) = items.first() {
+        anyhow::bail!(
+            "line {line}: a batch item of class {:?}, which the plugin does not declare",
+            item.class
+        );
+    }
+    Ok(())
 }
 
 /// Counts of outcomes.

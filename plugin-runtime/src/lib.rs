@@ -41,6 +41,7 @@ mod batching_bindings {
     });
 }
 
+pub mod batching;
 mod cache;
 mod call_env;
 pub mod egress;

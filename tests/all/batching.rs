@@ -292,7 +292,11 @@ async fn swapping_between_1_0_and_1_1_under_traffic_delivers_every_event_once() 
             let new = cdp_host::bundled::KLAVIYO;
             let mut swaps = 0;
             while swapping.load(std::sync::atomic::Ordering::Relaxed) {
-                let (bytes, name) = if swaps % 2 == 0 { (&old[..], "1.0") } else { (new, "1.1") };
+                let (bytes, name) = if swaps % 2 == 0 {
+                    (&old[..], "1.0")
+                } else {
+                    (new, "1.1")
+                };
                 slot.swap_in(bytes, name).unwrap();
                 swaps += 1;
                 std::thread::sleep(Duration::from_millis(40));
@@ -308,6 +312,12 @@ async fn swapping_between_1_0_and_1_1_under_traffic_delivers_every_event_once() 
     let ids = unique_ids(&sandbox);
     let distinct: BTreeSet<&String> = ids.iter().collect();
     assert_eq!((ids.len(), distinct.len()), (4000, 4000));
-    assert!(endpoint_count(&sandbox, "POST /api/events") > 0, "the 1.0 version sent alone");
-    assert!(endpoint_count(&sandbox, "POST /api/event-bulk-create-jobs") > 0, "the 1.1 version batched");
+    assert!(
+        endpoint_count(&sandbox, "POST /api/events") > 0,
+        "the 1.0 version sent alone"
+    );
+    assert!(
+        endpoint_count(&sandbox, "POST /api/event-bulk-create-jobs") > 0,
+        "the 1.1 version batched"
+    );
 }

@@ -201,3 +201,35 @@ fn without_room_for_the_instance_pool_instances_are_allocated_on_demand() {
     assert!(output.status.success());
     assert!(!String::from_utf8_lossy(&output.stderr).contains("pooling allocator unavailable"));
 }
+
+#[test]
+fn batch_shows_each_batch_after_the_events_grouped_per_profile() {
+    let other = TRACK.replace("m2", "m4").replace("ada@", "bob@");
+    let again = TRACK.replace("m2", "m5");
+    let input = format!("{IDENTIFY}\n{TRACK}\n{PAGE}\n{other}\n{again}\n");
+    let output = run_with_input(
+        {
+            let mut c = cdp_host();
+            c.args(["map", "--batch"]);
+            c
+        },
+        &input,
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows = rows(&output);
+    assert_eq!(rows.len(), 6, "five event lines and one batch");
+    // The identify is not batched (bulk_profiles is off); the tracks are.
+    assert_eq!(rows[0]["requests"].as_array().unwrap().len(), 1);
+    assert!(rows[1]["requests"].as_array().unwrap().is_empty());
+    let batch = &rows[5];
+    assert_eq!((batch["batch"].as_u64(), batch["class"].as_str()), (Some(1), Some("events")));
+    assert_eq!(batch["lines"], serde_json::json!([2, 4, 5]));
+    let request = &batch["requests"][0];
+    assert_eq!(request["url"], "https://a.klaviyo.com/api/event-bulk-create-jobs");
+    assert_eq!(request["headers"]["authorization"], "Klaviyo-API-Key ***");
+    let entries = request["body"]["data"]["attributes"]["events-bulk-create"]["data"]
+        .as_array()
+        .unwrap();
+    assert_eq!(entries.len(), 2, "one entry per profile: ada's two events together");
+    assert_eq!(entries[0]["attributes"]["events"]["data"].as_array().unwrap().len(), 2);
+}

@@ -99,6 +99,9 @@ pub struct MapArgs {
     /// NDJSON events, one JSON object per line; `-` or nothing for standard input.
     #[arg(value_name = "INPUT")]
     pub input: Option<PathBuf>,
+    /// Show batchable requests as the batches they would go in under a backlog (one line per batch, after the events' lines).
+    #[arg(long)]
+    pub batch: bool,
 }
 
 /// How delivery runs, for `send` and `serve` alike; in the config file,

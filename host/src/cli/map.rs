@@ -15,18 +15,26 @@ use super::args::{MapArgs, RuntimeArgs};
 pub fn map(runtime_args: &RuntimeArgs, args: MapArgs) -> anyhow::Result<ExitCode> {
     let runtime = super::runtime(runtime_args, 1)?;
     let (slot, settings) = super::load_destination(&runtime, &args.plugin)?;
-    let mapper = EventMapper::new(slot, settings.clone());
+    let mut mapper = EventMapper::new(slot.clone(), settings.clone());
+    if args.batch {
+        mapper = mapper.with_batch_items();
+    }
     // Block-buffered: stdout is line-buffered, and a flush per output line
     // cost a tenth of `map`'s time.
     let stdout = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
-    match args.input.as_deref() {
-        None => dry_run::run(&mapper, &settings, io::stdin().lock(), stdout)?,
-        Some(path) if path == Path::new("-") => dry_run::run(&mapper, &settings, io::stdin().lock(), stdout)?,
+    let input: Box<dyn io::BufRead> = match args.input.as_deref() {
+        None => Box::new(io::stdin().lock()),
+        Some(path) if path == Path::new("-") => Box::new(io::stdin().lock()),
         Some(path) => {
             let file = File::open(path).with_context(|| format!("reading events {}", path.display()))?;
-            dry_run::run(&mapper, &settings, BufReader::new(file), stdout)?
+            Box::new(BufReader::new(file))
         }
     };
+    if args.batch {
+        dry_run::run_batched(&mapper, &settings, &slot, input, stdout)?;
+    } else {
+        dry_run::run(&mapper, &settings, input, stdout)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

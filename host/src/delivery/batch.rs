@@ -12,11 +12,12 @@
 //! the class's item and byte bounds, never hold two items with the same
 //! dedupe key, and an assembled body over the bound is split in two.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use plugin_runtime::batching::next_batch;
 use plugin_runtime::{
     BatchClass, BatchItem, BatchVerdict, CallError, HttpRequest, HttpResponse, ItemVerdict, Plugin, Use,
 };
@@ -461,24 +462,22 @@ async fn flush(delivery: Weak<Delivery>, batching: Arc<PluginBatching>, queue: A
 }
 
 /// The ready items, oldest first, within the class's bounds, at most one
-/// per dedupe key; the rest stay queued in order.
+/// per dedupe key (`plugin_runtime::batching::next_batch`); the rest stay
+/// queued in order.
 fn take_batch(queue: &ClassQueue) -> Vec<Pending> {
-    let class = &queue.class;
     let mut pending = queue.pending.lock().unwrap();
     let now = Instant::now();
+    let taken = next_batch(
+        &queue.class,
+        pending
+            .iter()
+            .map(|p| (p.item.len(), p.dedupe_key.as_deref(), p.not_before <= now)),
+    );
+    let mut taken = taken.into_iter().peekable();
     let mut batch = Vec::new();
-    let mut keys = HashSet::new();
-    let mut bytes = 0usize;
     let mut kept = VecDeque::with_capacity(pending.len());
-    while let Some(item) = pending.pop_front() {
-        let size = item.item.len() + class.item_overhead_bytes as usize;
-        let fits = batch.len() < class.max_items as usize && bytes + size <= class.max_bytes as usize;
-        let duplicate = item.dedupe_key.as_ref().is_some_and(|k| keys.contains(k));
-        if item.not_before <= now && fits && !duplicate {
-            if let Some(key) = &item.dedupe_key {
-                keys.insert(key.clone());
-            }
-            bytes += size;
+    for (index, item) in pending.drain(..).enumerate() {
+        if taken.next_if_eq(&index).is_some() {
             batch.push(item);
         } else {
             kept.push_back(item);
