@@ -361,7 +361,11 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     };
     if storm {
         count_fault(&shared, "throttle_storm");
-        return Ok(throttled(&shared, shared.config.faults.storm_retry_after.max(1)));
+        return Ok(throttled(
+            &shared,
+            endpoint,
+            shared.config.faults.storm_retry_after.max(1),
+        ));
     }
     if let Err(error) = authorize(&shared, endpoint, header("authorization"), header("revision")) {
         return reject(&shared, error);
@@ -369,7 +373,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     if shared.config.rate_limits
         && let Err(wait) = shared.windows.lock().unwrap().admit(endpoint, Utc::now())
     {
-        return Ok(throttled(&shared, wait));
+        return Ok(throttled(&shared, endpoint, wait));
     }
     if (fault_5xx || drop) && !after {
         return fault(&shared, drop).await;
@@ -590,7 +594,7 @@ fn count_fault(shared: &Shared, kind: &str) {
         .or_default() += 1;
 }
 
-fn throttled(shared: &Shared, wait_seconds: u64) -> Response<Full<Bytes>> {
+fn throttled(shared: &Shared, endpoint: Endpoint, wait_seconds: u64) -> Response<Full<Bytes>> {
     let mut error = ApiError::new(
         429,
         "throttled",
@@ -601,14 +605,10 @@ fn throttled(shared: &Shared, wait_seconds: u64) -> Response<Full<Bytes>> {
         ),
     );
     error.pointer = Some("/data".to_string());
-    *shared
-        .model
-        .lock()
-        .unwrap()
-        .stats
-        .rejected
-        .entry("429 throttled".into())
-        .or_default() += 1;
+    let mut model = shared.model.lock().unwrap();
+    *model.stats.rejected.entry("429 throttled".into()).or_default() += 1;
+    *model.stats.throttled.entry(endpoint.name().into()).or_default() += 1;
+    drop(model);
     let mut response = json_response(429, &error.body(&error_id(shared)));
     response.headers_mut().insert("retry-after", wait_seconds.into());
     response

@@ -55,6 +55,8 @@ pub struct Stats {
     pub rejected: BTreeMap<String, u64>,
     /// Injected faults by kind.
     pub faults: BTreeMap<String, u64>,
+    /// 429 answers by endpoint.
+    pub throttled: BTreeMap<String, u64>,
     pub by_endpoint: BTreeMap<String, u64>,
 }
 
@@ -120,10 +122,14 @@ impl Model {
                 match applied {
                     Ok(()) => job.completed += 1,
                     Err(error) => {
-                        let pointer = error
-                            .pointer
-                            .clone()
-                            .unwrap_or_else(|| format!("/data/attributes/profiles/data/{index}"));
+                        // Every import error points at its profile, whatever
+                        // the failure (a validation error already does; a
+                        // conflict found while applying it does not).
+                        let at = format!("/data/attributes/profiles/data/{index}");
+                        let pointer = match error.pointer.clone() {
+                            Some(pointer) if pointer == at || pointer.starts_with(&format!("{at}/")) => pointer,
+                            _ => at,
+                        };
                         job.errors.push(json!({
                             "type": "import-error",
                             "id": format!("{}-{index}", job.id),
