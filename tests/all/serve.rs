@@ -77,6 +77,18 @@ impl Serve {
     }
 }
 
+/// A test that ends (or fails) without stopping its `serve` does not leave
+/// the process running: each one left behind kept its deadline ticker
+/// waking a hundred times a second for good.
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
