@@ -180,6 +180,7 @@ mod batching {
             contract::ItemVerdict::Delivered => bt::ItemVerdict::Delivered,
             contract::ItemVerdict::Retry(after) => bt::ItemVerdict::Retry(after),
             contract::ItemVerdict::Rejected(reason) => bt::ItemVerdict::Rejected(reason),
+            contract::ItemVerdict::Alone => bt::ItemVerdict::Alone,
         }
     }
 }

@@ -140,6 +140,7 @@ pub enum ItemVerdict {
     Delivered,
     Retry(Option<u64>),
     Rejected(String),
+    Alone,
 }
 
 /// A request about a batch already sent, and the items already decided.
