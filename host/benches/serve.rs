@@ -7,6 +7,12 @@
 //! to the spool, read back from the spool itself. On this 2-core machine
 //! the poster, serve and the sandbox share the cores.
 //!
+//! Klaviyo's limits: `BENCH_SERVE_LIMITS=1` runs the sandbox with its rate
+//! limits and `serve` with pacing and `bulk_profiles`, and also reports
+//! the delivered events a second after the first 20 s (warm-up) and the
+//! sandbox's 429s: with a rate above the budget, that is a backlog being
+//! drained through the bulk endpoints; at `BENCH_SERVE_RATE=10`, a trickle.
+//!
 //! Poison: `BENCH_SERVE_POISON_PER_SECOND=1` runs the test-only hostile
 //! plugin (which maps an ordinary event to one request) and adds that many
 //! events a second on which it loops until its deadline
@@ -64,18 +70,20 @@ async fn main() {
         plugin_args.extend(["--plugin".into(), plugin_fixtures::HOSTILE.into()]);
         plugin_args.extend(["--settings".into(), settings.display().to_string()]);
     }
+    let limits = setting("BENCH_SERVE_LIMITS", 0) == 1;
+    if limits && !hostile {
+        let settings = dir.join("settings.json");
+        std::fs::write(&settings, r#"{"bulk_profiles": true}"#).unwrap();
+        plugin_args.extend(["--settings".into(), settings.display().to_string()]);
+    }
     if let Ok(deadline) = std::env::var("BENCH_SERVE_DEADLINE_MS") {
         plugin_args.extend(["--plugin-deadline-ms".into(), deadline]);
     }
     let (sandbox_port, serve_port) = (free_port(), free_port());
     let _sandbox = Killed(
         Command::new(env!("CARGO_BIN_EXE_cdp-host"))
-            .args([
-                "sandbox",
-                "--no-rate-limits",
-                "--listen",
-                &format!("127.0.0.1:{sandbox_port}"),
-            ])
+            .args(["sandbox", "--listen", &format!("127.0.0.1:{sandbox_port}")])
+            .args((!limits).then_some("--no-rate-limits"))
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
@@ -83,9 +91,9 @@ async fn main() {
     wait_listening(sandbox_port);
     let _serve = Killed(
         Command::new(env!("CARGO_BIN_EXE_cdp-host"))
+            .args((!limits).then_some("--no-pacing"))
             .args([
                 "serve",
-                "--no-pacing",
                 "--write-key",
                 WRITE_KEY,
                 "--listen",
@@ -149,7 +157,13 @@ async fn main() {
             ok += 1;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // When ingest ended, on the spool's clock (Julian-day seconds).
+    let ingest_ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 2_440_587.5 * 86_400.0;
+    let deadline = Instant::now() + Duration::from_secs(if limits { 900 } else { 120 });
     while spool_file::pending(&spool) > 0 {
         assert!(Instant::now() < deadline, "events did not drain");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -170,5 +184,41 @@ async fn main() {
         latencies.last().copied().unwrap_or(0.0),
         latencies.len()
     );
+    if limits {
+        // The steady rate: from the end of the warm-up (20 s) until 95% of
+        // the events were delivered, leaving out the tail of the last few
+        // people's chains; and the same for the drain alone, once ingest
+        // (which shares the two cores) has ended.
+        let finished = spool_file::delivered_at_seconds(&spool);
+        if let Some(&first) = finished.first() {
+            let end = finished[(finished.len() * 95 / 100).min(finished.len() - 1)];
+            for (what, start) in [("from 20 s", first + 20.0), ("after ingest ended", ingest_ended)] {
+                let within = finished.iter().filter(|t| **t >= start && **t <= end).count();
+                if end > start {
+                    println!(
+                        "delivered {what} until 95% were: {within} events in {:.1} s, {:.0} events/s",
+                        end - start,
+                        within as f64 / (end - start),
+                    );
+                }
+            }
+            println!(
+                "all {} delivered within {:.1} s",
+                finished.len(),
+                finished.last().unwrap() - first
+            );
+        }
+        let stats = reqwest::get(format!("http://127.0.0.1:{sandbox_port}/sandbox/stats"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        println!(
+            "sandbox: 429s {}, requests by endpoint {}",
+            stats["throttled"], stats["by_endpoint"]
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

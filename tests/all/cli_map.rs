@@ -222,7 +222,10 @@ fn batch_shows_each_batch_after_the_events_grouped_per_profile() {
     assert_eq!(rows[0]["requests"].as_array().unwrap().len(), 1);
     assert!(rows[1]["requests"].as_array().unwrap().is_empty());
     let batch = &rows[5];
-    assert_eq!((batch["batch"].as_u64(), batch["class"].as_str()), (Some(1), Some("events")));
+    assert_eq!(
+        (batch["batch"].as_u64(), batch["class"].as_str()),
+        (Some(1), Some("events"))
+    );
     assert_eq!(batch["lines"], serde_json::json!([2, 4, 5]));
     let request = &batch["requests"][0];
     assert_eq!(request["url"], "https://a.klaviyo.com/api/event-bulk-create-jobs");

@@ -149,6 +149,15 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
         sandbox.events().len() == acked.len()
     })
     .await;
+    // The outcome is recorded after the answer (by the outcome writer, in
+    // batches): wait for the spool to say so too.
+    wait_for("every acknowledged event recorded as delivered", || {
+        let versions = spool_file::versions_by_message_id(&spool);
+        acked
+            .iter()
+            .all(|(id, _)| versions.get(id).is_some_and(|(state, _)| state == "delivered"))
+    })
+    .await;
 
     let versions = spool_file::versions_by_message_id(&spool);
     let mut mapped_by_each = std::collections::BTreeMap::<String, usize>::new();

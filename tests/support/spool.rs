@@ -65,6 +65,20 @@ pub fn latencies_ms_except(path: &Path, prefix: &str) -> Vec<f64> {
         .unwrap()
 }
 
+/// When each delivered event's outcome was recorded, in seconds (Julian
+/// day based, so only differences mean anything), in order.
+pub fn delivered_at_seconds(path: &Path) -> Vec<f64> {
+    let conn = open(path);
+    let mut query = conn
+        .prepare("SELECT julianday(updated_at) * 86400.0 FROM events WHERE state = 'delivered' ORDER BY 1")
+        .unwrap();
+    query
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// For each finished event, milliseconds from ingest (`received_at`) to
 /// its outcome being recorded.
 pub fn latencies_ms(path: &Path) -> Vec<f64> {

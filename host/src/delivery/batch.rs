@@ -6,7 +6,8 @@
 //! single request.
 //!
 //! Adaptive: at a trickle (the class's queue is empty and the single
-//! request's rate class has room now) a request goes alone at once; under a
+//! request's rate class has a slot free now, which it takes) a request
+//! goes alone at once; under a
 //! backlog the queue fills, and a batch leaves when it is full or its
 //! oldest item has waited the class's `max-wait-ms`. Batches stay within
 //! the class's item and byte bounds, never hold two items with the same
@@ -41,6 +42,8 @@ pub(super) enum ItemOutcome {
 /// How a request goes out.
 pub(super) enum Route {
     Alone,
+    /// Alone, at once: its rate slot is already taken.
+    AloneNow,
     Batched(oneshot::Receiver<ItemOutcome>),
 }
 
@@ -75,6 +78,11 @@ impl Delivery {
         request: &Arc<HttpRequest>,
         item: BatchItem,
     ) -> Route {
+        // Without pacing (a destination with no limits) nothing is gained by
+        // waiting for a batch; nor are events kept in flight for one.
+        if !self.config.pacing && !self.config.batch_always {
+            return Route::Alone;
+        }
         let Some(batching) = self.batching_of(plugin).await else {
             return Route::Alone;
         };
@@ -86,16 +94,19 @@ impl Delivery {
         if item.len() + queue.class.item_overhead_bytes as usize > queue.class.max_bytes as usize {
             return Route::Alone;
         }
-        {
-            let pending = queue.pending.lock().unwrap();
-            let trickle = pending.is_empty()
-                && !self.config.batch_always
-                && (!self.config.pacing
-                    || self
-                        .pacer
-                        .has_room(&request.rate_class, &plugin.manifest().rate_classes));
-            if trickle {
+        // A trickle: nothing is waiting for a batch and the request's own
+        // rate class has a slot free now, which is taken at once (a check
+        // without taking it would let many requests see the same slot and
+        // then queue for the single endpoint, each with a batch to go in).
+        if !self.config.batch_always && queue.pending.lock().unwrap().is_empty() {
+            if !self.config.pacing {
                 return Route::Alone;
+            }
+            if self
+                .pacer
+                .try_acquire(&request.rate_class, &plugin.manifest().rate_classes)
+            {
+                return Route::AloneNow;
             }
         }
         let (done, outcome) = oneshot::channel();
@@ -305,6 +316,9 @@ impl Delivery {
                             ItemVerdict::Rejected(reason) => {
                                 let _ = pending.done.send(reject(&reason, response.clone()));
                             }
+                            ItemVerdict::Alone => {
+                                let _ = pending.done.send(ItemOutcome::Alone);
+                            }
                             ItemVerdict::Retry(after) => again.push((pending, after)),
                         }
                     }
@@ -331,6 +345,7 @@ impl Delivery {
                         let Some(pending) = slot.take() else { continue };
                         let outcome = match decision.verdict {
                             ItemVerdict::Delivered => ItemOutcome::Delivered,
+                            ItemVerdict::Alone => ItemOutcome::Alone,
                             ItemVerdict::Rejected(reason) => reject(&reason, response.clone()),
                             ItemVerdict::Retry(_) => {
                                 *slot = Some(pending);
@@ -386,6 +401,12 @@ impl Delivery {
     }
 }
 
+/// A queue nothing has joined for this long is sent without waiting for
+/// `max-wait-ms`, while its rate class has used less than half its budget
+/// (a small batch spends a request, and an asynchronous job's follow-ups
+/// more): under a steady backlog items join every few milliseconds.
+const IDLE: Duration = Duration::from_millis(50);
+
 /// The most events the engine keeps in flight for batches, whatever a
 /// class allows (each holds its event and requests in memory).
 const MAX_BATCH_ROOM: usize = 4_000;
@@ -415,7 +436,12 @@ fn settle_rest(slots: &mut [Option<Pending>], outcome: impl Fn(&Pending) -> Item
 async fn flush(delivery: Weak<Delivery>, batching: Arc<PluginBatching>, queue: Arc<ClassQueue>) {
     let class = queue.class.clone();
     let max_wait = Duration::from_millis(class.max_wait_ms.into());
+    let declared = batching.plugin.manifest().rate_classes.clone();
     loop {
+        let room = match delivery.upgrade() {
+            Some(delivery) => !delivery.config.pacing || delivery.pacer.lightly_used(&class.rate_class, &declared),
+            None => return,
+        };
         let wake = {
             let pending = queue.pending.lock().unwrap();
             let now = Instant::now();
@@ -428,12 +454,17 @@ async fn flush(delivery: Weak<Delivery>, batching: Arc<PluginBatching>, queue: A
                 .sum();
             let full = ready >= class.max_items as usize || bytes >= class.max_bytes as usize;
             let due = oldest.is_some_and(|t| now.duration_since(t) >= max_wait);
-            if ready > 0 && (full || due) {
+            // Nothing has joined for a while, and a batch may go now: the
+            // backlog is draining, so waiting longer only adds latency.
+            let newest = pending.iter().map(|p| p.enqueued).max();
+            let idle = room && newest.is_some_and(|t| now.duration_since(t) >= IDLE);
+            if ready > 0 && (full || due || idle) {
                 None
             } else {
                 let next_ready = pending.iter().map(|p| p.not_before).filter(|t| *t > now).min();
                 let next_due = oldest.map(|t| t + max_wait);
-                Some(next_ready.into_iter().chain(next_due).min())
+                let next_idle = newest.map(|t| t + IDLE);
+                Some(next_ready.into_iter().chain(next_due).chain(next_idle).min())
             }
         };
         match wake {

@@ -192,11 +192,16 @@ impl Delivery {
 
         let mut report = Report::default();
         let mut lanes: HashMap<String, VecDeque<(MappedEvent, String)>> = HashMap::new();
+        // Events waiting in a lane behind their person's event in flight:
+        // counted with those in flight, so that memory stays bounded when
+        // one person's event is slow.
+        let mut waiting = 0usize;
         let mut running: JoinSet<(Option<String>, EventRecord)> = JoinSet::new();
         let mut input_done = false;
         loop {
+            let room = self.config.concurrency + self.batch_room.load(Ordering::Relaxed);
             tokio::select! {
-                job = rx.recv(), if !input_done && running.len() < self.config.concurrency + self.batch_room.load(Ordering::Relaxed) => {
+                job = rx.recv(), if !input_done && running.len() + waiting < room => {
                     let Some((mapped, raw)) = job else {
                         input_done = true;
                         continue;
@@ -204,7 +209,10 @@ impl Delivery {
                     report.read += 1;
                     self.progress.read.fetch_add(1, Ordering::Relaxed);
                     match &mapped.ordering_key {
-                        Some(key) if lanes.contains_key(key) => lanes.get_mut(key).unwrap().push_back((mapped, raw)),
+                        Some(key) if lanes.contains_key(key) => {
+                            lanes.get_mut(key).unwrap().push_back((mapped, raw));
+                            waiting += 1;
+                        }
                         Some(key) => {
                             lanes.insert(key.clone(), VecDeque::new());
                             self.spawn_event(&mut running, mapped, raw);
@@ -219,7 +227,10 @@ impl Delivery {
                     observe(&record);
                     if let Some(key) = key {
                         match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
-                            Some((mapped, raw)) => self.spawn_event(&mut running, mapped, raw),
+                            Some((mapped, raw)) => {
+                                waiting -= 1;
+                                self.spawn_event(&mut running, mapped, raw);
+                            }
                             None => {
                                 lanes.remove(&key);
                             }

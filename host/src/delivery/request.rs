@@ -45,9 +45,12 @@ impl Delivery {
         retries: &mut u64,
     ) -> Result<(), Undelivered> {
         let request = Arc::new(request);
-        if let Some(item) = item
-            && let Route::Batched(outcome) = self.route(plugin, &request, item).await
-        {
+        let route = match item {
+            Some(item) => self.route(plugin, &request, item).await,
+            None => Route::Alone,
+        };
+        let paced = matches!(route, Route::AloneNow);
+        if let Route::Batched(outcome) = route {
             match outcome.await {
                 Ok(ItemOutcome::Delivered) => return Ok(()),
                 Ok(ItemOutcome::Rejected { reason, response }) => {
@@ -67,17 +70,19 @@ impl Delivery {
                 }
             }
         }
-        self.send_alone(id, plugin, request, false, retries).await
+        self.send_alone(id, plugin, request, false, paced, retries).await
     }
 
     /// Sends one request alone. `replacement` marks a request the plugin
     /// offered in place of a failed one: it may not be replaced again.
+    /// `paced`: its first attempt's rate slot is already taken.
     async fn send_alone(
         self: &Arc<Self>,
         id: EventId,
         plugin: &Arc<Plugin>,
         request: Arc<HttpRequest>,
         replacement: bool,
+        mut paced: bool,
         retries: &mut u64,
     ) -> Result<(), Undelivered> {
         // Shared, not copied, with the HTTP client and the plugin's
@@ -99,7 +104,7 @@ impl Delivery {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            if self.config.pacing {
+            if self.config.pacing && !std::mem::take(&mut paced) {
                 self.pacer
                     .acquire(&request.rate_class, &plugin.manifest().rate_classes)
                     .await;
@@ -135,7 +140,7 @@ impl Delivery {
                         ));
                     }
                     for replacement in requests {
-                        Box::pin(self.send_alone(id, plugin, Arc::new(replacement), true, retries)).await?;
+                        Box::pin(self.send_alone(id, plugin, Arc::new(replacement), true, false, retries)).await?;
                     }
                     return Ok(());
                 }

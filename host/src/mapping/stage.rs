@@ -48,7 +48,7 @@ impl Default for StageConfig {
         StageConfig {
             workers: StageConfig::default_workers(),
             poison_attempts: 3,
-            overtake_after: Duration::from_millis(25),
+            overtake_after: Duration::from_millis(100),
             max_queued: 1024,
         }
     }

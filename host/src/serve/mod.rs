@@ -30,7 +30,7 @@ use plugin_runtime::PluginSlot;
 use crate::delivery::{Delivery, DeliveryConfig, EventOutcome, EventRecord};
 use crate::mapping::EventId;
 use crate::settings::{DestinationSettings, Secret};
-use crate::spool::{Spool, State as RowState, outcome_json};
+use crate::spool::{Finished, Spool, State as RowState, outcome_json};
 
 /// `serve`'s defaults, each defined once (the command line shows them).
 pub struct Defaults;
@@ -134,14 +134,22 @@ pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result
     let (tx, rx) = tokio::sync::mpsc::channel::<(EventId, String)>(512);
     let in_flight = Arc::new(Mutex::new(HashSet::<i64>::new()));
     let feeder = tokio::spawn(feed(shared.clone(), tx, in_flight.clone()));
+    let (outcomes, written) = std::sync::mpsc::channel::<Finished>();
+    let writer = std::thread::Builder::new().name("outcome-writer".into()).spawn({
+        let (shared, in_flight) = (shared.clone(), in_flight.clone());
+        move || write_outcomes(&shared, &in_flight, written)
+    })?;
     let engine = {
         let shared = shared.clone();
-        let in_flight = in_flight.clone();
         let mut rx = rx;
         let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
         tokio::spawn(async move {
             delivery
-                .run_events(events, move |record| finish(&shared, &in_flight, record))
+                .run_events(events, move |record| {
+                    // The writer goes with the engine: a send fails only
+                    // if it is gone, and then the row stays pending.
+                    let _ = outcomes.send(finished(&shared, record));
+                })
                 .await
         })
     };
@@ -159,7 +167,13 @@ pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result
     if let Some(watcher) = watcher {
         watcher.abort();
     }
-    match tokio::time::timeout(config.shutdown_grace, engine).await {
+    let stopped = tokio::time::timeout(config.shutdown_grace, engine).await;
+    if stopped.is_ok() {
+        // The engine is done, and with it the writer's input: the writer
+        // records what it was given, then ends.
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    }
+    match stopped {
         Ok(Ok(Ok(report))) => tracing::info!("stopped after delivering {} events", report.delivered),
         Ok(Ok(Err(e))) => tracing::error!("delivery ended with an error: {e:#}"),
         Ok(Err(e)) => tracing::error!("delivery task failed: {e}"),
@@ -216,8 +230,8 @@ async fn feed(
     }
 }
 
-/// Writes an event's outcome to its row and counts it.
-fn finish(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, record: &EventRecord) {
+/// An event's outcome as its row records it, counted.
+fn finished(shared: &Shared, record: &EventRecord) -> Finished {
     let id = record.id.number();
     let (state, outcome) = match &record.outcome {
         EventOutcome::Delivered { .. } => (RowState::Delivered, outcome_json("delivered", None, &record.warnings)),
@@ -236,12 +250,35 @@ fn finish(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, record: &EventRecord
             (RowState::Dead, outcome)
         }
     };
-    if let Err(e) = shared.spool.finish(id, state, &outcome, &record.plugin_version) {
-        // The row stays pending and is delivered again (idempotently).
-        tracing::error!("recording the outcome of event {id}: {e:#}");
+    Finished {
+        id,
+        state,
+        outcome,
+        plugin_version: record.plugin_version.clone(),
     }
-    shared.metrics.finished.fetch_add(1, Ordering::Relaxed);
-    in_flight.lock().unwrap().remove(&id);
+}
+
+/// Writes outcomes to their rows, as many per transaction as have come
+/// in, and only then lets the feeder see those rows again (a row not yet
+/// written stays in flight, so it is not handed out twice).
+fn write_outcomes(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, outcomes: std::sync::mpsc::Receiver<Finished>) {
+    while let Ok(first) = outcomes.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 2_000
+            && let Ok(more) = outcomes.try_recv()
+        {
+            batch.push(more);
+        }
+        if let Err(e) = shared.spool.finish_all(&batch) {
+            // The rows stay pending and are delivered again (idempotently).
+            tracing::error!("recording the outcomes of {} events: {e:#}", batch.len());
+        }
+        shared.metrics.finished.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut in_flight = in_flight.lock().unwrap();
+        for finished in &batch {
+            in_flight.remove(&finished.id);
+        }
+    }
 }
 
 /// Offers each new or changed `*.wasm` in `dir` as a candidate, exactly as
