@@ -1,7 +1,8 @@
 //! Properties that must hold for any input, checked on generated ones
 //! (proptest, in the normal test run): the mapping never panics and every
 //! request it makes passes the host's output checks; the secret template
-//! reads every header value back exactly.
+//! reads every header value back exactly; delivery's counts add up, with
+//! or without batches, whatever the sandbox answers.
 
 use std::sync::Arc;
 
@@ -136,5 +137,66 @@ proptest! {
         if template::references(&value).count() == 0 {
             prop_assert_eq!(filled, value);
         }
+    }
+}
+
+/// An input line: an event, or something that is not one.
+fn input_line() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => chord_event().prop_map(|event| event.to_string()),
+        1 => ".{0,40}".prop_map(|text: String| text.replace('\n', " ")),
+        1 => json_value().prop_map(|value| value.to_string()),
+    ]
+}
+
+proptest! {
+    // Each case runs a sandbox and a delivery: fewer cases.
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn deliverys_counts_always_add_up(
+        lines in prop::collection::vec(input_line(), 0..30),
+        server_errors in 0.0f64..0.5,
+        batch_always in any::<bool>(),
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (report, records) = runtime.block_on(async {
+            let sandbox = crate::support::sandbox(klaviyo_mock::MockConfig {
+                rate_limits: false,
+                faults: klaviyo_mock::Faults { server_errors, ..Default::default() },
+                ..Default::default()
+            })
+            .await;
+            let plugin = klaviyo();
+            let mut settings = Map::new();
+            settings.insert("api_key".into(), klaviyo_mock::DEMO_KEY.into());
+            let settings = cdp_host::settings::DestinationSettings::from_object(settings, plugin.manifest(), &[], |_| None).unwrap();
+            let config = cdp_host::delivery::DeliveryConfig {
+                base_url: Some(sandbox.url().parse().unwrap()),
+                max_attempts: 3,
+                backoff_base: std::time::Duration::from_millis(1),
+                backoff_cap: std::time::Duration::from_millis(5),
+                batch_always,
+                ..Default::default()
+            };
+            let delivery = cdp_host::delivery::Delivery::new(crate::support::slot(plugin, &settings), settings, config).unwrap();
+            let records = std::sync::Mutex::new(Vec::new());
+            let report = delivery
+                .run(std::io::Cursor::new(lines.join("\n").into_bytes()), |record| {
+                    records.lock().unwrap().push(record.id);
+                })
+                .await
+                .unwrap();
+            (report, records.into_inner().unwrap())
+        });
+        let read = if lines.is_empty() { 0 } else { lines.len() as u64 };
+        prop_assert_eq!(report.read, read);
+        let skipped: u64 = report.skipped.values().sum();
+        prop_assert_eq!(report.delivered + skipped + report.dead_lettered, report.read, "{}", report.summary());
+        let mut ids = records.clone();
+        ids.sort();
+        ids.dedup();
+        prop_assert_eq!(ids.len(), records.len(), "an event was reported twice");
+        prop_assert_eq!(records.len() as u64, report.read);
     }
 }
