@@ -91,7 +91,6 @@ async fn main() {
     wait_listening(sandbox_port);
     let _serve = Killed(
         Command::new(env!("CARGO_BIN_EXE_cdp-host"))
-            .args((!limits).then_some("--no-pacing"))
             .args([
                 "serve",
                 "--write-key",
@@ -100,6 +99,7 @@ async fn main() {
                 &format!("127.0.0.1:{serve_port}"),
             ])
             .args(["--base-url", &format!("http://127.0.0.1:{sandbox_port}")])
+            .args((!limits).then_some("--no-pacing"))
             .args(&plugin_args)
             .arg("--spool")
             .arg(&spool)

@@ -401,12 +401,6 @@ impl Delivery {
     }
 }
 
-/// A queue nothing has joined for this long is sent without waiting for
-/// `max-wait-ms`, while its rate class has used less than half its budget
-/// (a small batch spends a request, and an asynchronous job's follow-ups
-/// more): under a steady backlog items join every few milliseconds.
-const IDLE: Duration = Duration::from_millis(50);
-
 /// The most events the engine keeps in flight for batches, whatever a
 /// class allows (each holds its event and requests in memory).
 const MAX_BATCH_ROOM: usize = 4_000;
@@ -436,12 +430,7 @@ fn settle_rest(slots: &mut [Option<Pending>], outcome: impl Fn(&Pending) -> Item
 async fn flush(delivery: Weak<Delivery>, batching: Arc<PluginBatching>, queue: Arc<ClassQueue>) {
     let class = queue.class.clone();
     let max_wait = Duration::from_millis(class.max_wait_ms.into());
-    let declared = batching.plugin.manifest().rate_classes.clone();
     loop {
-        let room = match delivery.upgrade() {
-            Some(delivery) => !delivery.config.pacing || delivery.pacer.lightly_used(&class.rate_class, &declared),
-            None => return,
-        };
         let wake = {
             let pending = queue.pending.lock().unwrap();
             let now = Instant::now();
@@ -454,17 +443,12 @@ async fn flush(delivery: Weak<Delivery>, batching: Arc<PluginBatching>, queue: A
                 .sum();
             let full = ready >= class.max_items as usize || bytes >= class.max_bytes as usize;
             let due = oldest.is_some_and(|t| now.duration_since(t) >= max_wait);
-            // Nothing has joined for a while, and a batch may go now: the
-            // backlog is draining, so waiting longer only adds latency.
-            let newest = pending.iter().map(|p| p.enqueued).max();
-            let idle = room && newest.is_some_and(|t| now.duration_since(t) >= IDLE);
-            if ready > 0 && (full || due || idle) {
+            if ready > 0 && (full || due) {
                 None
             } else {
                 let next_ready = pending.iter().map(|p| p.not_before).filter(|t| *t > now).min();
                 let next_due = oldest.map(|t| t + max_wait);
-                let next_idle = newest.map(|t| t + IDLE);
-                Some(next_ready.into_iter().chain(next_due).chain(next_idle).min())
+                Some(next_ready.into_iter().chain(next_due).min())
             }
         };
         match wake {

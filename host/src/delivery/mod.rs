@@ -193,15 +193,16 @@ impl Delivery {
         let mut report = Report::default();
         let mut lanes: HashMap<String, VecDeque<(MappedEvent, String)>> = HashMap::new();
         // Events waiting in a lane behind their person's event in flight:
-        // counted with those in flight, so that memory stays bounded when
-        // one person's event is slow.
+        // bounded too (eight times the room in flight), so that memory stays
+        // bounded when people's events are slow, without letting a few
+        // busy people take the room of everyone else.
         let mut waiting = 0usize;
         let mut running: JoinSet<(Option<String>, EventRecord)> = JoinSet::new();
         let mut input_done = false;
         loop {
             let room = self.config.concurrency + self.batch_room.load(Ordering::Relaxed);
             tokio::select! {
-                job = rx.recv(), if !input_done && running.len() + waiting < room => {
+                job = rx.recv(), if !input_done && running.len() < room && waiting < 8 * room => {
                     let Some((mapped, raw)) = job else {
                         input_done = true;
                         continue;
@@ -254,8 +255,14 @@ impl Delivery {
         events: impl Iterator<Item = anyhow::Result<(EventId, String)>> + Send + 'static,
         tx: mpsc::Sender<(MappedEvent, String)>,
     ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let mut mapper = EventMapper::new(self.slot.clone(), self.settings.clone());
+        // Batches form only when delivery is paced (or told to batch
+        // always); otherwise asking the plugin is wasted work.
+        if self.config.pacing || self.config.batch_always {
+            mapper = mapper.with_batch_items();
+        }
         let stage = MappingStage::new(
-            EventMapper::new(self.slot.clone(), self.settings.clone()).with_batch_items(),
+            mapper,
             StageConfig {
                 workers: self.config.mapping_workers,
                 poison_attempts: self.config.poison_attempts,

@@ -78,30 +78,7 @@ impl Pacer {
     }
 }
 
-impl Pacer {
-    /// Whether less than half of `class`'s steady budget has been used in
-    /// the last minute, and a request could go now.
-    pub fn lightly_used(&self, class: &str, declared: &[RateClass]) -> bool {
-        let window = self.classes.lock().unwrap().get(class).cloned();
-        match window {
-            Some(window) => {
-                let (in_steady, in_burst) = window.used(Instant::now());
-                in_steady * 2 < window.steady && in_burst < window.burst
-            }
-            None => declared.iter().any(|c| c.name == class),
-        }
-    }
-}
-
 impl Window {
-    /// Requests sent within the steady and the burst window.
-    fn used(&self, now: Instant) -> (usize, usize) {
-        let sent = self.sent.lock().unwrap();
-        let in_steady = sent.len() - sent.partition_point(|t| now.duration_since(*t) >= STEADY_WINDOW);
-        let in_burst = sent.len() - sent.partition_point(|t| now.duration_since(*t) >= BURST_WINDOW);
-        (in_steady, in_burst)
-    }
-
     /// `None` when taken; otherwise how long until a slot may free up.
     fn try_take(&self, now: Instant) -> Option<Duration> {
         let mut sent = self.sent.lock().unwrap();

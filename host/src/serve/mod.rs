@@ -264,7 +264,7 @@ fn finished(shared: &Shared, record: &EventRecord) -> Finished {
 fn write_outcomes(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, outcomes: std::sync::mpsc::Receiver<Finished>) {
     while let Ok(first) = outcomes.recv() {
         let mut batch = vec![first];
-        while batch.len() < 2_000
+        while batch.len() < 256
             && let Ok(more) = outcomes.try_recv()
         {
             batch.push(more);
