@@ -23,8 +23,10 @@ use crate::settings::Settings;
 
 const EVENTS: &str = "events";
 const PROFILES: &str = "profiles";
-/// How long an item may wait for company under a backlog.
-const MAX_WAIT_MS: u32 = 1_000;
+/// How long an item may wait for company under a backlog: at the bulk
+/// budget's 2,500 events a second a batch fills in 0.4 s, and a person's
+/// next event waits for their previous one's batch.
+const MAX_WAIT_MS: u32 = 500;
 /// How often a bulk import job is asked about.
 const POLL_MS: u64 = 1_000;
 /// Import errors read per page.
@@ -57,7 +59,7 @@ pub fn classes(settings: &Settings) -> Vec<BatchClass> {
             item_overhead_bytes: 16,
             // Each job also costs follow-ups from a budget of 150 a
             // minute: fewer, fuller jobs.
-            max_wait_ms: 2 * MAX_WAIT_MS,
+            max_wait_ms: 4 * MAX_WAIT_MS,
             rate_class: klaviyo::BULK_PROFILES_RATE.name,
         });
     }
