@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, Write};
 
-use plugin_runtime::batching::next_batch;
+use plugin_runtime::batching::{next_batch, split_taken};
 use plugin_runtime::{BatchItem, PluginSlot, Use};
 use serde::Serialize;
 
@@ -163,16 +163,7 @@ fn write_batches(
                     class.name
                 );
             }
-            let mut batch = Vec::new();
-            let mut left = Vec::new();
-            let mut taken = taken.into_iter().peekable();
-            for (index, entry) in queue.into_iter().enumerate() {
-                if taken.next_if_eq(&index).is_some() {
-                    batch.push(entry);
-                } else {
-                    left.push(entry);
-                }
-            }
+            let (batch, left) = split_taken(queue, &taken);
             queue = left;
             let texts: Vec<String> = batch.iter().map(|(_, item)| item.item.clone()).collect();
             let request = instance

@@ -34,6 +34,21 @@ pub fn next_batch<'k>(
     taken
 }
 
+/// Splits `items` into the ones at the `taken` indices (ascending, as
+/// `next_batch` gives them) and the rest, each in order.
+pub fn split_taken<T>(items: impl IntoIterator<Item = T>, taken: &[usize]) -> (Vec<T>, Vec<T>) {
+    let mut taken = taken.iter().copied().peekable();
+    let (mut batch, mut rest) = (Vec::with_capacity(taken.len()), Vec::new());
+    for (index, item) in items.into_iter().enumerate() {
+        if taken.next_if_eq(&index).is_some() {
+            batch.push(item);
+        } else {
+            rest.push(item);
+        }
+    }
+    (batch, rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +81,14 @@ mod tests {
             (1, None, true),
         ];
         assert_eq!(next_batch(&class(10, 1000), items), [0, 2, 3]);
+    }
+
+    #[test]
+    fn splitting_keeps_both_sides_in_order() {
+        assert_eq!(
+            split_taken(["a", "b", "c", "d"], &[0, 2]),
+            (vec!["a", "c"], vec!["b", "d"])
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use plugin_runtime::batching::next_batch;
+use plugin_runtime::batching::{next_batch, split_taken};
 use plugin_runtime::{
     BatchClass, BatchItem, BatchVerdict, CallError, HttpRequest, HttpResponse, ItemVerdict, Plugin, Use,
 };
@@ -488,16 +488,7 @@ fn take_batch(queue: &ClassQueue) -> Vec<Pending> {
             .iter()
             .map(|p| (p.item.len(), p.dedupe_key.as_deref(), p.not_before <= now)),
     );
-    let mut taken = taken.into_iter().peekable();
-    let mut batch = Vec::new();
-    let mut kept = VecDeque::with_capacity(pending.len());
-    for (index, item) in pending.drain(..).enumerate() {
-        if taken.next_if_eq(&index).is_some() {
-            batch.push(item);
-        } else {
-            kept.push_back(item);
-        }
-    }
-    *pending = kept;
+    let (batch, kept) = split_taken(pending.drain(..), &taken);
+    *pending = kept.into();
     batch
 }
