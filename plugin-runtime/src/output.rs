@@ -92,10 +92,6 @@ pub(crate) fn check_batch_item(item: &BatchItem, limits: &Limits) -> Result<(), 
     Ok(())
 }
 
-pub(crate) fn check_text(what: &'static str, value: &str, limits: &Limits) -> Result<(), OutputError> {
-    text(what, value, limits)
-}
-
 pub(crate) fn check_verdict_texts(verdict: &Verdict, limits: &Limits) -> Result<(), OutputError> {
     match verdict {
         Verdict::Rejected(reason) => text("a verdict's reason", reason, limits),
@@ -140,7 +136,7 @@ pub(crate) fn check_manifest(manifest: &DestinationManifest, limits: &Limits) ->
     Ok(())
 }
 
-fn text(what: &'static str, value: &str, limits: &Limits) -> Result<(), OutputError> {
+pub(crate) fn text(what: &'static str, value: &str, limits: &Limits) -> Result<(), OutputError> {
     if value.len() > limits.max_text_bytes {
         return Err(OutputError::TextTooLong {
             what,

@@ -315,7 +315,7 @@ impl Instance {
         let assembled =
             self.call_batching(|b, s| b.chord_destination_batching().call_assemble(s, settings, class, items))?;
         if let Err(reason) = &assembled {
-            output::check_text("a reason a batch cannot be assembled", reason, &self.limits)?;
+            output::text("a reason a batch cannot be assembled", reason, &self.limits)?;
         }
         Ok(assembled)
     }
@@ -343,7 +343,7 @@ impl Instance {
             }
             for verdict in verdicts {
                 if let ItemVerdict::Rejected(reason) = verdict {
-                    output::check_text("an item's rejection reason", reason, &self.limits)?;
+                    output::text("an item's rejection reason", reason, &self.limits)?;
                 }
             }
         }
