@@ -185,7 +185,7 @@ impl EventMapper {
 /// What the host reads of an event itself: the rest is the plugin's. Read
 /// without building the event (every other field is skipped unparsed), so
 /// a 200 KB event costs the host a scan, not a tree.
-#[derive(Clone, Deserialize)]
+#[derive(Deserialize)]
 pub(crate) struct Envelope {
     #[serde(rename = "messageId", default, deserialize_with = "message_id")]
     message_id: Option<String>,
@@ -257,7 +257,7 @@ impl Default for Envelope {
 }
 
 /// `context.traits.email`, everything else in `context` skipped.
-#[derive(Clone, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 struct ContextTraits {
     #[serde(default)]
     traits: Email,
@@ -265,7 +265,7 @@ struct ContextTraits {
 
 /// The `email` member of an object; any other value, or an object without
 /// a string `email`, reads as none. Other members are skipped unparsed.
-#[derive(Clone, Default)]
+#[derive(Default)]
 struct Email(Option<String>);
 
 impl<'de> Deserialize<'de> for Email {

@@ -83,6 +83,13 @@ struct Queued {
     envelope: Result<Envelope, String>,
 }
 
+/// What a worker keeps of an event while it is mapped.
+struct Taken {
+    seq: u64,
+    key: Option<String>,
+    text: String,
+}
+
 /// An event read and not yet handed on, in input order.
 enum Slot {
     Waiting { since: Instant, key: Option<String> },
@@ -259,9 +266,17 @@ impl MappingStage {
             }
             drop(state);
 
+            let Queued {
+                seq,
+                key,
+                id,
+                text,
+                envelope,
+            } = job;
             let started = Instant::now();
-            let mapped = self.map(&job);
+            let mapped = self.map(id, &text, envelope);
             timed(started.elapsed());
+            let job = Taken { seq, key, text };
 
             state = self.lock();
             if let Some(key) = &job.key {
@@ -284,17 +299,14 @@ impl MappingStage {
         }
     }
 
-    /// Maps one event, again with a fresh instance while the plugin fails.
-    fn map(&self, job: &Queued) -> MappedEvent {
-        let envelope = || match &job.envelope {
-            Ok(envelope) => Ok(envelope.clone()),
-            Err(reason) => Err(reason.clone()),
-        };
+    /// Maps one event, again with a fresh instance while the plugin fails
+    /// (reading the envelope again then: failures are rare, events many).
+    fn map(&self, id: EventId, text: &str, envelope: Result<Envelope, String>) -> MappedEvent {
         let attempts = self.config.poison_attempts.max(1);
-        let mut mapped = self.mapper.map_read(job.id, &job.text, envelope());
+        let mut mapped = self.mapper.map_read(id, text, envelope);
         let mut tries = 1;
         while mapped.plugin_failed && tries < attempts {
-            mapped = self.mapper.map_read(job.id, &job.text, envelope());
+            mapped = self.mapper.map(id, text);
             tries += 1;
         }
         if mapped.plugin_failed
