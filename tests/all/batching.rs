@@ -224,19 +224,10 @@ async fn each_persons_identify_lands_before_their_later_events_through_bulk_jobs
     )
     .await;
     assert_eq!(run.report.delivered, 600, "{}", run.report.summary());
-    let mut imported = BTreeSet::new();
-    for arrival in run.sandbox.arrivals() {
-        if arrival.what == "profile-import" {
-            imported.insert(arrival.profile_id);
-        } else {
-            assert!(
-                imported.contains(&arrival.profile_id),
-                "{} arrived before its profile",
-                arrival.what
-            );
-        }
-    }
-    assert_eq!(imported.len(), 150);
+    assert_eq!(
+        crate::support::assert_each_profile_arrived_before_its_events(&run.sandbox),
+        150
+    );
 }
 
 fn klaviyo_1_0() -> Arc<Plugin> {

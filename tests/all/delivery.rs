@@ -307,20 +307,10 @@ async fn each_persons_identify_lands_before_their_later_events() {
         json!({}),
     )
     .await;
-    let arrivals = run.sandbox.arrivals();
-    let mut seen_import = BTreeSet::new();
-    for arrival in &arrivals {
-        if arrival.what == "profile-import" {
-            seen_import.insert(arrival.profile_id.clone());
-        } else {
-            assert!(
-                seen_import.contains(&arrival.profile_id),
-                "{} arrived before its profile-import",
-                arrival.what
-            );
-        }
-    }
-    assert_eq!(seen_import.len(), 30);
+    assert_eq!(
+        crate::support::assert_each_profile_arrived_before_its_events(&run.sandbox),
+        30
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,3 +96,21 @@ pub async fn deliver(delivery: &Arc<Delivery>, input: String) -> (Report, Vec<De
     letters.sort_by_key(|(id, _)| *id);
     (report, letters.into_iter().map(|(_, letter)| letter).collect())
 }
+
+/// Checks that every event the sandbox stored arrived after its profile's
+/// import, and returns how many profiles were imported.
+pub fn assert_each_profile_arrived_before_its_events(sandbox: &KlaviyoMock) -> usize {
+    let mut imported = std::collections::BTreeSet::new();
+    for arrival in sandbox.arrivals() {
+        if arrival.what == "profile-import" {
+            imported.insert(arrival.profile_id);
+        } else {
+            assert!(
+                imported.contains(&arrival.profile_id),
+                "{} arrived before its profile-import",
+                arrival.what
+            );
+        }
+    }
+    imported.len()
+}
