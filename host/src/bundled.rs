@@ -26,6 +26,6 @@ pub const EXAMPLE_SETTINGS: &str = include_str!("../../examples/settings.json");
 pub fn canary(settings: &DestinationSettings) -> Canary {
     Canary {
         settings_json: settings.public_json().to_string(),
-        golden_events: EXAMPLE_EVENTS.to_string(),
+        golden_events: std::borrow::Cow::Borrowed(EXAMPLE_EVENTS),
     }
 }

@@ -65,7 +65,8 @@ pub enum SwapError {
 #[derive(Clone, Debug)]
 pub struct Canary {
     pub settings_json: String,
-    pub golden_events: String,
+    /// Shared, not copied, by the slots of many connections.
+    pub golden_events: std::borrow::Cow<'static, str>,
 }
 
 impl Canary {
@@ -114,23 +115,46 @@ impl Canary {
 pub struct PluginSlot {
     name: String,
     approved_hosts: Vec<String>,
-    canary: Arc<Canary>,
+    canary: Mutex<Arc<Canary>>,
     active: ArcSwap<Loaded>,
     previous: Mutex<Option<Arc<Loaded>>>,
+    /// Whether a swap closes the pool of the version it replaces (and a
+    /// rollback reopens it). Not when versions are shared between slots:
+    /// whoever shares them knows when no slot uses one any more.
+    manages_pools: bool,
 }
 
 impl PluginSlot {
     /// A slot serving `plugin`; the hosts it declares are the approved ones.
     pub fn new(plugin: Arc<Plugin>, canary: Canary) -> Arc<PluginSlot> {
+        PluginSlot::make(plugin, canary, true)
+    }
+
+    /// A slot serving a version other slots may serve too (one connection
+    /// of many): swapping leaves the pools of the versions to their owner.
+    pub fn sharing(plugin: Arc<Plugin>, canary: Canary) -> Arc<PluginSlot> {
+        PluginSlot::make(plugin, canary, false)
+    }
+
+    fn make(plugin: Arc<Plugin>, canary: Canary, manages_pools: bool) -> Arc<PluginSlot> {
         let canary = Arc::new(canary);
         set_warmer(&plugin, &canary);
         Arc::new(PluginSlot {
             name: plugin.manifest().name.clone(),
             approved_hosts: plugin.manifest().allowed_hosts.clone(),
-            canary,
+            canary: Mutex::new(canary),
             active: ArcSwap::new(Loaded::new(plugin)),
             previous: Mutex::new(None),
+            manages_pools,
         })
+    }
+
+    /// The settings later candidates are checked with (after an update).
+    pub fn set_canary_settings(&self, settings_json: &str) {
+        let mut canary = self.canary.lock().unwrap();
+        let mut updated = (**canary).clone();
+        updated.settings_json = settings_json.to_string();
+        *canary = Arc::new(updated);
     }
 
     pub fn name(&self) -> &str {
@@ -150,6 +174,12 @@ impl PluginSlot {
     pub fn swap_in(&self, bytes: &[u8], source_name: &str) -> Result<Arc<Loaded>, SwapError> {
         let runtime = self.current().plugin.runtime().clone();
         let candidate = Arc::new(runtime.load(bytes, source_name)?);
+        self.swap_to(candidate)
+    }
+
+    /// Checks a loaded version as a candidate and, if it passes, makes it
+    /// active. Blocking (runs the canary): call it off the hot path.
+    pub fn swap_to(&self, candidate: Arc<Plugin>) -> Result<Arc<Loaded>, SwapError> {
         let manifest = candidate.manifest();
         if manifest.name != self.name {
             return Err(SwapError::OtherDestination {
@@ -165,25 +195,38 @@ impl PluginSlot {
         }
         let started = Instant::now();
         // The canary's instance serves the first events after the swap.
-        let warm = self.canary.warmed_instance(&candidate)?;
+        let canary = self.canary.lock().unwrap().clone();
+        let warm = canary.warmed_instance(&candidate)?;
         tracing::info!(plugin = %candidate, elapsed = ?started.elapsed(), "canary passed");
         candidate.pool().add(Use::Mapping, warm);
-        set_warmer(&candidate, &self.canary);
+        set_warmer(&candidate, &canary);
         let loaded = Loaded::new(candidate);
         let old = self.active.swap(loaded.clone());
         // Its idle instances make room for the new version's.
-        old.plugin.pool().close();
+        if self.manages_pools {
+            old.plugin.pool().close();
+        }
         *self.previous.lock().unwrap() = Some(old);
         Ok(loaded)
+    }
+
+    /// Keeps `plugin` as the version to roll back to (a slot rebuilt after
+    /// a restart, from what was recorded of its last swap).
+    pub fn remember_previous(&self, plugin: Arc<Plugin>) {
+        *self.previous.lock().unwrap() = Some(Loaded::new(plugin));
     }
 
     /// Back to the previous version (which becomes the previous in turn).
     pub fn rollback(&self) -> Result<Arc<Loaded>, SwapError> {
         let mut previous = self.previous.lock().unwrap();
         let back = previous.take().ok_or(SwapError::NoPrevious)?;
-        back.plugin.pool().reopen();
+        if self.manages_pools {
+            back.plugin.pool().reopen();
+        }
         let old = self.active.swap(back.clone());
-        old.plugin.pool().close();
+        if self.manages_pools {
+            old.plugin.pool().close();
+        }
         *previous = Some(old);
         Ok(back)
     }
