@@ -32,6 +32,16 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A connection's settings, replaceable while events flow (an update or a
+/// key rotation through the admin API): each call and each request reads
+/// the settings current when it starts.
+pub type SettingsCell = std::sync::Arc<arc_swap::ArcSwap<DestinationSettings>>;
+
+/// A cell holding `settings`.
+pub fn cell(settings: DestinationSettings) -> SettingsCell {
+    std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(settings))
+}
+
 /// Settings split into what the plugin sees and what it must not.
 #[derive(Clone, Debug)]
 pub struct DestinationSettings {
@@ -111,6 +121,22 @@ impl DestinationSettings {
             secrets,
             defaults: defaults.iter().map(|(s, v)| (s.to_string(), v.to_string())).collect(),
         })
+    }
+
+    /// Who is paying for the requests, as a hash: the destination and its
+    /// secrets (the API key). Connections with the same key share one
+    /// budget under it; the key itself is never kept as a name.
+    pub fn account_hash(&self, destination: &str) -> String {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        hash.update(destination.as_bytes());
+        for (name, secret) in &self.secrets {
+            hash.update([0]);
+            hash.update(name.as_bytes());
+            hash.update([0]);
+            hash.update(secret.expose().as_bytes());
+        }
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The settings JSON the plugin sees (no secrets).

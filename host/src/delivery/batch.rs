@@ -104,6 +104,7 @@ impl Delivery {
             }
             if self
                 .pacer
+                .load()
                 .try_acquire(&request.rate_class, &plugin.manifest().rate_classes)
             {
                 return Route::AloneNow;
@@ -133,7 +134,9 @@ impl Delivery {
     /// The batch classes of `plugin` under these settings, asked once per
     /// version, with a flusher per class.
     async fn batching_of(self: &Arc<Self>, plugin: &Arc<Plugin>) -> Option<Arc<PluginBatching>> {
-        let key = plugin.sha256_hex();
+        // Per version and settings: the classes and what goes in them
+        // follow both (an update through the admin API makes new queues).
+        let key = format!("{}:{}", plugin.sha256_hex(), self.settings.load().public_json());
         if let Some(found) = self.batching.lock().unwrap().get(&key) {
             return Some(found.clone());
         }
@@ -196,7 +199,7 @@ impl Delivery {
     ) -> Result<R, CallError> {
         let _permit = self.interpreters.acquire().await.expect("never closed");
         let plugin = plugin.clone();
-        let settings = self.settings.public_json().to_string();
+        let settings = self.settings.load().public_json().to_string();
         tokio::task::spawn_blocking(move || {
             let mut instance = plugin.pool().take(&plugin, Use::Interpreting)?;
             let result = call(&mut instance, &settings)?;
@@ -273,12 +276,13 @@ impl Delivery {
                     return settle_rest(&mut slots, |_| reject(&reason, None));
                 }
             };
-            let headers = match self.settings.render_headers(&current, Render::Send) {
+            let headers = match self.settings.load().render_headers(&current, Render::Send) {
                 Ok(headers) => headers,
                 Err(e) => return settle_rest(&mut slots, |_| reject(&format!("{e:#}"), None)),
             };
             if self.config.pacing {
                 self.pacer
+                    .load()
                     .acquire(&current.rate_class, &plugin.manifest().rate_classes)
                     .await;
             }

@@ -28,11 +28,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 pub use outcome::{DeadLetter, EventOutcome, EventRecord, Report};
-use pacing::Pacer;
+pub use pacing::{Budgets, Pacer};
 pub use stats::{BUCKETS, Histogram, Progress};
 
 use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome, MappingStage, StageConfig, line_text};
-use crate::settings::DestinationSettings;
+use crate::settings::{DestinationSettings, SettingsCell};
 use crate::shown::ShownRequest;
 
 /// How hard delivery tries, and how much at once.
@@ -87,10 +87,12 @@ impl Default for DeliveryConfig {
 /// Sends events through whichever version a slot holds.
 pub struct Delivery {
     slot: Arc<PluginSlot>,
-    settings: DestinationSettings,
+    settings: SettingsCell,
     config: DeliveryConfig,
     client: reqwest::Client,
-    pacer: Pacer,
+    /// The budget this destination account's requests are paced by,
+    /// shared by every connection with the same key (see `Budgets`).
+    pacer: arc_swap::ArcSwap<Pacer>,
     /// Bounds the interpreting instances in use within the runtime's
     /// instance slots.
     interpreters: tokio::sync::Semaphore,
@@ -105,6 +107,16 @@ pub struct Delivery {
     batch_room: std::sync::atomic::AtomicUsize,
 }
 
+/// What a delivery may share with others: the HTTP client, the budget of
+/// the account it sends to, its counters; and who is told of Retry-After.
+#[derive(Default)]
+pub struct Parts {
+    pub client: Option<reqwest::Client>,
+    pub pacer: Option<Arc<Pacer>>,
+    pub progress: Option<Arc<Progress>>,
+    pub deferred: Option<DeferObserver>,
+}
+
 /// Called with an event and the time before which it must not be resent.
 pub type DeferObserver = Box<dyn Fn(EventId, std::time::SystemTime) + Send + Sync>;
 
@@ -115,17 +127,41 @@ impl Delivery {
         settings: DestinationSettings,
         config: DeliveryConfig,
     ) -> anyhow::Result<Arc<Delivery>> {
+        Delivery::build(slot, crate::settings::cell(settings), config, Parts::default())
+    }
+
+    /// The same, telling `deferred` of each Retry-After (`serve` persists
+    /// it, so that a restart does not resend sooner than it was asked).
+    pub fn with_deferrals(
+        slot: Arc<PluginSlot>,
+        settings: DestinationSettings,
+        config: DeliveryConfig,
+        deferred: DeferObserver,
+    ) -> anyhow::Result<Arc<Delivery>> {
+        let parts = Parts {
+            deferred: Some(deferred),
+            ..Parts::default()
+        };
+        Delivery::build(slot, crate::settings::cell(settings), config, parts)
+    }
+
+    /// Delivers with settings that may be replaced while it runs, and with
+    /// what it may share with other deliveries (`Parts`).
+    pub fn build(
+        slot: Arc<PluginSlot>,
+        settings: SettingsCell,
+        config: DeliveryConfig,
+        parts: Parts,
+    ) -> anyhow::Result<Arc<Delivery>> {
         let plugin = slot.current().plugin.clone();
-        let missing = settings.missing_for_send(plugin.manifest());
+        let missing = settings.load().missing_for_send(plugin.manifest());
         if !missing.is_empty() {
             anyhow::bail!("{plugin} cannot send without: {}", missing.join(", "));
         }
-        let client = reqwest::Client::builder()
-            .timeout(config.request_timeout)
-            .connect_timeout(config.request_timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("cdp-host/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(config.concurrency.max(1))
-            .build()?;
+        let client = match parts.client {
+            Some(client) => client,
+            None => Delivery::client(&config)?,
+        };
         // An interpret call takes microseconds, so a few instances judge
         // every answer of a busy run; each one more costs its linear
         // memory (about a megabyte). Two per core, within half the slots.
@@ -137,27 +173,42 @@ impl Delivery {
             settings,
             config,
             client,
-            pacer: Pacer::default(),
+            pacer: arc_swap::ArcSwap::new(parts.pacer.unwrap_or_default()),
             interpreters: tokio::sync::Semaphore::new(interpreters),
             requests_sent: AtomicU64::new(0),
-            progress: Arc::new(Progress::default()),
-            deferred: None,
+            progress: parts.progress.unwrap_or_default(),
+            deferred: parts.deferred,
             batching: Default::default(),
             batch_room: Default::default(),
         }))
     }
 
-    /// The same, telling `deferred` of each Retry-After (`serve` persists
-    /// it, so that a restart does not resend sooner than it was asked).
-    pub fn with_deferrals(
-        slot: Arc<PluginSlot>,
-        settings: DestinationSettings,
-        config: DeliveryConfig,
-        deferred: DeferObserver,
-    ) -> anyhow::Result<Arc<Delivery>> {
-        let mut delivery = Arc::into_inner(Delivery::new(slot, settings, config)?).expect("just made");
-        delivery.deferred = Some(deferred);
-        Ok(Arc::new(delivery))
+    /// The HTTP client a delivery sends with (one may serve many).
+    pub fn client(config: &DeliveryConfig) -> anyhow::Result<reqwest::Client> {
+        Ok(reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("cdp-host/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(config.concurrency.max(1))
+            .build()?)
+    }
+
+    /// New settings (an update, a rotated key), from the next call and the
+    /// next request on; with the budget of the account they send to.
+    pub fn update_settings(&self, settings: DestinationSettings, pacer: Arc<Pacer>) -> anyhow::Result<()> {
+        let plugin = self.slot.current().plugin.clone();
+        let missing = settings.missing_for_send(plugin.manifest());
+        if !missing.is_empty() {
+            anyhow::bail!("{plugin} cannot send without: {}", missing.join(", "));
+        }
+        self.settings.store(Arc::new(settings));
+        self.pacer.store(pacer);
+        Ok(())
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<DestinationSettings> {
+        self.settings.load_full()
     }
 
     /// The slot holding the active version, for swapping and rollback.
@@ -255,7 +306,7 @@ impl Delivery {
         events: impl Iterator<Item = anyhow::Result<(EventId, String)>> + Send + 'static,
         tx: mpsc::Sender<(MappedEvent, String)>,
     ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-        let mut mapper = EventMapper::new(self.slot.clone(), self.settings.clone());
+        let mut mapper = EventMapper::with_cell(self.slot.clone(), self.settings.clone());
         // Batches form only when delivery is paced (or told to batch
         // always); otherwise asking the plugin is wasted work.
         if self.config.pacing || self.config.batch_always {
@@ -296,12 +347,13 @@ impl Delivery {
     /// Delivers one mapped event; `raw` is its text as received, kept for
     /// its dead letter.
     async fn deliver_event(self: &Arc<Self>, mapped: MappedEvent, raw: String) -> EventRecord {
+        let settings = self.settings.load_full();
         let mut record = EventRecord {
             id: mapped.id,
             message_id: mapped.message_id.clone(),
             kind: mapped.kind.clone(),
             outcome: EventOutcome::Skipped(String::new()),
-            warnings: mapped.warnings.iter().map(|w| self.settings.scrub(w)).collect(),
+            warnings: mapped.warnings.iter().map(|w| settings.scrub(w)).collect(),
             retries: 0,
             plugin_version: format!("{}@{}", mapped.plugin.manifest().name, mapped.plugin.manifest().version),
         };
@@ -309,7 +361,7 @@ impl Delivery {
         record.outcome = match mapped.outcome {
             MappedOutcome::Skip(reason) => EventOutcome::Skipped(reason),
             MappedOutcome::Error(reason) => EventOutcome::DeadLettered(DeadLetter {
-                reason: self.settings.scrub(&reason),
+                reason: settings.scrub(&reason),
                 event: raw,
                 request: None,
                 response: None,
@@ -333,9 +385,9 @@ impl Delivery {
                 match failed {
                     None => EventOutcome::Delivered { requests: count },
                     Some(undelivered) => EventOutcome::DeadLettered(DeadLetter {
-                        reason: self.settings.scrub(&undelivered.reason),
+                        reason: settings.scrub(&undelivered.reason),
                         event: raw,
-                        request: Some(ShownRequest::new(&undelivered.request, &self.settings)),
+                        request: Some(ShownRequest::new(&undelivered.request, &settings)),
                         response: undelivered.response,
                     }),
                 }

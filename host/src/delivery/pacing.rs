@@ -27,6 +27,29 @@ pub struct Pacer {
     classes: Mutex<HashMap<String, std::sync::Arc<Window>>>,
 }
 
+/// The pacers of the destination accounts being sent to, one per account,
+/// so that every connection with the same key stays inside one budget.
+/// An account is known by a hash of its key, never by the key.
+#[derive(Default)]
+pub struct Budgets {
+    accounts: Mutex<HashMap<String, std::sync::Weak<Pacer>>>,
+}
+
+impl Budgets {
+    /// The pacer of the account `account_hash` names, shared while anyone
+    /// holds it.
+    pub fn of(&self, account_hash: &str) -> std::sync::Arc<Pacer> {
+        let mut accounts = self.accounts.lock().unwrap();
+        if let Some(pacer) = accounts.get(account_hash).and_then(std::sync::Weak::upgrade) {
+            return pacer;
+        }
+        accounts.retain(|_, pacer| pacer.strong_count() > 0);
+        let pacer = std::sync::Arc::new(Pacer::default());
+        accounts.insert(account_hash.to_string(), std::sync::Arc::downgrade(&pacer));
+        pacer
+    }
+}
+
 struct Window {
     burst: usize,
     steady: usize,

@@ -98,6 +98,7 @@ impl Delivery {
             .map_err(|e| undelivered(format!("refused to send: {plugin} made {e}"), None))?;
         let headers = self
             .settings
+            .load()
             .render_headers(&request, Render::Send)
             .map_err(|e| undelivered(format!("{e:#}"), None))?;
         let started = Instant::now();
@@ -106,6 +107,7 @@ impl Delivery {
             attempt += 1;
             if self.config.pacing && !std::mem::take(&mut paced) {
                 self.pacer
+                    .load()
                     .acquire(&request.rate_class, &plugin.manifest().rate_classes)
                     .await;
             }

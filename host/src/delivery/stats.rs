@@ -73,6 +73,19 @@ impl Histogram {
         self.max_micros.fetch_max(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Adds `other`'s observations to these (a sum over connections).
+    pub fn add(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter().zip(&other.counts) {
+            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.count
+            .fetch_add(other.count.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(other.sum_micros.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.max_micros
+            .fetch_max(other.max_micros.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// The longest observation so far, in seconds.
     pub fn max_seconds(&self) -> f64 {
         self.max_micros.load(Ordering::Relaxed) as f64 / 1e6

@@ -21,7 +21,7 @@ use plugin_runtime::{
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use crate::settings::DestinationSettings;
+use crate::settings::{DestinationSettings, SettingsCell};
 
 /// Which event this is, as the operator finds it again: a line of `send`'s
 /// or `map`'s input, or a row of `serve`'s spool.
@@ -80,12 +80,17 @@ pub struct MappedEvent {
 /// Maps events through whichever version the slot holds when each starts.
 pub struct EventMapper {
     slot: Arc<PluginSlot>,
-    settings: DestinationSettings,
+    settings: SettingsCell,
     batch_items: bool,
 }
 
 impl EventMapper {
     pub fn new(slot: Arc<PluginSlot>, settings: DestinationSettings) -> EventMapper {
+        EventMapper::with_cell(slot, crate::settings::cell(settings))
+    }
+
+    /// Maps with whichever settings the cell holds when each event starts.
+    pub fn with_cell(slot: Arc<PluginSlot>, settings: SettingsCell) -> EventMapper {
         EventMapper {
             slot,
             settings,
@@ -156,7 +161,8 @@ impl EventMapper {
 
     fn call(&self, loaded: &Loaded, event: &str) -> Result<(Mapping, Vec<Option<BatchItem>>), CallError> {
         let plugin = &loaded.plugin;
-        let settings = self.settings.public_json();
+        let settings = self.settings.load();
+        let settings = settings.public_json();
         let mut instance = take_waiting(plugin)?;
         let result = instance
             .map_event(settings, event, now_unix_ms())
