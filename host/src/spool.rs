@@ -51,10 +51,43 @@ pub struct SpooledEvent {
     pub body: String,
 }
 
+/// An event to store for one connection.
+pub struct NewEvent {
+    pub connection: String,
+    pub message_id: Option<String>,
+    pub received_at: String,
+    pub body: String,
+}
+
+/// The connection of `serve` without a connection config: the one the
+/// flags describe, and the one spools written before connections existed
+/// hold every event for.
+pub const DEFAULT_CONNECTION: &str = "default";
+
+/// A connection as the spool keeps it: its id, its state, and its
+/// configuration as JSON (which `serve::connections` reads; the spool
+/// does not look inside it).
+#[derive(Clone, Debug)]
+pub struct StoredConnection {
+    pub id: String,
+    pub state: String,
+    pub spec: Value,
+}
+
+/// Events of one connection by state.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Counts {
+    pub pending: u64,
+    pub delivered: u64,
+    pub skipped: u64,
+    pub dead: u64,
+}
+
 /// A dead letter as `dlq list` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DeadRow {
     pub id: i64,
+    pub connection: String,
     pub message_id: Option<String>,
     pub received_at: String,
     pub plugin_version: Option<String>,
@@ -106,39 +139,174 @@ impl Spool {
         if !has_not_before {
             conn.execute_batch("ALTER TABLE events ADD COLUMN not_before TEXT")?;
         }
+        // Spools written before connections existed hold the default
+        // connection's events.
+        let has_connection: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('events') WHERE name = 'connection'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_connection {
+            conn.execute_batch("ALTER TABLE events ADD COLUMN connection TEXT NOT NULL DEFAULT 'default'")?;
+        }
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS events_connection ON events (connection, state, id);
+             CREATE TABLE IF NOT EXISTS connections (
+                id TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                spec TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS plugins (
+                sha256 TEXT PRIMARY KEY,
+                bytes BLOB NOT NULL,
+                added_at TEXT NOT NULL
+             );",
+        )?;
         Ok(Spool { conn: Mutex::new(conn) })
     }
 
     /// Stores events in one transaction; returns once it is committed.
-    pub fn append(&self, events: &[(Option<String>, String, String)]) -> anyhow::Result<()> {
+    pub fn append(&self, events: &[NewEvent]) -> anyhow::Result<()> {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction()?;
         {
-            let mut insert =
-                tx.prepare_cached("INSERT INTO events (message_id, received_at, body) VALUES (?1, ?2, ?3)")?;
-            for (message_id, received_at, body) in events {
-                insert.execute(params![message_id, received_at, body])?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (connection, message_id, received_at, body) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for e in events {
+                insert.execute(params![e.connection, e.message_id, e.received_at, e.body])?;
             }
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Pending events with an id above `after`, oldest first.
-    pub fn pending_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<SpooledEvent>> {
+    /// A connection's pending events with an id above `after`, oldest
+    /// first, leaving out those asked to wait (Retry-After) until later.
+    pub fn pending_after(&self, connection: &str, after: i64, limit: usize) -> anyhow::Result<Vec<SpooledEvent>> {
         let conn = self.conn.lock().unwrap();
         let mut query = conn.prepare_cached(
-            "SELECT id, body FROM events WHERE state = 'pending' AND id > ?1
+            "SELECT id, body FROM events WHERE connection = ?1 AND state = 'pending' AND id > ?2
                  AND (not_before IS NULL OR not_before <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-                 ORDER BY id LIMIT ?2",
+                 ORDER BY id LIMIT ?3",
         )?;
-        let rows = query.query_map(params![after, limit as i64], |row| {
+        let rows = query.query_map(params![connection, after, limit as i64], |row| {
             Ok(SpooledEvent {
                 id: row.get(0)?,
                 body: row.get(1)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The connections with pending events ready to deliver.
+    pub fn pending_connections(&self) -> anyhow::Result<Vec<String>> {
+        let conn = self.conn.lock().unwrap();
+        let mut query = conn.prepare_cached(
+            "SELECT DISTINCT connection FROM events WHERE state = 'pending'
+                 AND (not_before IS NULL OR not_before <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+        )?;
+        let rows = query.query_map([], |row| row.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether a connection has any pending event, ready or waiting.
+    pub fn has_pending(&self, connection: &str) -> anyhow::Result<bool> {
+        let conn = self.conn.lock().unwrap();
+        Ok(conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE connection = ?1 AND state = 'pending')")?
+            .query_row([connection], |r| r.get(0))?)
+    }
+
+    /// Each connection's pending events (through the state index: cheap
+    /// enough for every `/metrics` scrape).
+    pub fn pending_by_connection(&self) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let conn = self.conn.lock().unwrap();
+        let mut query =
+            conn.prepare_cached("SELECT connection, count(*) FROM events WHERE state = 'pending' GROUP BY connection")?;
+        let rows = query.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Each connection's events, by state.
+    pub fn counts(&self) -> anyhow::Result<std::collections::BTreeMap<String, Counts>> {
+        let conn = self.conn.lock().unwrap();
+        let mut query =
+            conn.prepare_cached("SELECT connection, state, count(*) FROM events GROUP BY connection, state")?;
+        let mut counts = std::collections::BTreeMap::<String, Counts>::new();
+        let rows = query.query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (connection, state, n) = row?;
+            let entry = counts.entry(connection).or_default();
+            let n = n as u64;
+            match state.as_str() {
+                "pending" => entry.pending = n,
+                "delivered" => entry.delivered = n,
+                "skipped" => entry.skipped = n,
+                "dead" => entry.dead = n,
+                _ => {}
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Saves a connection (created or changed), durably.
+    pub fn save_connection(&self, connection: &StoredConnection) -> anyhow::Result<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.prepare_cached(
+            "INSERT INTO connections (id, state, spec, updated_at) VALUES (?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, spec = excluded.spec, updated_at = excluded.updated_at",
+        )?
+        .execute(params![connection.id, connection.state, connection.spec.to_string()])?;
+        Ok(())
+    }
+
+    pub fn delete_connection(&self, id: &str) -> anyhow::Result<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute("DELETE FROM connections WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Every saved connection, by id.
+    pub fn connections(&self) -> anyhow::Result<Vec<StoredConnection>> {
+        let conn = self.conn.lock().unwrap();
+        let mut query = conn.prepare("SELECT id, state, spec FROM connections ORDER BY id")?;
+        let rows = query.query_map([], |row| {
+            let spec: String = row.get(2)?;
+            Ok(StoredConnection {
+                id: row.get(0)?,
+                state: row.get(1)?,
+                spec: serde_json::from_str(&spec).unwrap_or(Value::Null),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Keeps a plugin version's bytes, once per SHA-256.
+    pub fn put_plugin(&self, sha256: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO plugins (sha256, bytes, added_at) VALUES (?1, ?2, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+        )?
+        .execute(params![sha256, bytes])?;
+        Ok(())
+    }
+
+    /// A kept plugin version's bytes.
+    pub fn plugin(&self, sha256: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        use rusqlite::OptionalExtension;
+        let conn = self.conn.lock().unwrap();
+        Ok(conn
+            .prepare_cached("SELECT bytes FROM plugins WHERE sha256 = ?1")?
+            .query_row([sha256], |r| r.get(0))
+            .optional()?)
     }
 
     /// Records that the destination asked for this event not to be sent
@@ -164,7 +332,7 @@ impl Spool {
 
     /// Records many outcomes in one transaction: at thousands of events a
     /// second, a transaction per outcome is what would bound delivery.
-    pub fn finish_all(&self, finished: &[Finished]) -> anyhow::Result<()> {
+    pub fn finish_all<'a>(&self, finished: impl IntoIterator<Item = &'a Finished>) -> anyhow::Result<()> {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction()?;
         {
@@ -187,19 +355,22 @@ impl Spool {
         Ok(n as u64)
     }
 
-    pub fn dead(&self, limit: usize) -> anyhow::Result<Vec<DeadRow>> {
+    /// Dead letters, oldest first, of one connection or of all.
+    pub fn dead(&self, connection: Option<&str>, limit: usize) -> anyhow::Result<Vec<DeadRow>> {
         let conn = self.conn.lock().unwrap();
         let mut query = conn.prepare(
-            "SELECT id, message_id, received_at, plugin_version, outcome, body FROM events WHERE state = 'dead' ORDER BY id LIMIT ?1",
+            "SELECT id, connection, message_id, received_at, plugin_version, outcome, body FROM events
+                 WHERE state = 'dead' AND (?1 IS NULL OR connection = ?1) ORDER BY id LIMIT ?2",
         )?;
-        let rows = query.query_map([limit as i64], |row| {
-            let outcome: Option<String> = row.get(4)?;
-            let body: String = row.get(5)?;
+        let rows = query.query_map(params![connection, limit as i64], |row| {
+            let outcome: Option<String> = row.get(5)?;
+            let body: String = row.get(6)?;
             Ok(DeadRow {
                 id: row.get(0)?,
-                message_id: row.get(1)?,
-                received_at: row.get(2)?,
-                plugin_version: row.get(3)?,
+                connection: row.get(1)?,
+                message_id: row.get(2)?,
+                received_at: row.get(3)?,
+                plugin_version: row.get(4)?,
                 outcome: outcome
                     .and_then(|o| serde_json::from_str(&o).ok())
                     .unwrap_or(Value::Null),
@@ -209,34 +380,32 @@ impl Spool {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Dead letters back to pending (all, or those ids); returns how many.
-    pub fn replay(&self, ids: &[i64]) -> anyhow::Result<usize> {
-        let conn = self.conn.lock().unwrap();
-        if ids.is_empty() {
-            return Ok(conn.execute(
-                "UPDATE events SET state = 'pending', outcome = NULL WHERE state = 'dead'",
-                [],
-            )?);
-        }
-        let mut n = 0;
-        for id in ids {
-            n += conn.execute(
-                "UPDATE events SET state = 'pending', outcome = NULL WHERE state = 'dead' AND id = ?1",
-                [id],
-            )?;
-        }
-        Ok(n)
+    /// Dead letters back to pending (all, or those ids; of one connection
+    /// or of all); returns how many.
+    pub fn replay(&self, connection: Option<&str>, ids: &[i64]) -> anyhow::Result<usize> {
+        self.on_dead(
+            connection,
+            ids,
+            "UPDATE events SET state = 'pending', outcome = NULL, not_before = NULL",
+        )
     }
 
-    /// Deletes dead letters (all, or those ids); returns how many.
-    pub fn purge(&self, ids: &[i64]) -> anyhow::Result<usize> {
+    /// Deletes dead letters (all, or those ids; of one connection or of
+    /// all); returns how many.
+    pub fn purge(&self, connection: Option<&str>, ids: &[i64]) -> anyhow::Result<usize> {
+        self.on_dead(connection, ids, "DELETE FROM events")
+    }
+
+    fn on_dead(&self, connection: Option<&str>, ids: &[i64], statement: &str) -> anyhow::Result<usize> {
         let conn = self.conn.lock().unwrap();
+        let filter = "WHERE state = 'dead' AND (?1 IS NULL OR connection = ?1)";
         if ids.is_empty() {
-            return Ok(conn.execute("DELETE FROM events WHERE state = 'dead'", [])?);
+            return Ok(conn.execute(&format!("{statement} {filter}"), params![connection])?);
         }
+        let mut one = conn.prepare(&format!("{statement} {filter} AND id = ?2"))?;
         let mut n = 0;
         for id in ids {
-            n += conn.execute("DELETE FROM events WHERE state = 'dead' AND id = ?1", [id])?;
+            n += one.execute(params![connection, id])?;
         }
         Ok(n)
     }
@@ -277,16 +446,15 @@ mod tests {
         ];
         let events: Vec<_> = ids
             .iter()
-            .map(|id| {
-                (
-                    Some(id.to_string()),
-                    "2026-11-28T00:00:00Z".to_string(),
-                    "{}".to_string(),
-                )
+            .map(|id| NewEvent {
+                connection: DEFAULT_CONNECTION.to_string(),
+                message_id: Some(id.to_string()),
+                received_at: "2026-11-28T00:00:00Z".to_string(),
+                body: "{}".to_string(),
             })
             .collect();
         spool.append(&events).unwrap();
-        let rows = spool.pending_after(0, 10).unwrap();
+        let rows = spool.pending_after(DEFAULT_CONNECTION, 0, 10).unwrap();
         let outcome = outcome_json("send", None, &[]);
         for (row, state) in rows.iter().zip([State::Delivered, State::Skipped, State::Dead]) {
             spool.finish(row.id, state, &outcome, "1.0.0").unwrap();

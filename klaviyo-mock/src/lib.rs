@@ -229,6 +229,8 @@ struct Shared {
     model: Mutex<Model>,
     windows: Mutex<RateWindows>,
     rng: Mutex<StdRng>,
+    /// Keys revoked since start (`revoke_key`): refused as unknown ones are.
+    revoked: Mutex<Vec<String>>,
 }
 
 /// A running sandbox.
@@ -254,6 +256,7 @@ impl KlaviyoMock {
             config,
             model: Mutex::new(Model::default()),
             windows: Mutex::new(RateWindows::default()),
+            revoked: Mutex::default(),
         });
         let server = tokio::spawn(serve(listener, shared.clone()));
         Ok(KlaviyoMock { addr, shared, server })
@@ -262,6 +265,12 @@ impl KlaviyoMock {
     /// `http://127.0.0.1:PORT`, to pass as `--klaviyo-url`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Revokes a key, as an account owner does after rotating it: from now
+    /// on it is refused with 401.
+    pub fn revoke_key(&self, key: &str) {
+        self.shared.revoked.lock().unwrap().push(key.to_string());
     }
 
     pub fn stats(&self) -> Stats {
@@ -422,7 +431,8 @@ fn authorize(
         error.pointer = Some("/data/".to_string());
         return Err(error);
     };
-    let Some(known) = shared.config.keys.iter().find(|k| k.key == key) else {
+    let revoked = shared.revoked.lock().unwrap().iter().any(|k| k == key);
+    let Some(known) = shared.config.keys.iter().find(|k| k.key == key && !revoked) else {
         return Err(ApiError::new(
             401,
             "authentication_failed",

@@ -189,7 +189,10 @@ async fn swapping_versions_under_continuous_ingest_loses_nothing() {
         mapped_by_each.contains_key(V1) && mapped_by_each.contains_key(V2),
         "{mapped_by_each:?}"
     );
-    let dead = Spool::open(&spool, Durability::ProcessCrash).unwrap().dead(10).unwrap();
+    let dead = Spool::open(&spool, Durability::ProcessCrash)
+        .unwrap()
+        .dead(None, 10)
+        .unwrap();
     assert!(dead.is_empty(), "nothing failed");
     // The longest single mapping over the run, swaps included: the worst
     // stall a swap could have caused.

@@ -5,6 +5,7 @@ mod batching;
 mod cli_inspect;
 mod cli_map;
 mod cli_send;
+mod connections;
 mod delivery;
 mod hostile;
 mod hot_swap;

@@ -178,7 +178,7 @@ async fn ingested_events_are_delivered_to_the_sandbox() {
     let metrics = metrics(&client, &serve.url).await;
     assert!(metrics.contains("cdp_events_received_total 4"), "{metrics}");
     assert!(
-        metrics.contains("cdp_plugin_info{name=\"klaviyo\",version=\"1.0.0\""),
+        metrics.contains("cdp_plugin_info{connection=\"default\",name=\"klaviyo\",version=\"1.0.0\""),
         "{metrics}"
     );
     assert!(!metrics.contains(DEMO_KEY) && !metrics.contains(WRITE_KEY));

@@ -250,7 +250,7 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     pub log_json: bool,
-    /// Token that enables the admin API (hot swap, rollback); also $CDP_HOST_ADMIN_TOKEN.
+    /// Token that enables the admin API (connections, hot swap, rollback); also $CDP_HOST_ADMIN_TOKEN.
     #[arg(long, value_name = "TOKEN")]
     pub admin_token: Option<String>,
     /// Watch this directory for new versions of the plugin (*.wasm), checked and swapped in like uploads.
@@ -279,6 +279,26 @@ pub struct ServeFile {
     pub retry: Option<RetryFile>,
     pub admin_token: Option<String>,
     pub plugin_dir: Option<PathBuf>,
+    /// Shops, each with its own write keys, plugin, settings and secrets
+    /// (`[[connections]]`).
+    #[serde(default)]
+    pub connections: Vec<ConnectionFile>,
+}
+
+/// One `[[connections]]` entry: created at start if the spool has no
+/// connection with this id.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionFile {
+    pub id: String,
+    pub write_keys: Vec<String>,
+    /// The plugin file [default: the one serve starts with].
+    pub plugin: Option<PathBuf>,
+    /// Settings; each secret names its source: `{ env = "VAR" }` or `{ file = "PATH" }`.
+    pub settings: Option<toml::Table>,
+    pub base_url: Option<url::Url>,
+    /// active (the default) or paused.
+    pub state: Option<String>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -311,6 +331,9 @@ pub enum DlqCommand {
     List {
         #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]
         spool: PathBuf,
+        /// Only this connection's [default: every connection's]
+        #[arg(long, value_name = "ID")]
+        connection: Option<String>,
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
@@ -318,6 +341,9 @@ pub enum DlqCommand {
     Replay {
         #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]
         spool: PathBuf,
+        /// Only this connection's [default: every connection's]
+        #[arg(long, value_name = "ID")]
+        connection: Option<String>,
         /// Only these (repeatable); all when none is given.
         #[arg(long = "id")]
         ids: Vec<i64>,
@@ -326,6 +352,9 @@ pub enum DlqCommand {
     Purge {
         #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]
         spool: PathBuf,
+        /// Only this connection's [default: every connection's]
+        #[arg(long, value_name = "ID")]
+        connection: Option<String>,
         /// Only these (repeatable); all when none is given.
         #[arg(long = "id")]
         ids: Vec<i64>,

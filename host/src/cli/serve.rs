@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cdp_host::serve::{Defaults, ServeConfig};
+use cdp_host::serve::connections::NewConnection;
+use cdp_host::serve::{Defaults, FileConnection, FlagsConnection, ServeConfig};
 use cdp_host::settings::{DestinationSettings, Secret};
 use cdp_host::spool::{Durability, Spool};
 
@@ -25,17 +26,11 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
     let delivery = args.delivery.or(file.delivery()).config();
     let runtime = super::runtime(runtime_args, delivery.concurrency)?;
     let plugin_path = args.plugin.as_deref().or(file.plugin.as_deref());
-    let plugin = super::load_plugin(&runtime, plugin_path)?;
-    let defaults = super::secret_defaults(plugin_path);
-    let settings = match (&args.settings, file.settings) {
-        (Some(path), _) => DestinationSettings::load(Some(path), plugin.manifest(), defaults)?,
-        (None, Some(table)) => {
-            let object = serde_json::to_value(table)?.as_object().cloned().unwrap_or_default();
-            DestinationSettings::from_object(object, plugin.manifest(), defaults, |name| std::env::var(name).ok())?
-        }
-        (None, None) => DestinationSettings::load(None, plugin.manifest(), defaults)?,
+    let plugin_bytes = match plugin_path {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading plugin {}", path.display()))?,
+        None => cdp_host::bundled::KLAVIYO.to_vec(),
     };
-    let slot = super::slot(plugin, &settings)?;
+    let plugin = super::load_plugin(&runtime, plugin_path)?;
     let mut write_keys: Vec<String> = args.write_keys;
     write_keys.extend(file.write_keys);
     if let Ok(keys) = std::env::var("CDP_HOST_WRITE_KEYS") {
@@ -46,8 +41,52 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
                 .map(str::to_string),
         );
     }
-    if write_keys.is_empty() {
-        bail!("serve needs at least one write key (--write-key, write_keys in the config, or $CDP_HOST_WRITE_KEYS)");
+    // The connection of the flags, as serve had before connections: when
+    // write keys are given.
+    let flags_connection = if write_keys.is_empty() {
+        None
+    } else {
+        let defaults = super::secret_defaults(plugin_path);
+        let settings = match (&args.settings, file.settings) {
+            (Some(path), _) => DestinationSettings::load(Some(path), plugin.manifest(), defaults)?,
+            (None, Some(table)) => {
+                let object = serde_json::to_value(table)?.as_object().cloned().unwrap_or_default();
+                DestinationSettings::from_object(object, plugin.manifest(), defaults, |name| std::env::var(name).ok())?
+            }
+            (None, None) => DestinationSettings::load(None, plugin.manifest(), defaults)?,
+        };
+        let slot = super::slot(plugin.clone(), &settings)?;
+        Some(FlagsConnection {
+            write_keys: write_keys.into_iter().map(Secret::new).collect(),
+            slot,
+            settings,
+        })
+    };
+    let mut file_connections = Vec::new();
+    for entry in file.connections {
+        let context = format!("[[connections]] {}", entry.id);
+        let plugin = match &entry.plugin {
+            Some(path) => Some((
+                std::fs::read(path).with_context(|| format!("{context}: reading plugin {}", path.display()))?,
+                path.display().to_string(),
+            )),
+            None => None,
+        };
+        let settings = match entry.settings {
+            Some(table) => serde_json::to_value(table)?.as_object().cloned().unwrap_or_default(),
+            None => Default::default(),
+        };
+        file_connections.push(FileConnection {
+            new: NewConnection {
+                id: entry.id,
+                write_keys: entry.write_keys,
+                plugin: None,
+                settings,
+                base_url: entry.base_url,
+                state: entry.state,
+            },
+            plugin,
+        });
     }
     let durability = match args.durability.or(file.durability).as_deref() {
         None | Some("process-crash") => Durability::ProcessCrash,
@@ -73,8 +112,10 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
             .or(file.listen)
             .unwrap_or_else(|| Defaults::LISTEN.parse().expect("the default address parses")),
         spool,
-        write_keys: write_keys.into_iter().map(Secret::new).collect(),
-        settings,
+        plugin,
+        plugin_bytes,
+        flags_connection,
+        file_connections,
         delivery,
         retention: Duration::from_secs(3600 * hours),
         shutdown_grace: Duration::from_secs(grace),
@@ -86,27 +127,31 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
             .map(Secret::new),
         plugin_dir: args.plugin_dir.or(file.plugin_dir),
     };
-    super::tokio_runtime()?.block_on(cdp_host::serve::serve(config, slot))?;
+    super::tokio_runtime()?.block_on(cdp_host::serve::serve(config))?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
     match command {
-        DlqCommand::List { spool, limit } => {
+        DlqCommand::List {
+            spool,
+            connection,
+            limit,
+        } => {
             let spool = Spool::open(&spool, Durability::ProcessCrash)?;
             let stdout = io::stdout();
             let mut out = stdout.lock();
-            for row in spool.dead(limit)? {
+            for row in spool.dead(connection.as_deref(), limit)? {
                 serde_json::to_writer(&mut out, &row)?;
                 io::Write::write_all(&mut out, b"\n")?;
             }
         }
-        DlqCommand::Replay { spool, ids } => {
-            let n = Spool::open(&spool, Durability::ProcessCrash)?.replay(&ids)?;
+        DlqCommand::Replay { spool, connection, ids } => {
+            let n = Spool::open(&spool, Durability::ProcessCrash)?.replay(connection.as_deref(), &ids)?;
             println!("{n} dead letters put back to be delivered");
         }
-        DlqCommand::Purge { spool, ids } => {
-            let n = Spool::open(&spool, Durability::ProcessCrash)?.purge(&ids)?;
+        DlqCommand::Purge { spool, connection, ids } => {
+            let n = Spool::open(&spool, Durability::ProcessCrash)?.purge(connection.as_deref(), &ids)?;
             println!("{n} dead letters deleted");
         }
     }

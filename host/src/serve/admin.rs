@@ -1,9 +1,19 @@
-//! The operator's plugin controls: upload a new version of a destination
-//! (`PUT /admin/plugins/{destination}`, the component as the body), list
-//! the active and previous versions (`GET /admin/plugins`), and roll back
-//! (`POST /admin/plugins/{destination}/rollback`). Authenticated by the
-//! admin token as a bearer token; without a configured token the admin API
-//! is off. A refused candidate leaves the active version serving untouched.
+//! The operator's controls, authenticated by the admin token as a bearer
+//! token (without a configured token the admin API is off):
+//!
+//! - plugin versions: `PUT /admin/plugins` stores a version (the component
+//!   as the body) by SHA-256 without serving it; `GET /admin/plugins`
+//!   lists the versions serving and stored; `PUT /admin/plugins/{name}`
+//!   stores a version and rolls it to every connection of that
+//!   destination, `POST /admin/plugins/{name}/rollback` rolls them all
+//!   back;
+//! - connections: `GET|POST /admin/connections`, `GET|PATCH|DELETE
+//!   /admin/connections/{id}`, `POST …/{id}/pause`, `…/resume`,
+//!   `…/plugin` (`{"sha256": …}`: a canary on one connection) and
+//!   `…/rollback`.
+//!
+//! A refused candidate leaves the version serving untouched. Answers are
+//! JSON; errors say what was wrong.
 
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
@@ -15,7 +25,43 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::Shared;
-use plugin_runtime::Loaded;
+use super::connections::{ConnState, NewConnection};
+use plugin_runtime::{Loaded, Plugin};
+
+/// Stores a version and rolls it to every connection serving `destination`
+/// (every connection, when none is named) that is not on it already; the
+/// version, and the connections swapped. Each connection's canary runs with
+/// its own settings; the first refusal stops the roll-out.
+pub(super) async fn roll_out(
+    shared: &Arc<Shared>,
+    destination: Option<&str>,
+    bytes: Vec<u8>,
+    source: String,
+) -> Result<(Arc<Plugin>, Vec<String>), String> {
+    let this = shared.clone();
+    let plugin = tokio::task::spawn_blocking(move || this.connections.store.add(&bytes, &source))
+        .await
+        .map_err(|e| format!("the load task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let mut swapped = Vec::new();
+    for connection in shared.connections.all() {
+        let current = connection.slot.current();
+        let serves = destination.is_none_or(|d| d == connection.slot.name());
+        if !serves || current.plugin.sha256_hex() == plugin.sha256_hex() {
+            continue;
+        }
+        if let Err(e) = shared.connections.swap(&connection.id, plugin.clone()).await {
+            let done = if swapped.is_empty() {
+                String::new()
+            } else {
+                format!(" (already swapped: {})", swapped.join(", "))
+            };
+            return Err(format!("connection {}: {e:#}{done}", connection.id));
+        }
+        swapped.push(connection.id.clone());
+    }
+    Ok((plugin, swapped))
+}
 
 pub async fn upload(
     State(shared): State<Arc<Shared>>,
@@ -26,32 +72,52 @@ pub async fn upload(
     if let Err(denied) = authorize(&shared, &headers) {
         return *denied;
     }
-    let slot = shared.delivery.slot().clone();
-    if destination != slot.name() {
+    if !shared.connections.all().iter().any(|c| c.slot.name() == destination) {
         return answer(
             StatusCode::NOT_FOUND,
-            json!({"error": format!("no destination {destination:?} here (serving {:?})", slot.name())}),
+            json!({"error": format!("no connection serves destination {destination:?}")}),
         );
     }
     let started = Instant::now();
     let source = format!("the uploaded {destination} plugin ({} bytes)", body.len());
-    // Compiling and the canary take a while: never on the async workers.
-    let swapped = tokio::task::spawn_blocking(move || slot.swap_in(&body, &source)).await;
-    match swapped {
-        Ok(Ok(loaded)) => {
-            tracing::info!(plugin = %loaded.plugin, took = ?started.elapsed(), "swapped in a new plugin version");
+    match roll_out(&shared, Some(&destination), body.to_vec(), source).await {
+        Ok((plugin, swapped)) => {
+            tracing::info!(%plugin, connections = swapped.len(), took = ?started.elapsed(), "swapped in a new plugin version");
+            let first = shared
+                .connections
+                .all()
+                .into_iter()
+                .find(|c| c.slot.name() == destination);
             answer(
                 StatusCode::OK,
-                json!({"active": describe(&loaded), "swap_ms": started.elapsed().as_millis() as u64}),
+                json!({
+                    "active": first.map(|c| describe(&c.slot.current())),
+                    "connections": swapped,
+                    "swap_ms": started.elapsed().as_millis() as u64,
+                }),
             )
         }
-        Ok(Err(refused)) => {
+        Err(refused) => {
             tracing::warn!(%refused, "refused a plugin candidate; the active version keeps serving");
-            answer(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": refused.to_string()}))
+            answer(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": refused}))
         }
+    }
+}
+
+/// Stores a version without serving it; a connection is then swapped to it
+/// by its SHA-256.
+pub async fn store_plugin(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return *denied;
+    }
+    let this = shared.clone();
+    let source = format!("the uploaded plugin ({} bytes)", body.len());
+    match tokio::task::spawn_blocking(move || this.connections.store.add(&body, &source)).await {
+        Ok(Ok(plugin)) => answer(StatusCode::OK, json!({"stored": version(&plugin)})),
+        Ok(Err(refused)) => answer(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": refused.to_string()})),
         Err(e) => answer(
             StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": format!("the swap task failed: {e}")}),
+            json!({"error": format!("the load task failed: {e}")}),
         ),
     }
 }
@@ -60,15 +126,23 @@ pub async fn list(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp
     if let Err(denied) = authorize(&shared, &headers) {
         return *denied;
     }
-    let slot = shared.delivery.slot();
-    answer(
-        StatusCode::OK,
-        json!({"destinations": [{
-            "name": slot.name(),
-            "active": describe(&slot.current()),
-            "previous": slot.previous().map(|p| describe(&p)),
-        }]}),
-    )
+    // Per destination, as its first connection serves it (the flags' one
+    // when there is one); each connection's own in /admin/connections.
+    let mut destinations: Vec<Value> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut all = shared.connections.all();
+    all.sort_by_key(|c| !c.from_flags);
+    for connection in all {
+        if seen.insert(connection.slot.name().to_string()) {
+            destinations.push(json!({
+                "name": connection.slot.name(),
+                "active": describe(&connection.slot.current()),
+                "previous": connection.slot.previous().map(|p| describe(&p)),
+            }));
+        }
+    }
+    let stored: Vec<Value> = shared.connections.store.loaded().iter().map(|p| version(p)).collect();
+    answer(StatusCode::OK, json!({"destinations": destinations, "stored": stored}))
 }
 
 pub async fn rollback(
@@ -79,32 +153,264 @@ pub async fn rollback(
     if let Err(denied) = authorize(&shared, &headers) {
         return *denied;
     }
-    let slot = shared.delivery.slot();
-    if destination != slot.name() {
+    let serving: Vec<_> = shared
+        .connections
+        .all()
+        .into_iter()
+        .filter(|c| c.slot.name() == destination)
+        .collect();
+    if serving.is_empty() {
         return answer(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no destination {destination:?} here")}),
         );
     }
-    match slot.rollback() {
-        Ok(loaded) => {
-            tracing::info!(plugin = %loaded.plugin, "rolled back");
-            answer(StatusCode::OK, json!({"active": describe(&loaded)}))
+    let mut active = None;
+    for connection in serving {
+        match shared.connections.rollback(&connection.id).await {
+            Ok(loaded) => {
+                tracing::info!(connection = %connection.id, plugin = %loaded.plugin, "rolled back");
+                active.get_or_insert(loaded);
+            }
+            Err(e) => {
+                return answer(
+                    StatusCode::CONFLICT,
+                    json!({"error": format!("connection {}: {e:#}", connection.id)}),
+                );
+            }
         }
-        Err(e) => answer(StatusCode::CONFLICT, json!({"error": e.to_string()})),
+    }
+    answer(StatusCode::OK, json!({"active": active.map(|a| describe(&a))}))
+}
+
+pub async fn connections(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return *denied;
+    }
+    let spool = shared.spool.clone();
+    let counts = tokio::task::spawn_blocking(move || spool.counts())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let listed: Vec<Value> = shared
+        .connections
+        .all()
+        .iter()
+        .map(|c| shared.connections.describe(c, counts.get(&c.id)))
+        .collect();
+    answer(StatusCode::OK, json!({"connections": listed}))
+}
+
+pub async fn connection(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return *denied;
+    }
+    let Some(connection) = shared.connections.get(&id) else {
+        return no_connection(&id);
+    };
+    let spool = shared.spool.clone();
+    let counts = tokio::task::spawn_blocking(move || spool.counts())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    answer(
+        StatusCode::OK,
+        shared.connections.describe(&connection, counts.get(&id)),
+    )
+}
+
+pub async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return *denied;
+    }
+    let new: NewConnection = match serde_json::from_slice(&body) {
+        Ok(new) => new,
+        Err(e) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("the connection: {e}")}),
+            );
+        }
+    };
+    let plugin = match &new.plugin {
+        None => None,
+        Some(sha) => {
+            let (this, sha) = (shared.clone(), sha.clone());
+            match tokio::task::spawn_blocking(move || this.connections.store.get(&sha)).await {
+                Ok(Ok(plugin)) => Some(plugin),
+                Ok(Err(e)) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("plugin: {e:#}")})),
+                Err(e) => return answer(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+            }
+        }
+    };
+    match shared.connections.create(new, plugin).await {
+        Ok(connection) => {
+            tracing::info!(connection = %connection.id, "created");
+            shared.ensure_running(&connection);
+            answer(StatusCode::CREATED, shared.connections.describe(&connection, None))
+        }
+        Err(e) => answer(StatusCode::BAD_REQUEST, json!({"error": format!("{e:#}")})),
     }
 }
 
-fn describe(loaded: &Loaded) -> Value {
-    let plugin = &loaded.plugin;
+pub async fn update(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return *denied;
+    }
+    if shared.connections.get(&id).is_none() {
+        return no_connection(&id);
+    }
+    let change: Value = match serde_json::from_slice(&body) {
+        Ok(change) => change,
+        Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("the change: {e}")})),
+    };
+    match shared.connections.update(&id, &change).await {
+        Ok(connection) => {
+            tracing::info!(connection = %id, "updated");
+            answer(StatusCode::OK, shared.connections.describe(&connection, None))
+        }
+        Err(e) => answer(StatusCode::BAD_REQUEST, json!({"error": format!("{e:#}")})),
+    }
+}
+
+pub async fn pause(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    set_state(shared, id, headers, ConnState::Paused).await
+}
+
+pub async fn resume(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    set_state(shared, id, headers, ConnState::Active).await
+}
+
+async fn set_state(shared: Arc<Shared>, id: String, headers: HeaderMap, state: ConnState) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return *denied;
+    }
+    if shared.connections.get(&id).is_none() {
+        return no_connection(&id);
+    }
+    match shared.connections.set_state(&id, state).await {
+        Ok(connection) => {
+            tracing::info!(connection = %id, state = state.as_str(), "state changed");
+            shared.ensure_running(&connection);
+            answer(StatusCode::OK, json!({"id": id, "state": state.as_str()}))
+        }
+        Err(e) => answer(StatusCode::CONFLICT, json!({"error": format!("{e:#}")})),
+    }
+}
+
+pub async fn delete(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return *denied;
+    }
+    if shared.connections.get(&id).is_none() {
+        return no_connection(&id);
+    }
+    match shared.connections.delete(&id).await {
+        Ok(connection) => {
+            tracing::info!(connection = %id, "draining before deletion");
+            shared.ensure_running(&connection);
+            answer(
+                StatusCode::ACCEPTED,
+                json!({"id": id, "state": "draining", "note": "deleted once its pending events are finished"}),
+            )
+        }
+        Err(e) => answer(StatusCode::CONFLICT, json!({"error": format!("{e:#}")})),
+    }
+}
+
+/// A canary: one connection to a stored version, `{"sha256": "…"}`.
+pub async fn swap(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return *denied;
+    }
+    if shared.connections.get(&id).is_none() {
+        return no_connection(&id);
+    }
+    let sha = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(o)) => match o.get("sha256").and_then(Value::as_str) {
+            Some(sha) => sha.to_string(),
+            None => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "sha256 (a stored version) is required"}),
+                );
+            }
+        },
+        _ => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "the body must be {\"sha256\": \"…\"}"}),
+            );
+        }
+    };
+    let this = shared.clone();
+    let plugin = match tokio::task::spawn_blocking(move || this.connections.store.get(&sha)).await {
+        Ok(Ok(plugin)) => plugin,
+        Ok(Err(e)) => return answer(StatusCode::NOT_FOUND, json!({"error": format!("{e:#}")})),
+        Err(e) => return answer(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+    };
+    let started = Instant::now();
+    match shared.connections.swap(&id, plugin).await {
+        Ok(loaded) => {
+            tracing::info!(connection = %id, plugin = %loaded.plugin, "swapped");
+            answer(
+                StatusCode::OK,
+                json!({"id": id, "active": describe(&loaded), "swap_ms": started.elapsed().as_millis() as u64}),
+            )
+        }
+        Err(e) => answer(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": format!("{e:#}")})),
+    }
+}
+
+pub async fn rollback_one(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&shared, &headers) {
+        return *denied;
+    }
+    if shared.connections.get(&id).is_none() {
+        return no_connection(&id);
+    }
+    match shared.connections.rollback(&id).await {
+        Ok(loaded) => answer(StatusCode::OK, json!({"id": id, "active": describe(&loaded)})),
+        Err(e) => answer(StatusCode::CONFLICT, json!({"error": format!("{e:#}")})),
+    }
+}
+
+fn no_connection(id: &str) -> Response {
+    answer(StatusCode::NOT_FOUND, json!({"error": format!("no connection {id:?}")}))
+}
+
+fn version(plugin: &Plugin) -> Value {
     json!({
         "name": plugin.manifest().name,
         "version": plugin.manifest().version,
         "interface": plugin.interface(),
         "sha256": plugin.sha256_hex(),
-        "loaded_at_unix_ms": loaded.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-        "events_mapped": loaded.events_mapped.load(std::sync::atomic::Ordering::Relaxed),
     })
+}
+
+pub(super) fn describe(loaded: &Loaded) -> Value {
+    let mut described = version(&loaded.plugin);
+    described["loaded_at_unix_ms"] = json!(
+        loaded
+            .loaded_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    );
+    described["events_mapped"] = json!(loaded.events_mapped.load(std::sync::atomic::Ordering::Relaxed));
+    described
 }
 
 fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {

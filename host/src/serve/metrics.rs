@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
 use super::Counter;
-use crate::delivery::{Delivery, Histogram};
+use super::connections::Connections;
+use crate::delivery::{Histogram, Progress};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -40,8 +41,9 @@ impl Metrics {
     }
 }
 
-pub fn render(metrics: &Metrics, delivery: &Delivery, spool_depth: u64) -> String {
-    let p = &delivery.progress;
+pub fn render(metrics: &Metrics, connections: &Connections, depths: &BTreeMap<String, u64>) -> String {
+    let all = connections.all();
+    let sum = |read: &dyn Fn(&Progress) -> u64| -> u64 { all.iter().map(|c| read(&c.delivery.progress)).sum() };
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, value: u64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
@@ -54,22 +56,22 @@ pub fn render(metrics: &Metrics, delivery: &Delivery, spool_depth: u64) -> Strin
     counter(
         "cdp_events_mapped_total",
         "Events mapped by the plugin.",
-        p.read.load(Ordering::Relaxed),
+        sum(&|p| p.read.load(Ordering::Relaxed)),
     );
     counter(
         "cdp_events_delivered_total",
         "Events whose requests were all delivered.",
-        p.delivered.load(Ordering::Relaxed),
+        sum(&|p| p.delivered.load(Ordering::Relaxed)),
     );
     counter(
         "cdp_events_dead_lettered_total",
         "Events that could not be delivered.",
-        p.dead_lettered.load(Ordering::Relaxed),
+        sum(&|p| p.dead_lettered.load(Ordering::Relaxed)),
     );
     counter(
         "cdp_requests_retried_total",
         "HTTP attempts beyond the first.",
-        p.retries.load(Ordering::Relaxed),
+        sum(&|p| p.retries.load(Ordering::Relaxed)),
     );
 
     let _ = writeln!(
@@ -79,40 +81,142 @@ pub fn render(metrics: &Metrics, delivery: &Delivery, spool_depth: u64) -> Strin
     for (reason, count) in metrics.skipped_by_reason.lock().unwrap().iter() {
         let _ = writeln!(out, "cdp_events_skipped_total{{reason=\"{}\"}} {count}", escape(reason));
     }
+    let mut statuses = BTreeMap::<u16, u64>::new();
+    for connection in &all {
+        for (status, count) in connection.delivery.progress.statuses.lock().unwrap().iter() {
+            *statuses.entry(*status).or_default() += count;
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP cdp_responses_total Responses from the destination, by HTTP status.\n# TYPE cdp_responses_total counter"
     );
-    for (status, count) in p.statuses.lock().unwrap().iter() {
+    for (status, count) in statuses {
         let _ = writeln!(out, "cdp_responses_total{{status=\"{status}\"}} {count}");
+    }
+    // The host-wide histograms: every connection's observations.
+    let mut map_seconds = Histogram::default();
+    let mut delivery_seconds = Histogram::default();
+    for connection in &all {
+        map_seconds.add(&connection.delivery.progress.map_seconds);
+        delivery_seconds.add(&connection.delivery.progress.delivery_seconds);
     }
     histogram(
         &mut out,
         "cdp_plugin_map_seconds",
         "Time to map one event through the plugin.",
-        &p.map_seconds,
+        &map_seconds,
     );
     histogram(
         &mut out,
         "cdp_delivery_seconds",
         "Time from an event's first request to its outcome.",
-        &p.delivery_seconds,
+        &delivery_seconds,
     );
     let _ = writeln!(
         out,
-        "# HELP cdp_spool_depth Events stored and not yet finished.\n# TYPE cdp_spool_depth gauge\ncdp_spool_depth {spool_depth}"
+        "# HELP cdp_spool_depth Events stored and not yet finished.\n# TYPE cdp_spool_depth gauge\ncdp_spool_depth {}",
+        depths.values().sum::<u64>()
     );
-    let active = delivery.slot().current();
-    let plugin = &active.plugin;
-    let m = plugin.manifest();
+
+    // Per connection: label values are connection ids (the operator's) and
+    // fixed sets of words, never a plugin's text.
     let _ = writeln!(
         out,
-        "# HELP cdp_plugin_info The plugin serving.\n# TYPE cdp_plugin_info gauge\ncdp_plugin_info{{name=\"{}\",version=\"{}\",interface=\"{}\",sha256=\"{}\"}} 1",
-        escape(&m.name),
-        escape(&m.version),
-        plugin.interface(),
-        plugin.sha256_hex()
+        "# HELP cdp_connection_events_total Events of a connection, by what became of them.\n# TYPE cdp_connection_events_total counter"
     );
+    for connection in &all {
+        let id = escape(&connection.id);
+        let p = &connection.delivery.progress;
+        let received = connection.metrics.received.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "cdp_connection_events_total{{connection=\"{id}\",outcome=\"received\"}} {received}"
+        );
+        let delivered = p.delivered.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "cdp_connection_events_total{{connection=\"{id}\",outcome=\"delivered\"}} {delivered}"
+        );
+        let dead = p.dead_lettered.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "cdp_connection_events_total{{connection=\"{id}\",outcome=\"dead_lettered\"}} {dead}"
+        );
+        for (kind, count) in connection.metrics.skipped_by_code() {
+            let _ = writeln!(
+                out,
+                "cdp_connection_events_total{{connection=\"{id}\",outcome=\"skipped\",type=\"{kind}\"}} {count}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cdp_connection_responses_total Responses from the destination to a connection, by HTTP status.\n# TYPE cdp_connection_responses_total counter"
+    );
+    for connection in &all {
+        for (status, count) in connection.delivery.progress.statuses.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "cdp_connection_responses_total{{connection=\"{}\",status=\"{status}\"}} {count}",
+                escape(&connection.id)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cdp_connection_delivery_seconds_max A connection's longest delivery.\n# TYPE cdp_connection_delivery_seconds_max gauge"
+    );
+    for connection in &all {
+        let _ = writeln!(
+            out,
+            "cdp_connection_delivery_seconds_max{{connection=\"{}\"}} {}",
+            escape(&connection.id),
+            connection.delivery.progress.delivery_seconds.max_seconds()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cdp_connection_spool_depth A connection's events stored and not yet finished.\n# TYPE cdp_connection_spool_depth gauge"
+    );
+    for connection in &all {
+        let depth = depths.get(&connection.id).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "cdp_connection_spool_depth{{connection=\"{}\"}} {depth}",
+            escape(&connection.id)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cdp_connection_state A connection's state (1 for the one it is in).\n# TYPE cdp_connection_state gauge"
+    );
+    for connection in &all {
+        let _ = writeln!(
+            out,
+            "cdp_connection_state{{connection=\"{}\",state=\"{}\"}} 1",
+            escape(&connection.id),
+            connection.state().as_str()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cdp_plugin_info The plugin serving, per connection.\n# TYPE cdp_plugin_info gauge"
+    );
+    for connection in &all {
+        let active = connection.slot.current();
+        let plugin = &active.plugin;
+        let m = plugin.manifest();
+        let _ = writeln!(
+            out,
+            "cdp_plugin_info{{connection=\"{}\",name=\"{}\",version=\"{}\",interface=\"{}\",sha256=\"{}\"}} 1",
+            escape(&connection.id),
+            escape(&m.name),
+            escape(&m.version),
+            plugin.interface(),
+            plugin.sha256_hex()
+        );
+    }
     out
 }
 

@@ -8,29 +8,30 @@
 //! drops what it already had.
 
 mod admin;
+pub mod connections;
 mod ingest;
 mod metrics;
+pub mod store;
 
 pub use ingest::wire;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post};
-use tokio::sync::Notify;
 
-use plugin_runtime::PluginSlot;
+use plugin_runtime::{Plugin, PluginSlot};
 
-use crate::delivery::{Delivery, DeliveryConfig, EventOutcome, EventRecord};
+use crate::delivery::{EventOutcome, EventRecord};
 use crate::mapping::EventId;
 use crate::settings::{DestinationSettings, Secret};
-use crate::spool::{Finished, Spool, State as RowState, outcome_json};
+use crate::spool::{DEFAULT_CONNECTION, Finished, Spool, State as RowState, outcome_json};
+use connections::{Connection, Connections, NewConnection};
 
 /// `serve`'s defaults, each defined once (the command line shows them).
 pub struct Defaults;
@@ -42,47 +43,92 @@ impl Defaults {
     pub const SHUTDOWN_GRACE_SECONDS: u64 = 20;
 }
 
+/// A connection's engine stops after this long with nothing to deliver
+/// (and starts again when events come): idle connections hold no threads.
+const ENGINE_IDLE: Duration = Duration::from_secs(10);
+
+/// The connection `serve`'s flags describe (`serve` without a connection
+/// config): its write keys, its slot and its settings.
+pub struct FlagsConnection {
+    pub write_keys: Vec<Secret>,
+    pub slot: Arc<PluginSlot>,
+    pub settings: DestinationSettings,
+}
+
+/// A connection of the config file, with the bytes of its plugin when it
+/// names one (and the file's name).
+pub struct FileConnection {
+    pub new: NewConnection,
+    pub plugin: Option<(Vec<u8>, String)>,
+}
+
 /// How `serve` runs.
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub spool: Arc<Spool>,
-    pub write_keys: Vec<Secret>,
-    pub settings: DestinationSettings,
-    pub delivery: DeliveryConfig,
+    /// The version connections get when they name none, and its bytes.
+    pub plugin: Arc<Plugin>,
+    pub plugin_bytes: Vec<u8>,
+    /// The connection of the flags, if they give write keys.
+    pub flags_connection: Option<FlagsConnection>,
+    /// Connections from the config file: created if the spool has no
+    /// connection with that id (after that, the spool's copy, changed
+    /// through the admin API, is the one served).
+    pub file_connections: Vec<FileConnection>,
+    pub delivery: crate::delivery::DeliveryConfig,
     /// Delivered and skipped rows are deleted after this long.
     pub retention: Duration,
     /// How long SIGTERM waits for in-flight deliveries.
     pub shutdown_grace: Duration,
-    /// Enables the admin API (hot swap, rollback) for bearers of this token.
+    /// Enables the admin API (connections, hot swap, rollback) for bearers
+    /// of this token.
     pub admin_token: Option<Secret>,
     /// Watched for new versions of the plugin (`*.wasm`), as an alternative
-    /// to uploading them through the admin API.
+    /// to uploading them through the admin API: each is rolled to every
+    /// connection serving that destination.
     pub plugin_dir: Option<std::path::PathBuf>,
 }
 
-/// What the HTTP handlers share.
+/// Outcomes on their way to the writer, each with its connection.
+type OutcomeSender = std::sync::mpsc::Sender<(Arc<Connection>, Finished)>;
+
+/// What the HTTP handlers and the engines share.
 pub(crate) struct Shared {
     spool: Arc<Spool>,
-    write_keys: Vec<Secret>,
-    wake_feeder: Notify,
+    connections: Connections,
     draining: AtomicBool,
     metrics: metrics::Metrics,
-    delivery: Arc<Delivery>,
     admin_token: Option<Secret>,
+    /// Outcomes to the writer, with the connection they belong to.
+    outcomes: std::sync::Mutex<Option<OutcomeSender>>,
 }
 
 impl Shared {
-    fn write_key_ok(&self, key: Option<&str>) -> bool {
-        let Some(key) = key.filter(|k| !k.is_empty()) else {
-            return false;
-        };
-        self.write_keys
-            .iter()
-            .any(|k| constant_time_eq(k.expose().as_bytes(), key.as_bytes()))
-    }
-
     fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts the connection's engine unless it is running (then wakes it).
+    /// A new engine waits for the last one to finish its events in flight,
+    /// so that one person's events never race each other.
+    fn ensure_running(self: &Arc<Self>, connection: &Arc<Connection>) {
+        if self.draining() || !connection.state().delivers() {
+            return;
+        }
+        let mut engine = connection.engine.lock().unwrap();
+        if connection.feeding.load(Ordering::Acquire) {
+            connection.wake.notify_one();
+            return;
+        }
+        connection.feeding.store(true, Ordering::Release);
+        let last = engine.take();
+        let (shared, connection) = (self.clone(), connection.clone());
+        *engine = Some(tokio::spawn(async move {
+            if let Some(last) = last {
+                let _ = last.await;
+            }
+            run_engine(shared, connection).await;
+        }));
     }
 }
 
@@ -91,26 +137,60 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Sets up the connections: those kept in the spool, those of the config
+/// file the spool lacks, and the one of the flags.
+pub fn connections(config: &ServeConfig, runtime: Arc<plugin_runtime::Runtime>) -> anyhow::Result<Connections> {
+    let store = store::PluginStore::new(runtime, config.spool.clone());
+    store.keep(&config.plugin, &config.plugin_bytes)?;
+    let connections = Connections::new(
+        store,
+        config.plugin.clone(),
+        config.delivery.clone(),
+        config.spool.clone(),
+    )?;
+    connections.load_stored()?;
+    Ok(connections)
+}
+
 /// Serves until SIGTERM or Ctrl-C, then drains and returns.
-pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result<()> {
-    let plugin = slot.current().plugin.clone();
-    let spool = config.spool.clone();
-    let deferred = Box::new(move |id: EventId, until: std::time::SystemTime| {
-        if let EventId::SpoolRow(row) = id
-            && let Err(e) = spool.defer(row, until.into())
-        {
-            tracing::warn!("recording the Retry-After of event {row}: {e:#}");
+pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
+    let runtime = config.plugin.runtime().clone();
+    let connections = tokio::task::block_in_place(|| connections(&config, runtime))?;
+    for FileConnection { new, plugin } in std::mem::take(&mut config.file_connections) {
+        if connections.get(&new.id).is_some() {
+            continue;
         }
-    });
-    let delivery = Delivery::with_deferrals(slot, config.settings.clone(), config.delivery.clone(), deferred)?;
+        let id = new.id.clone();
+        let plugin = match plugin {
+            Some((bytes, name)) => Some(
+                tokio::task::block_in_place(|| connections.store.add(&bytes, &name))
+                    .with_context(|| format!("connection {id}"))?,
+            ),
+            None => None,
+        };
+        connections
+            .create(new, plugin)
+            .await
+            .with_context(|| format!("creating connection {id} from the config file"))?;
+        tracing::info!(connection = %id, "created from the config file");
+    }
+    if let Some(flags) = config.flags_connection.take() {
+        let keys: Vec<String> = flags.write_keys.iter().map(|k| k.expose().to_string()).collect();
+        connections.add_from_flags(DEFAULT_CONNECTION, &keys, flags.slot, flags.settings)?;
+    }
+    if connections.is_empty() {
+        anyhow::bail!(
+            "serve has no connection: give write keys (--write-key, write_keys in the config, or $CDP_HOST_WRITE_KEYS), or [[connections]] in the config"
+        );
+    }
+    let (outcomes, written) = std::sync::mpsc::channel::<(Arc<Connection>, Finished)>();
     let shared = Arc::new(Shared {
         spool: config.spool.clone(),
-        write_keys: config.write_keys.clone(),
-        wake_feeder: Notify::new(),
+        connections,
         draining: AtomicBool::new(false),
         metrics: metrics::Metrics::default(),
-        delivery: delivery.clone(),
         admin_token: config.admin_token.clone(),
+        outcomes: std::sync::Mutex::new(Some(outcomes)),
     });
     let app = Router::new()
         .route("/api/s/s2s/{kind}", post(ingest::s2s))
@@ -118,41 +198,40 @@ pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result
         .route("/v1/{kind}", post(ingest::segment_single))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_text))
-        .route("/admin/plugins", get(admin::list))
+        .route("/admin/plugins", get(admin::list).put(admin::store_plugin))
         .route("/admin/plugins/{destination}", axum::routing::put(admin::upload))
         .route("/admin/plugins/{destination}/rollback", post(admin::rollback))
+        .route("/admin/connections", get(admin::connections).post(admin::create))
+        .route(
+            "/admin/connections/{id}",
+            get(admin::connection).patch(admin::update).delete(admin::delete),
+        )
+        .route("/admin/connections/{id}/pause", post(admin::pause))
+        .route("/admin/connections/{id}/resume", post(admin::resume))
+        .route("/admin/connections/{id}/plugin", post(admin::swap))
+        .route("/admin/connections/{id}/rollback", post(admin::rollback_one))
         .layer(DefaultBodyLimit::max(ingest::MAX_BATCH_BYTES + 1))
         .with_state(shared.clone());
     let stop = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, plugin = %plugin, admin = config.admin_token.is_some(), "serving");
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        connections = shared.connections.len(),
+        plugin = %config.plugin,
+        admin = config.admin_token.is_some(),
+        "serving"
+    );
 
-    // Events go from the spool to the engine through a small channel: the
-    // engine pulls as it has room, so the spool, not memory, holds backlog.
-    let (tx, rx) = tokio::sync::mpsc::channel::<(EventId, String)>(512);
-    let in_flight = Arc::new(Mutex::new(HashSet::<i64>::new()));
-    let feeder = tokio::spawn(feed(shared.clone(), tx, in_flight.clone()));
-    let (outcomes, written) = std::sync::mpsc::channel::<Finished>();
     let writer = std::thread::Builder::new().name("outcome-writer".into()).spawn({
-        let (shared, in_flight) = (shared.clone(), in_flight.clone());
-        move || write_outcomes(&shared, &in_flight, written)
-    })?;
-    let engine = {
         let shared = shared.clone();
-        let mut rx = rx;
-        let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
-        tokio::spawn(async move {
-            delivery
-                .run_events(events, move |record| {
-                    // The writer goes with the engine: a send fails only
-                    // if it is gone, and then the row stays pending.
-                    let _ = outcomes.send(finished(&shared, record));
-                })
-                .await
-        })
-    };
+        move || write_outcomes(&shared, written)
+    })?;
+    for connection in shared.connections.all() {
+        shared.ensure_running(&connection);
+    }
+    let supervisor = tokio::spawn(supervise(shared.clone()));
     let pruner = tokio::spawn(prune(config.spool.clone(), config.retention));
     let watcher = config
         .plugin_dir
@@ -162,21 +241,39 @@ pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result
     axum::serve(listener, app).with_graceful_shutdown(stop).await?;
     tracing::info!("stopping intake; finishing deliveries in flight");
     shared.draining.store(true, Ordering::Relaxed);
-    feeder.abort();
+    supervisor.abort();
     pruner.abort();
     if let Some(watcher) = watcher {
         watcher.abort();
     }
-    let stopped = tokio::time::timeout(config.shutdown_grace, engine).await;
-    if stopped.is_ok() {
-        // The engine is done, and with it the writer's input: the writer
-        // records what it was given, then ends.
-        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    }
+    // Each feeder sees the flag and stops; each engine then finishes what
+    // it has in flight.
+    let engines: Vec<_> = shared
+        .connections
+        .all()
+        .iter()
+        .filter_map(|c| {
+            c.wake.notify_one();
+            c.engine.lock().unwrap().take()
+        })
+        .collect();
+    let all_stopped = async {
+        for engine in engines {
+            let _ = engine.await;
+        }
+    };
+    let stopped = tokio::time::timeout(config.shutdown_grace, all_stopped).await;
+    // The engines are done (or out of time): the writer records what it
+    // was given, then ends.
+    shared.outcomes.lock().unwrap().take();
     match stopped {
-        Ok(Ok(Ok(report))) => tracing::info!("stopped after delivering {} events", report.delivered),
-        Ok(Ok(Err(e))) => tracing::error!("delivery ended with an error: {e:#}"),
-        Ok(Err(e)) => tracing::error!("delivery task failed: {e}"),
+        Ok(()) => {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            tracing::info!(
+                "stopped after finishing {} events",
+                shared.metrics.finished.load(Ordering::Relaxed)
+            );
+        }
         // Rows still in flight stay pending and are delivered after restart.
         Err(_) => tracing::warn!(
             "shutdown grace of {:?} passed; unfinished events stay pending",
@@ -186,64 +283,144 @@ pub async fn serve(config: ServeConfig, slot: Arc<PluginSlot>) -> anyhow::Result
     Ok(())
 }
 
-/// Hands pending rows to the engine, oldest first, each once while it is
-/// in flight; a row replayed from the dead letters is picked up on the next
-/// full sweep.
-async fn feed(
-    shared: Arc<Shared>,
-    tx: tokio::sync::mpsc::Sender<(EventId, String)>,
-    in_flight: Arc<Mutex<HashSet<i64>>>,
-) {
-    let mut cursor = 0i64;
-    let mut last_sweep = tokio::time::Instant::now();
+/// Now and then: starts the engines of connections with events ready (a
+/// Retry-After passed, dead letters replayed), and removes deleted
+/// connections once their events are finished.
+async fn supervise(shared: Arc<Shared>) {
+    let mut warned = std::collections::HashSet::new();
+    let mut tick = 0u64;
     loop {
-        if last_sweep.elapsed() > Duration::from_secs(5) {
-            cursor = 0;
-            last_sweep = tokio::time::Instant::now();
-        }
-        let spool = shared.spool.clone();
-        let rows = match tokio::task::spawn_blocking(move || spool.pending_after(cursor, 256)).await {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                tracing::error!("reading the spool: {e:#}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-            Err(_) => return,
-        };
-        if rows.is_empty() {
-            tokio::select! {
-                _ = shared.wake_feeder.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tick += 1;
+        let this = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || this.connections.finish_deletions()).await;
+        if !tick.is_multiple_of(5) {
             continue;
         }
-        for row in rows {
-            cursor = cursor.max(row.id);
-            if !in_flight.lock().unwrap().insert(row.id) {
-                continue;
-            }
-            if tx.send((EventId::SpoolRow(row.id), row.body)).await.is_err() {
-                return;
+        let spool = shared.spool.clone();
+        let Ok(Ok(ready)) = tokio::task::spawn_blocking(move || spool.pending_connections()).await else {
+            continue;
+        };
+        for id in ready {
+            match shared.connections.get(&id) {
+                Some(connection) => shared.ensure_running(&connection),
+                None => {
+                    if warned.insert(id.clone()) {
+                        tracing::warn!(connection = %id, "events are pending for a connection this serve does not have; they wait for it");
+                    }
+                }
             }
         }
     }
 }
 
+/// A connection's engine: a feeder hands its pending rows, oldest first,
+/// to its delivery, until the connection is paused, the service drains,
+/// or there has been nothing to do for a while.
+async fn run_engine(shared: Arc<Shared>, connection: Arc<Connection>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(EventId, String)>(512);
+    let feeder = tokio::spawn(feed(shared.clone(), connection.clone(), tx));
+    let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
+    let Some(outcomes) = shared.outcomes.lock().unwrap().clone() else {
+        feeder.abort();
+        connection.feeding.store(false, Ordering::Release);
+        return;
+    };
+    let observer = {
+        let (shared, connection) = (shared.clone(), connection.clone());
+        move |record: &EventRecord| {
+            // The writer goes with the service: a send fails only if it is
+            // gone, and then the row stays pending.
+            let _ = outcomes.send((connection.clone(), finished(&shared, &connection, record)));
+        }
+    };
+    if let Err(e) = connection.delivery.run_events(events, observer).await {
+        tracing::error!(connection = %connection.id, "delivery ended with an error: {e:#}");
+    }
+    let _ = feeder.await;
+}
+
+/// Hands a connection's pending rows to its engine, oldest first, each once
+/// while it is in flight; a row replayed from the dead letters is picked up
+/// on the next full sweep.
+async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, tx: tokio::sync::mpsc::Sender<(EventId, String)>) {
+    let mut cursor = 0i64;
+    let mut last_sweep = tokio::time::Instant::now();
+    let mut last_work = tokio::time::Instant::now();
+    loop {
+        if shared.draining() || !connection.state().delivers() {
+            break;
+        }
+        if last_sweep.elapsed() > Duration::from_secs(5) {
+            cursor = 0;
+            last_sweep = tokio::time::Instant::now();
+        }
+        let (spool, id) = (shared.spool.clone(), connection.id.clone());
+        let rows = match tokio::task::spawn_blocking(move || spool.pending_after(&id, cursor, 256)).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::error!(connection = %connection.id, "reading the spool: {e:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(_) => break,
+        };
+        if rows.is_empty() {
+            let idle = connection.in_flight.lock().unwrap().is_empty();
+            if !idle {
+                last_work = tokio::time::Instant::now();
+            } else if last_work.elapsed() > ENGINE_IDLE && cursor == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = connection.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            continue;
+        }
+        last_work = tokio::time::Instant::now();
+        for row in rows {
+            cursor = cursor.max(row.id);
+            if !connection.in_flight.lock().unwrap().insert(row.id) {
+                continue;
+            }
+            if tx.send((EventId::SpoolRow(row.id), row.body)).await.is_err() {
+                connection.in_flight.lock().unwrap().remove(&row.id);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    connection.feeding.store(false, Ordering::Release);
+    // Events stored after the last look start a new engine (which waits
+    // for this one to finish).
+    if !shared.draining() && connection.state().delivers() {
+        let (spool, id) = (shared.spool.clone(), connection.id.clone());
+        if let Ok(Ok(rows)) = tokio::task::spawn_blocking(move || spool.pending_after(&id, 0, 1)).await
+            && !rows.is_empty()
+        {
+            shared.ensure_running(&connection);
+        }
+    }
+}
+
 /// An event's outcome as its row records it, counted.
-fn finished(shared: &Shared, record: &EventRecord) -> Finished {
+fn finished(shared: &Shared, connection: &Connection, record: &EventRecord) -> Finished {
     let id = record.id.number();
     let (state, outcome) = match &record.outcome {
         EventOutcome::Delivered { .. } => (RowState::Delivered, outcome_json("delivered", None, &record.warnings)),
         EventOutcome::Skipped(reason) => {
             shared.metrics.skipped(reason);
+            connection
+                .metrics
+                .skipped(connections::kind_label(record.kind.as_deref()));
             (
                 RowState::Skipped,
                 outcome_json("skipped", Some(reason), &record.warnings),
             )
         }
         EventOutcome::DeadLettered(letter) => {
-            tracing::warn!(event = id, message_id = ?record.message_id, reason = %letter.reason, "dead-lettered");
+            tracing::warn!(connection = %connection.id, event = id, message_id = ?record.message_id, reason = %letter.reason, "dead-lettered");
             let mut outcome = outcome_json("dead", Some(&letter.reason), &record.warnings);
             outcome["request"] = letter.request_json();
             outcome["response"] = letter.response_json();
@@ -259,9 +436,9 @@ fn finished(shared: &Shared, record: &EventRecord) -> Finished {
 }
 
 /// Writes outcomes to their rows, as many per transaction as have come
-/// in, and only then lets the feeder see those rows again (a row not yet
+/// in, and only then lets the feeders see those rows again (a row not yet
 /// written stays in flight, so it is not handed out twice).
-fn write_outcomes(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, outcomes: std::sync::mpsc::Receiver<Finished>) {
+fn write_outcomes(shared: &Shared, outcomes: std::sync::mpsc::Receiver<(Arc<Connection>, Finished)>) {
     while let Ok(first) = outcomes.recv() {
         let mut batch = vec![first];
         while batch.len() < 256
@@ -269,14 +446,14 @@ fn write_outcomes(shared: &Shared, in_flight: &Mutex<HashSet<i64>>, outcomes: st
         {
             batch.push(more);
         }
-        if let Err(e) = shared.spool.finish_all(&batch) {
+        if let Err(e) = shared.spool.finish_all(batch.iter().map(|(_, f)| f)) {
             // The rows stay pending and are delivered again (idempotently).
             tracing::error!("recording the outcomes of {} events: {e:#}", batch.len());
         }
         shared.metrics.finished.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let mut in_flight = in_flight.lock().unwrap();
-        for finished in &batch {
-            in_flight.remove(&finished.id);
+        for (connection, finished) in &batch {
+            connection.metrics.finished.fetch_add(1, Ordering::Relaxed);
+            connection.in_flight.lock().unwrap().remove(&finished.id);
         }
     }
 }
@@ -299,20 +476,15 @@ async fn watch_plugin_dir(shared: Arc<Shared>, dir: std::path::PathBuf) {
                 }
                 seen.insert(path.clone(), modified);
                 let Ok(bytes) = std::fs::read(&path) else { continue };
-                let slot = shared.delivery.slot().clone();
-                if slot.current().plugin.sha256_hex() == plugin_runtime::sha256_hex(&bytes) {
-                    continue;
-                }
                 let name = path.display().to_string();
-                let result = tokio::task::spawn_blocking(move || slot.swap_in(&bytes, &name)).await;
-                match result {
-                    Ok(Ok(loaded)) => {
-                        tracing::info!(file = %path.display(), plugin = %loaded.plugin, "swapped in from the plugin directory")
+                match admin::roll_out(&shared, None, bytes, name).await {
+                    Ok((_, swapped)) if swapped.is_empty() => {}
+                    Ok((plugin, swapped)) => {
+                        tracing::info!(file = %path.display(), %plugin, connections = swapped.len(), "swapped in from the plugin directory")
                     }
-                    Ok(Err(refused)) => {
+                    Err(refused) => {
                         tracing::warn!(file = %path.display(), %refused, "refused a plugin from the plugin directory")
                     }
-                    Err(e) => tracing::error!("the swap task failed: {e}"),
                 }
             }
         }
@@ -334,10 +506,10 @@ async fn prune(spool: Arc<Spool>, retention: Duration) {
 
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> String {
     let spool = shared.spool.clone();
-    let depth = tokio::task::spawn_blocking(move || spool.count(RowState::Pending).unwrap_or(0))
+    let depths = tokio::task::spawn_blocking(move || spool.pending_by_connection().unwrap_or_default())
         .await
-        .unwrap_or(0);
-    metrics::render(&shared.metrics, &shared.delivery, depth)
+        .unwrap_or_default();
+    metrics::render(&shared.metrics, &shared.connections, &depths)
 }
 
 /// Resolves at SIGTERM or Ctrl-C. The handlers are installed here, before

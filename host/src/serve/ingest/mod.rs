@@ -19,6 +19,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::Shared;
+use super::connections::Connection;
+use crate::spool::NewEvent;
 pub use wire::MAX_BATCH_BYTES;
 use wire::{KINDS, MAX_EVENT_BYTES, Received, Refused};
 
@@ -34,8 +36,8 @@ pub async fn s2s(
             format!("unknown event type {kind:?}; expected one of {}", KINDS.join(", ")),
         );
     }
-    let key = header(&headers, "x-write-key");
-    if !shared.write_key_ok(key) {
+    let targets = routed(&shared, header(&headers, "x-write-key"));
+    if targets.is_empty() {
         return unauthorized("a valid X-Write-Key header is required");
     }
     let body = match wire::decode(header(&headers, "content-encoding"), &body, MAX_EVENT_BYTES) {
@@ -43,7 +45,7 @@ pub async fn s2s(
         Err(refused) => return refusal(refused),
     };
     match wire::single(&body, Some(&kind), &now()) {
-        Ok(event) => store(&shared, vec![event]).await,
+        Ok(event) => store(&shared, &targets, vec![event]).await,
         Err(message) => problem(StatusCode::BAD_REQUEST, message),
     }
 }
@@ -61,11 +63,15 @@ pub async fn segment_single(
         Ok(body) => body,
         Err(refused) => return refusal(refused),
     };
-    if !shared.write_key_ok(wire::segment_key(header(&headers, "authorization"), &body).as_deref()) {
+    let targets = routed(
+        &shared,
+        wire::segment_key(header(&headers, "authorization"), &body).as_deref(),
+    );
+    if targets.is_empty() {
         return unauthorized(SEGMENT_KEY_NEEDED);
     }
     match wire::single(&body, Some(&kind), &now()) {
-        Ok(event) => store(&shared, vec![event]).await,
+        Ok(event) => store(&shared, &targets, vec![event]).await,
         Err(message) => problem(StatusCode::BAD_REQUEST, message),
     }
 }
@@ -75,11 +81,15 @@ pub async fn segment_batch(State(shared): State<Arc<Shared>>, headers: HeaderMap
         Ok(body) => body,
         Err(refused) => return refusal(refused),
     };
-    if !shared.write_key_ok(wire::segment_key(header(&headers, "authorization"), &body).as_deref()) {
+    let targets = routed(
+        &shared,
+        wire::segment_key(header(&headers, "authorization"), &body).as_deref(),
+    );
+    if targets.is_empty() {
         return unauthorized(SEGMENT_KEY_NEEDED);
     }
     match wire::batch(&body, &now()) {
-        Ok(events) => store(&shared, events).await,
+        Ok(events) => store(&shared, &targets, events).await,
         Err(message) => problem(StatusCode::BAD_REQUEST, message),
     }
 }
@@ -92,7 +102,17 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-async fn store(shared: &Arc<Shared>, events: Vec<Received>) -> Response {
+/// The connections a write key feeds (none: the key is not valid here).
+fn routed(shared: &Shared, key: Option<&str>) -> Vec<Arc<Connection>> {
+    match key.filter(|k| !k.is_empty()) {
+        Some(key) => shared.connections.route(key),
+        None => Vec::new(),
+    }
+}
+
+/// Stores each event once per connection its key feeds, in one
+/// transaction, and only then answers 200.
+async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Received>) -> Response {
     if shared.draining() {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -100,19 +120,38 @@ async fn store(shared: &Arc<Shared>, events: Vec<Received>) -> Response {
         );
     }
     let count = events.len();
-    let events: Vec<_> = events
-        .into_iter()
-        .map(|e| (Some(e.message_id), e.received_at, e.text))
-        .collect();
+    let mut rows = Vec::with_capacity(count * targets.len());
+    for (index, target) in targets.iter().enumerate() {
+        for event in &events {
+            let last = index + 1 == targets.len();
+            rows.push(NewEvent {
+                connection: target.id.clone(),
+                message_id: Some(event.message_id.clone()),
+                received_at: event.received_at.clone(),
+                body: if last { String::new() } else { event.text.clone() },
+            });
+        }
+    }
+    // The last connection's rows take the texts rather than copies.
+    let last = rows.len() - count;
+    for (row, event) in rows[last..].iter_mut().zip(events) {
+        row.body = event.text;
+    }
     let spool = shared.spool.clone();
-    let stored = tokio::task::spawn_blocking(move || spool.append(&events)).await;
+    let stored = tokio::task::spawn_blocking(move || spool.append(&rows)).await;
     match stored {
         Ok(Ok(())) => {
             shared
                 .metrics
                 .received
                 .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-            shared.wake_feeder.notify_one();
+            for target in targets {
+                target
+                    .metrics
+                    .received
+                    .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+                shared.ensure_running(target);
+            }
             (StatusCode::OK, axum::Json(json!({ "ok": true, "stored": count }))).into_response()
         }
         Ok(Err(e)) => {

@@ -1,0 +1,636 @@
+//! Connections: one shop's route from its sources to its destination
+//! account. A connection has an id, the source write keys routed to it,
+//! the plugin version it is served by, its settings, the sources of its
+//! secrets (an environment variable or a file the operator names, never a
+//! value), an optional base URL the operator approves in place of the
+//! plugin's host, and a state: active, paused (events are stored, not
+//! delivered) or draining (no new events; deleted once its events are
+//! finished).
+//!
+//! Connections are kept in the spool, so they survive a restart and a
+//! `kill -9`: the config file seeds those the spool does not have, and the
+//! admin API changes them. Each has its own delivery (ordering, retries,
+//! settings, version, counters), but shares with the others what should
+//! be shared: the compiled plugin versions and their instances (the
+//! `PluginStore`), the HTTP client, and the budget of the destination
+//! account its key belongs to (`Budgets`, by a hash of the key).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::{Context, bail};
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sha2::Digest;
+use tokio::sync::Notify;
+
+use plugin_runtime::{Canary, Plugin, PluginSlot};
+
+use super::store::PluginStore;
+use crate::delivery::{Budgets, DeferObserver, Delivery, DeliveryConfig, Parts, Progress};
+use crate::settings::DestinationSettings;
+use crate::spool::{Spool, StoredConnection};
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnState {
+    Active,
+    Paused,
+    Draining,
+}
+
+impl ConnState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Active => "active",
+            ConnState::Paused => "paused",
+            ConnState::Draining => "draining",
+        }
+    }
+
+    fn parse(text: &str) -> anyhow::Result<ConnState> {
+        match text {
+            "active" => Ok(ConnState::Active),
+            "paused" => Ok(ConnState::Paused),
+            "draining" => Ok(ConnState::Draining),
+            other => bail!("state {other:?} is not active, paused or draining"),
+        }
+    }
+
+    /// Whether ingest stores new events for it.
+    pub fn accepts(self) -> bool {
+        self != ConnState::Draining
+    }
+
+    /// Whether its events are delivered.
+    pub fn delivers(self) -> bool {
+        self != ConnState::Paused
+    }
+}
+
+/// A connection as it is kept: what the operator chose, with write keys
+/// as hashes. Its secrets are the sources the operator names.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Spec {
+    /// SHA-256 (hex) of each source write key routed to it.
+    pub write_key_hashes: Vec<String>,
+    /// The SHA-256 of the plugin version serving it, and of the one
+    /// before (for a rollback).
+    pub plugin: String,
+    #[serde(default)]
+    pub previous_plugin: Option<String>,
+    /// Settings as the operator gave them: secrets as their sources.
+    pub settings: Map<String, Value>,
+    #[serde(default)]
+    pub base_url: Option<url::Url>,
+}
+
+/// A new connection, as the config file and `POST /admin/connections`
+/// describe it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewConnection {
+    pub id: String,
+    pub write_keys: Vec<String>,
+    /// The SHA-256 of a stored version (the admin API), or a file path
+    /// (the config file); the version `serve` starts with when absent.
+    #[serde(default)]
+    pub plugin: Option<String>,
+    #[serde(default)]
+    pub settings: Map<String, Value>,
+    #[serde(default)]
+    pub base_url: Option<url::Url>,
+    #[serde(default)]
+    pub state: Option<String>,
+}
+
+/// Checks a connection id: 1 to 64 of `A-Z a-z 0-9 - _ .`.
+pub fn check_id(id: &str) -> anyhow::Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        bail!("connection id {id:?} must be 1 to 64 letters, digits, '-', '_' or '.'");
+    }
+    Ok(())
+}
+
+/// The SHA-256 of a write key, as routes and the spool keep it.
+pub fn key_hash(key: &str) -> String {
+    hex(&sha2::Sha256::digest(key.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bounded label a skipped event is counted under: its type, which
+/// the host reads itself (the plugin's reason is free text; it stays in
+/// the spool and the logs).
+pub fn kind_label(kind: Option<&str>) -> &'static str {
+    match kind {
+        Some("track") => "track",
+        Some("identify") => "identify",
+        Some("page") => "page",
+        Some("screen") => "screen",
+        Some("group") => "group",
+        Some("alias") => "alias",
+        _ => "other",
+    }
+}
+
+/// Counted per connection, for `/metrics` and the admin list.
+#[derive(Default)]
+pub struct ConnMetrics {
+    pub received: AtomicU64,
+    pub finished: AtomicU64,
+    skipped_by_code: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl ConnMetrics {
+    pub fn skipped(&self, code: &'static str) {
+        *self.skipped_by_code.lock().unwrap().entry(code).or_default() += 1;
+    }
+
+    pub fn skipped_by_code(&self) -> BTreeMap<&'static str, u64> {
+        self.skipped_by_code.lock().unwrap().clone()
+    }
+}
+
+/// One connection, serving.
+pub struct Connection {
+    pub id: String,
+    spec: Mutex<Spec>,
+    state: Mutex<ConnState>,
+    pub slot: Arc<PluginSlot>,
+    pub delivery: Arc<Delivery>,
+    pub metrics: ConnMetrics,
+    /// Rows handed to its engine and not yet written back.
+    pub(super) in_flight: Mutex<HashSet<i64>>,
+    /// Its engine (feeder and delivery), run while it has work.
+    pub(super) engine: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub(super) feeding: AtomicBool,
+    pub(super) wake: Notify,
+    /// Whether this one is defined by `serve`'s flags (not kept in the
+    /// spool: the flags describe it at each start).
+    pub from_flags: bool,
+}
+
+impl Connection {
+    pub fn state(&self) -> ConnState {
+        *self.state.lock().unwrap()
+    }
+
+    pub fn spec(&self) -> Spec {
+        self.spec.lock().unwrap().clone()
+    }
+
+    fn stored(&self) -> StoredConnection {
+        StoredConnection {
+            id: self.id.clone(),
+            state: self.state().as_str().to_string(),
+            spec: serde_json::to_value(self.spec()).expect("a spec serializes"),
+        }
+    }
+
+    /// The settings as shown: public ones as they are, secrets as their
+    /// sources (an environment variable's name, a file's path).
+    pub fn shown_settings(&self) -> Map<String, Value> {
+        self.spec.lock().unwrap().settings.clone()
+    }
+}
+
+/// The connections of this `serve`, their routes, and what they share.
+pub struct Connections {
+    by_id: RwLock<BTreeMap<String, Arc<Connection>>>,
+    /// Write-key hash to the connections it feeds.
+    routes: ArcSwap<HashMap<String, Vec<Arc<Connection>>>>,
+    pub store: PluginStore,
+    budgets: Budgets,
+    client: reqwest::Client,
+    base: DeliveryConfig,
+    spool: Arc<Spool>,
+    /// The version a connection gets when it names none.
+    default_plugin: Arc<Plugin>,
+    /// Told of Retry-After: kept on the row.
+    defer: Arc<dyn Fn(crate::mapping::EventId, std::time::SystemTime) + Send + Sync>,
+    /// Serializes changes (create, update, swap, delete), so that the
+    /// spool and the routes change together.
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl Connections {
+    pub fn new(
+        store: PluginStore,
+        default_plugin: Arc<Plugin>,
+        base: DeliveryConfig,
+        spool: Arc<Spool>,
+    ) -> anyhow::Result<Connections> {
+        let client = Delivery::client(&base)?;
+        let defer_spool = spool.clone();
+        Ok(Connections {
+            by_id: RwLock::default(),
+            routes: ArcSwap::default(),
+            store,
+            budgets: Budgets::default(),
+            client,
+            base,
+            spool,
+            default_plugin,
+            defer: Arc::new(move |id, until: std::time::SystemTime| {
+                if let crate::mapping::EventId::SpoolRow(row) = id
+                    && let Err(e) = defer_spool.defer(row, until.into())
+                {
+                    tracing::warn!("recording the Retry-After of event {row}: {e:#}");
+                }
+            }),
+            changing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Connection>> {
+        self.by_id.read().unwrap().get(id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Connection>> {
+        self.by_id.read().unwrap().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.read().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The connections that take events sent with `key`: none for a key
+    /// no connection has (or only draining ones).
+    pub fn route(&self, key: &str) -> Vec<Arc<Connection>> {
+        let routes = self.routes.load();
+        routes
+            .get(&key_hash(key))
+            .map(|all| all.iter().filter(|c| c.state().accepts()).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn rebuild_routes(&self) {
+        let mut routes: HashMap<String, Vec<Arc<Connection>>> = HashMap::new();
+        for connection in self.by_id.read().unwrap().values() {
+            for hash in &connection.spec.lock().unwrap().write_key_hashes {
+                routes.entry(hash.clone()).or_default().push(connection.clone());
+            }
+        }
+        self.routes.store(Arc::new(routes));
+    }
+
+    /// The connection the flags describe (`serve` without a connection
+    /// config, as before connections): not kept in the spool.
+    pub fn add_from_flags(
+        &self,
+        id: &str,
+        write_keys: &[String],
+        slot: Arc<PluginSlot>,
+        settings: DestinationSettings,
+    ) -> anyhow::Result<()> {
+        let plugin = slot.current().plugin.clone();
+        let spec = Spec {
+            write_key_hashes: write_keys.iter().map(|k| key_hash(k)).collect(),
+            plugin: plugin.sha256_hex(),
+            previous_plugin: None,
+            settings: Map::new(),
+            base_url: None,
+        };
+        let connection = self.assemble(id, spec, ConnState::Active, slot, settings, true)?;
+        self.by_id.write().unwrap().insert(id.to_string(), connection);
+        self.rebuild_routes();
+        Ok(())
+    }
+
+    /// The connections kept in the spool, loaded at start; each is checked
+    /// as it would be if it were created now, and one that fails is
+    /// skipped with the reason logged (its events wait for it).
+    pub fn load_stored(&self) -> anyhow::Result<()> {
+        for stored in self.spool.connections()? {
+            let loaded = serde_json::from_value::<Spec>(stored.spec.clone())
+                .map_err(anyhow::Error::from)
+                .and_then(|spec| Ok((spec, ConnState::parse(&stored.state)?)))
+                .and_then(|(spec, state)| self.build(&stored.id, spec, state, false));
+            match loaded {
+                Ok(connection) => {
+                    self.by_id.write().unwrap().insert(stored.id.clone(), connection);
+                }
+                Err(e) => tracing::error!(connection = %stored.id, "cannot serve this connection: {e:#}"),
+            }
+        }
+        self.rebuild_routes();
+        self.tidy();
+        Ok(())
+    }
+
+    /// Creates a connection (durably) from its description; `plugin` is
+    /// resolved by the caller (a file path in the config file, a SHA-256
+    /// in the admin API).
+    pub async fn create(&self, new: NewConnection, plugin: Option<Arc<Plugin>>) -> anyhow::Result<Arc<Connection>> {
+        check_id(&new.id)?;
+        if new.write_keys.iter().any(|k| k.trim().is_empty()) || new.write_keys.is_empty() {
+            bail!("connection {}: write_keys must name at least one non-empty key", new.id);
+        }
+        let _changing = self.changing.lock().await;
+        if self.get(&new.id).is_some() {
+            bail!("connection {} exists already", new.id);
+        }
+        let plugin = plugin.unwrap_or_else(|| self.default_plugin.clone());
+        let state = match new.state.as_deref() {
+            None => ConnState::Active,
+            Some(text) => ConnState::parse(text).with_context(|| format!("connection {}", new.id))?,
+        };
+        if state == ConnState::Draining {
+            bail!("connection {}: a new connection cannot be draining", new.id);
+        }
+        let spec = Spec {
+            write_key_hashes: new.write_keys.iter().map(|k| key_hash(k)).collect(),
+            plugin: plugin.sha256_hex(),
+            previous_plugin: None,
+            settings: new.settings,
+            base_url: new.base_url,
+        };
+        let id = new.id.clone();
+        let connection = {
+            let (spool, this) = (self.spool.clone(), self);
+            let connection = tokio::task::block_in_place(|| this.build(&id, spec, state, true))?;
+            spool.save_connection(&connection.stored())?;
+            connection
+        };
+        self.by_id.write().unwrap().insert(id, connection.clone());
+        self.rebuild_routes();
+        Ok(connection)
+    }
+
+    /// Builds a connection from its spec: resolves its secrets, checks its
+    /// settings with its plugin (`canary`: and maps the golden events, as a
+    /// swap would; at start, the settings are checked alone).
+    fn build(&self, id: &str, spec: Spec, state: ConnState, canary: bool) -> anyhow::Result<Arc<Connection>> {
+        check_id(id)?;
+        let plugin = self.store.get(&spec.plugin)?;
+        let settings = resolve(id, &spec.settings, &plugin)?;
+        let slot = PluginSlot::sharing(plugin.clone(), crate::bundled::canary(&settings));
+        check_settings(&plugin, &settings, canary)?;
+        if let Some(previous) = &spec.previous_plugin
+            && let Ok(previous) = self.store.get(previous)
+        {
+            // Kept for a rollback, as a swap leaves it.
+            slot.remember_previous(previous);
+        }
+        self.assemble(id, spec, state, slot, settings, false)
+    }
+
+    fn assemble(
+        &self,
+        id: &str,
+        spec: Spec,
+        state: ConnState,
+        slot: Arc<PluginSlot>,
+        settings: DestinationSettings,
+        from_flags: bool,
+    ) -> anyhow::Result<Arc<Connection>> {
+        let mut config = self.base.clone();
+        if spec.base_url.is_some() {
+            config.base_url = spec.base_url.clone();
+        }
+        let pacer = self.budgets.of(&settings.account_hash(slot.name()));
+        let defer = self.defer.clone();
+        let deferred: DeferObserver = Box::new(move |id, until| defer(id, until));
+        let parts = Parts {
+            client: Some(self.client.clone()),
+            pacer: Some(pacer),
+            progress: Some(Arc::new(Progress::default())),
+            deferred: Some(deferred),
+        };
+        let delivery = Delivery::build(slot.clone(), crate::settings::cell(settings), config, parts)
+            .with_context(|| format!("connection {id}"))?;
+        Ok(Arc::new(Connection {
+            id: id.to_string(),
+            spec: Mutex::new(spec),
+            state: Mutex::new(state),
+            slot,
+            delivery,
+            metrics: ConnMetrics::default(),
+            in_flight: Mutex::default(),
+            engine: Mutex::default(),
+            feeding: AtomicBool::new(false),
+            wake: Notify::new(),
+            from_flags,
+        }))
+    }
+
+    /// Updates settings (merged: a key set to null is removed) and write
+    /// keys. The new settings are checked by the connection's plugin and
+    /// take effect from the next call and the next request; events in
+    /// flight finish as they are. A secret is rotated by naming its new
+    /// source here: the value is read now, and the budget follows the key.
+    pub async fn update(&self, id: &str, change: &Value) -> anyhow::Result<Arc<Connection>> {
+        let _changing = self.changing.lock().await;
+        let connection = self.get(id).with_context(|| format!("no connection {id}"))?;
+        let Some(change) = change.as_object() else {
+            bail!("the change must be a JSON object with settings and/or write_keys");
+        };
+        if let Some(unknown) = change.keys().find(|k| !matches!(k.as_str(), "settings" | "write_keys")) {
+            bail!("unknown field {unknown:?}; a connection's settings and write_keys can be changed");
+        }
+        let mut spec = connection.spec();
+        if let Some(settings) = change.get("settings") {
+            let Some(settings) = settings.as_object() else {
+                bail!("settings must be a JSON object");
+            };
+            for (name, value) in settings {
+                if value.is_null() {
+                    spec.settings.remove(name);
+                } else {
+                    spec.settings.insert(name.clone(), value.clone());
+                }
+            }
+        }
+        if let Some(keys) = change.get("write_keys") {
+            let keys: Vec<String> =
+                serde_json::from_value(keys.clone()).context("write_keys must be a list of strings")?;
+            if keys.is_empty() || keys.iter().any(|k| k.trim().is_empty()) {
+                bail!("write_keys must name at least one non-empty key");
+            }
+            spec.write_key_hashes = keys.iter().map(|k| key_hash(k)).collect();
+        }
+        let plugin = connection.slot.current().plugin.clone();
+        let settings = resolve(id, &spec.settings, &plugin)?;
+        tokio::task::block_in_place(|| check_settings(&plugin, &settings, false))?;
+        let pacer = self.budgets.of(&settings.account_hash(connection.slot.name()));
+        connection.slot.set_canary_settings(settings.public_json());
+        connection.delivery.update_settings(settings, pacer)?;
+        *connection.spec.lock().unwrap() = spec;
+        self.save(&connection)?;
+        self.rebuild_routes();
+        Ok(connection)
+    }
+
+    /// Pauses or resumes delivery (ingest keeps storing either way).
+    pub async fn set_state(&self, id: &str, state: ConnState) -> anyhow::Result<Arc<Connection>> {
+        let _changing = self.changing.lock().await;
+        let connection = self.get(id).with_context(|| format!("no connection {id}"))?;
+        let current = connection.state();
+        if current == ConnState::Draining {
+            bail!("connection {id} is being deleted");
+        }
+        *connection.state.lock().unwrap() = state;
+        self.save(&connection)?;
+        if current != state {
+            connection.wake.notify_one();
+        }
+        Ok(connection)
+    }
+
+    /// Starts deleting a connection: it takes no new events, delivers the
+    /// ones it has, and is removed once they are finished (its dead
+    /// letters stay, for `dlq`).
+    pub async fn delete(&self, id: &str) -> anyhow::Result<Arc<Connection>> {
+        let _changing = self.changing.lock().await;
+        let connection = self.get(id).with_context(|| format!("no connection {id}"))?;
+        *connection.state.lock().unwrap() = ConnState::Draining;
+        self.save(&connection)?;
+        connection.wake.notify_one();
+        Ok(connection)
+    }
+
+    /// Removes draining connections whose events are all finished.
+    pub fn finish_deletions(&self) {
+        let draining: Vec<_> = self
+            .all()
+            .into_iter()
+            .filter(|c| c.state() == ConnState::Draining)
+            .collect();
+        for connection in draining {
+            let idle = connection.in_flight.lock().unwrap().is_empty();
+            match self.spool.has_pending(&connection.id) {
+                Ok(false) if idle => {
+                    if let Err(e) = self.spool.delete_connection(&connection.id) {
+                        tracing::error!(connection = %connection.id, "deleting: {e:#}");
+                        continue;
+                    }
+                    self.by_id.write().unwrap().remove(&connection.id);
+                    self.rebuild_routes();
+                    self.tidy();
+                    tracing::info!(connection = %connection.id, "deleted, its events delivered");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(connection = %connection.id, "checking for pending events: {e:#}"),
+            }
+        }
+    }
+
+    /// Rolls a stored version to one connection (a canary), checked with
+    /// that connection's settings; the version it had is kept for a
+    /// rollback.
+    pub async fn swap(&self, id: &str, plugin: Arc<Plugin>) -> anyhow::Result<Arc<plugin_runtime::Loaded>> {
+        let _changing = self.changing.lock().await;
+        let connection = self.get(id).with_context(|| format!("no connection {id}"))?;
+        let slot = connection.slot.clone();
+        let loaded = tokio::task::spawn_blocking(move || slot.swap_to(plugin)).await??;
+        {
+            let mut spec = connection.spec.lock().unwrap();
+            spec.previous_plugin = Some(std::mem::replace(&mut spec.plugin, loaded.plugin.sha256_hex()));
+        }
+        self.save(&connection)?;
+        self.tidy();
+        Ok(loaded)
+    }
+
+    /// Back to the version a connection had before its last swap.
+    pub async fn rollback(&self, id: &str) -> anyhow::Result<Arc<plugin_runtime::Loaded>> {
+        let _changing = self.changing.lock().await;
+        let connection = self.get(id).with_context(|| format!("no connection {id}"))?;
+        let loaded = connection.slot.rollback()?;
+        {
+            let mut spec = connection.spec.lock().unwrap();
+            spec.previous_plugin = Some(std::mem::replace(&mut spec.plugin, loaded.plugin.sha256_hex()));
+        }
+        self.save(&connection)?;
+        self.tidy();
+        Ok(loaded)
+    }
+
+    fn save(&self, connection: &Connection) -> anyhow::Result<()> {
+        if connection.from_flags {
+            return Ok(());
+        }
+        self.spool.save_connection(&connection.stored())
+    }
+
+    /// Frees the instances of versions no connection serves.
+    fn tidy(&self) {
+        let serving: Vec<Arc<Plugin>> = self.all().iter().map(|c| c.slot.current().plugin.clone()).collect();
+        self.store.tidy(&serving);
+    }
+
+    /// A connection as the admin API lists it.
+    pub fn describe(&self, connection: &Connection, counts: Option<&crate::spool::Counts>) -> Value {
+        let spec = connection.spec();
+        let progress = &connection.delivery.progress;
+        json!({
+            "id": connection.id,
+            "state": connection.state().as_str(),
+            "write_keys": spec.write_key_hashes.len(),
+            "plugin": super::admin::describe(&connection.slot.current()),
+            "previous_plugin": connection.slot.previous().map(|p| super::admin::describe(&p)),
+            "settings": spec.settings,
+            "base_url": spec.base_url,
+            "from_flags": connection.from_flags,
+            "spool": counts,
+            "since_start": {
+                "received": connection.metrics.received.load(Ordering::Relaxed),
+                "delivered": progress.delivered.load(Ordering::Relaxed),
+                "dead_lettered": progress.dead_lettered.load(Ordering::Relaxed),
+                "skipped": connection.metrics.skipped_by_code(),
+            },
+        })
+    }
+}
+
+/// A connection's settings with its secrets read from the sources they
+/// name. A secret given as a value is refused: the operator binds secrets
+/// to sources, so that neither the spool nor the admin API holds a key.
+fn resolve(id: &str, settings: &Map<String, Value>, plugin: &Plugin) -> anyhow::Result<DestinationSettings> {
+    for spec in plugin.manifest().settings.iter().filter(|s| s.secret) {
+        match settings.get(&spec.name) {
+            None | Some(Value::Object(_)) => {}
+            Some(_) => bail!(
+                "connection {id}: setting {} is a secret; name its source as {{\"env\": \"VAR\"}} or {{\"file\": \"PATH\"}}, not its value",
+                spec.name
+            ),
+        }
+    }
+    DestinationSettings::from_object(settings.clone(), plugin.manifest(), &[], |name| {
+        std::env::var(name).ok()
+    })
+    .with_context(|| format!("connection {id}"))
+}
+
+/// The plugin's verdict on settings; with `canary`, also the golden events
+/// mapped under them.
+fn check_settings(plugin: &Arc<Plugin>, settings: &DestinationSettings, canary: bool) -> anyhow::Result<()> {
+    let canary_run = Canary {
+        settings_json: settings.public_json().to_string(),
+        golden_events: std::borrow::Cow::Borrowed(if canary { crate::bundled::EXAMPLE_EVENTS } else { "" }),
+    };
+    // On a pooled instance: a thousand connections checked at start must
+    // not leave a thousand instances behind.
+    let mut instance = plugin
+        .pool()
+        .take(plugin, plugin_runtime::Use::Mapping)
+        .map_err(|e| anyhow::anyhow!("{plugin} {e} while starting"))?;
+    canary_run.run(plugin, &mut instance)?;
+    plugin.pool().give_back(plugin, plugin_runtime::Use::Mapping, instance);
+    Ok(())
+}
