@@ -31,7 +31,9 @@ pub use outcome::{DeadLetter, EventOutcome, EventRecord, Report};
 pub use pacing::{Budgets, Pacer};
 pub use stats::{BUCKETS, Histogram, Progress};
 
-use crate::mapping::{EventId, EventMapper, MappedEvent, MappedOutcome, MappingStage, StageConfig, line_text};
+use crate::mapping::{
+    CallGates, EventId, EventMapper, MappedEvent, MappedOutcome, MappingStage, StageConfig, line_text,
+};
 use crate::settings::{DestinationSettings, SettingsCell};
 use crate::shown::ShownRequest;
 
@@ -105,6 +107,7 @@ pub struct Delivery {
     batching: std::sync::Mutex<HashMap<String, Arc<batch::PluginBatching>>>,
     /// Events kept in flight beyond `concurrency` so that batches can fill.
     batch_room: std::sync::atomic::AtomicUsize,
+    map_gates: Option<CallGates>,
 }
 
 /// What a delivery may share with others: the HTTP client, the budget of
@@ -115,6 +118,8 @@ pub struct Parts {
     pub pacer: Option<Arc<Pacer>>,
     pub progress: Option<Arc<Progress>>,
     pub deferred: Option<DeferObserver>,
+    /// Bounds this delivery's plugin calls in progress, and everyone's.
+    pub map_gates: Option<CallGates>,
 }
 
 /// Called with an event and the time before which it must not be resent.
@@ -180,6 +185,7 @@ impl Delivery {
             deferred: parts.deferred,
             batching: Default::default(),
             batch_room: Default::default(),
+            map_gates: parts.map_gates,
         }))
     }
 
@@ -292,7 +298,9 @@ impl Delivery {
                 else => break,
             }
         }
-        mapper.await??;
+        mapper
+            .await
+            .map_err(|_| anyhow::anyhow!("the mapping stage ended without a word"))??;
         report.requests_sent = self.requests_sent.load(Ordering::Relaxed);
         report.elapsed = started.elapsed();
         Ok(report)
@@ -305,8 +313,11 @@ impl Delivery {
         self: &Arc<Self>,
         events: impl Iterator<Item = anyhow::Result<(EventId, String)>> + Send + 'static,
         tx: mpsc::Sender<(MappedEvent, String)>,
-    ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    ) -> tokio::sync::oneshot::Receiver<anyhow::Result<()>> {
         let mut mapper = EventMapper::with_cell(self.slot.clone(), self.settings.clone());
+        if let Some(gates) = &self.map_gates {
+            mapper = mapper.with_gates(gates.clone());
+        }
         // Batches form only when delivery is paced (or told to batch
         // always); otherwise asking the plugin is wasted work.
         if self.config.pacing || self.config.batch_always {
@@ -321,13 +332,25 @@ impl Delivery {
             },
         );
         let progress = self.progress.clone();
-        tokio::task::spawn_blocking(move || {
-            stage.run(
-                events,
-                |mapped, text| tx.blocking_send((mapped, text)).is_ok(),
-                |took| progress.map_seconds.observe(took),
-            )
-        })
+        // Its own thread, not the runtime's blocking pool: the stage lives
+        // as long as its input, and many deliveries at once (one per busy
+        // connection) must not use up the pool the spool reads need.
+        let (done, result) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("mapping-reader".into())
+            .spawn(move || {
+                let _ = done.send(stage.run(
+                    events,
+                    |mapped, text| tx.blocking_send((mapped, text)).is_ok(),
+                    |took| progress.map_seconds.observe(took),
+                ));
+            });
+        if let Err(e) = spawned {
+            let (done, failed) = tokio::sync::oneshot::channel();
+            let _ = done.send(Err(anyhow::anyhow!("starting the mapping stage: {e}")));
+            return failed;
+        }
+        result
     }
 
     fn spawn_event(

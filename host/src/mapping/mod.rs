@@ -77,11 +77,57 @@ pub struct MappedEvent {
     pub batch_items: Vec<Option<BatchItem>>,
 }
 
+/// Plugin calls in progress at once, up to a bound; a caller past it waits.
+pub struct CallGate {
+    max: usize,
+    in_use: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl CallGate {
+    pub fn new(max: usize) -> Arc<CallGate> {
+        Arc::new(CallGate {
+            max: max.max(1),
+            in_use: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        })
+    }
+
+    fn enter(self: &Arc<Self>) -> GatePass {
+        let mut in_use = self.in_use.lock().unwrap();
+        while *in_use >= self.max {
+            in_use = self.freed.wait(in_use).unwrap();
+        }
+        *in_use += 1;
+        GatePass(self.clone())
+    }
+}
+
+struct GatePass(Arc<CallGate>);
+
+impl Drop for GatePass {
+    fn drop(&mut self) {
+        *self.0.in_use.lock().unwrap() -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// The gates a connection's mapping passes: its own (its fair share) and
+/// the host's (one instance each, so bounded memory however many
+/// connections are busy). A connection stuck on poison events holds at
+/// most its own share, and the others keep mapping.
+#[derive(Clone)]
+pub struct CallGates {
+    pub own: Arc<CallGate>,
+    pub host: Arc<CallGate>,
+}
+
 /// Maps events through whichever version the slot holds when each starts.
 pub struct EventMapper {
     slot: Arc<PluginSlot>,
     settings: SettingsCell,
     batch_items: bool,
+    gates: Option<CallGates>,
 }
 
 impl EventMapper {
@@ -95,7 +141,14 @@ impl EventMapper {
             slot,
             settings,
             batch_items: false,
+            gates: None,
         }
+    }
+
+    /// Waits at `gates` before each plugin call.
+    pub fn with_gates(mut self, gates: CallGates) -> EventMapper {
+        self.gates = Some(gates);
+        self
     }
 
     /// Also asks a batching plugin (1.1) what each request is as a batch
@@ -161,6 +214,9 @@ impl EventMapper {
 
     fn call(&self, loaded: &Loaded, event: &str) -> Result<(Mapping, Vec<Option<BatchItem>>), CallError> {
         let plugin = &loaded.plugin;
+        // The connection's gate first: waiting there holds none of the
+        // host's passes.
+        let _passes = self.gates.as_ref().map(|g| (g.own.enter(), g.host.enter()));
         let settings = self.settings.load();
         let settings = settings.public_json();
         let mut instance = take_waiting(plugin)?;

@@ -30,6 +30,7 @@ use plugin_runtime::{Canary, Plugin, PluginSlot};
 
 use super::store::PluginStore;
 use crate::delivery::{Budgets, DeferObserver, Delivery, DeliveryConfig, Parts, Progress};
+use crate::mapping::{CallGate, CallGates};
 use crate::settings::DestinationSettings;
 use crate::spool::{Spool, StoredConnection};
 
@@ -222,6 +223,15 @@ pub struct Connections {
     /// Serializes changes (create, update, swap, delete), so that the
     /// spool and the routes change together.
     changing: tokio::sync::Mutex<()>,
+    /// Plugin calls in progress at once, host-wide (see `CallGates`).
+    host_gate: Arc<CallGate>,
+}
+
+/// Plugin calls in progress at once, host-wide: two per core. Each one
+/// holds an instance, so this also bounds the mapping instances (and their
+/// memory) however many connections are busy.
+fn host_calls() -> usize {
+    2 * std::thread::available_parallelism().map_or(2, usize::from)
 }
 
 impl Connections {
@@ -250,6 +260,7 @@ impl Connections {
                 }
             }),
             changing: tokio::sync::Mutex::new(()),
+            host_gate: CallGate::new(host_calls()),
         })
     }
 
@@ -403,6 +414,13 @@ impl Connections {
         if spec.base_url.is_some() {
             config.base_url = spec.base_url.clone();
         }
+        if !from_flags {
+            // One mapping thread per busy connection (and one more per
+            // event stuck in the plugin): with many connections, the
+            // threads are many already, and one core's worth of mapping
+            // is far more than one shop's Klaviyo budget.
+            config.mapping_workers = 1;
+        }
         let pacer = self.budgets.of(&settings.account_hash(slot.name()));
         let defer = self.defer.clone();
         let deferred: DeferObserver = Box::new(move |id, until| defer(id, until));
@@ -411,6 +429,12 @@ impl Connections {
             pacer: Some(pacer),
             progress: Some(Arc::new(Progress::default())),
             deferred: Some(deferred),
+            map_gates: Some(CallGates {
+                // A fair share: half the host's calls, so that one
+                // connection stuck on poison leaves the others room.
+                own: CallGate::new(host_calls() / 2),
+                host: self.host_gate.clone(),
+            }),
         };
         let delivery = Delivery::build(slot.clone(), crate::settings::cell(settings), config, parts)
             .with_context(|| format!("connection {id}"))?;
