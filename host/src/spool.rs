@@ -117,6 +117,9 @@ impl Spool {
             Durability::PowerLoss => "FULL",
         };
         conn.pragma_update(None, "synchronous", synchronous)?;
+        // 16 MiB of pages (the default is 2): many connections' feeders
+        // read the pending rows of as many parts of the table at once.
+        conn.pragma_update(None, "cache_size", -16_000)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS events (
                 id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -87,6 +87,11 @@ impl InstancePool {
         idle.into_iter().flatten().for_each(retire);
     }
 
+    /// Whether instances are taken back (the version is serving).
+    pub fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+    }
+
     /// Takes instances back again (a rolled-back version serving anew).
     pub fn reopen(&self) {
         self.closed.store(false, Ordering::Release);

@@ -584,3 +584,51 @@ async fn two_connections_with_one_key_stay_inside_its_one_budget() {
         sandbox.stats()
     );
 }
+
+/// A version keeps its idle instances while any connection serves it: a
+/// store that closed the pool of the version its connections were created
+/// on made every event start a fresh instance (13,000 events/s became 400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_version_connections_serve_keeps_its_instances() {
+    use cdp_host::serve::connections::{Connections, NewConnection};
+    use cdp_host::serve::store::PluginStore;
+    let dir = tempdir();
+    let spool = Arc::new(
+        cdp_host::spool::Spool::open(&dir.join("spool.sqlite"), cdp_host::spool::Durability::ProcessCrash).unwrap(),
+    );
+    // Its own runtime and plugin: closing a pool must not touch the
+    // plugin other tests share.
+    let runtime = plugin_runtime::Runtime::new(plugin_runtime::RuntimeConfig {
+        cache_dir: Some(crate::support::cache_dir()),
+        ..Default::default()
+    })
+    .unwrap();
+    let plugin = Arc::new(runtime.load(cdp_host::bundled::KLAVIYO, "bundled klaviyo").unwrap());
+    let store = PluginStore::new(plugin.runtime().clone(), spool.clone());
+    store.keep(&plugin, cdp_host::bundled::KLAVIYO).unwrap();
+    let connections = Connections::new(
+        store,
+        plugin.clone(),
+        cdp_host::delivery::DeliveryConfig::default(),
+        spool,
+    )
+    .unwrap();
+    // Nothing serves the version yet: its idle instances are let go.
+    connections.load_stored().unwrap();
+    assert!(!plugin.pool().is_open());
+    let mut settings = serde_json::Map::new();
+    settings.insert("api_key".into(), json!({"env": "PATH"}));
+    let new = NewConnection {
+        id: "shop".into(),
+        write_keys: vec!["wk".into()],
+        plugin: None,
+        settings,
+        base_url: None,
+        state: None,
+    };
+    connections.create(new, None).await.unwrap();
+    assert!(
+        plugin.pool().is_open(),
+        "the version a connection serves must keep its instances"
+    );
+}

@@ -99,3 +99,45 @@ pub fn bodies(path: &Path) -> Vec<String> {
     let rows = query.query_map([], |row| row.get::<_, String>(0)).unwrap();
     rows.collect::<Result<_, _>>().unwrap()
 }
+
+/// Ingest-to-outcome latencies (ms) of one connection's events, leaving
+/// out those whose message id starts with `except`.
+pub fn latencies_ms_of(path: &Path, connection: &str, except: &str) -> Vec<f64> {
+    let conn = open(path);
+    let mut query = conn
+        .prepare(
+            "SELECT (julianday(updated_at) - julianday(received_at)) * 86400000.0 FROM events
+             WHERE updated_at IS NOT NULL AND connection = ?1
+               AND substr(coalesce(message_id, ''), 1, length(?2)) <> ?2",
+        )
+        .unwrap();
+    query
+        .query_map([connection, except], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// One connection's events not yet finished.
+pub fn pending_of(path: &Path, connection: &str) -> u64 {
+    open(path)
+        .query_row(
+            "SELECT count(*) FROM events WHERE state = 'pending' AND connection = ?1",
+            [connection],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+}
+
+/// The first and last moment an outcome was recorded, in seconds
+/// (Julian-day based), and how many events have one.
+pub fn finished_span_seconds(path: &Path) -> (f64, f64, u64) {
+    open(path)
+        .query_row(
+            "SELECT coalesce(min(julianday(updated_at)), 0) * 86400.0, coalesce(max(julianday(updated_at)), 0) * 86400.0, count(*)
+             FROM events WHERE updated_at IS NOT NULL",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)),
+        )
+        .unwrap()
+}

@@ -198,6 +198,12 @@ impl Delivery {
         call: impl FnOnce(&mut plugin_runtime::Instance, &str) -> Result<R, CallError> + Send + 'static,
     ) -> Result<R, CallError> {
         let _permit = self.interpreters.acquire().await.expect("never closed");
+        // And the host's, when deliveries share one (many connections):
+        // each call holds an instance, and they must stay few.
+        let _host_permit = match &self.host_interpreters {
+            Some(host) => Some(host.clone().acquire_owned().await.expect("never closed")),
+            None => None,
+        };
         let plugin = plugin.clone();
         let settings = self.settings.load().public_json().to_string();
         tokio::task::spawn_blocking(move || {

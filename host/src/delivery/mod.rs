@@ -66,6 +66,9 @@ pub struct DeliveryConfig {
     /// Send every request the plugin can batch in a batch, even at a
     /// trickle (a backfill); otherwise batches form only under a backlog.
     pub batch_always: bool,
+    /// Events read and not yet mapped and handed on, at most: memory per
+    /// delivery, which matters when many run at once (`StageConfig`).
+    pub mapping_queue: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -82,6 +85,7 @@ impl Default for DeliveryConfig {
             poison_attempts: 3,
             mapping_workers: StageConfig::default_workers(),
             batch_always: false,
+            mapping_queue: StageConfig::default().max_queued,
         }
     }
 }
@@ -98,6 +102,9 @@ pub struct Delivery {
     /// Bounds the interpreting instances in use within the runtime's
     /// instance slots.
     interpreters: tokio::sync::Semaphore,
+    /// The host's bound on interpreting calls, shared by deliveries.
+    host_interpreters: Option<Arc<tokio::sync::Semaphore>>,
+    host_sending: Option<Arc<tokio::sync::Semaphore>>,
     requests_sent: AtomicU64,
     pub progress: Arc<Progress>,
     /// Told when the destination asks for an event not to be sent again
@@ -120,6 +127,12 @@ pub struct Parts {
     pub deferred: Option<DeferObserver>,
     /// Bounds this delivery's plugin calls in progress, and everyone's.
     pub map_gates: Option<CallGates>,
+    /// Bounds everyone's interpreting calls in progress (this delivery's
+    /// own are bounded anyway).
+    pub host_interpreters: Option<Arc<tokio::sync::Semaphore>>,
+    /// Bounds everyone's events being sent at once (this delivery's own
+    /// are bounded by its concurrency).
+    pub host_sending: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Called with an event and the time before which it must not be resent.
@@ -180,6 +193,8 @@ impl Delivery {
             client,
             pacer: arc_swap::ArcSwap::new(parts.pacer.unwrap_or_default()),
             interpreters: tokio::sync::Semaphore::new(interpreters),
+            host_interpreters: parts.host_interpreters,
+            host_sending: parts.host_sending,
             requests_sent: AtomicU64::new(0),
             progress: parts.progress.unwrap_or_default(),
             deferred: parts.deferred,
@@ -259,7 +274,7 @@ impl Delivery {
         loop {
             let room = self.config.concurrency + self.batch_room.load(Ordering::Relaxed);
             tokio::select! {
-                job = rx.recv(), if !input_done && running.len() < room && waiting < 8 * room => {
+                job = rx.recv(), if !input_done && running.len() < room && waiting < (8 * room).min(self.config.mapping_queue) => {
                     let Some((mapped, raw)) = job else {
                         input_done = true;
                         continue;
@@ -328,6 +343,7 @@ impl Delivery {
             StageConfig {
                 workers: self.config.mapping_workers,
                 poison_attempts: self.config.poison_attempts,
+                max_queued: self.config.mapping_queue,
                 ..StageConfig::default()
             },
         );
@@ -390,6 +406,10 @@ impl Delivery {
                 response: None,
             }),
             MappedOutcome::Send(requests) => {
+                let _sending = match &self.host_sending {
+                    Some(host) => Some(host.clone().acquire_owned().await.expect("never closed")),
+                    None => None,
+                };
                 let started = Instant::now();
                 let count = requests.len();
                 let mut failed = None;

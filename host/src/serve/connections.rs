@@ -172,7 +172,11 @@ pub struct Connection {
     pub delivery: Arc<Delivery>,
     pub metrics: ConnMetrics,
     /// Rows handed to its engine and not yet written back.
-    pub(super) in_flight: Mutex<HashSet<i64>>,
+    /// Each with the passes it holds (its connection's and the host's):
+    /// what a connection and all of them hold in memory is bounded.
+    pub(super) in_flight: Mutex<HashMap<i64, Held>>,
+    /// Its events in flight, at most.
+    pub(super) held: Arc<tokio::sync::Semaphore>,
     /// Its engine (feeder and delivery), run while it has work.
     pub(super) engine: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(super) feeding: AtomicBool,
@@ -223,9 +227,39 @@ pub struct Connections {
     /// Serializes changes (create, update, swap, delete), so that the
     /// spool and the routes change together.
     changing: tokio::sync::Mutex<()>,
-    /// Plugin calls in progress at once, host-wide (see `CallGates`).
+    /// Plugin calls in progress at once, host-wide (see `CallGates`):
+    /// mapping, and interpreting.
     host_gate: Arc<CallGate>,
+    host_interpreters: Arc<tokio::sync::Semaphore>,
+    /// Events being sent at once, host-wide (each connection's own are
+    /// bounded by its concurrency): thousands of HTTP connections at once
+    /// cost memory and CPU, and send no faster.
+    host_sending: Arc<tokio::sync::Semaphore>,
+    /// (version, public settings) that passed the golden events: a
+    /// thousand shops with the same settings are checked once.
+    canaried: Mutex<HashSet<(String, String)>>,
 }
+
+/// An event's passes while it is in flight.
+pub type Held = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit);
+
+/// Events in flight (read from the spool, not yet finished) at most, for
+/// all connections together: with many busy connections, each one's share
+/// of memory is what this bounds, not its own limit times their number.
+pub const HOST_EVENTS: usize = 8192;
+
+/// Events in flight at most for one connection of many, and for the one of
+/// the flags (which has the host to itself, and more read-ahead helps it).
+const CONNECTION_EVENTS: usize = 512;
+const FLAGS_CONNECTION_EVENTS: usize = 2048;
+
+/// Events being sent at once, host-wide, in connections' worth: one slow
+/// destination account holds at most one share.
+const HOST_SENDING_SHARES: usize = 8;
+
+/// Events a connection's engine holds read ahead, at most, besides those
+/// in flight: its feeder's channel and its mapping queue each.
+pub const CONNECTION_QUEUE: usize = 128;
 
 /// Plugin calls in progress at once, host-wide: two per core. Each one
 /// holds an instance, so this also bounds the mapping instances (and their
@@ -241,8 +275,16 @@ impl Connections {
         base: DeliveryConfig,
         spool: Arc<Spool>,
     ) -> anyhow::Result<Connections> {
-        let client = Delivery::client(&base)?;
+        // One client for every connection: they mostly send to the same
+        // host (Klaviyo's), so its idle connections are kept for as many
+        // requests as all connections have in flight, not one's share;
+        // otherwise each request past it opens a new TCP connection.
+        let client = Delivery::client(&DeliveryConfig {
+            concurrency: base.concurrency * 16,
+            ..base.clone()
+        })?;
         let defer_spool = spool.clone();
+        let sending = base.concurrency.max(1) * HOST_SENDING_SHARES;
         Ok(Connections {
             by_id: RwLock::default(),
             routes: ArcSwap::default(),
@@ -261,6 +303,9 @@ impl Connections {
             }),
             changing: tokio::sync::Mutex::new(()),
             host_gate: CallGate::new(host_calls()),
+            host_interpreters: Arc::new(tokio::sync::Semaphore::new(host_calls())),
+            host_sending: Arc::new(tokio::sync::Semaphore::new(sending)),
+            canaried: Mutex::default(),
         })
     }
 
@@ -320,6 +365,7 @@ impl Connections {
         let connection = self.assemble(id, spec, ConnState::Active, slot, settings, true)?;
         self.by_id.write().unwrap().insert(id.to_string(), connection);
         self.rebuild_routes();
+        self.tidy();
         Ok(())
     }
 
@@ -380,6 +426,8 @@ impl Connections {
         };
         self.by_id.write().unwrap().insert(id, connection.clone());
         self.rebuild_routes();
+        // Its version's pool serves again if no one served it before.
+        self.tidy();
         Ok(connection)
     }
 
@@ -391,7 +439,12 @@ impl Connections {
         let plugin = self.store.get(&spec.plugin)?;
         let settings = resolve(id, &spec.settings, &plugin)?;
         let slot = PluginSlot::sharing(plugin.clone(), crate::bundled::canary(&settings));
-        check_settings(&plugin, &settings, canary)?;
+        let tried = (plugin.sha256_hex(), settings.public_json().to_string());
+        let golden = canary && !self.canaried.lock().unwrap().contains(&tried);
+        check_settings(&plugin, &settings, golden)?;
+        if golden {
+            self.canaried.lock().unwrap().insert(tried);
+        }
         if let Some(previous) = &spec.previous_plugin
             && let Ok(previous) = self.store.get(previous)
         {
@@ -420,6 +473,9 @@ impl Connections {
             // threads are many already, and one core's worth of mapping
             // is far more than one shop's Klaviyo budget.
             config.mapping_workers = 1;
+            // And a shallower queue: what a thousand connections hold in
+            // memory at once is a thousand queues.
+            config.mapping_queue = CONNECTION_QUEUE;
         }
         let pacer = self.budgets.of(&settings.account_hash(slot.name()));
         let defer = self.defer.clone();
@@ -430,11 +486,16 @@ impl Connections {
             progress: Some(Arc::new(Progress::default())),
             deferred: Some(deferred),
             map_gates: Some(CallGates {
-                // A fair share: half the host's calls, so that one
-                // connection stuck on poison leaves the others room.
-                own: CallGate::new(host_calls() / 2),
+                // A fair share: a quarter of the host's calls, half its
+                // cores, so that one connection whose plugin loops until
+                // its deadline (burning a core each call) leaves the
+                // others room, in calls and in CPU. The flags' connection
+                // alone has the host to itself.
+                own: CallGate::new(if from_flags { host_calls() } else { host_calls() / 4 }),
                 host: self.host_gate.clone(),
             }),
+            host_interpreters: Some(self.host_interpreters.clone()),
+            host_sending: Some(self.host_sending.clone()),
         };
         let delivery = Delivery::build(slot.clone(), crate::settings::cell(settings), config, parts)
             .with_context(|| format!("connection {id}"))?;
@@ -446,6 +507,11 @@ impl Connections {
             delivery,
             metrics: ConnMetrics::default(),
             in_flight: Mutex::default(),
+            held: Arc::new(tokio::sync::Semaphore::new(if from_flags {
+                FLAGS_CONNECTION_EVENTS
+            } else {
+                CONNECTION_EVENTS
+            })),
             engine: Mutex::default(),
             feeding: AtomicBool::new(false),
             wake: Notify::new(),

@@ -98,6 +98,8 @@ pub(crate) struct Shared {
     connections: Connections,
     draining: AtomicBool,
     metrics: metrics::Metrics,
+    /// Events in flight across connections (`connections::HOST_EVENTS`).
+    held: Arc<tokio::sync::Semaphore>,
     admin_token: Option<Secret>,
     /// Outcomes to the writer, with the connection they belong to.
     outcomes: std::sync::Mutex<Option<OutcomeSender>>,
@@ -189,6 +191,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         connections,
         draining: AtomicBool::new(false),
         metrics: metrics::Metrics::default(),
+        held: Arc::new(tokio::sync::Semaphore::new(connections::HOST_EVENTS)),
         admin_token: config.admin_token.clone(),
         outcomes: std::sync::Mutex::new(Some(outcomes)),
     });
@@ -318,8 +321,13 @@ async fn supervise(shared: Arc<Shared>) {
 /// to its delivery, until the connection is paused, the service drains,
 /// or there has been nothing to do for a while.
 async fn run_engine(shared: Arc<Shared>, connection: Arc<Connection>) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(EventId, String)>(512);
-    let feeder = tokio::spawn(feed(shared.clone(), connection.clone(), tx));
+    let depth = if connection.from_flags {
+        512
+    } else {
+        connections::CONNECTION_QUEUE
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(EventId, String)>(depth);
+    let feeder = tokio::spawn(feed(shared.clone(), connection.clone(), tx, depth.min(256)));
     let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
     let Some(outcomes) = shared.outcomes.lock().unwrap().clone() else {
         feeder.abort();
@@ -343,7 +351,12 @@ async fn run_engine(shared: Arc<Shared>, connection: Arc<Connection>) {
 /// Hands a connection's pending rows to its engine, oldest first, each once
 /// while it is in flight; a row replayed from the dead letters is picked up
 /// on the next full sweep.
-async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, tx: tokio::sync::mpsc::Sender<(EventId, String)>) {
+async fn feed(
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    tx: tokio::sync::mpsc::Sender<(EventId, String)>,
+    read_ahead: usize,
+) {
     let mut cursor = 0i64;
     let mut last_sweep = tokio::time::Instant::now();
     let mut last_work = tokio::time::Instant::now();
@@ -356,7 +369,7 @@ async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, tx: tokio::sync:
             last_sweep = tokio::time::Instant::now();
         }
         let (spool, id) = (shared.spool.clone(), connection.id.clone());
-        let rows = match tokio::task::spawn_blocking(move || spool.pending_after(&id, cursor, 256)).await {
+        let rows = match tokio::task::spawn_blocking(move || spool.pending_after(&id, cursor, read_ahead)).await {
             Ok(Ok(rows)) => rows,
             Ok(Err(e)) => {
                 tracing::error!(connection = %connection.id, "reading the spool: {e:#}");
@@ -381,9 +394,13 @@ async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, tx: tokio::sync:
         last_work = tokio::time::Instant::now();
         for row in rows {
             cursor = cursor.max(row.id);
-            if !connection.in_flight.lock().unwrap().insert(row.id) {
+            if connection.in_flight.lock().unwrap().contains_key(&row.id) {
                 continue;
             }
+            // Room for it in the connection's share, then in the host's.
+            let own = connection.held.clone().acquire_owned().await.expect("never closed");
+            let host = shared.held.clone().acquire_owned().await.expect("never closed");
+            connection.in_flight.lock().unwrap().insert(row.id, (own, host));
             if tx.send((EventId::SpoolRow(row.id), row.body)).await.is_err() {
                 connection.in_flight.lock().unwrap().remove(&row.id);
                 break;
