@@ -521,6 +521,29 @@ async fn a_canary_swap_reaches_one_connection_and_rolls_back_alone() {
     let counts = spool_db.counts().unwrap();
     assert_eq!(counts["two"].delivered, 1);
 
+    // A restart (kill -9) keeps each connection's version, the canary's
+    // from the plugin store in the spool, and the one to roll back to.
+    drop(spool_db);
+    service.kill9();
+    let service = Service::start(&config, &spool, &[("SHOP_KEY", "pk_canary")]);
+    let url = service.url.clone();
+    let (_, listed) = admin(&client, reqwest::Method::GET, format!("{url}/admin/connections"), None).await;
+    let versions: BTreeMap<String, String> = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c.id(), c["plugin"]["version"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(versions["two"], "1.0.0+v2", "{listed}");
+    assert_eq!(versions["one"], "1.0.0");
+    assert_eq!(
+        post(&client, &url, "/api/s/s2s/track", Some("wk_two"), track("two-2"))
+            .await
+            .0,
+        200
+    );
+    wait_for("the event after the restart", || sandbox.events().len() == 4).await;
+
     let (status, back) = admin(
         &client,
         reqwest::Method::POST,
