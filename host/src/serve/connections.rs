@@ -354,6 +354,11 @@ impl Connections {
         slot: Arc<PluginSlot>,
         settings: DestinationSettings,
     ) -> anyhow::Result<()> {
+        if self.get(id).is_some() {
+            bail!(
+                "the spool or the config file has a connection named {id:?}, the name of the connection serve's flags describe; rename it, or give no write keys to the flags"
+            );
+        }
         let plugin = slot.current().plugin.clone();
         let spec = Spec {
             write_key_hashes: write_keys.iter().map(|k| key_hash(k)).collect(),

@@ -364,6 +364,12 @@ async fn feed(
         if shared.draining() || !connection.state().delivers() {
             break;
         }
+        // Deleted (and perhaps made anew under the same id): this engine
+        // is no longer the connection's.
+        let current = shared.connections.get(&connection.id);
+        if !current.is_some_and(|c| Arc::ptr_eq(&c, &connection)) {
+            break;
+        }
         if last_sweep.elapsed() > Duration::from_secs(5) {
             cursor = 0;
             last_sweep = tokio::time::Instant::now();
