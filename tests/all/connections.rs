@@ -431,6 +431,30 @@ async fn connections_change_through_the_admin_api_under_traffic_and_survive_kill
     drop(service);
 }
 
+/// `[[connections]]` for shops named `wk_{shop}`, all at `sandbox`, the
+/// key from `$key_variable`, with `more` settings.
+fn shops(names: &[&str], sandbox: &KlaviyoMock, key_variable: &str, more: &str) -> String {
+    names
+        .iter()
+        .map(|shop| {
+            format!(
+                "[[connections]]\nid = \"{shop}\"\nwrite_keys = [\"wk_{shop}\"]\nbase_url = \"{}\"\nsettings = {{ api_key = {{ env = \"{key_variable}\" }}{more} }}\n\n",
+                sandbox.url()
+            )
+        })
+        .collect()
+}
+
+/// Each listed connection's plugin version.
+fn versions_of(listed: &Value) -> BTreeMap<String, String> {
+    listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c.id(), c["plugin"]["version"].as_str().unwrap().to_string()))
+        .collect()
+}
+
 trait Id {
     fn id(&self) -> String;
 }
@@ -445,14 +469,11 @@ impl Id for Value {
 async fn a_canary_swap_reaches_one_connection_and_rolls_back_alone() {
     let sandbox = shop_sandbox(&["pk_canary"], |_| {}).await;
     let dir = tempdir();
-    let mut config = String::new();
-    for shop in ["one", "two", "three"] {
-        config += &format!(
-            "[[connections]]\nid = \"{shop}\"\nwrite_keys = [\"wk_{shop}\"]\nbase_url = \"{}\"\nsettings = {{ api_key = {{ env = \"SHOP_KEY\" }} }}\n\n",
-            sandbox.url()
-        );
-    }
-    let config = write(&dir, "serve.toml", &config);
+    let config = write(
+        &dir,
+        "serve.toml",
+        &shops(&["one", "two", "three"], &sandbox, "SHOP_KEY", ""),
+    );
     let spool = dir.join("spool.sqlite");
     let service = Service::start(&config, &spool, &[("SHOP_KEY", "pk_canary")]);
     let client = reqwest::Client::new();
@@ -495,12 +516,7 @@ async fn a_canary_swap_reaches_one_connection_and_rolls_back_alone() {
     }
     wait_for("the three events", || sandbox.events().len() == 3).await;
     let (_, listed) = admin(&client, reqwest::Method::GET, format!("{url}/admin/connections"), None).await;
-    let versions: BTreeMap<String, String> = listed["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (c.id(), c["plugin"]["version"].as_str().unwrap().to_string()))
-        .collect();
+    let versions = versions_of(&listed);
     assert_eq!(versions["one"], "1.0.0");
     assert_eq!(versions["two"], "1.0.0+v2");
     assert_eq!(versions["three"], "1.0.0");
@@ -528,12 +544,7 @@ async fn a_canary_swap_reaches_one_connection_and_rolls_back_alone() {
     let service = Service::start(&config, &spool, &[("SHOP_KEY", "pk_canary")]);
     let url = service.url.clone();
     let (_, listed) = admin(&client, reqwest::Method::GET, format!("{url}/admin/connections"), None).await;
-    let versions: BTreeMap<String, String> = listed["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (c.id(), c["plugin"]["version"].as_str().unwrap().to_string()))
-        .collect();
+    let versions = versions_of(&listed);
     assert_eq!(versions["two"], "1.0.0+v2", "{listed}");
     assert_eq!(versions["one"], "1.0.0");
     assert_eq!(
@@ -569,14 +580,11 @@ async fn two_connections_with_one_key_stay_inside_its_one_budget() {
     // Klaviyo's limits on: 350 events a second per account.
     let sandbox = shop_sandbox(&["pk_shared_account"], |c| c.rate_limits = true).await;
     let dir = tempdir();
-    let mut config = String::new();
-    for shop in ["north", "south"] {
-        config += &format!(
-            "[[connections]]\nid = \"{shop}\"\nwrite_keys = [\"wk_{shop}\"]\nbase_url = \"{}\"\nsettings = {{ api_key = {{ env = \"ACCOUNT_KEY\" }}, batching = \"off\" }}\n\n",
-            sandbox.url()
-        );
-    }
-    let config = write(&dir, "serve.toml", &config);
+    let config = write(
+        &dir,
+        "serve.toml",
+        &shops(&["north", "south"], &sandbox, "ACCOUNT_KEY", ", batching = \"off\""),
+    );
     let spool = dir.join("spool.sqlite");
     let service = Service::start(&config, &spool, &[("ACCOUNT_KEY", "pk_shared_account")]);
     let client = reqwest::Client::new();

@@ -261,11 +261,8 @@ pub async fn update(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
+    if let Err(denied) = known(&shared, &headers, &id) {
         return *denied;
-    }
-    if shared.connections.get(&id).is_none() {
-        return no_connection(&id);
     }
     let change: Value = match serde_json::from_slice(&body) {
         Ok(change) => change,
@@ -289,11 +286,8 @@ pub async fn resume(State(shared): State<Arc<Shared>>, Path(id): Path<String>, h
 }
 
 async fn set_state(shared: Arc<Shared>, id: String, headers: HeaderMap, state: ConnState) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
+    if let Err(denied) = known(&shared, &headers, &id) {
         return *denied;
-    }
-    if shared.connections.get(&id).is_none() {
-        return no_connection(&id);
     }
     match shared.connections.set_state(&id, state).await {
         Ok(connection) => {
@@ -306,11 +300,8 @@ async fn set_state(shared: Arc<Shared>, id: String, headers: HeaderMap, state: C
 }
 
 pub async fn delete(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
+    if let Err(denied) = known(&shared, &headers, &id) {
         return *denied;
-    }
-    if shared.connections.get(&id).is_none() {
-        return no_connection(&id);
     }
     match shared.connections.delete(&id).await {
         Ok(connection) => {
@@ -332,11 +323,8 @@ pub async fn swap(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
+    if let Err(denied) = known(&shared, &headers, &id) {
         return *denied;
-    }
-    if shared.connections.get(&id).is_none() {
-        return no_connection(&id);
     }
     let sha = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(o)) => match o.get("sha256").and_then(Value::as_str) {
@@ -375,15 +363,21 @@ pub async fn swap(
 }
 
 pub async fn rollback_one(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
+    if let Err(denied) = known(&shared, &headers, &id) {
         return *denied;
-    }
-    if shared.connections.get(&id).is_none() {
-        return no_connection(&id);
     }
     match shared.connections.rollback(&id).await {
         Ok(loaded) => answer(StatusCode::OK, json!({"id": id, "active": describe(&loaded)})),
         Err(e) => answer(StatusCode::CONFLICT, json!({"error": format!("{e:#}")})),
+    }
+}
+
+/// The caller may use the admin API, and the connection exists.
+fn known(shared: &Shared, headers: &HeaderMap, id: &str) -> Result<(), Box<Response>> {
+    authorize(shared, headers)?;
+    match shared.connections.get(id) {
+        Some(_) => Ok(()),
+        None => Err(Box::new(no_connection(id))),
     }
 }
 
