@@ -663,3 +663,37 @@ async fn the_version_connections_serve_keeps_its_instances() {
         "the version a connection serves must keep its instances"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serve_started_with_no_shop_takes_its_first_through_the_admin_api() {
+    let sandbox = shop_sandbox(&["pk_first"], |_| {}).await;
+    let dir = tempdir();
+    let config = write(&dir, "serve.toml", "");
+    let service = Service::start(&config, &dir.join("spool.sqlite"), &[("FIRST_KEY", "pk_first")]);
+    let client = reqwest::Client::new();
+    let url = service.url.clone();
+    assert_eq!(
+        post(&client, &url, "/api/s/s2s/track", Some("wk_first"), track("f1"))
+            .await
+            .0,
+        401
+    );
+    let (status, created) = admin(
+        &client,
+        reqwest::Method::POST,
+        format!("{url}/admin/connections"),
+        Some(
+            json!({"id": "first", "write_keys": ["wk_first"], "base_url": sandbox.url(),
+                    "settings": {"api_key": {"env": "FIRST_KEY"}}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        post(&client, &url, "/api/s/s2s/track", Some("wk_first"), track("f2"))
+            .await
+            .0,
+        200
+    );
+    wait_for("the first shop's event", || sandbox.events().len() == 1).await;
+}

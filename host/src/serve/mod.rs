@@ -180,9 +180,9 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         let keys: Vec<String> = flags.write_keys.iter().map(|k| k.expose().to_string()).collect();
         connections.add_from_flags(DEFAULT_CONNECTION, &keys, flags.slot, flags.settings)?;
     }
-    if connections.is_empty() {
+    if connections.is_empty() && config.admin_token.is_none() {
         anyhow::bail!(
-            "serve has no connection: give write keys (--write-key, write_keys in the config, or $CDP_HOST_WRITE_KEYS), or [[connections]] in the config"
+            "serve has no connection: give write keys (--write-key, write_keys in the config, or $CDP_HOST_WRITE_KEYS), [[connections]] in the config, or an admin token to create them through the admin API"
         );
     }
     let (outcomes, written) = std::sync::mpsc::channel::<(Arc<Connection>, Finished)>();
