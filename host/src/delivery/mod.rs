@@ -104,7 +104,6 @@ pub struct Delivery {
     interpreters: tokio::sync::Semaphore,
     /// The host's bound on interpreting calls, shared by deliveries.
     host_interpreters: Option<Arc<tokio::sync::Semaphore>>,
-    host_sending: Option<Arc<tokio::sync::Semaphore>>,
     requests_sent: AtomicU64,
     pub progress: Arc<Progress>,
     /// Told when the destination asks for an event not to be sent again
@@ -130,9 +129,6 @@ pub struct Parts {
     /// Bounds everyone's interpreting calls in progress (this delivery's
     /// own are bounded anyway).
     pub host_interpreters: Option<Arc<tokio::sync::Semaphore>>,
-    /// Bounds everyone's events being sent at once (this delivery's own
-    /// are bounded by its concurrency).
-    pub host_sending: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Called with an event and the time before which it must not be resent.
@@ -194,7 +190,6 @@ impl Delivery {
             pacer: arc_swap::ArcSwap::new(parts.pacer.unwrap_or_default()),
             interpreters: tokio::sync::Semaphore::new(interpreters),
             host_interpreters: parts.host_interpreters,
-            host_sending: parts.host_sending,
             requests_sent: AtomicU64::new(0),
             progress: parts.progress.unwrap_or_default(),
             deferred: parts.deferred,
@@ -406,10 +401,6 @@ impl Delivery {
                 response: None,
             }),
             MappedOutcome::Send(requests) => {
-                let _sending = match &self.host_sending {
-                    Some(host) => Some(host.clone().acquire_owned().await.expect("never closed")),
-                    None => None,
-                };
                 let started = Instant::now();
                 let count = requests.len();
                 let mut failed = None;

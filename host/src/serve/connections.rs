@@ -231,10 +231,6 @@ pub struct Connections {
     /// mapping, and interpreting.
     host_gate: Arc<CallGate>,
     host_interpreters: Arc<tokio::sync::Semaphore>,
-    /// Events being sent at once, host-wide (each connection's own are
-    /// bounded by its concurrency): thousands of HTTP connections at once
-    /// cost memory and CPU, and send no faster.
-    host_sending: Arc<tokio::sync::Semaphore>,
     /// (version, public settings) that passed the golden events: a
     /// thousand shops with the same settings are checked once.
     canaried: Mutex<HashSet<(String, String)>>,
@@ -246,16 +242,14 @@ pub type Held = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphoreP
 /// Events in flight (read from the spool, not yet finished) at most, for
 /// all connections together: with many busy connections, each one's share
 /// of memory is what this bounds, not its own limit times their number.
-pub const HOST_EVENTS: usize = 8192;
+pub const HOST_EVENTS: usize = 16_384;
 
-/// Events in flight at most for one connection of many, and for the one of
-/// the flags (which has the host to itself, and more read-ahead helps it).
-const CONNECTION_EVENTS: usize = 512;
-const FLAGS_CONNECTION_EVENTS: usize = 2048;
-
-/// Events being sent at once, host-wide, in connections' worth: one slow
-/// destination account holds at most one share.
-const HOST_SENDING_SHARES: usize = 8;
+/// Events in flight at most for one connection of many (room for two
+/// bulk batches of Klaviyo's 1,000 events to fill), and for the one of the
+/// flags, which has the host to itself (a backlog keeps up to 4,000 in
+/// flight for its batches).
+const CONNECTION_EVENTS: usize = 2_048;
+const FLAGS_CONNECTION_EVENTS: usize = 8_192;
 
 /// Events a connection's engine holds read ahead, at most, besides those
 /// in flight: its feeder's channel and its mapping queue each.
@@ -284,7 +278,6 @@ impl Connections {
             ..base.clone()
         })?;
         let defer_spool = spool.clone();
-        let sending = base.concurrency.max(1) * HOST_SENDING_SHARES;
         Ok(Connections {
             by_id: RwLock::default(),
             routes: ArcSwap::default(),
@@ -304,7 +297,6 @@ impl Connections {
             changing: tokio::sync::Mutex::new(()),
             host_gate: CallGate::new(host_calls()),
             host_interpreters: Arc::new(tokio::sync::Semaphore::new(host_calls())),
-            host_sending: Arc::new(tokio::sync::Semaphore::new(sending)),
             canaried: Mutex::default(),
         })
     }
@@ -500,7 +492,6 @@ impl Connections {
                 host: self.host_gate.clone(),
             }),
             host_interpreters: Some(self.host_interpreters.clone()),
-            host_sending: Some(self.host_sending.clone()),
         };
         let delivery = Delivery::build(slot.clone(), crate::settings::cell(settings), config, parts)
             .with_context(|| format!("connection {id}"))?;
