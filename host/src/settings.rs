@@ -127,16 +127,14 @@ impl DestinationSettings {
     /// secrets (the API key). Connections with the same key share one
     /// budget under it; the key itself is never kept as a name.
     pub fn account_hash(&self, destination: &str) -> String {
-        use sha2::Digest;
-        let mut hash = sha2::Sha256::new();
-        hash.update(destination.as_bytes());
+        let mut account = destination.as_bytes().to_vec();
         for (name, secret) in &self.secrets {
-            hash.update([0]);
-            hash.update(name.as_bytes());
-            hash.update([0]);
-            hash.update(secret.expose().as_bytes());
+            for part in [name.as_str(), secret.expose()] {
+                account.push(0);
+                account.extend_from_slice(part.as_bytes());
+            }
         }
-        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        plugin_runtime::sha256_hex(&account)
     }
 
     /// The settings JSON the plugin sees (no secrets).

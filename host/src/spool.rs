@@ -133,25 +133,10 @@ impl Spool {
              );
              CREATE INDEX IF NOT EXISTS events_state ON events (state, id);",
         )?;
-        // Spools written before `not_before` existed gain it.
-        let has_not_before: bool = conn.query_row(
-            "SELECT count(*) > 0 FROM pragma_table_info('events') WHERE name = 'not_before'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_not_before {
-            conn.execute_batch("ALTER TABLE events ADD COLUMN not_before TEXT")?;
-        }
-        // Spools written before connections existed hold the default
-        // connection's events.
-        let has_connection: bool = conn.query_row(
-            "SELECT count(*) > 0 FROM pragma_table_info('events') WHERE name = 'connection'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_connection {
-            conn.execute_batch("ALTER TABLE events ADD COLUMN connection TEXT NOT NULL DEFAULT 'default'")?;
-        }
+        // Spools written before `not_before` existed gain it; those written
+        // before connections existed hold the default connection's events.
+        add_column(&conn, "not_before", "TEXT")?;
+        add_column(&conn, "connection", "TEXT NOT NULL DEFAULT 'default'")?;
         conn.execute_batch(
             "CREATE INDEX IF NOT EXISTS events_connection ON events (connection, state, id);
              CREATE TABLE IF NOT EXISTS connections (
@@ -422,6 +407,19 @@ impl Spool {
             [cutoff],
         )?)
     }
+}
+
+/// Adds a column to `events` if a spool written by an older version lacks it.
+fn add_column(conn: &Connection, name: &str, definition: &str) -> anyhow::Result<()> {
+    let present: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('events') WHERE name = ?1",
+        [name],
+        |r| r.get(0),
+    )?;
+    if !present {
+        conn.execute_batch(&format!("ALTER TABLE events ADD COLUMN {name} {definition}"))?;
+    }
+    Ok(())
 }
 
 /// The outcome column of a finished event.

@@ -269,7 +269,7 @@ impl Delivery {
         loop {
             let room = self.config.concurrency + self.batch_room.load(Ordering::Relaxed);
             tokio::select! {
-                job = rx.recv(), if !input_done && running.len() < room && waiting < (8 * room).min(self.config.mapping_queue) => {
+                job = rx.recv(), if !input_done && running.len() < room && waiting < 8 * room => {
                     let Some((mapped, raw)) = job else {
                         input_done = true;
                         continue;

@@ -187,12 +187,7 @@ pub async fn connections(State(shared): State<Arc<Shared>>, headers: HeaderMap) 
     if let Err(denied) = authorize(&shared, &headers) {
         return *denied;
     }
-    let spool = shared.spool.clone();
-    let counts = tokio::task::spawn_blocking(move || spool.counts())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
+    let counts = counts(&shared).await;
     let listed: Vec<Value> = shared
         .connections
         .all()
@@ -209,12 +204,7 @@ pub async fn connection(State(shared): State<Arc<Shared>>, Path(id): Path<String
     let Some(connection) = shared.connections.get(&id) else {
         return no_connection(&id);
     };
-    let spool = shared.spool.clone();
-    let counts = tokio::task::spawn_blocking(move || spool.counts())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
+    let counts = counts(&shared).await;
     answer(
         StatusCode::OK,
         shared.connections.describe(&connection, counts.get(&id)),
@@ -236,14 +226,10 @@ pub async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
     };
     let plugin = match &new.plugin {
         None => None,
-        Some(sha) => {
-            let (this, sha) = (shared.clone(), sha.clone());
-            match tokio::task::spawn_blocking(move || this.connections.store.get(&sha)).await {
-                Ok(Ok(plugin)) => Some(plugin),
-                Ok(Err(e)) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("plugin: {e:#}")})),
-                Err(e) => return answer(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
-            }
-        }
+        Some(sha) => match stored(&shared, sha).await {
+            Ok(plugin) => Some(plugin),
+            Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("plugin: {e:#}")})),
+        },
     };
     match shared.connections.create(new, plugin).await {
         Ok(connection) => {
@@ -343,11 +329,9 @@ pub async fn swap(
             );
         }
     };
-    let this = shared.clone();
-    let plugin = match tokio::task::spawn_blocking(move || this.connections.store.get(&sha)).await {
-        Ok(Ok(plugin)) => plugin,
-        Ok(Err(e)) => return answer(StatusCode::NOT_FOUND, json!({"error": format!("{e:#}")})),
-        Err(e) => return answer(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+    let plugin = match stored(&shared, &sha).await {
+        Ok(plugin) => plugin,
+        Err(e) => return answer(StatusCode::NOT_FOUND, json!({"error": format!("{e:#}")})),
     };
     let started = Instant::now();
     match shared.connections.swap(&id, plugin).await {
@@ -370,6 +354,22 @@ pub async fn rollback_one(State(shared): State<Arc<Shared>>, Path(id): Path<Stri
         Ok(loaded) => answer(StatusCode::OK, json!({"id": id, "active": describe(&loaded)})),
         Err(e) => answer(StatusCode::CONFLICT, json!({"error": format!("{e:#}")})),
     }
+}
+
+/// Each connection's events in the spool, by state (none if it cannot say).
+async fn counts(shared: &Arc<Shared>) -> std::collections::BTreeMap<String, crate::spool::Counts> {
+    let spool = shared.spool.clone();
+    tokio::task::spawn_blocking(move || spool.counts())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
+/// A stored plugin version by SHA-256 (loaded, or loaded from the spool).
+async fn stored(shared: &Arc<Shared>, sha256: &str) -> anyhow::Result<Arc<Plugin>> {
+    let (this, sha256) = (shared.clone(), sha256.to_string());
+    tokio::task::spawn_blocking(move || this.connections.store.get(&sha256)).await?
 }
 
 /// The caller may use the admin API, and the connection exists.

@@ -23,7 +23,6 @@ use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use sha2::Digest;
 use tokio::sync::Notify;
 
 use plugin_runtime::{Canary, Plugin, PluginSlot};
@@ -123,11 +122,7 @@ pub fn check_id(id: &str) -> anyhow::Result<()> {
 
 /// The SHA-256 of a write key, as routes and the spool keep it.
 pub fn key_hash(key: &str) -> String {
-    hex(&sha2::Sha256::digest(key.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    plugin_runtime::sha256_hex(key.as_bytes())
 }
 
 /// The bounded label a skipped event is counted under: its type, which

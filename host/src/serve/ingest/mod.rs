@@ -120,22 +120,22 @@ async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Re
         );
     }
     let count = events.len();
+    let row = |target: &Connection, event: &Received, body: String| NewEvent {
+        connection: target.id.clone(),
+        message_id: Some(event.message_id.clone()),
+        received_at: event.received_at.clone(),
+        body,
+    };
+    // A copy of each event per connection its key feeds; the last one
+    // takes the texts themselves.
+    let (last, others) = targets.split_last().expect("a routed key has a connection");
     let mut rows = Vec::with_capacity(count * targets.len());
-    for (index, target) in targets.iter().enumerate() {
-        for event in &events {
-            let last = index + 1 == targets.len();
-            rows.push(NewEvent {
-                connection: target.id.clone(),
-                message_id: Some(event.message_id.clone()),
-                received_at: event.received_at.clone(),
-                body: if last { String::new() } else { event.text.clone() },
-            });
-        }
+    for target in others {
+        rows.extend(events.iter().map(|e| row(target, e, e.text.clone())));
     }
-    // The last connection's rows take the texts rather than copies.
-    let last = rows.len() - count;
-    for (row, event) in rows[last..].iter_mut().zip(events) {
-        row.body = event.text;
+    for mut event in events {
+        let text = std::mem::take(&mut event.text);
+        rows.push(row(last, &event, text));
     }
     let spool = shared.spool.clone();
     let stored = tokio::task::spawn_blocking(move || spool.append(&rows)).await;
