@@ -49,7 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sandbox(args) => cli::demo::sandbox(args),
         #[cfg(feature = "sandbox")]
         Command::Demo => cli::demo::demo(&cli.runtime),
-        Command::Serve(args) => cli::serve::serve(&cli.runtime, args),
+        Command::Serve(args) => cli::serve::serve(&cli.runtime, *args),
         Command::Dlq(command) => cli::serve::dlq(command),
         Command::Plugin(PluginCommand::Inspect { file }) => cli::map::inspect(&cli.runtime, &file),
     }

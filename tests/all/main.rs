@@ -9,8 +9,11 @@ mod connections;
 mod delivery;
 mod hostile;
 mod hot_swap;
+#[path = "../support/nats.rs"]
+mod nats;
 mod properties;
 mod serve;
 #[path = "../support/spool.rs"]
 mod spool_file;
+mod stream;
 mod support;

@@ -39,7 +39,7 @@ pub enum Command {
     #[cfg(feature = "sandbox")]
     Demo,
     /// Run as a service: Chord/Segment-compatible ingest, a durable spool, delivery through the plugin.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Inspect, re-drive or delete the dead letters in a serve spool.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -256,6 +256,20 @@ pub struct ServeArgs {
     /// Watch this directory for new versions of the plugin (*.wasm), checked and swapped in like uploads.
     #[arg(long, value_name = "DIR")]
     pub plugin_dir: Option<PathBuf>,
+    /// Keep events in a NATS JetStream stream shared by several hosts, instead of the spool:
+    /// nats://HOST:PORT, comma-separated (also $CDP_HOST_STREAM).
+    #[arg(long, value_name = "URLS", env = "CDP_HOST_STREAM")]
+    pub stream: Option<String>,
+    /// With --stream: ingest (take events, publish them), deliver (consume and deliver), or both [default: both]
+    #[arg(long, value_name = "ROLE")]
+    pub role: Option<String>,
+    /// With --stream: copies JetStream keeps of each event, when this host creates the stream
+    /// (3 in a cluster of three) [default: 1]
+    #[arg(long, value_name = "N")]
+    pub stream_replicas: Option<usize>,
+    /// With --stream: partitions of the stream; every host must use the same [default: 16]
+    #[arg(long, value_name = "N")]
+    pub partitions: Option<u32>,
 }
 
 /// The `serve` configuration file; every key optional, each named like
@@ -279,6 +293,10 @@ pub struct ServeFile {
     pub retry: Option<RetryFile>,
     pub admin_token: Option<String>,
     pub plugin_dir: Option<PathBuf>,
+    pub stream: Option<String>,
+    pub role: Option<String>,
+    pub stream_replicas: Option<usize>,
+    pub partitions: Option<u32>,
     /// Shops, each with its own write keys, plugin, settings and secrets
     /// (`[[connections]]`).
     #[serde(default)]
@@ -331,6 +349,9 @@ pub enum DlqCommand {
     List {
         #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]
         spool: PathBuf,
+        /// The dead letters of `serve --stream` instead: nats://HOST:PORT, comma-separated.
+        #[arg(long, value_name = "URLS", env = "CDP_HOST_STREAM")]
+        stream: Option<String>,
         /// Only this connection's [default: every connection's]
         #[arg(long, value_name = "ID")]
         connection: Option<String>,
@@ -339,8 +360,14 @@ pub enum DlqCommand {
     },
     /// Put dead letters back to be delivered again by a running (or the next) serve.
     Replay {
+        /// With --stream: the stream's partitions, as serve has them [default: 16]
+        #[arg(long, value_name = "N")]
+        partitions: Option<u32>,
         #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]
         spool: PathBuf,
+        /// The dead letters of `serve --stream` instead: nats://HOST:PORT, comma-separated.
+        #[arg(long, value_name = "URLS", env = "CDP_HOST_STREAM")]
+        stream: Option<String>,
         /// Only this connection's [default: every connection's]
         #[arg(long, value_name = "ID")]
         connection: Option<String>,
@@ -352,6 +379,9 @@ pub enum DlqCommand {
     Purge {
         #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]
         spool: PathBuf,
+        /// The dead letters of `serve --stream` instead: nats://HOST:PORT, comma-separated.
+        #[arg(long, value_name = "URLS", env = "CDP_HOST_STREAM")]
+        stream: Option<String>,
         /// Only this connection's [default: every connection's]
         #[arg(long, value_name = "ID")]
         connection: Option<String>,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cdp_host::serve::connections::NewConnection;
+use cdp_host::serve::stream::{Role, StreamOptions, dead};
 use cdp_host::serve::{Defaults, FileConnection, FlagsConnection, ServeConfig};
 use cdp_host::settings::{DestinationSettings, Secret};
 use cdp_host::spool::{Durability, Spool};
@@ -126,17 +127,38 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
             .filter(|t| !t.is_empty())
             .map(Secret::new),
         plugin_dir: args.plugin_dir.or(file.plugin_dir),
+        stream: match args.stream.or(file.stream).filter(|s| !s.trim().is_empty()) {
+            Some(servers) => Some(StreamOptions {
+                servers,
+                role: Role::parse(args.role.or(file.role).as_deref().unwrap_or("both"))?,
+                replicas: args.stream_replicas.or(file.stream_replicas).unwrap_or(1),
+                partitions: args
+                    .partitions
+                    .or(file.partitions)
+                    .unwrap_or(StreamOptions::DEFAULT_PARTITIONS),
+            }),
+            None if args.role.is_some() || file.role.is_some() => bail!("--role needs --stream"),
+            None => None,
+        },
     };
     super::tokio_runtime()?.block_on(cdp_host::serve::serve(config))?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    if let Some(stream) = match &command {
+        DlqCommand::List { stream, .. } | DlqCommand::Replay { stream, .. } | DlqCommand::Purge { stream, .. } => {
+            stream.clone().filter(|s| !s.trim().is_empty())
+        }
+    } {
+        return super::tokio_runtime()?.block_on(stream_dlq(&stream, command));
+    }
     match command {
         DlqCommand::List {
             spool,
             connection,
             limit,
+            ..
         } => {
             let spool = Spool::open(&spool, Durability::ProcessCrash)?;
             let stdout = io::stdout();
@@ -146,12 +168,50 @@ pub fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 io::Write::write_all(&mut out, b"\n")?;
             }
         }
-        DlqCommand::Replay { spool, connection, ids } => {
+        DlqCommand::Replay {
+            spool, connection, ids, ..
+        } => {
             let n = Spool::open(&spool, Durability::ProcessCrash)?.replay(connection.as_deref(), &ids)?;
             println!("{n} dead letters put back to be delivered");
         }
-        DlqCommand::Purge { spool, connection, ids } => {
+        DlqCommand::Purge {
+            spool, connection, ids, ..
+        } => {
             let n = Spool::open(&spool, Durability::ProcessCrash)?.purge(connection.as_deref(), &ids)?;
+            println!("{n} dead letters deleted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dlq … --stream`: the dead letters of `serve --stream`, in `CHORD_DLQ`.
+async fn stream_dlq(servers: &str, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let numbers = |ids: &[i64]| -> anyhow::Result<Vec<u64>> {
+        ids.iter()
+            .map(|&id| u64::try_from(id).map_err(|_| anyhow::anyhow!("--id {id} is not a dead letter's id")))
+            .collect()
+    };
+    match command {
+        DlqCommand::List { connection, limit, .. } => {
+            let stdout = io::stdout();
+            let mut out = stdout.lock();
+            for letter in dead::list(servers, connection.as_deref(), limit).await? {
+                serde_json::to_writer(&mut out, &letter)?;
+                io::Write::write_all(&mut out, b"\n")?;
+            }
+        }
+        DlqCommand::Replay {
+            connection,
+            ids,
+            partitions,
+            ..
+        } => {
+            let partitions = partitions.unwrap_or(StreamOptions::DEFAULT_PARTITIONS);
+            let n = dead::replay(servers, connection.as_deref(), &numbers(&ids)?, partitions).await?;
+            println!("{n} dead letters put back to be delivered");
+        }
+        DlqCommand::Purge { connection, ids, .. } => {
+            let n = dead::purge(servers, connection.as_deref(), &numbers(&ids)?).await?;
             println!("{n} dead letters deleted");
         }
     }

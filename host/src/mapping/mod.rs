@@ -29,6 +29,8 @@ use crate::settings::{DestinationSettings, SettingsCell};
 pub enum EventId {
     Line(u64),
     SpoolRow(i64),
+    /// A message's sequence in the JetStream stream (`serve --stream`).
+    Stream(u64),
 }
 
 impl EventId {
@@ -37,6 +39,7 @@ impl EventId {
         match self {
             EventId::Line(line) => line as i64,
             EventId::SpoolRow(row) => row,
+            EventId::Stream(sequence) => sequence as i64,
         }
     }
 }
@@ -46,6 +49,7 @@ impl fmt::Display for EventId {
         match self {
             EventId::Line(line) => write!(f, "line {line}"),
             EventId::SpoolRow(row) => write!(f, "spool row {row}"),
+            EventId::Stream(sequence) => write!(f, "stream message {sequence}"),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod connections;
 mod ingest;
 mod metrics;
 pub mod store;
+pub mod stream;
 
 pub use ingest::wire;
 
@@ -87,6 +88,9 @@ pub struct ServeConfig {
     /// to uploading them through the admin API: each is rolled to every
     /// connection serving that destination.
     pub plugin_dir: Option<std::path::PathBuf>,
+    /// Keep events in a NATS JetStream stream shared by several hosts
+    /// instead of the spool (which then keeps connections and plugins only).
+    pub stream: Option<stream::StreamOptions>,
 }
 
 /// Outcomes on their way to the writer, each with its connection.
@@ -103,6 +107,8 @@ pub(crate) struct Shared {
     admin_token: Option<Secret>,
     /// Outcomes to the writer, with the connection they belong to.
     outcomes: std::sync::Mutex<Option<OutcomeSender>>,
+    /// Where events go instead of the spool, and this host's role there.
+    stream: Option<Arc<stream::Log>>,
 }
 
 impl Shared {
@@ -114,7 +120,7 @@ impl Shared {
     /// A new engine waits for the last one to finish its events in flight,
     /// so that one person's events never race each other.
     fn ensure_running(self: &Arc<Self>, connection: &Arc<Connection>) {
-        if self.draining() || !connection.state().delivers() {
+        if self.draining() || !connection.state().delivers() || self.stream.is_some() {
             return;
         }
         let mut engine = connection.engine.lock().unwrap();
@@ -185,6 +191,14 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
             "serve has no connection: give write keys (--write-key, write_keys in the config, or $CDP_HOST_WRITE_KEYS), [[connections]] in the config, or an admin token to create them through the admin API"
         );
     }
+    let log = match config.stream.clone() {
+        Some(options) => {
+            let log = stream::Log::connect(options.clone()).await?;
+            tracing::info!(servers = %options.servers, role = ?options.role, replicas = options.replicas, "events go through the JetStream stream");
+            Some(Arc::new(log))
+        }
+        None => None,
+    };
     let (outcomes, written) = std::sync::mpsc::channel::<(Arc<Connection>, Finished)>();
     let shared = Arc::new(Shared {
         spool: config.spool.clone(),
@@ -194,6 +208,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         held: Arc::new(tokio::sync::Semaphore::new(connections::HOST_EVENTS)),
         admin_token: config.admin_token.clone(),
         outcomes: std::sync::Mutex::new(Some(outcomes)),
+        stream: log.clone(),
     });
     let app = Router::new()
         .route("/api/s/s2s/{kind}", post(ingest::s2s))
@@ -234,6 +249,15 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     for connection in shared.connections.all() {
         shared.ensure_running(&connection);
     }
+    let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);
+    let worker = log.as_ref().filter(|log| log.options.role.delivers()).map(|log| {
+        tokio::spawn(stream::run_worker(
+            log.clone(),
+            shared.clone(),
+            worker_stop,
+            config.shutdown_grace,
+        ))
+    });
     let supervisor = tokio::spawn(supervise(shared.clone()));
     let pruner = tokio::spawn(prune(config.spool.clone(), config.retention));
     let watcher = config
@@ -244,6 +268,14 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     axum::serve(listener, app).with_graceful_shutdown(stop).await?;
     tracing::info!("stopping intake; finishing deliveries in flight");
     shared.draining.store(true, Ordering::Relaxed);
+    let _ = stop_worker.send(true);
+    if let Some(worker) = worker {
+        match worker.await {
+            Ok(Err(e)) => tracing::error!("the delivery worker: {e:#}"),
+            Err(e) => tracing::error!("the delivery worker: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
     supervisor.abort();
     pruner.abort();
     if let Some(watcher) = watcher {
@@ -297,7 +329,7 @@ async fn supervise(shared: Arc<Shared>) {
         tick += 1;
         let this = shared.clone();
         let _ = tokio::task::spawn_blocking(move || this.connections.finish_deletions()).await;
-        if !tick.is_multiple_of(5) {
+        if !tick.is_multiple_of(5) || shared.stream.is_some() {
             continue;
         }
         let spool = shared.spool.clone();

@@ -20,6 +20,7 @@ use serde_json::json;
 
 use super::Shared;
 use super::connections::Connection;
+use crate::serve::stream::Outgoing;
 use crate::spool::NewEvent;
 pub use wire::MAX_BATCH_BYTES;
 use wire::{KINDS, MAX_EVENT_BYTES, Received, Refused};
@@ -120,6 +121,9 @@ async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Re
         );
     }
     let count = events.len();
+    if let Some(log) = &shared.stream {
+        return publish(shared, log, targets, events).await;
+    }
     let row = |target: &Connection, event: &Received, body: String| NewEvent {
         connection: target.id.clone(),
         message_id: Some(event.message_id.clone()),
@@ -162,6 +166,56 @@ async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Re
             )
         }
         Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, format!("storing failed: {e}")),
+    }
+}
+
+/// Publishes each event once per connection its key feeds to the stream,
+/// and answers 200 only once the stream has stored every one.
+async fn publish(
+    shared: &Arc<Shared>,
+    log: &crate::serve::stream::Log,
+    targets: &[Arc<Connection>],
+    events: Vec<Received>,
+) -> Response {
+    if !log.options.role.ingests() {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this host only delivers (--role deliver); send events to an ingest host".to_string(),
+        );
+    }
+    let count = events.len();
+    let mut outgoing = Vec::with_capacity(count * targets.len());
+    for target in targets {
+        outgoing.extend(events.iter().map(|e| Outgoing {
+            connection: target.id.clone(),
+            message_id: e.message_id.clone(),
+            received_at: e.received_at.clone(),
+            body: e.text.clone(),
+        }));
+    }
+    match log.publish(outgoing).await {
+        Ok(()) => {
+            shared
+                .metrics
+                .received
+                .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+            for target in targets {
+                target
+                    .metrics
+                    .received
+                    .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            (StatusCode::OK, axum::Json(json!({ "ok": true, "stored": count }))).into_response()
+        }
+        Err(e) => {
+            tracing::error!("the stream could not store {count} events: {e:#}");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the stream cannot store events right now ({e:#}); send them again later (what was stored already is not stored twice)"
+                ),
+            )
+        }
     }
 }
 

@@ -1,0 +1,307 @@
+//! `serve --stream`: the events kept in a replicated NATS JetStream stream
+//! instead of the local spool, so that several hosts share one log. Ingest
+//! hosts publish each event and answer 200 only once JetStream has stored
+//! it (on the stream's replicas); delivery workers take partitions of the
+//! stream, one worker per partition at a time, and ack each event only once
+//! its outcome is final (`worker`). Dead letters go to a stream of their
+//! own (`dead`).
+//!
+//! Layout in JetStream:
+//! - `CHORD_EVENTS`, a work queue on `chord.events.<partition>`: an event
+//!   stays until a worker acks it. The partition is a hash of the person
+//!   key computed at ingest (userId, else anonymousId, else email), so one
+//!   person's events share a partition and keep their order. Each event
+//!   carries `Nats-Msg-Id` = `<connection>:<messageId>`, so a sender's retry
+//!   of what was stored already is dropped by the stream's dedupe window.
+//! - `CHORD_DLQ`, on `chord.dlq`: dead letters, kept until replayed or purged.
+//! - KV buckets `chord_leases` (who holds each partition) and
+//!   `chord_workers` (who is alive), both expiring what is not renewed.
+
+pub mod dead;
+mod worker;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, HeaderValue};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+pub(crate) use worker::run as run_worker;
+
+pub const EVENTS_STREAM: &str = "CHORD_EVENTS";
+pub const DLQ_STREAM: &str = "CHORD_DLQ";
+pub const DLQ_SUBJECT: &str = "chord.dlq";
+const LEASES_BUCKET: &str = "chord_leases";
+const WORKERS_BUCKET: &str = "chord_workers";
+/// Headers each event carries besides `Nats-Msg-Id`.
+pub const CONNECTION_HEADER: &str = "Chord-Connection";
+pub const RECEIVED_AT_HEADER: &str = "Chord-Received-At";
+
+/// What each host runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Takes events over HTTP and publishes them; delivers nothing.
+    Ingest,
+    /// Delivers from the stream; its ingest endpoints refuse events.
+    Deliver,
+    Both,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> anyhow::Result<Role> {
+        match text {
+            "ingest" => Ok(Role::Ingest),
+            "deliver" => Ok(Role::Deliver),
+            "both" => Ok(Role::Both),
+            other => anyhow::bail!("role {other:?} is not ingest, deliver or both"),
+        }
+    }
+
+    pub fn ingests(self) -> bool {
+        self != Role::Deliver
+    }
+
+    pub fn delivers(self) -> bool {
+        self != Role::Ingest
+    }
+}
+
+/// How to reach the stream and how it is laid out.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// `nats://host:port`, comma-separated.
+    pub servers: String,
+    pub role: Role,
+    /// Copies JetStream keeps of each event (and of the KV buckets): 3 in
+    /// a cluster of three, so that one node may die.
+    pub replicas: usize,
+    /// Fixed for the life of the stream: every host must use the same.
+    pub partitions: u32,
+}
+
+impl StreamOptions {
+    pub const DEFAULT_PARTITIONS: u32 = 16;
+}
+
+/// The stream, its dead letters and the shared buckets, as one host uses them.
+pub struct Log {
+    pub(crate) js: jetstream::Context,
+    pub(crate) options: StreamOptions,
+}
+
+/// One event to publish.
+pub struct Outgoing {
+    pub connection: String,
+    pub message_id: String,
+    pub received_at: String,
+    pub body: String,
+}
+
+impl Log {
+    /// Connects (to any of the servers; the client follows the cluster) and
+    /// makes the streams and buckets if they are not there.
+    pub async fn connect(options: StreamOptions) -> anyhow::Result<Log> {
+        let js = context(&options.servers).await?;
+        let events = stream::Config {
+            name: EVENTS_STREAM.to_string(),
+            subjects: vec!["chord.events.*".to_string()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            num_replicas: options.replicas,
+            duplicate_window: Duration::from_secs(120),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let dlq = stream::Config {
+            name: DLQ_STREAM.to_string(),
+            subjects: vec![DLQ_SUBJECT.to_string()],
+            num_replicas: options.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        // A cluster just started elects its leaders first: wait for it.
+        let deadline = tokio::time::Instant::now() + SETUP_WAIT;
+        loop {
+            match setup(&js, &[events.clone(), dlq.clone()], options.replicas).await {
+                Ok(()) => break,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!("JetStream is not ready yet: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Log { js, options })
+    }
+
+    /// Publishes every event and waits for JetStream to store each one:
+    /// an error if any was not stored (some may have been; sending them
+    /// again is safe, as the stream drops a `Nats-Msg-Id` it has seen).
+    pub async fn publish(&self, events: Vec<Outgoing>) -> anyhow::Result<()> {
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            let partition = partition_of(&event.body, self.options.partitions);
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "Nats-Msg-Id",
+                HeaderValue::from(format!("{}:{}", event.connection, event.message_id).as_str()),
+            );
+            headers.insert(CONNECTION_HEADER, HeaderValue::from(event.connection.as_str()));
+            headers.insert(RECEIVED_AT_HEADER, HeaderValue::from(event.received_at.as_str()));
+            let ack = self
+                .js
+                .publish_with_headers(format!("chord.events.{partition}"), headers, event.body.into())
+                .await
+                .context("publishing to the stream")?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.context("the stream did not confirm storing an event")?;
+        }
+        Ok(())
+    }
+}
+
+/// How long `serve` waits for JetStream to be ready at start.
+const SETUP_WAIT: Duration = Duration::from_secs(60);
+
+/// Makes the streams and buckets that are not there yet.
+async fn setup(js: &jetstream::Context, streams: &[stream::Config], replicas: usize) -> anyhow::Result<()> {
+    for config in streams {
+        js.get_or_create_stream(config.clone())
+            .await
+            .with_context(|| format!("creating or opening the JetStream stream {}", config.name))?;
+    }
+    for bucket in [LEASES_BUCKET, WORKERS_BUCKET] {
+        if js.get_key_value(bucket).await.is_err() {
+            js.create_key_value(jetstream::kv::Config {
+                bucket: bucket.to_string(),
+                history: 1,
+                max_age: worker::LEASE_TTL,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating the JetStream key-value bucket {bucket}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A JetStream context on the servers, with a bounded wait for each answer.
+pub async fn context(servers: &str) -> anyhow::Result<jetstream::Context> {
+    let addresses: Vec<async_nats::ServerAddr> = servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().with_context(|| format!("{s:?} is not a NATS server address")))
+        .collect::<anyhow::Result<_>>()?;
+    if addresses.is_empty() {
+        anyhow::bail!("--stream names no NATS server");
+    }
+    let client = async_nats::ConnectOptions::new()
+        .name(concat!("cdp-host/", env!("CARGO_PKG_VERSION")))
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(addresses)
+        .await
+        .with_context(|| format!("connecting to NATS at {servers}"))?;
+    let mut js = jetstream::new(client);
+    js.set_timeout(Duration::from_secs(5));
+    Ok(js)
+}
+
+/// The partition of an event: a hash of its person key (userId, else
+/// anonymousId, else an email in traits, context.traits or properties).
+/// Events with none share partition 0.
+pub fn partition_of(body: &str, partitions: u32) -> u32 {
+    match person_key(body) {
+        Some(key) => (fnv1a(key.as_bytes()) % u64::from(partitions.max(1))) as u32,
+        None => 0,
+    }
+}
+
+/// The person key, as its JSON text (a string's quotes included, so that
+/// the number 7 and the string "7" differ as they do in the event).
+pub fn person_key(body: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Traits<'a> {
+        #[serde(borrow)]
+        email: Option<&'a RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct Context<'a> {
+        #[serde(borrow)]
+        traits: Option<Traits<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Person<'a> {
+        #[serde(rename = "userId", borrow)]
+        user_id: Option<&'a RawValue>,
+        #[serde(rename = "anonymousId", borrow)]
+        anonymous_id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        traits: Option<Traits<'a>>,
+        #[serde(borrow)]
+        context: Option<Context<'a>>,
+        #[serde(borrow)]
+        properties: Option<Traits<'a>>,
+    }
+    let person: Person = serde_json::from_str(body).ok()?;
+    fn present(raw: Option<&RawValue>) -> Option<&str> {
+        raw.map(RawValue::get).filter(|t| !matches!(*t, "null" | "\"\""))
+    }
+    let email = person
+        .traits
+        .and_then(|t| t.email)
+        .or_else(|| person.context.and_then(|c| c.traits).and_then(|t| t.email))
+        .or_else(|| person.properties.and_then(|p| p.email));
+    present(person.user_id)
+        .map(|k| format!("u{k}"))
+        .or_else(|| present(person.anonymous_id).map(|k| format!("a{k}")))
+        .or_else(|| present(email).map(|k| format!("e{}", k.to_ascii_lowercase())))
+}
+
+/// FNV-1a, 64 bits: stable across hosts and versions (std's hasher is not).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_person_key_prefers_user_then_anonymous_then_email() {
+        let both = r#"{"userId":"u1","anonymousId":"a1","traits":{"email":"x@y.z"}}"#;
+        assert_eq!(person_key(both).as_deref(), Some("u\"u1\""));
+        let anonymous = r#"{"userId":null,"anonymousId":"a1"}"#;
+        assert_eq!(person_key(anonymous).as_deref(), Some("a\"a1\""));
+        let email = r#"{"type":"track","properties":{"email":"X@Y.z"}}"#;
+        assert_eq!(person_key(email).as_deref(), Some("e\"x@y.z\""));
+        let in_context = r#"{"context":{"traits":{"email":"c@d.e"}}}"#;
+        assert_eq!(person_key(in_context).as_deref(), Some("e\"c@d.e\""));
+        assert_eq!(person_key(r#"{"type":"track"}"#), None);
+        assert_eq!(person_key("not json"), None);
+    }
+
+    #[test]
+    fn a_person_keeps_one_partition_whatever_else_the_event_says() {
+        let identify = r#"{"type":"identify","userId":"42","traits":{"email":"a@b.c"}}"#;
+        let track = r#"{"type":"track","event":"Order Completed","userId":"42","properties":{"total":3}}"#;
+        assert_eq!(partition_of(identify, 16), partition_of(track, 16));
+        assert!(
+            (0..200)
+                .map(|i| partition_of(&format!(r#"{{"userId":"{i}"}}"#), 16))
+                .all(|p| p < 16)
+        );
+        // Spread: 200 people land on most of 16 partitions.
+        let used: std::collections::HashSet<u32> = (0..200)
+            .map(|i| partition_of(&format!(r#"{{"userId":"{i}"}}"#), 16))
+            .collect();
+        assert!(used.len() >= 14, "{used:?}");
+    }
+}

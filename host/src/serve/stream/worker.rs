@@ -1,0 +1,405 @@
+//! A delivery worker on the stream. It holds leases on some partitions
+//! (a key per partition in `chord_leases`, created only if absent, renewed
+//! by compare-and-swap, expiring when not renewed), and for each one it
+//! holds consumes the partition's events in stream order into the
+//! delivery engine of their connection. The engine keeps one person's
+//! events in order, retries transient failures with backoff while other
+//! people's events go on, and reports each event's final outcome; only
+//! then is the event acked (a dead letter is first stored in `CHORD_DLQ`).
+//!
+//! Why not NAK with a delay for a transient failure: the person's next
+//! event may already be in the engine, and a redelivered earlier event
+//! would then overtake nothing but arrive after it. Holding the event in
+//! the engine, where its person's later events wait behind it, keeps order
+//! and blocks no one else.
+//!
+//! Failure: a worker killed holds its leases until they expire
+//! (`LEASE_TTL`). The worker that takes a partition next makes its
+//! consumer anew, from the oldest event not acked (the stream is a work
+//! queue, so every event still in it is unfinished), so the events the
+//! dead worker had in flight come first, in their order. An event the
+//! dead worker delivered but had not acked is delivered again, and the
+//! destination drops it by its `unique_id`.
+//!
+//! Balance: each worker heartbeats in `chord_workers`, and holds at most
+//! its share (partitions / live workers, rounded up). A worker over its
+//! share stops taking events of the extra partitions, lets those in flight
+//! finish, and only then gives the lease up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, kv};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use super::super::Shared;
+use super::super::connections::Connection;
+use super::{CONNECTION_HEADER, EVENTS_STREAM, LEASES_BUCKET, Log, WORKERS_BUCKET};
+use crate::delivery::{EventOutcome, EventRecord};
+use crate::mapping::EventId;
+
+/// A lease or heartbeat not renewed for this long is gone.
+pub(super) const LEASE_TTL: Duration = Duration::from_secs(8);
+/// How often leases are renewed and the share looked at again.
+const TICK: Duration = Duration::from_secs(2);
+/// How long JetStream waits for an ack before it sends an event again to
+/// the same consumer: longer than delivery's own retries of one event, as
+/// only the worker holding the partition reads its consumer, and a worker
+/// that takes a partition over reads it anew from its oldest event.
+const ACK_WAIT: Duration = Duration::from_secs(600);
+/// Events of one partition handed out and not yet acked, at most.
+const MAX_ACK_PENDING: i64 = 512;
+/// Events waiting for a connection's engine, at most.
+const ENGINE_QUEUE: usize = 256;
+
+/// An event handed to an engine and not yet acked.
+struct Pending {
+    message: jetstream::Message,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A partition this worker holds.
+struct Held {
+    revision: u64,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    /// Its events handed out and not yet acked.
+    in_flight: Arc<AtomicUsize>,
+    /// Giving it up: no new events; the lease goes once none is in flight.
+    releasing: bool,
+}
+
+struct Worker {
+    id: String,
+    log: Arc<Log>,
+    shared: Arc<Shared>,
+    leases: kv::Store,
+    workers: kv::Store,
+    events: jetstream::stream::Stream,
+    pending: std::sync::Mutex<HashMap<u64, Pending>>,
+    engines: std::sync::Mutex<HashMap<String, mpsc::Sender<(EventId, String)>>>,
+    outcomes: mpsc::UnboundedSender<(Arc<Connection>, EventRecord)>,
+}
+
+/// Runs a delivery worker until `stop` turns true; then stops taking
+/// events, lets those in flight finish (for at most `grace`), and gives
+/// its leases up so that other workers take the partitions at once.
+pub(crate) async fn run(
+    log: Arc<Log>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let js = &log.js;
+    let (outcomes, mut finished) = mpsc::unbounded_channel();
+    let worker = Arc::new(Worker {
+        id: format!("w{}", uuid::Uuid::new_v4().simple()),
+        leases: js.get_key_value(LEASES_BUCKET).await?,
+        workers: js.get_key_value(WORKERS_BUCKET).await?,
+        events: js.get_stream(EVENTS_STREAM).await?,
+        log: log.clone(),
+        shared,
+        pending: Default::default(),
+        engines: Default::default(),
+        outcomes,
+    });
+    tracing::info!(worker = %worker.id, partitions = log.options.partitions, "delivery worker started");
+    let acker = tokio::spawn({
+        let worker = worker.clone();
+        async move {
+            while let Some((connection, record)) = finished.recv().await {
+                worker.settle(&connection, record).await;
+            }
+        }
+    });
+    let mut held: HashMap<u32, Held> = HashMap::new();
+    loop {
+        if let Err(e) = worker.tick(&mut held).await {
+            tracing::warn!(worker = %worker.id, "keeping the partitions: {e:#}");
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+    // Stop taking events; let those in flight finish and be acked.
+    for h in held.values() {
+        let _ = h.stop.send(true);
+    }
+    worker.engines.lock().unwrap().clear();
+    let deadline = tokio::time::Instant::now() + grace;
+    while !worker.pending.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (partition, h) in held {
+        h.task.abort();
+        let _ = worker.leases.delete(lease_key(partition)).await;
+    }
+    let _ = worker.workers.delete(&worker.id).await;
+    acker.abort();
+    tracing::info!(worker = %worker.id, "delivery worker stopped");
+    Ok(())
+}
+
+fn lease_key(partition: u32) -> String {
+    format!("p{partition}")
+}
+
+impl Worker {
+    /// Heartbeat, renew, give up what is over the share, take what is under.
+    async fn tick(self: &Arc<Self>, held: &mut HashMap<u32, Held>) -> anyhow::Result<()> {
+        self.workers.put(&self.id, self.id.clone().into()).await?;
+        let mut live = 0u32;
+        let mut keys = self.workers.keys().await?;
+        while let Some(key) = keys.next().await {
+            live += u32::from(key.is_ok());
+        }
+        let partitions = self.log.options.partitions;
+        let share = partitions.div_ceil(live.max(1)) as usize;
+
+        // Renew; a lease lost (expired and taken) is dropped at once.
+        let mut lost = Vec::new();
+        for (partition, h) in held.iter_mut() {
+            match self
+                .leases
+                .update(lease_key(*partition), self.id.clone().into(), h.revision)
+                .await
+            {
+                Ok(revision) => h.revision = revision,
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, partition, "lost the lease: {e}");
+                    lost.push(*partition);
+                }
+            }
+        }
+        for partition in lost {
+            if let Some(h) = held.remove(&partition) {
+                let _ = h.stop.send(true);
+            }
+        }
+        // A consumer that ended (an error) starts again.
+        for (partition, h) in held.iter_mut() {
+            if h.task.is_finished() && !h.releasing {
+                let (stop, stopped) = watch::channel(false);
+                h.stop = stop;
+                h.task = tokio::spawn(self.clone().consume(*partition, h.in_flight.clone(), stopped));
+            }
+        }
+        // Over the share: give up the extra ones once their events are done.
+        let keeping = held.values().filter(|h| !h.releasing).count();
+        if keeping > share {
+            for (_, h) in held.iter_mut().filter(|(_, h)| !h.releasing).take(keeping - share) {
+                h.releasing = true;
+                let _ = h.stop.send(true);
+            }
+        }
+        let done: Vec<u32> = held
+            .iter()
+            .filter(|(_, h)| h.releasing && h.in_flight.load(Ordering::Acquire) == 0)
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in done {
+            let h = held.remove(&partition).expect("listed above");
+            h.task.abort();
+            let _ = self
+                .leases
+                .delete_expect_revision(lease_key(partition), Some(h.revision))
+                .await;
+            tracing::info!(worker = %self.id, partition, "gave the partition up");
+        }
+        // Under the share: take free partitions, starting at a place of our own.
+        let start = (super::fnv1a(self.id.as_bytes()) % u64::from(partitions)) as u32;
+        for step in 0..partitions {
+            if held.len() >= share {
+                break;
+            }
+            let partition = (start + step) % partitions;
+            if held.contains_key(&partition) {
+                continue;
+            }
+            if let Ok(revision) = self.leases.create(lease_key(partition), self.id.clone().into()).await {
+                tracing::info!(worker = %self.id, partition, "took the partition");
+                let in_flight = Arc::new(AtomicUsize::new(0));
+                let (stop, stopped) = watch::channel(false);
+                let task = tokio::spawn(self.clone().consume(partition, in_flight.clone(), stopped));
+                held.insert(
+                    partition,
+                    Held {
+                        revision,
+                        stop,
+                        task,
+                        in_flight,
+                        releasing: false,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a partition from its oldest unfinished event, handing each to
+    /// its connection's engine, until told to stop.
+    async fn consume(self: Arc<Self>, partition: u32, in_flight: Arc<AtomicUsize>, mut stop: watch::Receiver<bool>) {
+        let name = format!("partition-{partition}");
+        // Anew: a consumer left by the last holder may have events out.
+        let _ = self.events.delete_consumer(&name).await;
+        let made = self
+            .events
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: format!("chord.events.{partition}"),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: MAX_ACK_PENDING,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await;
+        let consumer = match made {
+            Ok(consumer) => consumer,
+            Err(e) => {
+                tracing::warn!(worker = %self.id, partition, "making the consumer: {e}");
+                tokio::time::sleep(TICK).await;
+                return;
+            }
+        };
+        let mut messages = match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(e) => {
+                tracing::warn!(worker = %self.id, partition, "reading the partition: {e}");
+                tokio::time::sleep(TICK).await;
+                return;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = stop.changed() => return,
+                next = messages.next() => next,
+            };
+            let message = match next {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    tracing::debug!(worker = %self.id, partition, "reading the partition: {e}");
+                    continue;
+                }
+                None => return,
+            };
+            if *stop.borrow() {
+                return;
+            }
+            self.dispatch(message, &in_flight).await;
+        }
+    }
+
+    /// Hands one event to its connection's engine.
+    async fn dispatch(self: &Arc<Self>, message: jetstream::Message, in_flight: &Arc<AtomicUsize>) {
+        let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
+            return;
+        };
+        let connection_id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(CONNECTION_HEADER))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        let connection = self.shared.connections.get(&connection_id);
+        let Some(connection) = connection.filter(|c| c.state().delivers()) else {
+            // Not ours to deliver now (a connection this host lacks, or
+            // paused): it waits in the stream and comes again later.
+            tracing::debug!(connection = %connection_id, "holding an event for a connection not delivering here");
+            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+            return;
+        };
+        let body = String::from_utf8_lossy(&message.payload).into_owned();
+        {
+            let mut pending = self.pending.lock().unwrap();
+            if let Some(already) = pending.get_mut(&sequence) {
+                // Read again by a new consumer while still in an engine:
+                // the ack goes through the newest consumer.
+                already.message = message;
+                return;
+            }
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            pending.insert(
+                sequence,
+                Pending {
+                    message,
+                    in_flight: in_flight.clone(),
+                },
+            );
+        }
+        let engine = self.engine(&connection);
+        if engine.send((EventId::Stream(sequence), body)).await.is_err() {
+            // The engine is gone (shutting down): the event stays unacked.
+            if let Some(p) = self.pending.lock().unwrap().remove(&sequence) {
+                p.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// The connection's engine on this worker, started at its first event.
+    fn engine(self: &Arc<Self>, connection: &Arc<Connection>) -> mpsc::Sender<(EventId, String)> {
+        let mut engines = self.engines.lock().unwrap();
+        if let Some(tx) = engines.get(&connection.id).filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        let (tx, mut rx) = mpsc::channel::<(EventId, String)>(ENGINE_QUEUE);
+        engines.insert(connection.id.clone(), tx.clone());
+        let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
+        let (connection, outcomes) = (connection.clone(), self.outcomes.clone());
+        tokio::spawn(async move {
+            let observer = {
+                let connection = connection.clone();
+                move |record: &EventRecord| {
+                    let _ = outcomes.send((connection.clone(), record.clone()));
+                }
+            };
+            if let Err(e) = connection.delivery.run_events(events, observer).await {
+                tracing::error!(connection = %connection.id, "delivery ended with an error: {e:#}");
+            }
+        });
+        tx
+    }
+
+    /// Makes an outcome final in the stream: a dead letter stored, then
+    /// the event acked.
+    async fn settle(&self, connection: &Connection, record: EventRecord) {
+        let EventId::Stream(sequence) = record.id else {
+            return;
+        };
+        let Some(pending) = self.pending.lock().unwrap().remove(&sequence) else {
+            return;
+        };
+        let metrics = &self.shared.metrics;
+        match &record.outcome {
+            EventOutcome::Delivered { .. } => {}
+            EventOutcome::Skipped(reason) => {
+                metrics.skipped(reason);
+                connection
+                    .metrics
+                    .skipped(super::super::connections::kind_label(record.kind.as_deref()));
+            }
+            EventOutcome::DeadLettered(letter) => {
+                tracing::warn!(connection = %connection.id, event = %record.id, message_id = ?record.message_id, reason = %letter.reason, "dead-lettered");
+                let stored = super::dead::store(&self.log, &connection.id, sequence, &record, letter).await;
+                if let Err(e) = stored {
+                    // Not acked: the event is delivered again later.
+                    tracing::error!(connection = %connection.id, "storing a dead letter: {e:#}");
+                    pending.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
+            }
+        }
+        if let Err(e) = pending.message.double_ack().await {
+            // The ack did not land: the event comes again, and the
+            // destination drops it by its unique_id.
+            tracing::warn!(connection = %connection.id, event = %record.id, "acking: {e}");
+        }
+        pending.in_flight.fetch_sub(1, Ordering::AcqRel);
+        metrics.finished.fetch_add(1, Ordering::Relaxed);
+        connection.metrics.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,356 @@
+//! `serve --stream`: several hosts on one replicated NATS JetStream stream,
+//! through real processes: a three-node NATS cluster, three `serve`
+//! workers, and the sandbox. Killed workers and killed NATS nodes lose no
+//! acknowledged event and deliver none twice, and a person's identify
+//! still arrives before their later events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use klaviyo_mock::{DEMO_KEY, KlaviyoMock, MockConfig};
+use serde_json::json;
+
+use crate::cli_map::tempdir;
+use crate::nats::Cluster;
+use crate::serve::WRITE_KEY;
+use crate::support::{assert_each_profile_arrived_before_its_events, cdp_host};
+
+const API_KEY: &str = DEMO_KEY;
+
+/// A `serve --stream` process, its log kept in its directory.
+struct Worker {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl Worker {
+    fn start(dir: PathBuf, nats: &str, sandbox: &str, api_key: &str) -> Worker {
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let args: Vec<String> = [
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--write-key",
+            WRITE_KEY,
+            "--base-url",
+            sandbox,
+            "--no-pacing",
+            "--max-attempts",
+            "50",
+            "--shutdown-grace-seconds",
+            "10",
+            "--stream",
+            nats,
+            "--stream-replicas",
+            "3",
+            "--spool",
+            &dir.join("spool.sqlite").display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut worker = Worker {
+            child: None,
+            port,
+            dir,
+            args,
+        };
+        worker.restart(api_key);
+        worker
+    }
+
+    fn restart(&mut self, api_key: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .unwrap();
+        let child = cdp_host()
+            .args(&self.args)
+            .env("KLAVIYO_API_KEY", api_key)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "serve --stream did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// What the senders had acknowledged, in order per person.
+#[derive(Default)]
+struct Acked {
+    tracks: BTreeSet<String>,
+    identifies: usize,
+}
+
+/// Sends `people` people's identify and then `tracks` track events each,
+/// a person's next event only after the last one was acknowledged, to the
+/// workers in turn (the next one when one does not answer 200).
+async fn send_people(urls: Vec<String>, people: std::ops::Range<usize>, tracks: usize, acked: Arc<Mutex<Acked>>) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut turn = people.start;
+    for person in people {
+        let email = format!("person{person}@example.org");
+        let mut events = vec![(
+            "identify",
+            format!("i-{person}"),
+            json!({"type": "identify", "messageId": format!("i-{person}"), "userId": format!("user-{person}"),
+                   "traits": {"email": email, "first_name": "P"}}),
+        )];
+        for t in 0..tracks {
+            let id = format!("t-{person}-{t}");
+            events.push((
+                "track",
+                id.clone(),
+                json!({"type": "track", "event": "Order Completed", "messageId": id, "userId": format!("user-{person}"),
+                       "properties": {"email": email, "revenue": t, "order_id": format!("o-{person}-{t}")}}),
+            ));
+        }
+        for (kind, id, event) in events {
+            // Until acknowledged, for up to a minute (a sender retries).
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut ok = false;
+            while !ok && Instant::now() < deadline {
+                turn += 1;
+                let url = &urls[turn % urls.len()];
+                let answer = client
+                    .post(format!("{url}/api/s/s2s/{kind}"))
+                    .header("X-Write-Key", WRITE_KEY)
+                    .body(event.to_string())
+                    .send()
+                    .await;
+                ok = answer.is_ok_and(|a| a.status() == 200);
+                if !ok {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            if !ok {
+                // Never acknowledged: the person's later events would be
+                // out of order, so stop this person here.
+                break;
+            }
+            let mut acked = acked.lock().unwrap();
+            match kind {
+                "identify" => acked.identifies += 1,
+                _ => {
+                    acked.tracks.insert(id);
+                }
+            }
+        }
+    }
+}
+
+/// Waits until every acknowledged track is in the sandbox, then checks
+/// that none is there twice and that profiles came before their events.
+async fn assert_all_delivered_once(sandbox: &KlaviyoMock, acked: &Acked, workers: &[Worker]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stored: BTreeSet<String> = sandbox.events().into_iter().map(|e| e.unique_id).collect();
+        let missing: Vec<&String> = acked.tracks.difference(&stored).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = workers.iter().map(Worker::log).collect();
+            panic!(
+                "{} of {} acknowledged events never arrived, e.g. {:?}\n{}",
+                missing.len(),
+                acked.tracks.len(),
+                &missing[..missing.len().min(5)],
+                logs.join("\n----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for event in sandbox.events() {
+        *counts.entry(event.unique_id).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "accepted more than once: {twice:?}");
+    let profiles = assert_each_profile_arrived_before_its_events(sandbox);
+    assert!(
+        profiles >= acked.identifies,
+        "{profiles} profiles for {} identifies",
+        acked.identifies
+    );
+    println!(
+        "{} tracks and {} identifies acknowledged; {} events accepted, {} resent and dropped by unique_id",
+        acked.tracks.len(),
+        acked.identifies,
+        counts.len(),
+        sandbox.stats().deduplicated
+    );
+}
+
+fn start_workers(dir: &Path, cluster: &Cluster, sandbox: &KlaviyoMock) -> Vec<Worker> {
+    (0..3)
+        .map(|i| Worker::start(dir.join(format!("w{i}")), &cluster.urls(), &sandbox.url(), API_KEY))
+        .collect()
+}
+
+fn unlimited() -> MockConfig {
+    MockConfig {
+        rate_limits: false,
+        ..MockConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_and_restarted_loses_nothing_and_delivers_nothing_twice() {
+    let dir = tempdir();
+    let cluster = Cluster::start(dir.join("nats"));
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let mut workers = start_workers(&dir, &cluster, &sandbox);
+    let urls: Vec<String> = workers.iter().map(Worker::url).collect();
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let senders: Vec<_> = (0..4)
+        .map(|s| tokio::spawn(send_people(urls.clone(), s * 60..(s + 1) * 60, 4, acked.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    workers[1].kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::block_in_place(|| workers[1].restart(API_KEY));
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(acked.tracks.len() > 500, "too little load: {}", acked.tracks.len());
+    assert_all_delivered_once(&sandbox, &acked, &workers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_node_killed_and_restarted_loses_nothing() {
+    let dir = tempdir();
+    let mut cluster = Cluster::start(dir.join("nats"));
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let workers = start_workers(&dir, &cluster, &sandbox);
+    let urls: Vec<String> = workers.iter().map(Worker::url).collect();
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let senders: Vec<_> = (0..4)
+        .map(|s| tokio::spawn(send_people(urls.clone(), s * 60..(s + 1) * 60, 4, acked.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.kill9(0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::block_in_place(|| cluster.start_node(0));
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(acked.tracks.len() > 500, "too little load: {}", acked.tracks.len());
+    assert_all_delivered_once(&sandbox, &acked, &workers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_replayed_and_purged_on_the_stream() {
+    let dir = tempdir();
+    let cluster = Cluster::start(dir.join("nats"));
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    // A key the sandbox does not know: Klaviyo's 401 is final.
+    let worker = Worker::start(
+        dir.join("w"),
+        &cluster.urls(),
+        &sandbox.url(),
+        "pk_not_a_known_key_0000000000000",
+    );
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    send_people(vec![worker.url()], 0..1, 1, acked.clone()).await;
+    assert_eq!(acked.lock().unwrap().tracks.len(), 1);
+    let dlq = |args: &[&str]| {
+        let out = cdp_host()
+            .arg("dlq")
+            .args(args)
+            .args(["--stream", &cluster.urls()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = |dlq: &dyn Fn(&[&str]) -> String| -> Vec<serde_json::Value> {
+        dlq(&["list"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut letters = listed(&dlq);
+    while letters.len() < 2 {
+        assert!(Instant::now() < deadline, "dead letters: {letters:?}\n{}", worker.log());
+        std::thread::sleep(Duration::from_millis(200));
+        letters = listed(&dlq);
+    }
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter["connection"], "default");
+        assert!(letter["reason"].as_str().unwrap().contains("401"), "{letter}");
+        assert!(
+            letter["plugin_version"].as_str().unwrap().starts_with("klaviyo"),
+            "{letter}"
+        );
+        assert!(
+            !letter.to_string().contains("pk_not_a_known_key"),
+            "a secret in {letter}"
+        );
+    }
+    // Replayed: delivered again (and dead again, under a new id).
+    let first = letters[0]["id"].as_u64().unwrap().to_string();
+    assert!(dlq(&["replay", "--id", &first]).starts_with("1 dead letters"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ids: Vec<u64> = listed(&dlq).iter().map(|l| l["id"].as_u64().unwrap()).collect();
+        if ids.len() == 2 && !ids.contains(&first.parse().unwrap()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after replay: {ids:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(dlq(&["purge"]).starts_with("2 dead letters"));
+    assert!(listed(&dlq).is_empty());
+}
