@@ -354,3 +354,61 @@ async fn dead_letters_are_listed_replayed_and_purged_on_the_stream() {
     assert!(dlq(&["purge"]).starts_with("2 dead letters"));
     assert!(listed(&dlq).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_one_budget_per_account() {
+    let dir = tempdir();
+    let cluster = Cluster::start(dir.join("nats"));
+    // Klaviyo's limits on: profile-import takes 75 a second, 750 a minute.
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
+    let workers: Vec<Worker> = (0..3)
+        .map(|i| {
+            let mut worker = Worker::start(dir.join(format!("w{i}")), &cluster.urls(), &sandbox.url(), API_KEY);
+            // Paced, as in production.
+            worker.args.retain(|a| a != "--no-pacing");
+            worker.kill9();
+            worker.restart(API_KEY);
+            worker
+        })
+        .collect();
+    // The partitions settle among the three before the backlog comes.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let client = reqwest::Client::new();
+    let people = 1500;
+    for chunk in (0..people).collect::<Vec<_>>().chunks(100) {
+        let batch: Vec<_> = chunk
+            .iter()
+            .map(|i| {
+                json!({"type": "identify", "messageId": format!("b-{i}"), "userId": format!("buyer-{i}"),
+                             "traits": {"email": format!("buyer{i}@example.org")}})
+            })
+            .collect();
+        let answer = client
+            .post(format!("{}/v1/batch", workers[0].url()))
+            .basic_auth(WRITE_KEY, Some(""))
+            .body(json!({"batch": batch}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let imported = || sandbox.arrivals().iter().filter(|a| a.what == "profile-import").count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while imported() == 0 {
+        assert!(Instant::now() < deadline, "nothing arrived: {}", workers[0].log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A minute from the first: the whole budget, and not one over.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let in_a_minute = imported();
+    let stats = sandbox.stats();
+    println!(
+        "{in_a_minute} profile imports in the first minute of 750 allowed; 429s: {:?}",
+        stats.throttled
+    );
+    assert!(stats.throttled.is_empty(), "429s: {:?}", stats.throttled);
+    assert!(
+        in_a_minute >= 675,
+        "{in_a_minute} profile imports in a minute: under 90% of 750"
+    );
+}

@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -20,19 +21,43 @@ use plugin_runtime::RateClass;
 const BURST_WINDOW: Duration = Duration::from_millis(1_000 + 100);
 const STEADY_WINDOW: Duration = Duration::from_millis(60_000 + 1_000);
 
+/// The whole budget, in millionths (`Pacer::set_share`).
+const WHOLE: u32 = 1_000_000;
+
 /// Windows per rate class, made from the budgets of whichever plugin
 /// version first sends in that class.
-#[derive(Default)]
 pub struct Pacer {
     classes: Mutex<HashMap<String, std::sync::Arc<Window>>>,
+    /// This host's share of each budget, in millionths: the whole budget
+    /// for a host alone, less when several hosts send for one account.
+    share: AtomicU32,
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Pacer {
+            classes: Default::default(),
+            share: AtomicU32::new(WHOLE),
+        }
+    }
 }
 
 /// The pacers of the destination accounts being sent to, one per account,
 /// so that every connection with the same key stays inside one budget.
 /// An account is known by a hash of its key, never by the key.
-#[derive(Default)]
 pub struct Budgets {
     accounts: Mutex<HashMap<String, std::sync::Weak<Pacer>>>,
+    /// The share every pacer here gets (`set_share`).
+    share: AtomicU32,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            accounts: Default::default(),
+            share: AtomicU32::new(WHOLE),
+        }
+    }
 }
 
 impl Budgets {
@@ -45,8 +70,28 @@ impl Budgets {
         }
         accounts.retain(|_, pacer| pacer.strong_count() > 0);
         let pacer = std::sync::Arc::new(Pacer::default());
+        pacer.share.store(self.share.load(Ordering::Relaxed), Ordering::Relaxed);
         accounts.insert(account_hash.to_string(), std::sync::Arc::downgrade(&pacer));
         pacer
+    }
+
+    /// Every account's pacer here (now and later) keeps to `part / whole`
+    /// of its budgets: several hosts delivering for the same accounts each
+    /// take a part, and together they stay inside each budget.
+    pub fn set_share(&self, part: u32, whole: u32) {
+        let share = (u64::from(part) * u64::from(WHOLE) / u64::from(whole.max(1))).min(u64::from(WHOLE)) as u32;
+        if self.share.swap(share, Ordering::Relaxed) == share {
+            return;
+        }
+        for pacer in self
+            .accounts
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(std::sync::Weak::upgrade)
+        {
+            pacer.share.store(share, Ordering::Relaxed);
+        }
     }
 }
 
@@ -81,7 +126,7 @@ impl Pacer {
             return;
         };
         loop {
-            let wait = window.try_take(Instant::now());
+            let wait = window.try_take(Instant::now(), self.share.load(Ordering::Relaxed));
             match wait {
                 None => return,
                 Some(wait) => tokio::time::sleep(wait).await,
@@ -95,7 +140,9 @@ impl Pacer {
     /// waiting; false when the request would have to wait.
     pub fn try_acquire(&self, class: &str, declared: &[RateClass]) -> bool {
         match self.window(class, declared) {
-            Some(window) => window.try_take(Instant::now()).is_none(),
+            Some(window) => window
+                .try_take(Instant::now(), self.share.load(Ordering::Relaxed))
+                .is_none(),
             None => true,
         }
     }
@@ -103,23 +150,27 @@ impl Pacer {
 
 impl Window {
     /// `None` when taken; otherwise how long until a slot may free up.
-    fn try_take(&self, now: Instant) -> Option<Duration> {
+    /// `share` of the budgets, in millionths; at least one request per
+    /// window, so that a host with a tiny share still finishes its events.
+    fn try_take(&self, now: Instant, share: u32) -> Option<Duration> {
+        let part = |budget: usize| ((budget as u64 * u64::from(share) / u64::from(WHOLE)) as usize).max(1);
+        let (burst, steady) = (part(self.burst), part(self.steady));
         let mut sent = self.sent.lock().unwrap();
         while sent.front().is_some_and(|t| now.duration_since(*t) >= STEADY_WINDOW) {
             sent.pop_front();
         }
         let in_burst = sent.len() - sent.partition_point(|t| now.duration_since(*t) >= BURST_WINDOW);
-        if sent.len() < self.steady && in_burst < self.burst {
+        if sent.len() < steady && in_burst < burst {
             sent.push_back(now);
             return None;
         }
-        let steady_free = if sent.len() >= self.steady {
+        let steady_free = if sent.len() >= steady {
             sent.front()
                 .map(|t| STEADY_WINDOW.saturating_sub(now.duration_since(*t)))
         } else {
             None
         };
-        let burst_free = if in_burst >= self.burst {
+        let burst_free = if in_burst >= burst {
             let oldest_in_burst = sent[sent.len() - in_burst];
             Some(BURST_WINDOW.saturating_sub(now.duration_since(oldest_in_burst)))
         } else {
@@ -151,11 +202,11 @@ mod tests {
         let w = window(3, 100);
         let start = Instant::now();
         for _ in 0..3 {
-            assert_eq!(w.try_take(start), None);
+            assert_eq!(w.try_take(start, WHOLE), None);
         }
-        let wait = w.try_take(start).expect("the fourth must wait");
+        let wait = w.try_take(start, WHOLE).expect("the fourth must wait");
         assert!(wait >= Duration::from_millis(1_000), "{wait:?}");
-        assert_eq!(w.try_take(start + BURST_WINDOW), None);
+        assert_eq!(w.try_take(start + BURST_WINDOW, WHOLE), None);
     }
 
     #[test]
@@ -163,12 +214,39 @@ mod tests {
         let w = window(100, 5);
         let start = Instant::now();
         for i in 0..5 {
-            assert_eq!(w.try_take(start + Duration::from_secs(i * 2)), None);
+            assert_eq!(w.try_take(start + Duration::from_secs(i * 2), WHOLE), None);
         }
         let wait = w
-            .try_take(start + Duration::from_secs(11))
+            .try_take(start + Duration::from_secs(11), WHOLE)
             .expect("the sixth must wait");
         assert!(wait >= Duration::from_secs(49), "{wait:?}");
-        assert_eq!(w.try_take(start + STEADY_WINDOW), None);
+        assert_eq!(w.try_take(start + STEADY_WINDOW, WHOLE), None);
+    }
+
+    #[test]
+    fn a_share_keeps_to_its_part_of_each_budget() {
+        let w = window(10, 100);
+        let start = Instant::now();
+        // Three eighths of a burst of 10: 3 a second.
+        let share = 3 * WHOLE / 8;
+        for _ in 0..3 {
+            assert_eq!(w.try_take(start, share), None);
+        }
+        assert!(w.try_take(start, share).is_some());
+        // A tiny share still sends one.
+        let w = window(10, 100);
+        assert_eq!(w.try_take(start, 1), None);
+        assert!(w.try_take(start, 1).is_some());
+    }
+
+    #[test]
+    fn budgets_hand_their_share_to_every_pacer() {
+        let budgets = Budgets::default();
+        let before = budgets.of("a");
+        budgets.set_share(6, 16);
+        let after = budgets.of("b");
+        for pacer in [&before, &after] {
+            assert_eq!(pacer.share.load(Ordering::Relaxed), 375_000);
+        }
     }
 }

@@ -296,6 +296,11 @@ impl Connections {
         })
     }
 
+    /// The budgets of the accounts sent to, one per account.
+    pub fn budgets(&self) -> &Budgets {
+        &self.budgets
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<Connection>> {
         self.by_id.read().unwrap().get(id).cloned()
     }

@@ -21,6 +21,10 @@
 //! dead worker delivered but had not acked is delivered again, and the
 //! destination drops it by its `unique_id`.
 //!
+//! Budget: each worker paces every account to the part of its budgets
+//! that its partitions are of all partitions (`Budgets::set_share`), so
+//! the workers together keep inside one budget per account.
+//!
 //! Balance: each worker heartbeats in `chord_workers`, and holds at most
 //! its share (partitions / live workers, rounded up). A worker over its
 //! share stops taking events of the extra partitions, lets those in flight
@@ -237,6 +241,12 @@ impl Worker {
                 );
             }
         }
+        // The budget follows the partitions: people hash evenly over them,
+        // so each worker's part of the traffic, and of every account's
+        // budget, is the part of the partitions it holds. Together the
+        // workers stay inside each budget.
+        let keeping = held.values().filter(|h| !h.releasing).count() as u32;
+        self.shared.connections.budgets().set_share(keeping, partitions);
         Ok(())
     }
 
