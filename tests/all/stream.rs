@@ -30,6 +30,10 @@ struct Worker {
 
 impl Worker {
     fn start(dir: PathBuf, nats: &str, sandbox: &str, api_key: &str) -> Worker {
+        Worker::start_with(dir, nats, sandbox, api_key, &["--no-pacing"])
+    }
+
+    fn start_with(dir: PathBuf, nats: &str, sandbox: &str, api_key: &str, extra: &[&str]) -> Worker {
         std::fs::create_dir_all(&dir).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -44,7 +48,6 @@ impl Worker {
             WRITE_KEY,
             "--base-url",
             sandbox,
-            "--no-pacing",
             "--max-attempts",
             "50",
             "--shutdown-grace-seconds",
@@ -57,6 +60,7 @@ impl Worker {
             &dir.join("spool.sqlite").display().to_string(),
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
         let mut worker = Worker {
@@ -362,14 +366,8 @@ async fn three_workers_share_one_budget_per_account() {
     // Klaviyo's limits on: profile-import takes 75 a second, 750 a minute.
     let sandbox = crate::support::sandbox(MockConfig::default()).await;
     let workers: Vec<Worker> = (0..3)
-        .map(|i| {
-            let mut worker = Worker::start(dir.join(format!("w{i}")), &cluster.urls(), &sandbox.url(), API_KEY);
-            // Paced, as in production.
-            worker.args.retain(|a| a != "--no-pacing");
-            worker.kill9();
-            worker.restart(API_KEY);
-            worker
-        })
+        // Paced, as in production.
+        .map(|i| Worker::start_with(dir.join(format!("w{i}")), &cluster.urls(), &sandbox.url(), API_KEY, &[]))
         .collect();
     // The partitions settle among the three before the backlog comes.
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -411,4 +409,81 @@ async fn three_workers_share_one_budget_per_account() {
         in_a_minute >= 675,
         "{in_a_minute} profile imports in a minute: under 90% of 750"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_through_any_worker_reaches_every_worker() {
+    const ADMIN: &str = "admin-token-for-the-stream-test";
+    let dir = tempdir();
+    let cluster = Cluster::start(dir.join("nats"));
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let workers: Vec<Worker> = (0..3)
+        .map(|i| {
+            Worker::start_with(
+                dir.join(format!("w{i}")),
+                &cluster.urls(),
+                &sandbox.url(),
+                API_KEY,
+                &["--no-pacing", "--admin-token", ADMIN],
+            )
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    // Through the third worker: store version 2, then swap the connection.
+    let stored = client
+        .put(format!("{}/admin/plugins", workers[2].url()))
+        .bearer_auth(ADMIN)
+        .body(std::fs::read(plugin_fixtures::KLAVIYO_V2).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stored.status(), 200);
+    let stored: serde_json::Value = serde_json::from_str(&stored.text().await.unwrap()).unwrap();
+    let sha = stored["stored"]["sha256"].as_str().unwrap().to_string();
+    let swapped = client
+        .post(format!("{}/admin/connections/default/plugin", workers[2].url()))
+        .bearer_auth(ADMIN)
+        .body(json!({"sha256": sha}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(swapped.status(), 200, "{}", swapped.text().await.unwrap());
+    let active = |worker: &Worker| {
+        let (client, url) = (client.clone(), worker.url());
+        async move {
+            let answer = client
+                .get(format!("{url}/admin/connections/default"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap();
+            let answer: serde_json::Value = serde_json::from_str(&answer.text().await.unwrap()).unwrap();
+            answer["plugin"].clone()
+        }
+    };
+    // The others follow, having fetched the bytes from the object store.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for worker in &workers {
+        while active(worker).await["sha256"] != sha.as_str() {
+            assert!(Instant::now() < deadline, "not swapped: {}", worker.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    send_people(workers.iter().map(Worker::url).collect(), 0..60, 1, acked.clone()).await;
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert_all_delivered_once(&sandbox, &acked, &workers).await;
+    // Every event mapped by version 2, on every worker.
+    let mut mapped = Vec::new();
+    for worker in &workers {
+        let plugin = active(worker).await;
+        assert_eq!(plugin["version"], "1.0.0+v2");
+        mapped.push(plugin["events_mapped"].as_u64().unwrap());
+    }
+    assert_eq!(
+        mapped.iter().sum::<u64>(),
+        120,
+        "events mapped by version 2 per worker: {mapped:?}"
+    );
+    assert!(mapped.iter().all(|&n| n > 0), "a worker mapped nothing: {mapped:?}");
 }

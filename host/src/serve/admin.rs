@@ -60,6 +60,7 @@ pub(super) async fn roll_out(
         }
         swapped.push(connection.id.clone());
     }
+    shared.announce(&swapped).await;
     Ok((plugin, swapped))
 }
 
@@ -170,6 +171,7 @@ pub async fn rollback(
         match shared.connections.rollback(&connection.id).await {
             Ok(loaded) => {
                 tracing::info!(connection = %connection.id, plugin = %loaded.plugin, "rolled back");
+                shared.announce(std::slice::from_ref(&connection.id)).await;
                 active.get_or_insert(loaded);
             }
             Err(e) => {
@@ -337,6 +339,7 @@ pub async fn swap(
     match shared.connections.swap(&id, plugin).await {
         Ok(loaded) => {
             tracing::info!(connection = %id, plugin = %loaded.plugin, "swapped");
+            shared.announce(std::slice::from_ref(&id)).await;
             answer(
                 StatusCode::OK,
                 json!({"id": id, "active": describe(&loaded), "swap_ms": started.elapsed().as_millis() as u64}),
@@ -351,7 +354,10 @@ pub async fn rollback_one(State(shared): State<Arc<Shared>>, Path(id): Path<Stri
         return *denied;
     }
     match shared.connections.rollback(&id).await {
-        Ok(loaded) => answer(StatusCode::OK, json!({"id": id, "active": describe(&loaded)})),
+        Ok(loaded) => {
+            shared.announce(std::slice::from_ref(&id)).await;
+            answer(StatusCode::OK, json!({"id": id, "active": describe(&loaded)}))
+        }
         Err(e) => answer(StatusCode::CONFLICT, json!({"error": format!("{e:#}")})),
     }
 }

@@ -116,6 +116,32 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Tells the other hosts on the stream which version each of these
+    /// connections runs now (nothing without a stream). A failure is
+    /// logged: this host runs the version; the others keep theirs.
+    async fn announce(self: &Arc<Self>, ids: &[String]) {
+        let Some(log) = &self.stream else {
+            return;
+        };
+        for id in ids {
+            let Some(connection) = self.connections.get(id) else {
+                continue;
+            };
+            let sha = connection.slot.current().plugin.sha256_hex();
+            let (this, key) = (self.clone(), sha.clone());
+            let bytes = tokio::task::spawn_blocking(move || this.connections.store.bytes(&key)).await;
+            let announced = match bytes {
+                Ok(Ok(Some(bytes))) => stream::plugins::announce(log, id, &sha, &bytes).await,
+                Ok(Ok(None)) => Err(anyhow::anyhow!("its bytes are not stored here")),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = announced {
+                tracing::error!(connection = %id, "announcing the swap to the other hosts: {e:#}");
+            }
+        }
+    }
+
     /// Starts the connection's engine unless it is running (then wakes it).
     /// A new engine waits for the last one to finish its events in flight,
     /// so that one person's events never race each other.
@@ -249,6 +275,17 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     for connection in shared.connections.all() {
         shared.ensure_running(&connection);
     }
+    // Every host on the stream runs the versions the stream names, and
+    // follows the swaps made through any of them.
+    let follower = match &log {
+        Some(log) => {
+            if let Err(e) = stream::plugins::catch_up(log, &shared).await {
+                tracing::warn!("reading the active plugin versions: {e:#}");
+            }
+            Some(tokio::spawn(stream::plugins::follow(log.clone(), shared.clone())))
+        }
+        None => None,
+    };
     let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);
     let worker = log.as_ref().filter(|log| log.options.role.delivers()).map(|log| {
         tokio::spawn(stream::run_worker(
@@ -278,6 +315,9 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     }
     supervisor.abort();
     pruner.abort();
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     if let Some(watcher) = watcher {
         watcher.abort();
     }

@@ -64,6 +64,11 @@ impl PluginStore {
         Ok(self.add(&bytes, &format!("plugin version {sha256}"))?)
     }
 
+    /// The bytes of a stored version.
+    pub fn bytes(&self, sha256: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        self.spool.plugin(sha256)
+    }
+
     /// Every version loaded.
     pub fn loaded(&self) -> Vec<Arc<Plugin>> {
         let mut all: Vec<_> = self.loaded.lock().unwrap().values().cloned().collect();

@@ -16,8 +16,11 @@
 //! - `CHORD_DLQ`, on `chord.dlq`: dead letters, kept until replayed or purged.
 //! - KV buckets `chord_leases` (who holds each partition) and
 //!   `chord_workers` (who is alive), both expiring what is not renewed.
+//! - KV bucket `chord_active` (each connection's plugin version) and the
+//!   object store `chord_plugins` (the versions' bytes): `plugins`.
 
 pub mod dead;
+pub mod plugins;
 mod worker;
 
 use std::time::Duration;
@@ -186,7 +189,7 @@ async fn setup(js: &jetstream::Context, streams: &[stream::Config], replicas: us
             .with_context(|| format!("creating the JetStream key-value bucket {bucket}"))?;
         }
     }
-    Ok(())
+    plugins::setup(js, replicas).await
 }
 
 /// A JetStream context on the servers, with a bounded wait for each answer.
