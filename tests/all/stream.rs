@@ -233,6 +233,36 @@ async fn assert_all_delivered_once(sandbox: &KlaviyoMock, acked: &Acked, workers
     );
 }
 
+/// Waits until every worker holds some of the 16 partitions and none is
+/// held twice (`cdp_stream_partitions_held` in each one's metrics).
+async fn wait_until_settled(workers: &[Worker]) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut counts = Vec::new();
+        for worker in workers {
+            let text = client
+                .get(format!("{}/metrics", worker.url()))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let held = text
+                .lines()
+                .find_map(|l| l.strip_prefix("cdp_stream_partitions_held "))
+                .map_or(0, |n| n.parse::<u64>().unwrap());
+            counts.push(held);
+        }
+        if counts.iter().all(|&n| n > 0) && counts.iter().sum::<u64>() == 16 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "partitions held: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn start_workers(dir: &Path, cluster: &Cluster, sandbox: &KlaviyoMock) -> Vec<Worker> {
     (0..3)
         .map(|i| Worker::start(dir.join(format!("w{i}")), &cluster.urls(), &sandbox.url(), API_KEY))
@@ -370,7 +400,7 @@ async fn three_workers_share_one_budget_per_account() {
         .map(|i| Worker::start_with(dir.join(format!("w{i}")), &cluster.urls(), &sandbox.url(), API_KEY, &[]))
         .collect();
     // The partitions settle among the three before the backlog comes.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    wait_until_settled(&workers).await;
     let client = reqwest::Client::new();
     let people = 1500;
     for chunk in (0..people).collect::<Vec<_>>().chunks(100) {
@@ -469,6 +499,8 @@ async fn a_swap_through_any_worker_reaches_every_worker() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // Before sending: the partitions settle among the three.
+    wait_until_settled(&workers).await;
     let acked = Arc::new(Mutex::new(Acked::default()));
     send_people(workers.iter().map(Worker::url).collect(), 0..60, 1, acked.clone()).await;
     let acked = std::mem::take(&mut *acked.lock().unwrap());

@@ -15,6 +15,9 @@ use crate::delivery::{Histogram, Progress};
 pub struct Metrics {
     pub received: Counter,
     pub finished: Counter,
+    /// With `--stream`: the partitions this host's worker holds now
+    /// (`None` without a stream or a worker).
+    pub partitions_held: Mutex<Option<u64>>,
     skipped_by_reason: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -215,6 +218,12 @@ pub fn render(metrics: &Metrics, connections: &Connections, depths: &BTreeMap<St
             escape(&m.version),
             plugin.interface(),
             plugin.sha256_hex()
+        );
+    }
+    if let Some(held) = *metrics.partitions_held.lock().unwrap() {
+        let _ = writeln!(
+            out,
+            "# HELP cdp_stream_partitions_held Partitions of the stream this worker delivers now.\n# TYPE cdp_stream_partitions_held gauge\ncdp_stream_partitions_held {held}"
         );
     }
     out

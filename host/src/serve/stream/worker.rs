@@ -249,6 +249,7 @@ impl Worker {
         // workers stay inside each budget.
         let keeping = held.values().filter(|h| !h.releasing).count() as u32;
         self.shared.connections.budgets().set_share(keeping, partitions);
+        *self.shared.metrics.partitions_held.lock().unwrap() = Some(u64::from(keeping));
         Ok(())
     }
 
