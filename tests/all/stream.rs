@@ -519,3 +519,61 @@ async fn a_swap_through_any_worker_reaches_every_worker() {
     );
     assert!(mapped.iter().all(|&n| n > 0), "a worker mapped nothing: {mapped:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_ingest_answers_503_and_acknowledges_nothing() {
+    let dir = tempdir();
+    let mut cluster = Cluster::start(dir.join("nats"));
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let worker = Worker::start(dir.join("w"), &cluster.urls(), &sandbox.url(), API_KEY);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let send = |id: &str| {
+        let (client, url, id) = (client.clone(), worker.url(), id.to_string());
+        async move {
+            let event = json!({"type": "track", "event": "Order Completed", "messageId": id, "userId": id,
+                               "properties": {"email": format!("{id}@example.org")}});
+            let answer = client
+                .post(format!("{url}/api/s/s2s/track"))
+                .header("X-Write-Key", WRITE_KEY)
+                .body(event.to_string())
+                .send()
+                .await
+                .unwrap();
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        }
+    };
+    assert_eq!(send("q-before").await.0, 200);
+    // Two of three replicas gone: the stream cannot store anything.
+    cluster.kill9(1);
+    cluster.kill9(2);
+    let (status, body) = send("q-during").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("send them again"), "{body}");
+    // Back: the same event, sent again, is stored and delivered once.
+    tokio::task::block_in_place(|| {
+        cluster.start_node(1);
+        cluster.start_node(2);
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = send("q-during").await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status} {body}\n{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ids: Vec<String> = sandbox.events().into_iter().map(|e| e.unique_id).collect();
+        if ids.contains(&"q-during".to_string()) && ids.contains(&"q-before".to_string()) {
+            assert_eq!(ids.len(), 2, "{ids:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "delivered: {ids:?}\n{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
