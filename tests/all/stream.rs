@@ -82,6 +82,8 @@ impl Worker {
         let child = cdp_host()
             .args(&self.args)
             .env("KLAVIYO_API_KEY", api_key)
+            // The secret source of connections made through the admin API.
+            .env("SHOP_KEY", api_key)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -576,4 +578,117 @@ async fn without_a_quorum_ingest_answers_503_and_acknowledges_nothing() {
         assert!(Instant::now() < deadline, "delivered: {ids:?}\n{}", worker.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_through_one_worker_is_served_by_every_worker() {
+    const ADMIN: &str = "admin-token-for-the-stream-test";
+    let dir = tempdir();
+    let cluster = Cluster::start(dir.join("nats"));
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let workers: Vec<Worker> = (0..3)
+        .map(|i| {
+            Worker::start_with(
+                dir.join(format!("w{i}")),
+                &cluster.urls(),
+                &sandbox.url(),
+                API_KEY,
+                &["--no-pacing", "--admin-token", ADMIN],
+            )
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    let admin = |method: reqwest::Method, url: String, body: Option<serde_json::Value>| {
+        let client = client.clone();
+        async move {
+            let mut request = client.request(method, url).bearer_auth(ADMIN);
+            if let Some(body) = body {
+                request = request.body(body.to_string());
+            }
+            let answer = request.send().await.unwrap();
+            let status = answer.status().as_u16();
+            let text = answer.text().await.unwrap();
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&text).unwrap_or(json!(text)),
+            )
+        }
+    };
+    let (status, made) = admin(
+        reqwest::Method::POST,
+        format!("{}/admin/connections", workers[0].url()),
+        Some(
+            json!({"id": "shop2", "write_keys": ["wk_shop2"], "base_url": sandbox.url(),
+                    "settings": {"api_key": {"env": "SHOP_KEY"}}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    // Every worker has it, and takes its write key.
+    let state_on = |worker: &Worker| {
+        let url = format!("{}/admin/connections/shop2", worker.url());
+        let admin = &admin;
+        async move {
+            let (status, body) = admin(reqwest::Method::GET, url, None).await;
+            (status == 200).then(|| body["state"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for worker in &workers {
+        while state_on(worker).await.as_deref() != Some("active") {
+            assert!(Instant::now() < deadline, "not made here: {}", worker.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    wait_until_settled(&workers).await;
+    for (n, worker) in workers.iter().enumerate() {
+        for i in 0..20 {
+            let id = format!("shop2-{n}-{i}");
+            let event = json!({"type": "track", "event": "Order Completed", "messageId": id, "userId": id,
+                               "properties": {"email": format!("{id}@example.org")}});
+            let answer = client
+                .post(format!("{}/api/s/s2s/track", worker.url()))
+                .header("X-Write-Key", "wk_shop2")
+                .body(event.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sandbox.events().len() < 60 {
+        assert!(Instant::now() < deadline, "{} of 60 delivered", sandbox.events().len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Paused through the second: paused on all; deleted through the third: gone from all.
+    let (status, body) = admin(
+        reqwest::Method::POST,
+        format!("{}/admin/connections/shop2/pause", workers[1].url()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for worker in &workers {
+        while state_on(worker).await.as_deref() != Some("paused") {
+            assert!(Instant::now() < deadline, "not paused here: {}", worker.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (status, body) = admin(
+        reqwest::Method::DELETE,
+        format!("{}/admin/connections/shop2", workers[2].url()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for worker in &workers {
+        while state_on(worker).await.is_some() {
+            assert!(Instant::now() < deadline, "not deleted here: {}", worker.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(sandbox.events().len(), 60);
 }

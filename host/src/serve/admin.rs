@@ -236,6 +236,7 @@ pub async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
     match shared.connections.create(new, plugin).await {
         Ok(connection) => {
             tracing::info!(connection = %connection.id, "created");
+            shared.announce(std::slice::from_ref(&connection.id)).await;
             shared.ensure_running(&connection);
             answer(StatusCode::CREATED, shared.connections.describe(&connection, None))
         }
@@ -259,6 +260,7 @@ pub async fn update(
     match shared.connections.update(&id, &change).await {
         Ok(connection) => {
             tracing::info!(connection = %id, "updated");
+            shared.announce(std::slice::from_ref(&id)).await;
             answer(StatusCode::OK, shared.connections.describe(&connection, None))
         }
         Err(e) => answer(StatusCode::BAD_REQUEST, json!({"error": format!("{e:#}")})),
@@ -280,6 +282,7 @@ async fn set_state(shared: Arc<Shared>, id: String, headers: HeaderMap, state: C
     match shared.connections.set_state(&id, state).await {
         Ok(connection) => {
             tracing::info!(connection = %id, state = state.as_str(), "state changed");
+            shared.announce(std::slice::from_ref(&id)).await;
             shared.ensure_running(&connection);
             answer(StatusCode::OK, json!({"id": id, "state": state.as_str()}))
         }
@@ -294,6 +297,11 @@ pub async fn delete(State(shared): State<Arc<Shared>>, Path(id): Path<String>, h
     match shared.connections.delete(&id).await {
         Ok(connection) => {
             tracing::info!(connection = %id, "draining before deletion");
+            if let Some(log) = &shared.stream
+                && let Err(e) = super::stream::connections::announce_deleted(log, &id).await
+            {
+                tracing::error!(connection = %id, "announcing the deletion to the other hosts: {e:#}");
+            }
             shared.ensure_running(&connection);
             answer(
                 StatusCode::ACCEPTED,

@@ -190,7 +190,8 @@ impl Connection {
         self.spec.lock().unwrap().clone()
     }
 
-    fn stored(&self) -> StoredConnection {
+    /// As the spool keeps it (and `serve --stream` shares it).
+    pub fn stored(&self) -> StoredConnection {
         StoredConnection {
             id: self.id.clone(),
             state: self.state().as_str().to_string(),
@@ -560,6 +561,53 @@ impl Connections {
         self.save(&connection)?;
         self.rebuild_routes();
         Ok(connection)
+    }
+
+    /// A connection as another host on the stream announced it: made here
+    /// if it is not (with the canary, as a create), or brought to its
+    /// write keys, settings and state if it is. Its plugin version follows
+    /// the stream's `chord_active` bucket, so the spec's version is used
+    /// only to make it. The flags' connection is each host's own. Whether
+    /// anything changed.
+    pub async fn adopt(&self, stored: &StoredConnection) -> anyhow::Result<bool> {
+        let spec: Spec = serde_json::from_value(stored.spec.clone()).context("the announced spec")?;
+        let state = ConnState::parse(&stored.state)?;
+        let _changing = self.changing.lock().await;
+        let Some(connection) = self.get(&stored.id) else {
+            let connection = tokio::task::block_in_place(|| self.build(&stored.id, spec, state, true))?;
+            self.spool.save_connection(&connection.stored())?;
+            self.by_id.write().unwrap().insert(stored.id.clone(), connection);
+            self.rebuild_routes();
+            self.tidy();
+            return Ok(true);
+        };
+        if connection.from_flags {
+            return Ok(false);
+        }
+        let mut changed = false;
+        let mut current = connection.spec();
+        if current.settings != spec.settings || current.write_key_hashes != spec.write_key_hashes {
+            let plugin = connection.slot.current().plugin.clone();
+            let settings = resolve(&stored.id, &spec.settings, &plugin)?;
+            tokio::task::block_in_place(|| check_settings(&plugin, &settings, false))?;
+            let pacer = self.budgets.of(&settings.account_hash(connection.slot.name()));
+            connection.slot.set_canary_settings(settings.public_json());
+            connection.delivery.update_settings(settings, pacer)?;
+            current.settings = spec.settings;
+            current.write_key_hashes = spec.write_key_hashes;
+            *connection.spec.lock().unwrap() = current;
+            changed = true;
+        }
+        if connection.state() != state {
+            *connection.state.lock().unwrap() = state;
+            connection.wake.notify_one();
+            changed = true;
+        }
+        if changed {
+            self.save(&connection)?;
+            self.rebuild_routes();
+        }
+        Ok(changed)
     }
 
     /// Pauses or resumes delivery (ingest keeps storing either way).

@@ -116,9 +116,9 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Tells the other hosts on the stream which version each of these
-    /// connections runs now (nothing without a stream). A failure is
-    /// logged: this host runs the version; the others keep theirs.
+    /// Tells the other hosts on the stream how each of these connections
+    /// is now, and which version it runs (nothing without a stream). A
+    /// failure is logged: this host has the change; the others do not.
     async fn announce(self: &Arc<Self>, ids: &[String]) {
         let Some(log) = &self.stream else {
             return;
@@ -127,6 +127,11 @@ impl Shared {
             let Some(connection) = self.connections.get(id) else {
                 continue;
             };
+            if !connection.from_flags
+                && let Err(e) = stream::connections::announce(log, &connection.stored()).await
+            {
+                tracing::error!(connection = %id, "announcing the connection to the other hosts: {e:#}");
+            }
             let sha = connection.slot.current().plugin.sha256_hex();
             let (this, key) = (self.clone(), sha.clone());
             let bytes = tokio::task::spawn_blocking(move || this.connections.store.bytes(&key)).await;
@@ -282,7 +287,10 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
             if let Err(e) = stream::plugins::catch_up(log, &shared).await {
                 tracing::warn!("reading the active plugin versions: {e:#}");
             }
-            Some(tokio::spawn(stream::plugins::follow(log.clone(), shared.clone())))
+            Some((
+                tokio::spawn(stream::plugins::follow(log.clone(), shared.clone())),
+                tokio::spawn(stream::connections::follow(log.clone(), shared.clone())),
+            ))
         }
         None => None,
     };
@@ -315,8 +323,9 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     }
     supervisor.abort();
     pruner.abort();
-    if let Some(follower) = follower {
-        follower.abort();
+    if let Some((versions, connections)) = follower {
+        versions.abort();
+        connections.abort();
     }
     if let Some(watcher) = watcher {
         watcher.abort();

@@ -21,7 +21,10 @@
 //!   `chord_workers` (who is alive), both expiring what is not renewed.
 //! - KV bucket `chord_active` (each connection's plugin version) and the
 //!   object store `chord_plugins` (the versions' bytes): `plugins`.
+//! - KV bucket `chord_connections`: each connection as the spool keeps it
+//!   (write keys as hashes, secrets as their sources): `connections`.
 
+pub mod connections;
 pub mod dead;
 pub mod plugins;
 mod worker;
@@ -204,7 +207,8 @@ async fn setup(js: &jetstream::Context, streams: &[stream::Config], replicas: us
             .with_context(|| format!("creating the JetStream key-value bucket {bucket}"))?;
         }
     }
-    plugins::setup(js, replicas).await
+    plugins::setup(js, replicas).await?;
+    connections::setup(js, replicas).await
 }
 
 /// A JetStream context on the servers, with a bounded wait for each answer.

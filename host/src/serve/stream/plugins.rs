@@ -129,7 +129,7 @@ async fn follow_one(log: &Log, shared: &Arc<Shared>, connection: &str, sha256: &
 
 /// The version by SHA-256: stored here, or fetched from the object store
 /// (and checked against its name) and stored.
-async fn load(log: &Log, shared: &Arc<Shared>, sha256: &str) -> anyhow::Result<Arc<plugin_runtime::Plugin>> {
+pub(super) async fn load(log: &Log, shared: &Arc<Shared>, sha256: &str) -> anyhow::Result<Arc<plugin_runtime::Plugin>> {
     let this = shared.clone();
     let sha = sha256.to_string();
     if let Ok(Ok(plugin)) = tokio::task::spawn_blocking(move || this.connections.store.get(&sha)).await {

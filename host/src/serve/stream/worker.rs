@@ -61,6 +61,9 @@ const MAX_ACK_PENDING: i64 = 512;
 /// Events waiting for a connection's engine, at most.
 const ENGINE_QUEUE: usize = 256;
 
+/// Where a connection's engine takes its events.
+type EngineInput = mpsc::Sender<(EventId, String)>;
+
 /// An event handed to an engine and not yet acked.
 struct Pending {
     message: jetstream::Message,
@@ -86,7 +89,9 @@ struct Worker {
     workers: kv::Store,
     events: jetstream::stream::Stream,
     pending: std::sync::Mutex<HashMap<u64, Pending>>,
-    engines: std::sync::Mutex<HashMap<String, mpsc::Sender<(EventId, String)>>>,
+    /// Each connection's engine here, with the connection it serves (one
+    /// deleted and made anew gets a new engine).
+    engines: std::sync::Mutex<HashMap<String, (Arc<Connection>, EngineInput)>>,
     outcomes: mpsc::UnboundedSender<(Arc<Connection>, EventRecord)>,
 }
 
@@ -382,13 +387,16 @@ impl Worker {
     }
 
     /// The connection's engine on this worker, started at its first event.
-    fn engine(self: &Arc<Self>, connection: &Arc<Connection>) -> mpsc::Sender<(EventId, String)> {
+    fn engine(self: &Arc<Self>, connection: &Arc<Connection>) -> EngineInput {
         let mut engines = self.engines.lock().unwrap();
-        if let Some(tx) = engines.get(&connection.id).filter(|tx| !tx.is_closed()) {
+        if let Some((_, tx)) = engines
+            .get(&connection.id)
+            .filter(|(serving, tx)| Arc::ptr_eq(serving, connection) && !tx.is_closed())
+        {
             return tx.clone();
         }
         let (tx, mut rx) = mpsc::channel::<(EventId, String)>(ENGINE_QUEUE);
-        engines.insert(connection.id.clone(), tx.clone());
+        engines.insert(connection.id.clone(), (connection.clone(), tx.clone()));
         let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
         let (connection, outcomes) = (connection.clone(), self.outcomes.clone());
         tokio::spawn(async move {
