@@ -26,43 +26,20 @@
 //! Speed is reported, never asserted. Results: BENCHMARKS.md.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+mod common;
+use common::{Killed, free_port, setting, wait_listening};
 
 #[path = "../../tests/support/spool.rs"]
 mod spool_file;
 
 const ADMIN: &str = "bench_admin";
 const KEY: &str = "pk_sandbox_demo";
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "a process did not start");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn sandbox(faults: &[&str]) -> (Killed, String) {
     let port = free_port();

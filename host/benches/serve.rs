@@ -22,39 +22,16 @@
 //!
 //! Speed is reported, never asserted. Results: BENCHMARKS.md.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{Killed, free_port, setting, wait_listening};
 
 #[path = "../../tests/support/spool.rs"]
 mod spool_file;
 
 const WRITE_KEY: &str = "wk_bench";
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "a process did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -113,15 +90,7 @@ async fn main() {
 
     let rate = setting("BENCH_SERVE_RATE", 5_000);
     let events = (rate * setting("BENCH_SERVE_SECONDS", 10)) as usize;
-    let mut mix: Vec<(String, String)> = chord_corpus::generate(1, events)
-        .map(|event| {
-            let kind = serde_json::from_str::<serde_json::Value>(&event).unwrap()["type"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            (kind, event)
-        })
-        .collect();
+    let mut mix = common::typed_mix(events);
     if let Some(every) = rate.checked_div(poison_rate) {
         let every = every.max(1) as usize;
         for n in (0..mix.len()).step_by(every).rev() {
@@ -131,32 +100,9 @@ async fn main() {
             mix.insert(n, ("track".into(), poison.to_string()));
         }
     }
-    let client = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{serve_port}/api/s/s2s");
     let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut posts = tokio::task::JoinSet::new();
     let mix_len = mix.len();
-    for (kind, body) in mix {
-        tick.tick().await;
-        let (client, url) = (client.clone(), format!("{base}/{kind}"));
-        posts.spawn(async move {
-            client
-                .post(url)
-                .header("x-write-key", WRITE_KEY)
-                .body(body)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-        });
-    }
-    let mut ok = 0;
-    while let Some(result) = posts.join_next().await {
-        if matches!(result, Ok(Ok(200))) {
-            ok += 1;
-        }
-    }
+    let ok = common::post_at_rate(&[serve_port], mix, rate, WRITE_KEY).await;
     // When ingest ended, on the spool's clock (Julian-day seconds).
     let ingest_ended = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

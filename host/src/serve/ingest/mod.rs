@@ -145,18 +145,10 @@ async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Re
     let stored = tokio::task::spawn_blocking(move || spool.append(&rows)).await;
     match stored {
         Ok(Ok(())) => {
-            shared
-                .metrics
-                .received
-                .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
             for target in targets {
-                target
-                    .metrics
-                    .received
-                    .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
                 shared.ensure_running(target);
             }
-            (StatusCode::OK, axum::Json(json!({ "ok": true, "stored": count }))).into_response()
+            stored_ok(shared, targets, count)
         }
         Ok(Err(e)) => {
             tracing::error!("the spool could not store {count} events: {e:#}");
@@ -194,19 +186,7 @@ async fn publish(
         }));
     }
     match log.publish(outgoing).await {
-        Ok(()) => {
-            shared
-                .metrics
-                .received
-                .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-            for target in targets {
-                target
-                    .metrics
-                    .received
-                    .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            (StatusCode::OK, axum::Json(json!({ "ok": true, "stored": count }))).into_response()
-        }
+        Ok(()) => stored_ok(shared, targets, count),
         Err(e) => {
             tracing::error!("the stream could not store {count} events: {e:#}");
             problem(
@@ -217,6 +197,16 @@ async fn publish(
             )
         }
     }
+}
+
+/// The 200 for `count` events stored for each of `targets`, counted.
+fn stored_ok(shared: &Shared, targets: &[Arc<Connection>], count: usize) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    shared.metrics.received.fetch_add(count as u64, Relaxed);
+    for target in targets {
+        target.metrics.received.fetch_add(count as u64, Relaxed);
+    }
+    (StatusCode::OK, axum::Json(json!({ "ok": true, "stored": count }))).into_response()
 }
 
 const SEGMENT_KEY_NEEDED: &str = "a valid write key is required: the basic-auth user name (or password, with an empty user), or `writeKey` in the body";
