@@ -52,10 +52,20 @@ pub(super) const LEASE_TTL: Duration = Duration::from_secs(8);
 /// How often leases are renewed and the share looked at again.
 const TICK: Duration = Duration::from_secs(2);
 /// How long JetStream waits for an ack before it sends an event again to
-/// the same consumer: longer than delivery's own retries of one event, as
-/// only the worker holding the partition reads its consumer, and a worker
-/// that takes a partition over reads it anew from its oldest event.
-const ACK_WAIT: Duration = Duration::from_secs(600);
+/// the same consumer. Short, because an event can be lost on its way to
+/// the worker (a node killed between the consumer's leader and the
+/// worker's connection): JetStream then counts it as handed out, and only
+/// this timer brings it back. An event still in an engine after
+/// `PROGRESS_AFTER` is kept from coming back by a progress signal, and one
+/// that comes back anyway is found in `pending` and not handed out twice.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// An event held this long in an engine (retries, Retry-After) gets a
+/// progress signal, so JetStream keeps waiting for it.
+const PROGRESS_AFTER: Duration = Duration::from_secs(3);
+/// How long one ack waits for JetStream to confirm it, and how many times
+/// an unconfirmed ack is sent again before the event is left to come back.
+const ACK_CONFIRM: Duration = Duration::from_secs(2);
+const ACK_TRIES: u32 = 10;
 /// Events of one partition handed out and not yet acked, at most.
 const MAX_ACK_PENDING: i64 = 512;
 /// Events waiting for a connection's engine, at most.
@@ -64,10 +74,14 @@ const ENGINE_QUEUE: usize = 256;
 /// Where a connection's engine takes its events.
 type EngineInput = mpsc::Sender<(EventId, String)>;
 
-/// An event handed to an engine and not yet acked.
+/// An event handed to an engine and not yet acked (or acked and not yet
+/// confirmed).
 struct Pending {
+    /// The newest delivery of it: acks go through this one.
     message: jetstream::Message,
     in_flight: Arc<AtomicUsize>,
+    /// When JetStream last heard of it from us (handed out, or progress).
+    signalled: tokio::time::Instant,
 }
 
 /// A partition this worker holds.
@@ -128,6 +142,7 @@ pub(crate) async fn run(
     });
     let mut held: HashMap<u32, Held> = HashMap::new();
     loop {
+        worker.signal_progress().await;
         if let Err(e) = worker.tick(&mut held).await {
             tracing::warn!(worker = %worker.id, "keeping the partitions: {e:#}");
         }
@@ -310,6 +325,13 @@ impl Worker {
             }
         };
         let mut errors = 0;
+        // The consumer numbers its deliveries 1, 2, 3…: a number skipped is
+        // a delivery lost on its way here (a node killed in between). Its
+        // event would come back only after the ack wait, behind the
+        // person's later events; so the partition is read again at once,
+        // from its oldest unfinished event, before anything after the gap
+        // is handed out.
+        let mut next_delivery: Option<u64> = None;
         loop {
             let next = tokio::select! {
                 _ = stop.changed() => return,
@@ -336,6 +358,14 @@ impl Worker {
             if *stop.borrow() {
                 return;
             }
+            let delivery = message.info().map(|i| i.consumer_sequence).ok();
+            if let (Some(expected), Some(delivery)) = (next_delivery, delivery)
+                && delivery > expected
+            {
+                tracing::warn!(worker = %self.id, partition, expected, delivery, "a delivery was lost on its way here; reading the partition again from its oldest unfinished event");
+                return;
+            }
+            next_delivery = delivery.map(|d| d + 1);
             self.dispatch(message, &in_flight).await;
         }
     }
@@ -363,9 +393,10 @@ impl Worker {
         {
             let mut pending = self.pending.lock().unwrap();
             if let Some(already) = pending.get_mut(&sequence) {
-                // Read again by a new consumer while still in an engine:
-                // the ack goes through the newest consumer.
+                // Read again (a new consumer, or the ack wait passed) while
+                // still in an engine: the ack goes through the newest one.
                 already.message = message;
+                already.signalled = tokio::time::Instant::now();
                 return;
             }
             in_flight.fetch_add(1, Ordering::AcqRel);
@@ -374,6 +405,7 @@ impl Worker {
                 Pending {
                     message,
                     in_flight: in_flight.clone(),
+                    signalled: tokio::time::Instant::now(),
                 },
             );
         }
@@ -415,16 +447,15 @@ impl Worker {
 
     /// Makes an outcome final in the stream: a dead letter stored, then
     /// the event acked.
-    async fn settle(&self, connection: &Connection, record: EventRecord) {
+    async fn settle(self: &Arc<Self>, connection: &Arc<Connection>, record: EventRecord) {
         let EventId::Stream(sequence) = record.id else {
             return;
         };
-        let Some(pending) = self.pending.lock().unwrap().remove(&sequence) else {
+        let Some(message) = self.pending.lock().unwrap().get(&sequence).map(|p| p.message.clone()) else {
             return;
         };
         let metrics = &self.shared.metrics;
-        let received_at = pending
-            .message
+        let received_at = message
             .headers
             .as_ref()
             .and_then(|h| h.get(RECEIVED_AT_HEADER))
@@ -448,21 +479,15 @@ impl Worker {
                 if let Err(e) = stored {
                     // Not acked: the event is delivered again later.
                     tracing::error!(connection = %connection.id, "storing a dead letter: {e:#}");
-                    pending.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(p) = self.pending.lock().unwrap().remove(&sequence) {
+                        p.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    }
                     return;
                 }
             }
         }
-        // Not waited for: an ack that does not land means the event comes
-        // again, and the destination drops it by its unique_id. Waiting
-        // for each (a round trip to the replicas) bounded a worker to
-        // about 900 events a second.
-        if let Err(e) = pending.message.ack().await {
-            tracing::warn!(connection = %connection.id, event = %record.id, "acking: {e}");
-        }
-        pending.in_flight.fetch_sub(1, Ordering::AcqRel);
         // The record of the outcome, with the version that mapped the
-        // event: not waited for (the event is final already).
+        // event.
         let outcome = serde_json::json!({
             "sequence": sequence,
             "connection": connection.id,
@@ -477,12 +502,79 @@ impl Worker {
             "received_at": received_at,
             "finished_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "worker": self.id,
-            "subject": pending.message.subject.as_str(),
+            "subject": message.subject.as_str(),
         });
-        if let Err(e) = self.log.js.publish(OUTCOMES_SUBJECT, outcome.to_string().into()).await {
-            tracing::debug!("recording an outcome: {e}");
+        // The ack is confirmed off this loop (a round trip to the replicas
+        // each; waiting here bounded a worker to about 900 events a
+        // second). Until it is, the event stays pending, so a delivery of
+        // it that comes back meanwhile is not handed to the engine again.
+        let (worker, connection) = (self.clone(), connection.clone());
+        tokio::spawn(async move {
+            worker.ack_confirmed(sequence, &connection).await;
+            if let Some(p) = worker.pending.lock().unwrap().remove(&sequence) {
+                p.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+            if let Err(e) = worker
+                .log
+                .js
+                .publish(OUTCOMES_SUBJECT, outcome.to_string().into())
+                .await
+            {
+                tracing::debug!("recording an outcome: {e}");
+            }
+            worker.shared.metrics.finished.fetch_add(1, Ordering::Relaxed);
+            connection.metrics.finished.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+
+    /// Acks an event and waits for JetStream to confirm it, sending the
+    /// ack again (through the newest delivery of the event) until it is
+    /// confirmed or `ACK_TRIES` have failed. An ack that is never
+    /// confirmed leaves the event to come back after `ACK_WAIT`, and the
+    /// destination drops it by its unique_id: that is logged, as it costs
+    /// a request.
+    async fn ack_confirmed(&self, sequence: u64, connection: &Connection) {
+        let client = self.log.js.client();
+        let mut last_error = String::new();
+        for attempt in 0..ACK_TRIES {
+            let reply = self
+                .pending
+                .lock()
+                .unwrap()
+                .get(&sequence)
+                .and_then(|p| p.message.reply.clone());
+            let Some(reply) = reply else {
+                return;
+            };
+            match tokio::time::timeout(ACK_CONFIRM, client.request(reply, bytes::Bytes::from_static(b"+ACK"))).await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => last_error = "no confirmation in time".to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
         }
-        metrics.finished.fetch_add(1, Ordering::Relaxed);
-        connection.metrics.finished.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(connection = %connection.id, sequence, "JetStream did not confirm the ack after {ACK_TRIES} tries ({last_error}); the event will come again");
+    }
+
+    /// Tells JetStream that events held long in an engine are still being
+    /// worked on, so that it does not hand them out again.
+    async fn signal_progress(&self) {
+        let now = tokio::time::Instant::now();
+        let held: Vec<jetstream::Message> = {
+            let mut pending = self.pending.lock().unwrap();
+            pending
+                .values_mut()
+                .filter(|p| now.duration_since(p.signalled) >= PROGRESS_AFTER)
+                .map(|p| {
+                    p.signalled = now;
+                    p.message.clone()
+                })
+                .collect()
+        };
+        for message in held {
+            if let Err(e) = message.ack_with(AckKind::Progress).await {
+                tracing::debug!("signalling progress: {e}");
+            }
+        }
     }
 }
