@@ -52,7 +52,7 @@ impl Cluster {
                 &config,
                 format!(
                     "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\n\
-                     jetstream {{ store_dir: \"{}\" }}\n\
+                     jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
                      cluster {{ name: chord, listen: \"127.0.0.1:{cluster}\", routes: [{}] }}\n",
                     store.display(),
                     routes.join(", ")

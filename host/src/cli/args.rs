@@ -264,7 +264,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ROLE")]
     pub role: Option<String>,
     /// With --stream: copies JetStream keeps of each event, when this host creates the stream
-    /// (3 in a cluster of three) [default: 1]
+    /// [default: 3 when three or more servers are named, else 1]
     #[arg(long, value_name = "N")]
     pub stream_replicas: Option<usize>,
     /// With --stream: partitions of the stream; every host must use the same [default: 16]

@@ -128,21 +128,54 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
             .map(Secret::new),
         plugin_dir: args.plugin_dir.or(file.plugin_dir),
         stream: match args.stream.or(file.stream).filter(|s| !s.trim().is_empty()) {
-            Some(servers) => Some(StreamOptions {
-                servers,
-                role: Role::parse(args.role.or(file.role).as_deref().unwrap_or("both"))?,
-                replicas: args.stream_replicas.or(file.stream_replicas).unwrap_or(1),
-                partitions: args
+            Some(servers) => {
+                let partitions = args
                     .partitions
                     .or(file.partitions)
-                    .unwrap_or(StreamOptions::DEFAULT_PARTITIONS),
-            }),
+                    .unwrap_or(StreamOptions::DEFAULT_PARTITIONS);
+                if partitions == 0 {
+                    bail!("--partitions must be at least 1 (every host of the stream must use the same number)");
+                }
+                let replicas = stream_replicas(&servers, args.stream_replicas.or(file.stream_replicas))?;
+                Some(StreamOptions {
+                    servers,
+                    role: Role::parse(args.role.or(file.role).as_deref().unwrap_or("both"))?,
+                    replicas,
+                    partitions,
+                })
+            }
             None if args.role.is_some() || file.role.is_some() => bail!("--role needs --stream"),
             None => None,
         },
     };
     super::tokio_runtime()?.block_on(cdp_host::serve::serve(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The copies JetStream keeps of each event: as asked, else three when
+/// three or more servers are named (a 200 then survives the loss of any
+/// one node), else one. Keeping fewer than three copies on a cluster of
+/// three or more is allowed, with a warning that says what it risks.
+fn stream_replicas(servers: &str, asked: Option<usize>) -> anyhow::Result<usize> {
+    let named = servers.split(',').filter(|s| !s.trim().is_empty()).count();
+    let replicas = asked.unwrap_or(if named >= 3 { 3 } else { 1 });
+    if replicas == 0 {
+        bail!("--stream-replicas must be at least 1");
+    }
+    if replicas < 3 {
+        tracing::warn!(
+            replicas,
+            servers = named,
+            "JetStream keeps {replicas} cop{} of each event: an acknowledged event is lost if {} lost; --stream-replicas 3 on a cluster of three survives the loss of one node",
+            if replicas == 1 { "y" } else { "ies" },
+            if replicas == 1 {
+                "that node's disk is"
+            } else {
+                "both nodes' disks are"
+            }
+        );
+    }
+    Ok(replicas)
 }
 
 pub fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
