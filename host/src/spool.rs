@@ -57,6 +57,9 @@ pub struct NewEvent {
     pub message_id: Option<String>,
     pub received_at: String,
     pub body: String,
+    /// Who the event is about (`mapping::person_key`): a Retry-After on
+    /// one of a person's events holds back their later ones too.
+    pub person: Option<String>,
 }
 
 /// The connection of `serve` without a connection config: the one the
@@ -137,8 +140,13 @@ impl Spool {
         // before connections existed hold the default connection's events.
         add_column(&conn, "not_before", "TEXT")?;
         add_column(&conn, "connection", "TEXT NOT NULL DEFAULT 'default'")?;
+        // Rows written before `person` existed have none, and are held
+        // back by no other row.
+        add_column(&conn, "person", "TEXT")?;
         conn.execute_batch(
             "CREATE INDEX IF NOT EXISTS events_connection ON events (connection, state, id);
+             CREATE INDEX IF NOT EXISTS events_deferred ON events (connection, person, id)
+                WHERE not_before IS NOT NULL AND state = 'pending';
              CREATE TABLE IF NOT EXISTS connections (
                 id TEXT PRIMARY KEY,
                 state TEXT NOT NULL,
@@ -160,10 +168,10 @@ impl Spool {
         let tx = conn.transaction()?;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO events (connection, message_id, received_at, body) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO events (connection, message_id, received_at, body, person) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for e in events {
-                insert.execute(params![e.connection, e.message_id, e.received_at, e.body])?;
+                insert.execute(params![e.connection, e.message_id, e.received_at, e.body, e.person])?;
             }
         }
         tx.commit()?;
@@ -171,12 +179,18 @@ impl Spool {
     }
 
     /// A connection's pending events with an id above `after`, oldest
-    /// first, leaving out those asked to wait (Retry-After) until later.
+    /// first, leaving out those asked to wait (Retry-After) until later,
+    /// and every later event of the same person: a person's events go in
+    /// the order they came, across a restart too.
     pub fn pending_after(&self, connection: &str, after: i64, limit: usize) -> anyhow::Result<Vec<SpooledEvent>> {
         let conn = self.conn.lock().unwrap();
         let mut query = conn.prepare_cached(
-            "SELECT id, body FROM events WHERE connection = ?1 AND state = 'pending' AND id > ?2
+            "SELECT id, body FROM events e WHERE connection = ?1 AND state = 'pending' AND id > ?2
                  AND (not_before IS NULL OR not_before <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+                 AND NOT EXISTS (
+                     SELECT 1 FROM events d WHERE d.connection = ?1 AND d.person = e.person AND d.id < e.id
+                         AND d.not_before IS NOT NULL AND d.state = 'pending'
+                         AND d.not_before > strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
                  ORDER BY id LIMIT ?3",
         )?;
         let rows = query.query_map(params![connection, after, limit as i64], |row| {
@@ -452,6 +466,7 @@ mod tests {
                 message_id: Some(id.to_string()),
                 received_at: "2026-11-28T00:00:00Z".to_string(),
                 body: "{}".to_string(),
+                person: None,
             })
             .collect();
         spool.append(&events).unwrap();
@@ -496,5 +511,55 @@ mod tests {
         // Pruning again finds nothing more.
         assert_eq!(spool.prune(Duration::from_secs(3600)).unwrap(), 0);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Found by the fault run: a Retry-After recorded for a person's
+    /// identify, then a restart, and the person's later identify went
+    /// first (the older one then overwrote it at Klaviyo).
+    #[test]
+    fn a_deferred_event_holds_back_the_later_events_of_its_person_only() {
+        let dir = std::env::temp_dir().join(format!("cdp-host-spool-defer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spool = Spool::open(&dir.join("spool.db"), Durability::ProcessCrash).unwrap();
+        let event = |id: &str, person: Option<&str>| NewEvent {
+            connection: DEFAULT_CONNECTION.to_string(),
+            message_id: Some(id.to_string()),
+            received_at: "2026-12-03T00:00:00Z".to_string(),
+            body: format!(r#"{{"messageId":"{id}"}}"#),
+            person: person.map(str::to_string),
+        };
+        spool
+            .append(&[
+                event("p-v1", Some("u\"p\"")),
+                event("q-v1", Some("u\"q\"")),
+                event("p-v2", Some("u\"p\"")),
+                event("nobody", None),
+            ])
+            .unwrap();
+        let ids = |spool: &Spool| -> Vec<String> {
+            spool
+                .pending_after(DEFAULT_CONNECTION, 0, 10)
+                .unwrap()
+                .into_iter()
+                .map(|row| {
+                    serde_json::from_str::<Value>(&row.body).unwrap()["messageId"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect()
+        };
+        assert_eq!(ids(&spool), ["p-v1", "q-v1", "p-v2", "nobody"]);
+        let first = spool.pending_after(DEFAULT_CONNECTION, 0, 1).unwrap()[0].id;
+        spool
+            .defer(first, chrono::Utc::now() + chrono::Duration::seconds(40))
+            .unwrap();
+        assert_eq!(ids(&spool), ["q-v1", "nobody"], "p-v2 waits behind p-v1");
+        // Once the wait has passed, both come back, in order.
+        spool
+            .defer(first, chrono::Utc::now() - chrono::Duration::seconds(1))
+            .unwrap();
+        assert_eq!(ids(&spool), ["p-v1", "q-v1", "p-v2", "nobody"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -291,21 +291,40 @@ impl Envelope {
 
     /// Who the event is about, as the host can tell without the plugin:
     /// `userId`, else `anonymousId`, else the email in `traits`,
-    /// `context.traits` or `properties` (lowercased). Events with the same
-    /// key are mapped one after another, in the order they came.
+    /// `context.traits` or `properties` (trimmed, lowercased). An id sent
+    /// as a number is the same person as that number sent as a string, as
+    /// it is at Klaviyo (`external_id`). The one rule for the whole host:
+    /// events with the same key are mapped one after another in the order
+    /// they came, and share a partition of the stream (`serve --stream`).
+    ///
+    /// The key is a letter for its kind and the id as a JSON string
+    /// (`u"42"`): its bytes are hashed for the stream's partitions, so
+    /// they must not change between versions.
     pub(crate) fn person_key(&self) -> Option<String> {
+        let quoted = |id: &str| serde_json::to_string(id).expect("a string is always JSON");
         if let Some(user) = &self.user_id {
-            return Some(format!("user:{user}"));
+            return Some(format!("u{}", quoted(user)));
         }
         if let Some(anonymous) = &self.anonymous_id {
-            return Some(format!("anonymous:{anonymous}"));
+            return Some(format!("a{}", quoted(anonymous)));
         }
         [&self.traits.0, &self.context.traits.0, &self.properties.0]
             .into_iter()
             .flatten()
             .next()
-            .map(|email| format!("email:{}", email.trim().to_lowercase()))
+            .map(|email| format!("e{}", quoted(&email.trim().to_lowercase())))
     }
+}
+
+/// The person key (`Envelope::person_key`) of an event's text; none for
+/// text that is not an event object or names no person.
+pub fn person_key(text: &str) -> Option<String> {
+    serde_json::from_str::<Envelope>(text).ok()?.person_key()
+}
+
+/// The person key of an event already parsed.
+pub fn person_key_of(event: &Value) -> Option<String> {
+    Envelope::deserialize(event).ok()?.person_key()
 }
 
 impl Default for Envelope {
@@ -470,5 +489,31 @@ pub fn kind_of(value: &Value) -> &'static str {
         Value::String(_) => "string",
         Value::Array(_) => "array",
         Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::person_key;
+
+    #[test]
+    fn the_person_key_prefers_user_then_anonymous_then_email() {
+        let both = r#"{"userId":"u1","anonymousId":"a1","traits":{"email":"x@y.z"}}"#;
+        assert_eq!(person_key(both).as_deref(), Some(r#"u"u1""#));
+        let anonymous = r#"{"userId":null,"anonymousId":"a1"}"#;
+        assert_eq!(person_key(anonymous).as_deref(), Some(r#"a"a1""#));
+        let email = r#"{"type":"track","properties":{"email":" X@Y.z "}}"#;
+        assert_eq!(person_key(email).as_deref(), Some(r#"e"x@y.z""#));
+        let in_context = r#"{"context":{"traits":{"email":"c@d.e"}}}"#;
+        assert_eq!(person_key(in_context).as_deref(), Some(r#"e"c@d.e""#));
+        assert_eq!(person_key(r#"{"type":"track"}"#), None);
+        assert_eq!(person_key(r#"{"userId":""}"#), None);
+        assert_eq!(person_key("not json"), None);
+    }
+
+    #[test]
+    fn a_user_id_sent_as_a_number_is_the_same_person_as_that_id_sent_as_a_string() {
+        assert_eq!(person_key(r#"{"userId":7}"#), person_key(r#"{"userId":"7"}"#));
+        assert_ne!(person_key(r#"{"userId":7}"#), person_key(r#"{"anonymousId":"7"}"#));
     }
 }

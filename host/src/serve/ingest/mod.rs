@@ -60,17 +60,10 @@ pub async fn segment_single(
     if !KINDS.contains(&kind.as_str()) {
         return problem(StatusCode::NOT_FOUND, format!("unknown endpoint /v1/{kind}"));
     }
-    let body = match wire::decode(header(&headers, "content-encoding"), &body, MAX_EVENT_BYTES) {
-        Ok(body) => body,
-        Err(refused) => return refusal(refused),
+    let Routed { targets, body } = match segment_routed(&shared, &headers, &body, MAX_EVENT_BYTES) {
+        Ok(routed) => routed,
+        Err(response) => return *response,
     };
-    let targets = routed(
-        &shared,
-        wire::segment_key(header(&headers, "authorization"), &body).as_deref(),
-    );
-    if targets.is_empty() {
-        return unauthorized(SEGMENT_KEY_NEEDED);
-    }
     match wire::single(&body, Some(&kind), &now()) {
         Ok(event) => store(&shared, &targets, vec![event]).await,
         Err(message) => problem(StatusCode::BAD_REQUEST, message),
@@ -78,21 +71,44 @@ pub async fn segment_single(
 }
 
 pub async fn segment_batch(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let body = match wire::decode(header(&headers, "content-encoding"), &body, MAX_BATCH_BYTES) {
-        Ok(body) => body,
-        Err(refused) => return refusal(refused),
+    let Routed { targets, body } = match segment_routed(&shared, &headers, &body, MAX_BATCH_BYTES) {
+        Ok(routed) => routed,
+        Err(response) => return *response,
     };
-    let targets = routed(
-        &shared,
-        wire::segment_key(header(&headers, "authorization"), &body).as_deref(),
-    );
-    if targets.is_empty() {
-        return unauthorized(SEGMENT_KEY_NEEDED);
-    }
     match wire::batch(&body, &now()) {
         Ok(events) => store(&shared, &targets, events).await,
         Err(message) => problem(StatusCode::BAD_REQUEST, message),
     }
+}
+
+/// The connections a Segment request's write key feeds, and its body
+/// decoded. A key in the `Authorization` header is checked before the body
+/// is inflated or read, so a request without a valid key costs no more
+/// than its headers; only a key sent in the body needs the body decoded
+/// first.
+fn segment_routed<'b>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &'b [u8],
+    limit: usize,
+) -> Result<Routed<'b>, Box<Response>> {
+    let in_header = wire::header_key(header(headers, "authorization"));
+    if in_header.is_some() && routed(shared, in_header.as_deref()).is_empty() {
+        return Err(Box::new(unauthorized(SEGMENT_KEY_NEEDED)));
+    }
+    let body = wire::decode(header(headers, "content-encoding"), body, limit).map_err(|r| Box::new(refusal(r)))?;
+    let key = in_header.or_else(|| wire::body_key(&body));
+    let targets = routed(shared, key.as_deref());
+    if targets.is_empty() {
+        return Err(Box::new(unauthorized(SEGMENT_KEY_NEEDED)));
+    }
+    Ok(Routed { targets, body })
+}
+
+/// A request's connections and its decoded body.
+struct Routed<'b> {
+    targets: Vec<Arc<Connection>>,
+    body: std::borrow::Cow<'b, [u8]>,
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -129,6 +145,7 @@ async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Re
         message_id: Some(event.message_id.clone()),
         received_at: event.received_at.clone(),
         body,
+        person: event.person.clone(),
     };
     // A copy of each event per connection its key feeds; the last one
     // takes the texts themselves.
@@ -183,6 +200,7 @@ async fn publish(
             message_id: e.message_id.clone(),
             received_at: e.received_at.clone(),
             body: e.text.clone(),
+            person: e.person.clone(),
         }));
     }
     match log.publish(outgoing).await {

@@ -34,8 +34,6 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, HeaderValue};
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 pub(crate) use worker::run as run_worker;
 
@@ -110,6 +108,8 @@ pub struct Outgoing {
     pub message_id: String,
     pub received_at: String,
     pub body: String,
+    /// Its person key (`mapping::person_key`), which picks its partition.
+    pub person: Option<String>,
 }
 
 impl Log {
@@ -162,7 +162,7 @@ impl Log {
     pub async fn publish(&self, events: Vec<Outgoing>) -> anyhow::Result<()> {
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
-            let partition = partition_of(&event.body, self.options.partitions);
+            let partition = partition_of_person(event.person.as_deref(), self.options.partitions);
             let mut headers = HeaderMap::new();
             headers.insert(
                 "Nats-Msg-Id",
@@ -234,55 +234,19 @@ pub async fn context(servers: &str) -> anyhow::Result<jetstream::Context> {
     Ok(js)
 }
 
-/// The partition of an event: a hash of its person key (userId, else
-/// anonymousId, else an email in traits, context.traits or properties).
-/// Events with none share partition 0.
+/// The partition of an event: a hash of its person key, the same key
+/// that keeps one person's events in order while mapping
+/// (`mapping::person_key`). Events with none share partition 0.
 pub fn partition_of(body: &str, partitions: u32) -> u32 {
-    match person_key(body) {
+    partition_of_person(crate::mapping::person_key(body).as_deref(), partitions)
+}
+
+/// The partition of a person key.
+pub fn partition_of_person(person: Option<&str>, partitions: u32) -> u32 {
+    match person {
         Some(key) => (fnv1a(key.as_bytes()) % u64::from(partitions.max(1))) as u32,
         None => 0,
     }
-}
-
-/// The person key, as its JSON text (a string's quotes included, so that
-/// the number 7 and the string "7" differ as they do in the event).
-pub fn person_key(body: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Traits<'a> {
-        #[serde(borrow)]
-        email: Option<&'a RawValue>,
-    }
-    #[derive(Deserialize)]
-    struct Context<'a> {
-        #[serde(borrow)]
-        traits: Option<Traits<'a>>,
-    }
-    #[derive(Deserialize)]
-    struct Person<'a> {
-        #[serde(rename = "userId", borrow)]
-        user_id: Option<&'a RawValue>,
-        #[serde(rename = "anonymousId", borrow)]
-        anonymous_id: Option<&'a RawValue>,
-        #[serde(borrow)]
-        traits: Option<Traits<'a>>,
-        #[serde(borrow)]
-        context: Option<Context<'a>>,
-        #[serde(borrow)]
-        properties: Option<Traits<'a>>,
-    }
-    let person: Person = serde_json::from_str(body).ok()?;
-    fn present(raw: Option<&RawValue>) -> Option<&str> {
-        raw.map(RawValue::get).filter(|t| !matches!(*t, "null" | "\"\""))
-    }
-    let email = person
-        .traits
-        .and_then(|t| t.email)
-        .or_else(|| person.context.and_then(|c| c.traits).and_then(|t| t.email))
-        .or_else(|| person.properties.and_then(|p| p.email));
-    present(person.user_id)
-        .map(|k| format!("u{k}"))
-        .or_else(|| present(person.anonymous_id).map(|k| format!("a{k}")))
-        .or_else(|| present(email).map(|k| format!("e{}", k.to_ascii_lowercase())))
 }
 
 /// FNV-1a, 64 bits: stable across hosts and versions (std's hasher is not).
@@ -295,20 +259,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_person_key_prefers_user_then_anonymous_then_email() {
-        let both = r#"{"userId":"u1","anonymousId":"a1","traits":{"email":"x@y.z"}}"#;
-        assert_eq!(person_key(both).as_deref(), Some("u\"u1\""));
-        let anonymous = r#"{"userId":null,"anonymousId":"a1"}"#;
-        assert_eq!(person_key(anonymous).as_deref(), Some("a\"a1\""));
-        let email = r#"{"type":"track","properties":{"email":"X@Y.z"}}"#;
-        assert_eq!(person_key(email).as_deref(), Some("e\"x@y.z\""));
-        let in_context = r#"{"context":{"traits":{"email":"c@d.e"}}}"#;
-        assert_eq!(person_key(in_context).as_deref(), Some("e\"c@d.e\""));
-        assert_eq!(person_key(r#"{"type":"track"}"#), None);
-        assert_eq!(person_key("not json"), None);
-    }
 
     #[test]
     fn a_person_keeps_one_partition_whatever_else_the_event_says() {
@@ -325,5 +275,15 @@ mod tests {
             .map(|i| partition_of(&format!(r#"{{"userId":"{i}"}}"#), 16))
             .collect();
         assert!(used.len() >= 14, "{used:?}");
+    }
+
+    #[test]
+    fn a_user_id_sent_as_a_number_shares_the_partition_of_the_same_id_as_a_string() {
+        for id in 0..50 {
+            assert_eq!(
+                partition_of(&format!(r#"{{"userId":{id}}}"#), 16),
+                partition_of(&format!(r#"{{"userId":"{id}"}}"#), 16)
+            );
+        }
     }
 }
