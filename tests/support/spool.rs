@@ -141,3 +141,14 @@ pub fn finished_span_seconds(path: &Path) -> (f64, f64, u64) {
         )
         .unwrap()
 }
+
+/// How many pending events carry a not-before time (a Retry-After kept).
+pub fn deferred(path: &Path) -> usize {
+    open(path)
+        .query_row(
+            "SELECT count(*) FROM events WHERE state = 'pending' AND not_before IS NOT NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as usize
+}

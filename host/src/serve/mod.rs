@@ -109,6 +109,9 @@ pub(crate) struct Shared {
     outcomes: std::sync::Mutex<Option<OutcomeSender>>,
     /// Where events go instead of the spool, and this host's role there.
     stream: Option<Arc<stream::Log>>,
+    /// Why the last write of outcomes to the spool failed, while it fails
+    /// (`/healthz` says so).
+    outcomes_failing: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -240,12 +243,13 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         admin_token: config.admin_token.clone(),
         outcomes: std::sync::Mutex::new(Some(outcomes)),
         stream: log.clone(),
+        outcomes_failing: std::sync::Mutex::new(None),
     });
     let app = Router::new()
         .route("/api/s/s2s/{kind}", post(ingest::s2s))
         .route("/v1/batch", post(ingest::segment_batch))
         .route("/v1/{kind}", post(ingest::segment_single))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health))
         .route("/metrics", get(metrics_text))
         .route("/admin/plugins", get(admin::list).put(admin::store_plugin))
         .route("/admin/plugins/{destination}", axum::routing::put(admin::upload))
@@ -539,26 +543,81 @@ fn finished(shared: &Shared, connection: &Connection, record: &EventRecord) -> F
     }
 }
 
+/// How long the writer waits before it tries a failed write of outcomes
+/// again, at most.
+const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Writes outcomes to their rows, as many per transaction as have come
 /// in, and only then lets the feeders see those rows again (a row not yet
 /// written stays in flight, so it is not handed out twice).
+///
+/// A write that fails (a full disk) is tried again, with the outcomes
+/// that came meanwhile, until it succeeds: its rows stay in flight all
+/// that time, so their events are not sent again, and `/healthz` says
+/// why. Only when the service stops with the write still failing are the
+/// rows left pending, to be delivered again (idempotently) after restart.
 fn write_outcomes(shared: &Shared, outcomes: std::sync::mpsc::Receiver<(Arc<Connection>, Finished)>) {
-    while let Ok(first) = outcomes.recv() {
-        let mut batch = vec![first];
-        while batch.len() < 256
-            && let Ok(more) = outcomes.try_recv()
-        {
-            batch.push(more);
+    let mut batch: Vec<(Arc<Connection>, Finished)> = Vec::new();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        if batch.is_empty() {
+            match outcomes.recv() {
+                Ok(first) => batch.push(first),
+                Err(_) => return,
+            }
+        }
+        let mut closed = false;
+        while batch.len() < 256 || shared.outcomes_failing.lock().unwrap().is_some() {
+            match outcomes.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
         }
         if let Err(e) = shared.spool.finish_all(batch.iter().map(|(_, f)| f)) {
-            // The rows stay pending and are delivered again (idempotently).
-            tracing::error!("recording the outcomes of {} events: {e:#}", batch.len());
+            tracing::error!(
+                "recording the outcomes of {} events: {e:#}; their events wait, and the write is tried again",
+                batch.len()
+            );
+            *shared.outcomes_failing.lock().unwrap() = Some(format!("{e:#}"));
+            if closed {
+                tracing::warn!(
+                    "stopping with {} outcomes unrecorded: their events stay pending",
+                    batch.len()
+                );
+                return;
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(OUTCOME_RETRY_MAX);
+            continue;
         }
+        if shared.outcomes_failing.lock().unwrap().take().is_some() {
+            tracing::info!("recording outcomes works again");
+        }
+        wait = Duration::from_millis(100);
         shared.metrics.finished.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for (connection, finished) in &batch {
+        for (connection, finished) in batch.drain(..) {
             connection.metrics.finished.fetch_add(1, Ordering::Relaxed);
             connection.in_flight.lock().unwrap().remove(&finished.id);
         }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// 200 while the service can record what it does; 503 naming the cause
+/// while outcomes cannot be written (their events wait meanwhile).
+async fn health(State(shared): State<Arc<Shared>>) -> (axum::http::StatusCode, String) {
+    match shared.outcomes_failing.lock().unwrap().as_ref() {
+        None => (axum::http::StatusCode::OK, "ok\n".to_string()),
+        Some(cause) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("outcomes cannot be recorded in the spool ({cause}); deliveries wait until they can\n"),
+        ),
     }
 }
 
