@@ -90,7 +90,10 @@ impl Component<'_> {
             .status()
             .unwrap_or_else(|e| fail(&format!("running cargo to build {:?}: {e}", self.packages)));
         if !status.success() {
-            fail(&format!("building {:?} for {TARGET} failed (cargo's errors are above)", self.packages));
+            fail(&format!(
+                "building {:?} for {TARGET} failed (cargo's errors are above)",
+                self.packages
+            ));
         }
 
         let built = target_dir.join(TARGET).join("release");
