@@ -10,8 +10,12 @@ use std::io::Read;
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
-/// The largest event accepted.
-pub const MAX_EVENT_BYTES: usize = 1 << 20;
+/// The largest event accepted, as received and as stored (completed).
+/// 8 KiB under NATS's 1 MiB message limit, which counts the headers an
+/// event carries on the stream (its `Nats-Msg-Id` of up to 321 bytes, its
+/// connection and its time): the stream can carry every event ingest
+/// accepts, and the spool takes the same.
+pub const MAX_EVENT_BYTES: usize = (1 << 20) - (8 << 10);
 /// The largest batch request accepted.
 pub const MAX_BATCH_BYTES: usize = 16 << 20;
 /// The most events one batch request may hold. Segment's own clients send
@@ -193,10 +197,19 @@ fn complete(value: Value, kind: Option<&str>, received_at: &str) -> Result<Recei
     event.insert("receivedAt".into(), json!(received_at));
     let event = Value::Object(event);
     let person = crate::mapping::person_key_of(&event);
+    // Written out again, an event can grow (`1e9` is written
+    // `1000000000.0`): the limit holds for what is stored, too.
+    let text = event.to_string();
+    if text.len() > MAX_EVENT_BYTES {
+        return Err(format!(
+            "the event is {} bytes once completed (numbers written out in full, receivedAt and messageId added), over the {MAX_EVENT_BYTES} byte limit",
+            text.len()
+        ));
+    }
     Ok(Received {
         message_id,
         received_at: received_at.to_string(),
-        text: event.to_string(),
+        text,
         person,
     })
 }
@@ -380,5 +393,25 @@ mod tests {
         assert!(batch(br#"{"batch": 7}"#, "t").unwrap_err().contains("`batch` array"));
         assert!(batch(br#"[1]"#, "t").unwrap_err().contains("`batch` array"));
         assert!(batch(br#"{"batch": [}"#, "t").unwrap_err().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn an_event_that_grows_when_completed_is_held_to_the_limit_as_stored() {
+        let numbers = vec!["1e9"; MAX_EVENT_BYTES / 8].join(",");
+        let body = format!(r#"{{"type":"track","properties":{{"n":[{numbers}]}}}}"#);
+        assert!(body.len() <= MAX_EVENT_BYTES);
+        let refused = single(body.as_bytes(), None, "t").unwrap_err();
+        assert!(refused.contains("once completed"), "{refused}");
+        let near = format!(
+            r#"{{"type":"track","properties":{{"pad":"{}"}}}}"#,
+            "x".repeat(MAX_EVENT_BYTES - 200)
+        );
+        assert!(
+            single(near.as_bytes(), None, "2026-12-03T00:00:00.000Z")
+                .unwrap()
+                .text
+                .len()
+                <= MAX_EVENT_BYTES
+        );
     }
 }
