@@ -203,6 +203,34 @@ impl DestinationSettings {
     }
 }
 
+/// The largest secret file read: a key is tens of bytes.
+const SECRET_FILE_MAX: u64 = 64 << 10;
+
+/// A secret file's text. Only a regular file is read, and only up to
+/// `SECRET_FILE_MAX`: `/dev/zero` would grow memory without end, and a FIFO
+/// (opened without blocking, then refused) would hang the caller.
+fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if metadata.len() > SECRET_FILE_MAX {
+        return Err(std::io::Error::other(format!("{} bytes", metadata.len())));
+    }
+    let mut text = String::new();
+    file.take(SECRET_FILE_MAX + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > SECRET_FILE_MAX {
+        return Err(std::io::Error::other("grew past the limit while read"));
+    }
+    Ok(text)
+}
+
 /// A secret from the source the operator named for it.
 fn read_source(
     name: &str,
@@ -213,9 +241,17 @@ fn read_source(
         (Some(Value::String(variable)), None, 1) => {
             env(variable).with_context(|| format!("setting {name} names ${variable}, which is not set"))
         }
-        (None, Some(Value::String(path)), 1) => std::fs::read_to_string(path)
+        (None, Some(Value::String(path)), 1) => read_secret_file(std::path::Path::new(path))
             .map(|text| text.trim_end_matches(['\n', '\r']).to_string())
-            .with_context(|| format!("setting {name} names the file {path}, which cannot be read")),
+            .map_err(|cause| {
+                // The cause goes to the operator's log only: the answer
+                // (which an admin API caller sees) must not tell whether an
+                // arbitrary path exists, or what it is.
+                tracing::warn!(setting = name, file = %path, "a secret file cannot be used: {cause}");
+                anyhow::anyhow!(
+                    "setting {name} names the file {path}, which cannot be used as a secret: it must be a regular file this host can read, of at most {SECRET_FILE_MAX} bytes"
+                )
+            }),
         _ => bail!("setting {name} must name one source: {{\"env\": \"VAR\"}} or {{\"file\": \"PATH\"}}"),
     }
 }
@@ -326,5 +362,47 @@ mod tests {
         );
         let err = settings.render_headers(&request(), Render::Send).unwrap_err();
         assert!(err.to_string().contains("api_key"));
+    }
+
+    /// Found by reading the admin API as an attacker would: a secret source
+    /// naming /dev/zero grew memory at a gigabyte a second, a FIFO hung the
+    /// caller, and the error told whether any path existed.
+    #[test]
+    fn a_secret_file_must_be_a_small_regular_file_and_errors_do_not_tell_what_a_path_is() {
+        let dir = std::env::temp_dir().join(format!("cdp-host-secret-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("key");
+        std::fs::write(&good, "pk_test_0123456789\n").unwrap();
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'k'; SECRET_FILE_MAX as usize + 1]).unwrap();
+        let fifo = dir.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let source = |path: &std::path::Path| {
+            let mut map = Map::new();
+            map.insert("file".into(), Value::String(path.display().to_string()));
+            map
+        };
+        let none = |_: &str| None;
+        assert_eq!(
+            read_source("api_key", &source(&good), &none).unwrap(),
+            "pk_test_0123456789"
+        );
+        let started = std::time::Instant::now();
+        let mut messages = Vec::new();
+        for path in [
+            std::path::Path::new("/dev/zero"),
+            &fifo,
+            &big,
+            &dir,
+            std::path::Path::new("/no/such/file"),
+        ] {
+            let message = read_source("api_key", &source(path), &none).unwrap_err().to_string();
+            messages.push(message.replace(&path.display().to_string(), "PATH"));
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "a source hung");
+        assert!(messages.iter().all(|m| m == &messages[0]), "{messages:#?}");
+        assert!(messages[0].contains("must be a regular file"), "{}", messages[0]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
