@@ -392,13 +392,27 @@ async fn dead_letters_are_listed_replayed_and_purged_on_the_stream() {
             "a secret in {letter}"
         );
     }
-    // Replayed: delivered again (and dead again, under a new id).
+    // Each letter keeps the subject (partition) its event came from.
+    let subject = letters[0]["subject"].as_str().unwrap().to_string();
+    assert!(subject.starts_with("chord.events."), "{}", letters[0]);
+    assert_ne!(
+        subject, "chord.events.0",
+        "pick a person whose partition a wrong count would change"
+    );
+    // Replayed: delivered again (and dead again, under a new id), back on
+    // its own partition whatever --partitions the command was given.
     let first = letters[0]["id"].as_u64().unwrap().to_string();
-    assert!(dlq(&["replay", "--id", &first]).starts_with("1 dead letters"));
+    assert!(dlq(&["replay", "--id", &first, "--partitions", "1"]).starts_with("1 dead letters"));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ids: Vec<u64> = listed(&dlq).iter().map(|l| l["id"].as_u64().unwrap()).collect();
+        let now = listed(&dlq);
+        let ids: Vec<u64> = now.iter().map(|l| l["id"].as_u64().unwrap()).collect();
         if ids.len() == 2 && !ids.contains(&first.parse().unwrap()) {
+            let again = now
+                .iter()
+                .find(|l| l["message_id"] == letters[0]["message_id"])
+                .unwrap();
+            assert_eq!(again["subject"], subject.as_str(), "{again}");
             break;
         }
         assert!(Instant::now() < deadline, "after replay: {ids:?}");
@@ -406,6 +420,23 @@ async fn dead_letters_are_listed_replayed_and_purged_on_the_stream() {
     }
     assert!(dlq(&["purge"]).starts_with("2 dead letters"));
     assert!(listed(&dlq).is_empty());
+
+    // A host given another partition count than the stream was laid out
+    // with would put a person's events on another partition: it refuses
+    // to start, naming both counts.
+    let other = cdp_host()
+        .args(["serve", "--listen", "127.0.0.1:0", "--write-key", WRITE_KEY])
+        .args(["--stream", &cluster.urls(), "--partitions", "8", "--spool"])
+        .arg(dir.join("other.sqlite"))
+        .env("KLAVIYO_API_KEY", API_KEY)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("laid out with --partitions 16, and this host was given --partitions 8"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

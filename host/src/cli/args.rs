@@ -360,7 +360,8 @@ pub enum DlqCommand {
     },
     /// Put dead letters back to be delivered again by a running (or the next) serve.
     Replay {
-        /// With --stream: the stream's partitions, as serve has them [default: 16]
+        /// With --stream: the stream's partitions, as serve has them; needed only for letters stored
+        /// by a version before letters kept their partition [default: 16]
         #[arg(long, value_name = "N")]
         partitions: Option<u32>,
         #[arg(long, default_value = Defaults::SPOOL, value_name = "FILE")]

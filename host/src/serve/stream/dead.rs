@@ -16,11 +16,14 @@ pub(super) async fn store(
     log: &Log,
     connection: &str,
     sequence: u64,
+    subject: &str,
     record: &EventRecord,
     letter: &DeadLetter,
 ) -> anyhow::Result<()> {
     let body = json!({
         "connection": connection,
+        // Where a replay puts it back: its partition's subject.
+        "subject": subject,
         "message_id": record.message_id,
         "reason": letter.reason,
         "event": serde_json::from_str::<Value>(&letter.event).unwrap_or_else(|_| Value::String(letter.event.clone())),
@@ -82,8 +85,13 @@ pub async fn replay(servers: &str, connection: Option<&str>, ids: &[u64], partit
             RECEIVED_AT_HEADER,
             HeaderValue::from(chrono::Utc::now().to_rfc3339().as_str()),
         );
-        let partition = super::partition_of(&event, partitions);
-        js.publish_with_headers(format!("chord.events.{partition}"), headers, event.into())
+        // Back where it came from; a letter stored before letters kept
+        // their subject goes to the partition its person hashes to.
+        let subject = match letter["subject"].as_str() {
+            Some(subject) if subject.starts_with("chord.events.") => subject.to_string(),
+            _ => format!("chord.events.{}", super::partition_of(&event, partitions)),
+        };
+        js.publish_with_headers(subject, headers, event.into())
             .await?
             .await
             .with_context(|| format!("replaying dead letter {id}"))?;

@@ -153,6 +153,7 @@ impl Log {
                 Err(e) => return Err(e),
             }
         }
+        agree_on_partitions(&js, &options).await?;
         Ok(Log { js, options })
     }
 
@@ -181,6 +182,42 @@ impl Log {
             ack.await.context("the stream did not confirm storing an event")?;
         }
         Ok(())
+    }
+}
+
+/// Where the stream's layout is recorded, for every host to agree on.
+const LAYOUT_BUCKET: &str = "chord_layout";
+
+/// Records the partition count the first host used, and refuses to start
+/// a host with another: a person would hash to a different partition on
+/// each, and their events could be delivered out of order.
+async fn agree_on_partitions(js: &jetstream::Context, options: &StreamOptions) -> anyhow::Result<()> {
+    let layout = match js.get_key_value(LAYOUT_BUCKET).await {
+        Ok(layout) => layout,
+        Err(_) => js
+            .create_key_value(jetstream::kv::Config {
+                bucket: LAYOUT_BUCKET.to_string(),
+                history: 1,
+                num_replicas: options.replicas,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating the JetStream key-value bucket {LAYOUT_BUCKET}"))?,
+    };
+    let ours = options.partitions.to_string();
+    // Created only if absent: the first host's count stands.
+    let _ = layout.create("partitions", ours.clone().into()).await;
+    let recorded = layout
+        .get("partitions")
+        .await
+        .context("reading the stream's partition count")?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    match recorded {
+        Some(theirs) if theirs != ours => anyhow::bail!(
+            "the stream was laid out with --partitions {theirs}, and this host was given --partitions {ours}: every host of a stream must use the same count"
+        ),
+        Some(_) => Ok(()),
+        None => anyhow::bail!("the stream's partition count could not be recorded"),
     }
 }
 

@@ -475,7 +475,15 @@ impl Worker {
             }
             EventOutcome::DeadLettered(letter) => {
                 tracing::warn!(connection = %connection.id, event = %record.id, message_id = ?record.message_id, reason = %letter.reason, "dead-lettered");
-                let stored = super::dead::store(&self.log, &connection.id, sequence, &record, letter).await;
+                let stored = super::dead::store(
+                    &self.log,
+                    &connection.id,
+                    sequence,
+                    message.subject.as_str(),
+                    &record,
+                    letter,
+                )
+                .await;
                 if let Err(e) = stored {
                     // Not acked: the event is delivered again later.
                     tracing::error!(connection = %connection.id, "storing a dead letter: {e:#}");
