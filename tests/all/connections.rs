@@ -245,7 +245,8 @@ async fn connections_change_through_the_admin_api_under_traffic_and_survive_kill
         &dir,
         "serve.toml",
         &format!(
-            "[[connections]]\nid = \"shop-a\"\nwrite_keys = [\"wk_a\"]\nbase_url = \"{}\"\nsettings = {{ api_key = {{ file = \"{}\" }} }}\n",
+            "approved_base_urls = [\"{}\"]\n\n[[connections]]\nid = \"shop-a\"\nwrite_keys = [\"wk_a\"]\nbase_url = \"{}\"\nsettings = {{ api_key = {{ file = \"{}\" }} }}\n",
+            b.url(),
             a.url(),
             a_key.display()
         ),
@@ -668,7 +669,11 @@ async fn the_version_connections_serve_keeps_its_instances() {
 async fn a_serve_started_with_no_shop_takes_its_first_through_the_admin_api() {
     let sandbox = shop_sandbox(&["pk_first"], |_| {}).await;
     let dir = tempdir();
-    let config = write(&dir, "serve.toml", "");
+    let config = write(
+        &dir,
+        "serve.toml",
+        &format!("approved_base_urls = [\"{}\"]\n", sandbox.url()),
+    );
     let service = Service::start(&config, &dir.join("spool.sqlite"), &[("FIRST_KEY", "pk_first")]);
     let client = reqwest::Client::new();
     let url = service.url.clone();
@@ -696,4 +701,93 @@ async fn a_serve_started_with_no_shop_takes_its_first_through_the_admin_api() {
         200
     );
     wait_for("the first shop's event", || sandbox.events().len() == 1).await;
+}
+
+/// Found by reading the admin API as an attacker holding the admin token
+/// would: a connection made with a base_url of the caller's choosing, or on
+/// a stored plugin that declares the caller's host, sent its secret (the
+/// value of the named environment variable) there in the Authorization
+/// header. Both are refused, and the listener at the attacker's address
+/// never hears from the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_cannot_send_a_connections_secret_to_a_host_the_operator_did_not_approve() {
+    let sandbox = shop_sandbox(&["pk_first"], |_| {}).await;
+    let attacker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    attacker.set_nonblocking(true).unwrap();
+    let attacker_url = format!("http://{}", attacker.local_addr().unwrap());
+    let dir = tempdir();
+    let config = write(
+        &dir,
+        "serve.toml",
+        &format!("approved_base_urls = [\"{}\"]\n", sandbox.url()),
+    );
+    let service = Service::start(
+        &config,
+        &dir.join("spool.sqlite"),
+        &[("OTHER_SHOPS_KEY", "pk_other_shops_secret")],
+    );
+    let client = reqwest::Client::new();
+    let url = service.url.clone();
+
+    // A base URL of the caller's choosing.
+    let (status, refused) = admin(
+        &client,
+        reqwest::Method::POST,
+        format!("{url}/admin/connections"),
+        Some(
+            json!({"id": "exfil", "write_keys": ["wk_exfil"], "base_url": attacker_url,
+                    "settings": {"api_key": {"env": "OTHER_SHOPS_KEY"}}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 403, "{refused}");
+    let message = refused["error"].as_str().unwrap();
+    assert!(
+        message.contains("not one the operator approved") && message.contains("--approve-base-url"),
+        "{message}"
+    );
+    assert!(!message.contains("pk_other_shops_secret"), "{message}");
+
+    // A stored plugin that declares the caller's host, on an approved URL.
+    let foreign = std::fs::read(plugin_fixtures::FOREIGN_IMPOSTOR).unwrap();
+    let stored = client
+        .put(format!("{url}/admin/plugins"))
+        .bearer_auth(ADMIN)
+        .body(foreign)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stored.status().as_u16(), 200);
+    let stored: Value = serde_json::from_str(&stored.text().await.unwrap()).unwrap();
+    let sha = stored["stored"]["sha256"].as_str().unwrap().to_string();
+    let (status, refused) = admin(
+        &client,
+        reqwest::Method::POST,
+        format!("{url}/admin/connections"),
+        Some(json!({"id": "exfil2", "write_keys": ["wk_exfil2"], "plugin": sha,
+                    "settings": {"api_key": {"env": "OTHER_SHOPS_KEY"}}})),
+    )
+    .await;
+    assert_eq!(status, 403, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("declares host collector.evil.example"),
+        "{refused}"
+    );
+
+    // Nothing was made, no key routes, and the attacker heard nothing.
+    for key in ["wk_exfil", "wk_exfil2"] {
+        assert_eq!(
+            post(&client, &url, "/api/s/s2s/track", Some(key), track("x")).await.0,
+            401
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        attacker.accept().is_err(),
+        "the host connected to the attacker's address"
+    );
+    service.kill9();
 }

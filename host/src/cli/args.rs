@@ -270,6 +270,10 @@ pub struct ServeArgs {
     /// With --stream: partitions of the stream; every host must use the same [default: 16]
     #[arg(long, value_name = "N")]
     pub partitions: Option<u32>,
+    /// A base URL a connection made through the admin API may send to instead of its plugin's
+    /// host (repeatable; serve's own --base-url is always approved)
+    #[arg(long = "approve-base-url", value_name = "URL")]
+    pub approved_base_urls: Vec<url::Url>,
 }
 
 /// The `serve` configuration file; every key optional, each named like
@@ -297,6 +301,8 @@ pub struct ServeFile {
     pub role: Option<String>,
     pub stream_replicas: Option<usize>,
     pub partitions: Option<u32>,
+    #[serde(default)]
+    pub approved_base_urls: Vec<url::Url>,
     /// Shops, each with its own write keys, plugin, settings and secrets
     /// (`[[connections]]`).
     #[serde(default)]

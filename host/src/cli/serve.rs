@@ -127,6 +127,11 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
             .filter(|t| !t.is_empty())
             .map(Secret::new),
         plugin_dir: args.plugin_dir.or(file.plugin_dir),
+        approved_base_urls: args
+            .approved_base_urls
+            .into_iter()
+            .chain(file.approved_base_urls)
+            .collect(),
         stream: match args.stream.or(file.stream).filter(|s| !s.trim().is_empty()) {
             Some(servers) => {
                 let partitions = args

@@ -233,6 +233,13 @@ pub async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
             Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("plugin: {e:#}")})),
         },
     };
+    let serving = plugin.clone().unwrap_or_else(|| shared.connections.default_plugin());
+    if let Err(e) = shared
+        .connections
+        .check_approved(&new.id, new.base_url.as_ref(), &serving)
+    {
+        return answer(StatusCode::FORBIDDEN, json!({"error": format!("{e:#}")}));
+    }
     match shared.connections.create(new, plugin).await {
         Ok(connection) => {
             tracing::info!(connection = %connection.id, "created");

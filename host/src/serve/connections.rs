@@ -230,6 +230,8 @@ pub struct Connections {
     /// (version, public settings) that passed the golden events: a
     /// thousand shops with the same settings are checked once.
     canaried: Mutex<HashSet<(String, String)>>,
+    /// `approve_base_urls`.
+    approved_base_urls: RwLock<Vec<url::Url>>,
 }
 
 /// An event's passes while it is in flight.
@@ -294,7 +296,61 @@ impl Connections {
             host_gate: CallGate::new(host_calls()),
             host_interpreters: Arc::new(tokio::sync::Semaphore::new(host_calls())),
             canaried: Mutex::default(),
+            approved_base_urls: RwLock::default(),
         })
+    }
+
+    /// The version a connection gets when it names none.
+    pub fn default_plugin(&self) -> Arc<Plugin> {
+        self.default_plugin.clone()
+    }
+
+    /// The base URLs a connection made through the admin API (or announced
+    /// on the stream) may send to instead of its plugin's host: the
+    /// operator's, given at start. The host's own base URL is always one.
+    pub fn approve_base_urls(&self, urls: Vec<url::Url>) {
+        let mut approved = urls;
+        approved.extend(self.base.base_url.clone());
+        *self.approved_base_urls.write().unwrap() = approved;
+    }
+
+    /// What an admin token (or a writer of the stream's KV bucket) may put
+    /// on a connection, and what it may not: a base URL the operator did
+    /// not approve at start (it would receive the connection's key in the
+    /// `Authorization` header), or a plugin that declares a host the
+    /// operator's plugin does not (the same, through the plugin). Each
+    /// refusal says what to change.
+    pub fn check_approved(&self, id: &str, base_url: Option<&url::Url>, plugin: &Plugin) -> anyhow::Result<()> {
+        if let Some(url) = base_url {
+            let approved = self.approved_base_urls.read().unwrap();
+            if !approved
+                .iter()
+                .any(|a| a.as_str().trim_end_matches('/') == url.as_str().trim_end_matches('/'))
+            {
+                let list: Vec<&str> = approved.iter().map(url::Url::as_str).collect();
+                bail!(
+                    "connection {id}: base_url {url} is not one the operator approved (approved: {}); an operator adds it with serve --approve-base-url",
+                    if list.is_empty() {
+                        "none".to_string()
+                    } else {
+                        list.join(", ")
+                    }
+                );
+            }
+        }
+        let approved_hosts = &self.default_plugin.manifest().allowed_hosts;
+        if let Some(host) = plugin
+            .manifest()
+            .allowed_hosts
+            .iter()
+            .find(|h| !approved_hosts.contains(h))
+        {
+            bail!(
+                "connection {id}: plugin {plugin} declares host {host}, which the operator has not approved (approved: {})",
+                approved_hosts.join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// The budgets of the accounts sent to, one per account.
@@ -574,6 +630,8 @@ impl Connections {
         let state = ConnState::parse(&stored.state)?;
         let _changing = self.changing.lock().await;
         let Some(connection) = self.get(&stored.id) else {
+            let plugin = self.store.get(&spec.plugin)?;
+            self.check_approved(&stored.id, spec.base_url.as_ref(), &plugin)?;
             let connection = tokio::task::block_in_place(|| self.build(&stored.id, spec, state, true))?;
             self.spool.save_connection(&connection.stored())?;
             self.by_id.write().unwrap().insert(stored.id.clone(), connection);

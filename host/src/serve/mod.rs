@@ -91,6 +91,9 @@ pub struct ServeConfig {
     /// Keep events in a NATS JetStream stream shared by several hosts
     /// instead of the spool (which then keeps connections and plugins only).
     pub stream: Option<stream::StreamOptions>,
+    /// Base URLs a connection made through the admin API may send to
+    /// instead of its plugin's host (besides the host's own base URL).
+    pub approved_base_urls: Vec<url::Url>,
 }
 
 /// Outcomes on their way to the writer, each with its connection.
@@ -190,6 +193,7 @@ pub fn connections(config: &ServeConfig, runtime: Arc<plugin_runtime::Runtime>) 
         config.delivery.clone(),
         config.spool.clone(),
     )?;
+    connections.approve_base_urls(config.approved_base_urls.clone());
     connections.load_stored()?;
     Ok(connections)
 }
