@@ -11,14 +11,21 @@ use clap::Parser;
 use cli::args::{Cli, Command, PluginCommand};
 
 fn main() -> ExitCode {
-    // Rust ignores SIGPIPE, so printing into a closed pipe (`| head`)
-    // panics; a command-line tool should end quietly instead, as `cat` does.
-    #[cfg(unix)]
-    // SAFETY: called first thing in main, before any other thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`| head`)
+    // panics; a command that only reads files and prints should end
+    // quietly instead, as `cat` does. Never for a command that talks over
+    // the network: a vectored write to a peer that has gone (a NATS node
+    // killed, a connection reset) would then kill the whole process
+    // without a word, which is how `serve --stream` died when two NATS
+    // nodes were killed under it.
+    #[cfg(unix)]
+    if matches!(cli.command, Command::Map(_) | Command::Plugin(_)) {
+        // SAFETY: before any other thread exists (parsing starts none).
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let (level, json) = match &cli.command {
         Command::Serve(args) => ("info", args.log_json),
         _ => ("warn", false),

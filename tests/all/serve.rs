@@ -816,3 +816,23 @@ async fn a_full_disk_sends_nothing_twice_and_healthz_says_why() {
     assert_eq!(sandbox.stats().requests, requests);
     assert!(serve.terminate().success());
 }
+
+/// Regression: `cdp-host` restored SIGPIPE's default action for every
+/// command, so that `map | head` ends quietly. But a network client writes
+/// to a peer that has gone (NATS writes with writev, which has no
+/// MSG_NOSIGNAL): when two NATS nodes were killed under `serve --stream`,
+/// the process died without a word, and the quorum test failed about one
+/// run in fifteen. A broken pipe must not stop a service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_outlives_a_broken_pipe() {
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
+    let mut serve = Serve::start(&spool_path(), &sandbox.url(), DEMO_KEY);
+    // SAFETY: a signal to a child process this test started.
+    unsafe { libc_kill(serve.child.id() as i32, 13) };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(serve.child.try_wait().unwrap().is_none(), "serve died of SIGPIPE");
+    let client = reqwest::Client::new();
+    assert_eq!(health(&client, &serve.url).await.0, 200);
+    assert_eq!(post_track(&client, &serve.url, "after-sigpipe").await, 200);
+    wait_for("the event", || sandbox.events().len() == 1).await;
+}
