@@ -245,8 +245,9 @@ async fn connections_change_through_the_admin_api_under_traffic_and_survive_kill
         &dir,
         "serve.toml",
         &format!(
-            "approved_base_urls = [\"{}\"]\n\n[[connections]]\nid = \"shop-a\"\nwrite_keys = [\"wk_a\"]\nbase_url = \"{}\"\nsettings = {{ api_key = {{ file = \"{}\" }} }}\n",
+            "approved_base_urls = [\"{}\"]\nadmin_secret_env_prefixes = [\"SHOP_\"]\nadmin_secret_dirs = [\"{}\"]\n\n[[connections]]\nid = \"shop-a\"\nwrite_keys = [\"wk_a\"]\nbase_url = \"{}\"\nsettings = {{ api_key = {{ file = \"{}\" }} }}\n",
             b.url(),
+            dir.display(),
             a.url(),
             a_key.display()
         ),
@@ -672,7 +673,10 @@ async fn a_serve_started_with_no_shop_takes_its_first_through_the_admin_api() {
     let config = write(
         &dir,
         "serve.toml",
-        &format!("approved_base_urls = [\"{}\"]\n", sandbox.url()),
+        &format!(
+            "approved_base_urls = [\"{}\"]\nadmin_secret_env_prefixes = [\"FIRST_\"]\n",
+            sandbox.url()
+        ),
     );
     let service = Service::start(&config, &dir.join("spool.sqlite"), &[("FIRST_KEY", "pk_first")]);
     let client = reqwest::Client::new();
@@ -716,15 +720,24 @@ async fn an_admin_token_cannot_send_a_connections_secret_to_a_host_the_operator_
     attacker.set_nonblocking(true).unwrap();
     let attacker_url = format!("http://{}", attacker.local_addr().unwrap());
     let dir = tempdir();
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
     let config = write(
         &dir,
         "serve.toml",
-        &format!("approved_base_urls = [\"{}\"]\n", sandbox.url()),
+        &format!(
+            "approved_base_urls = [\"{}\"]\nadmin_secret_env_prefixes = [\"SHOP_\"]\nadmin_secret_dirs = [\"{}\"]\n",
+            sandbox.url(),
+            secrets.display()
+        ),
     );
     let service = Service::start(
         &config,
         &dir.join("spool.sqlite"),
-        &[("OTHER_SHOPS_KEY", "pk_other_shops_secret")],
+        &[
+            ("OTHER_SHOPS_KEY", "pk_other_shops_secret"),
+            ("SHOP_FIRST_KEY", "pk_first"),
+        ],
     );
     let client = reqwest::Client::new();
     let url = service.url.clone();
@@ -777,8 +790,53 @@ async fn an_admin_token_cannot_send_a_connections_secret_to_a_host_the_operator_
         "{refused}"
     );
 
-    // Nothing was made, no key routes, and the attacker heard nothing.
-    for key in ["wk_exfil", "wk_exfil2"] {
+    // A source the operator did not allow: another variable of the host,
+    // a file outside the secrets directory (existing or not: one answer),
+    // or a link out of it.
+    std::os::unix::fs::symlink("/etc/hostname", secrets.join("link")).unwrap();
+    let mut answers = Vec::new();
+    for (n, source) in [
+        json!({"env": "OTHER_SHOPS_KEY"}),
+        json!({"file": "/etc/hostname"}),
+        json!({"file": "/no/such/file"}),
+        json!({"file": secrets.join("link").display().to_string()}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, refused) = admin(
+            &client,
+            reqwest::Method::POST,
+            format!("{url}/admin/connections"),
+            Some(
+                json!({"id": format!("exfil-source-{n}"), "write_keys": [format!("wk_source_{n}")],
+                        "settings": {"api_key": source.clone()}}),
+            ),
+        )
+        .await;
+        assert_eq!(status, 403, "{source}: {refused}");
+        answers.push(refused["error"].as_str().unwrap().to_string());
+    }
+    assert!(answers[0].contains("--admin-secret-env-prefix"), "{}", answers[0]);
+    for answer in &answers[1..] {
+        assert!(
+            answer.contains("not inside a directory the operator allowed"),
+            "{answer}"
+        );
+    }
+    // An allowed source is taken.
+    let (status, created) = admin(
+        &client,
+        reqwest::Method::POST,
+        format!("{url}/admin/connections"),
+        Some(json!({"id": "allowed", "write_keys": ["wk_allowed"],
+                    "settings": {"api_key": {"env": "SHOP_FIRST_KEY"}}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+
+    // Nothing else was made, no other key routes, and the attacker heard nothing.
+    for key in ["wk_exfil", "wk_exfil2", "wk_source_0", "wk_source_1"] {
         assert_eq!(
             post(&client, &url, "/api/s/s2s/track", Some(key), track("x")).await.0,
             401

@@ -282,7 +282,13 @@ fn start_admin_workers(dir: &Path, cluster: &Cluster, sandbox: &KlaviyoMock) -> 
                 &cluster.urls(),
                 &sandbox.url(),
                 API_KEY,
-                &["--no-pacing", "--admin-token", ADMIN],
+                &[
+                    "--no-pacing",
+                    "--admin-token",
+                    ADMIN,
+                    "--admin-secret-env-prefix",
+                    "SHOP_",
+                ],
             )
         })
         .collect()

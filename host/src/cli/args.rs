@@ -274,6 +274,14 @@ pub struct ServeArgs {
     /// host (repeatable; serve's own --base-url is always approved)
     #[arg(long = "approve-base-url", value_name = "URL")]
     pub approved_base_urls: Vec<url::Url>,
+    /// An environment variable prefix a connection made through the admin API may name as a
+    /// secret's source (repeatable; none by default)
+    #[arg(long = "admin-secret-env-prefix", value_name = "PREFIX")]
+    pub admin_secret_env_prefixes: Vec<String>,
+    /// A directory whose files a connection made through the admin API may name as a secret's
+    /// source (repeatable; none by default)
+    #[arg(long = "admin-secret-dir", value_name = "DIR")]
+    pub admin_secret_dirs: Vec<PathBuf>,
 }
 
 /// The `serve` configuration file; every key optional, each named like
@@ -303,6 +311,10 @@ pub struct ServeFile {
     pub partitions: Option<u32>,
     #[serde(default)]
     pub approved_base_urls: Vec<url::Url>,
+    #[serde(default)]
+    pub admin_secret_env_prefixes: Vec<String>,
+    #[serde(default)]
+    pub admin_secret_dirs: Vec<PathBuf>,
     /// Shops, each with its own write keys, plugin, settings and secrets
     /// (`[[connections]]`).
     #[serde(default)]

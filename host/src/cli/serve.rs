@@ -132,6 +132,16 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
             .into_iter()
             .chain(file.approved_base_urls)
             .collect(),
+        admin_secret_sources: admin_secret_sources(
+            args.admin_secret_env_prefixes
+                .into_iter()
+                .chain(file.admin_secret_env_prefixes)
+                .collect(),
+            args.admin_secret_dirs
+                .into_iter()
+                .chain(file.admin_secret_dirs)
+                .collect(),
+        )?,
         stream: match args.stream.or(file.stream).filter(|s| !s.trim().is_empty()) {
             Some(servers) => {
                 let partitions = args
@@ -155,6 +165,22 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
     };
     super::tokio_runtime()?.block_on(cdp_host::serve::serve(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The secret sources the operator lets an admin name; each directory by
+/// its real path, so that a link cannot lead out of it.
+fn admin_secret_sources(
+    env_prefixes: Vec<String>,
+    dirs: Vec<PathBuf>,
+) -> anyhow::Result<cdp_host::serve::connections::SecretSources> {
+    if env_prefixes.iter().any(String::is_empty) {
+        bail!("--admin-secret-env-prefix must not be empty: that would allow every variable of the host");
+    }
+    let dirs = dirs
+        .iter()
+        .map(|dir| std::fs::canonicalize(dir).with_context(|| format!("--admin-secret-dir {}", dir.display())))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(cdp_host::serve::connections::SecretSources { env_prefixes, dirs })
 }
 
 /// The copies JetStream keeps of each event: as asked, else three when

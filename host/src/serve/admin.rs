@@ -234,10 +234,11 @@ pub async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
         },
     };
     let serving = plugin.clone().unwrap_or_else(|| shared.connections.default_plugin());
-    if let Err(e) = shared
+    let approved = shared
         .connections
         .check_approved(&new.id, new.base_url.as_ref(), &serving)
-    {
+        .and_then(|()| shared.connections.check_secret_sources(&new.id, &new.settings));
+    if let Err(e) = approved {
         return answer(StatusCode::FORBIDDEN, json!({"error": format!("{e:#}")}));
     }
     match shared.connections.create(new, plugin).await {
@@ -264,6 +265,11 @@ pub async fn update(
         Ok(change) => change,
         Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("the change: {e}")})),
     };
+    if let Some(settings) = change.get("settings").and_then(Value::as_object)
+        && let Err(e) = shared.connections.check_secret_sources(&id, settings)
+    {
+        return answer(StatusCode::FORBIDDEN, json!({"error": format!("{e:#}")}));
+    }
     match shared.connections.update(&id, &change).await {
         Ok(connection) => {
             tracing::info!(connection = %id, "updated");

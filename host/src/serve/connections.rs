@@ -88,6 +88,15 @@ pub struct Spec {
     pub base_url: Option<url::Url>,
 }
 
+/// The secret sources the operator lets an admin name (`serve
+/// --admin-secret-env-prefix`, `--admin-secret-dir`).
+#[derive(Debug, Clone, Default)]
+pub struct SecretSources {
+    pub env_prefixes: Vec<String>,
+    /// Real paths (links resolved) of the allowed directories.
+    pub dirs: Vec<std::path::PathBuf>,
+}
+
 /// A new connection, as the config file and `POST /admin/connections`
 /// describe it.
 #[derive(Clone, Debug, Deserialize)]
@@ -232,6 +241,8 @@ pub struct Connections {
     canaried: Mutex<HashSet<(String, String)>>,
     /// `approve_base_urls`.
     approved_base_urls: RwLock<Vec<url::Url>>,
+    /// `allow_secret_sources`.
+    secret_sources: RwLock<SecretSources>,
 }
 
 /// An event's passes while it is in flight.
@@ -297,6 +308,7 @@ impl Connections {
             host_interpreters: Arc::new(tokio::sync::Semaphore::new(host_calls())),
             canaried: Mutex::default(),
             approved_base_urls: RwLock::default(),
+            secret_sources: RwLock::default(),
         })
     }
 
@@ -312,6 +324,59 @@ impl Connections {
         let mut approved = urls;
         approved.extend(self.base.base_url.clone());
         *self.approved_base_urls.write().unwrap() = approved;
+    }
+
+    /// The secret sources a connection made or changed through the admin
+    /// API (or announced on the stream) may name: the operator's choice at
+    /// start. None by default.
+    pub fn allow_secret_sources(&self, sources: SecretSources) {
+        *self.secret_sources.write().unwrap() = sources;
+    }
+
+    /// Refuses a setting that names a secret source the operator did not
+    /// allow: an environment variable without an allowed prefix, or a file
+    /// outside the allowed directories (checked on its real path, links
+    /// followed). The answer never says whether a path exists.
+    pub fn check_secret_sources(&self, id: &str, settings: &Map<String, Value>) -> anyhow::Result<()> {
+        let allowed = self.secret_sources.read().unwrap();
+        for (name, value) in settings {
+            let Some(source) = value.as_object().filter(|o| o.len() == 1) else {
+                continue;
+            };
+            if let Some(Value::String(variable)) = source.get("env")
+                && !allowed.env_prefixes.iter().any(|p| variable.starts_with(p.as_str()))
+            {
+                bail!(
+                    "connection {id}: setting {name} names ${variable}, which the operator has not allowed (allowed prefixes: {}); an operator allows a prefix with serve --admin-secret-env-prefix",
+                    if allowed.env_prefixes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        allowed.env_prefixes.join(", ")
+                    }
+                );
+            }
+            if let Some(Value::String(path)) = source.get("file") {
+                let inside = std::fs::canonicalize(path)
+                    .ok()
+                    .is_some_and(|real| allowed.dirs.iter().any(|dir| real.starts_with(dir)));
+                if !inside {
+                    bail!(
+                        "connection {id}: setting {name} names the file {path}, which is not inside a directory the operator allowed for secrets (allowed: {}); an operator allows one with serve --admin-secret-dir",
+                        if allowed.dirs.is_empty() {
+                            "none".to_string()
+                        } else {
+                            allowed
+                                .dirs
+                                .iter()
+                                .map(|d| d.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// What an admin token (or a writer of the stream's KV bucket) may put
@@ -629,6 +694,7 @@ impl Connections {
         let spec: Spec = serde_json::from_value(stored.spec.clone()).context("the announced spec")?;
         let state = ConnState::parse(&stored.state)?;
         let _changing = self.changing.lock().await;
+        self.check_secret_sources(&stored.id, &spec.settings)?;
         let Some(connection) = self.get(&stored.id) else {
             let plugin = self.store.get(&spec.plugin)?;
             self.check_approved(&stored.id, spec.base_url.as_ref(), &plugin)?;

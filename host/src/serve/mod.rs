@@ -94,6 +94,8 @@ pub struct ServeConfig {
     /// Base URLs a connection made through the admin API may send to
     /// instead of its plugin's host (besides the host's own base URL).
     pub approved_base_urls: Vec<url::Url>,
+    /// The secret sources a connection made through the admin API may name.
+    pub admin_secret_sources: connections::SecretSources,
 }
 
 /// Outcomes on their way to the writer, each with its connection.
@@ -194,6 +196,7 @@ pub fn connections(config: &ServeConfig, runtime: Arc<plugin_runtime::Runtime>) 
         config.spool.clone(),
     )?;
     connections.approve_base_urls(config.approved_base_urls.clone());
+    connections.allow_secret_sources(config.admin_secret_sources.clone());
     connections.load_stored()?;
     Ok(connections)
 }
