@@ -44,16 +44,19 @@ impl Component<'_> {
     /// Builds the packages and returns the folder their `.wasm` files were
     /// copied to. Stops the build script with a clear error on failure.
     pub fn build(&self) -> PathBuf {
-        ensure_target();
         let root = workspace_root();
         let target_dir = shared_target_dir();
         fs::create_dir_all(&target_dir).unwrap_or_else(|e| fail(&format!("creating {}: {e}", target_dir.display())));
-        // Held from the build until the copy: another build script's build
-        // of the same crate would overwrite the file in between.
+        // Held from the target check until the copy: another build
+        // script's build of the same crate would overwrite the file in
+        // between.
         let lock = File::create(target_dir.join(".component-build.lock"))
             .unwrap_or_else(|e| fail(&format!("creating the lock in {}: {e}", target_dir.display())));
         lock.lock()
             .unwrap_or_else(|e| fail(&format!("locking {}: {e}", target_dir.display())));
+        // Under the lock: two build scripts finding the target missing at
+        // once would run rustup at once, and one of them would fail.
+        ensure_target();
 
         let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let mut command = Command::new(cargo);
@@ -163,11 +166,23 @@ fn ensure_target() {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
-    let added = Command::new("rustup")
+    // Another checkout building at the same moment may be adding it too,
+    // and one of two concurrent rustups fails: try again a few times, and
+    // take the target however it came.
+    let mut added = Command::new("rustup")
         .args(["target", "add", TARGET, "--toolchain", &toolchain])
         .status();
+    for _ in 0..3 {
+        if has_target(&sysroot) || matches!(&added, Err(e) if e.kind() == ErrorKind::NotFound) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        added = Command::new("rustup")
+            .args(["target", "add", TARGET, "--toolchain", &toolchain])
+            .status();
+    }
     match added {
-        Ok(status) if status.success() && has_target(&sysroot) => {
+        _ if has_target(&sysroot) => {
             println!("cargo:warning=added the {TARGET} target to the {toolchain} toolchain (rustup target add)");
         }
         Ok(_) => fail(&format!(

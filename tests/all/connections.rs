@@ -100,6 +100,20 @@ async fn admin(client: &reqwest::Client, method: reqwest::Method, url: String, b
     )
 }
 
+/// Stores a plugin version through the admin API; its SHA-256.
+async fn store_plugin(client: &reqwest::Client, url: &str, file: &str) -> String {
+    let stored = client
+        .put(format!("{url}/admin/plugins"))
+        .bearer_auth(ADMIN)
+        .body(std::fs::read(file).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stored.status().as_u16(), 200);
+    let stored: Value = serde_json::from_str(&stored.text().await.unwrap()).unwrap();
+    stored["stored"]["sha256"].as_str().unwrap().to_string()
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -481,17 +495,7 @@ async fn a_canary_swap_reaches_one_connection_and_rolls_back_alone() {
     let client = reqwest::Client::new();
     let url = service.url.clone();
 
-    let v2 = std::fs::read(plugin_fixtures::KLAVIYO_V2).unwrap();
-    let stored = client
-        .put(format!("{url}/admin/plugins"))
-        .bearer_auth(ADMIN)
-        .body(v2)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stored.status().as_u16(), 200);
-    let stored: Value = serde_json::from_str(&stored.text().await.unwrap()).unwrap();
-    let sha = stored["stored"]["sha256"].as_str().unwrap().to_string();
+    let sha = store_plugin(&client, &url, plugin_fixtures::KLAVIYO_V2).await;
     let (status, swapped) = admin(
         &client,
         reqwest::Method::POST,
@@ -762,17 +766,7 @@ async fn an_admin_token_cannot_send_a_connections_secret_to_a_host_the_operator_
     assert!(!message.contains("pk_other_shops_secret"), "{message}");
 
     // A stored plugin that declares the caller's host, on an approved URL.
-    let foreign = std::fs::read(plugin_fixtures::FOREIGN_IMPOSTOR).unwrap();
-    let stored = client
-        .put(format!("{url}/admin/plugins"))
-        .bearer_auth(ADMIN)
-        .body(foreign)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stored.status().as_u16(), 200);
-    let stored: Value = serde_json::from_str(&stored.text().await.unwrap()).unwrap();
-    let sha = stored["stored"]["sha256"].as_str().unwrap().to_string();
+    let sha = store_plugin(&client, &url, plugin_fixtures::FOREIGN_IMPOSTOR).await;
     let (status, refused) = admin(
         &client,
         reqwest::Method::POST,

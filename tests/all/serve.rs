@@ -145,6 +145,19 @@ pub(crate) fn track(id: &str) -> String {
         .to_string()
 }
 
+/// The sandbox answering every request `latency` after storing it.
+async fn slow_sandbox(latency: Duration) -> klaviyo_mock::KlaviyoMock {
+    let slow = MockConfig {
+        faults: klaviyo_mock::Faults {
+            latency,
+            slow: 1.0,
+            ..Default::default()
+        },
+        ..MockConfig::default()
+    };
+    crate::support::sandbox(slow).await
+}
+
 pub(crate) async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {
@@ -265,15 +278,7 @@ async fn bad_input_is_answered_clearly_and_stores_nothing() {
 /// left for the next start, and the test failed.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_intake_finishes_deliveries_and_exits_cleanly() {
-    let slow = MockConfig {
-        faults: klaviyo_mock::Faults {
-            latency: Duration::from_secs(1),
-            slow: 1.0,
-            ..Default::default()
-        },
-        ..MockConfig::default()
-    };
-    let sandbox = crate::support::sandbox(slow).await;
+    let sandbox = slow_sandbox(Duration::from_secs(1)).await;
     let spool = spool_path();
     let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
@@ -768,15 +773,7 @@ async fn a_full_disk_sends_nothing_twice_and_healthz_says_why() {
         return;
     };
     // Slow answers: the disk fills while the requests are out.
-    let slow = MockConfig {
-        faults: klaviyo_mock::Faults {
-            latency: Duration::from_secs(2),
-            slow: 1.0,
-            ..Default::default()
-        },
-        ..MockConfig::default()
-    };
-    let sandbox = crate::support::sandbox(slow).await;
+    let sandbox = slow_sandbox(Duration::from_secs(2)).await;
     let serve = Serve::start(&disk.path.join("spool.sqlite"), &sandbox.url(), DEMO_KEY);
     let client = reqwest::Client::new();
     for i in 0..20 {
