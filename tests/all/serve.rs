@@ -145,6 +145,12 @@ pub(crate) fn track(id: &str) -> String {
         .to_string()
 }
 
+/// Waits `quiet`, then checks the sandbox still has `requests` requests.
+async fn assert_no_request_for(sandbox: &klaviyo_mock::KlaviyoMock, requests: u64, quiet: Duration, why: &str) {
+    tokio::time::sleep(quiet).await;
+    assert_eq!(sandbox.stats().requests, requests, "{why}");
+}
+
 /// The sandbox answering every request `latency` after storing it.
 async fn slow_sandbox(latency: Duration) -> klaviyo_mock::KlaviyoMock {
     let slow = MockConfig {
@@ -293,12 +299,13 @@ async fn sigterm_stops_intake_finishes_deliveries_and_exits_cleanly() {
     // same spool has nothing to send again.
     let requests = sandbox.stats().requests;
     let again = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        sandbox.stats().requests,
+    assert_no_request_for(
+        &sandbox,
         requests,
-        "in-flight deliveries were not finished before exiting"
-    );
+        Duration::from_secs(3),
+        "in-flight deliveries were not finished before exiting",
+    )
+    .await;
     again.kill9();
 }
 
@@ -796,12 +803,13 @@ async fn a_full_disk_sends_nothing_twice_and_healthz_says_why() {
     }
     // Two of the feeder's five-second sweeps: nothing is sent again.
     let requests = sandbox.stats().requests;
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    assert_eq!(
-        sandbox.stats().requests,
+    assert_no_request_for(
+        &sandbox,
         requests,
-        "events were sent again while the disk was full"
-    );
+        Duration::from_secs(11),
+        "events were sent again while the disk was full",
+    )
+    .await;
     disk.make_room();
     let deadline = Instant::now() + Duration::from_secs(30);
     while health(&client, &serve.url).await.0 != 200 {
