@@ -25,7 +25,7 @@ use crate::settings::{DestinationSettings, SettingsCell};
 
 /// Which event this is, as the operator finds it again: a line of `send`'s
 /// or `map`'s input, or a row of `serve`'s spool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EventId {
     Line(u64),
     SpoolRow(i64),

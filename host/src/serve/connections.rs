@@ -178,11 +178,11 @@ pub struct Connection {
     /// Rows handed to its engine and not yet written back.
     /// Each with the passes it holds (its connection's and the host's):
     /// what a connection and all of them hold in memory is bounded.
-    pub(super) in_flight: Mutex<HashMap<i64, Held>>,
+    pub(super) in_flight: Mutex<HashMap<crate::mapping::EventId, super::engine::Held>>,
     /// Its events in flight, at most.
     pub(super) held: Arc<tokio::sync::Semaphore>,
-    /// Its engine (feeder and delivery), run while it has work.
-    pub(super) engine: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Its spool feeder, run while it has work.
+    pub(super) feeder: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(super) feeding: AtomicBool,
     pub(super) wake: Notify,
     /// Whether this one is defined by `serve`'s flags (not kept in the
@@ -244,9 +244,6 @@ pub struct Connections {
     /// `allow_secret_sources`.
     secret_sources: RwLock<SecretSources>,
 }
-
-/// An event's passes while it is in flight.
-pub type Held = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit);
 
 /// Events in flight (read from the spool, not yet finished) at most, for
 /// all connections together: with many busy connections, each one's share
@@ -630,7 +627,7 @@ impl Connections {
             } else {
                 CONNECTION_EVENTS
             })),
-            engine: Mutex::default(),
+            feeder: Mutex::default(),
             feeding: AtomicBool::new(false),
             wake: Notify::new(),
             from_flags,

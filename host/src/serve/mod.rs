@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod connections;
+mod engine;
 mod ingest;
 mod metrics;
 pub mod store;
@@ -33,6 +34,7 @@ use crate::mapping::EventId;
 use crate::settings::{DestinationSettings, Secret};
 use crate::spool::{DEFAULT_CONNECTION, Finished, Spool, State as RowState, outcome_json};
 use connections::{Connection, Connections, NewConnection};
+use engine::Engines;
 
 /// `serve`'s defaults, each defined once (the command line shows them).
 pub struct Defaults;
@@ -43,10 +45,6 @@ impl Defaults {
     pub const RETENTION_HOURS: u64 = 24;
     pub const SHUTDOWN_GRACE_SECONDS: u64 = 20;
 }
-
-/// A connection's engine stops after this long with nothing to deliver
-/// (and starts again when events come): idle connections hold no threads.
-const ENGINE_IDLE: Duration = Duration::from_secs(10);
 
 /// The connection `serve`'s flags describe (`serve` without a connection
 /// config): its write keys, its slot and its settings.
@@ -98,20 +96,15 @@ pub struct ServeConfig {
     pub admin_secret_sources: connections::SecretSources,
 }
 
-/// Outcomes on their way to the writer, each with its connection.
-type OutcomeSender = std::sync::mpsc::Sender<(Arc<Connection>, Finished)>;
-
 /// What the HTTP handlers and the engines share.
 pub(crate) struct Shared {
     spool: Arc<Spool>,
     connections: Connections,
     draining: AtomicBool,
-    metrics: metrics::Metrics,
-    /// Events in flight across connections (`connections::HOST_EVENTS`).
-    held: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<metrics::Metrics>,
+    /// Each connection's delivery engine.
+    engines: Arc<Engines>,
     admin_token: Option<Secret>,
-    /// Outcomes to the writer, with the connection they belong to.
-    outcomes: std::sync::Mutex<Option<OutcomeSender>>,
     /// Where events go instead of the spool, and this host's role there.
     stream: Option<Arc<stream::Log>>,
     /// Why the last write of outcomes to the spool failed, while it fails
@@ -155,26 +148,25 @@ impl Shared {
         }
     }
 
-    /// Starts the connection's engine unless it is running (then wakes it).
-    /// A new engine waits for the last one to finish its events in flight,
-    /// so that one person's events never race each other.
+    /// Starts the connection's spool feeder unless it is running (then
+    /// wakes it).
     fn ensure_running(self: &Arc<Self>, connection: &Arc<Connection>) {
         if self.draining() || !connection.state().delivers() || self.stream.is_some() {
             return;
         }
-        let mut engine = connection.engine.lock().unwrap();
+        let mut feeder = connection.feeder.lock().unwrap();
         if connection.feeding.load(Ordering::Acquire) {
             connection.wake.notify_one();
             return;
         }
         connection.feeding.store(true, Ordering::Release);
-        let last = engine.take();
+        let last = feeder.take();
         let (shared, connection) = (self.clone(), connection.clone());
-        *engine = Some(tokio::spawn(async move {
+        *feeder = Some(tokio::spawn(async move {
             if let Some(last) = last {
                 let _ = last.await;
             }
-            run_engine(shared, connection).await;
+            feed(shared, connection, 256).await;
         }));
     }
 }
@@ -240,15 +232,15 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let (outcomes, written) = std::sync::mpsc::channel::<(Arc<Connection>, Finished)>();
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (engines, written) = Engines::new(metrics.clone());
     let shared = Arc::new(Shared {
         spool: config.spool.clone(),
         connections,
         draining: AtomicBool::new(false),
-        metrics: metrics::Metrics::default(),
-        held: Arc::new(tokio::sync::Semaphore::new(connections::HOST_EVENTS)),
+        metrics,
+        engines,
         admin_token: config.admin_token.clone(),
-        outcomes: std::sync::Mutex::new(Some(outcomes)),
         stream: log.clone(),
         outcomes_failing: std::sync::Mutex::new(None),
     });
@@ -343,24 +335,24 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     }
     // Each feeder sees the flag and stops; each engine then finishes what
     // it has in flight.
-    let engines: Vec<_> = shared
+    let feeders: Vec<_> = shared
         .connections
         .all()
         .iter()
         .filter_map(|c| {
             c.wake.notify_one();
-            c.engine.lock().unwrap().take()
+            c.feeder.lock().unwrap().take()
         })
         .collect();
+    let engines = shared.engines.close();
     let all_stopped = async {
-        for engine in engines {
-            let _ = engine.await;
+        for task in feeders.into_iter().chain(engines) {
+            let _ = task.await;
         }
     };
-    let stopped = tokio::time::timeout(config.shutdown_grace, all_stopped).await;
     // The engines are done (or out of time): the writer records what it
     // was given, then ends.
-    shared.outcomes.lock().unwrap().take();
+    let stopped = tokio::time::timeout(config.shutdown_grace, all_stopped).await;
     match stopped {
         Ok(()) => {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
@@ -409,46 +401,10 @@ async fn supervise(shared: Arc<Shared>) {
     }
 }
 
-/// A connection's engine: a feeder hands its pending rows, oldest first,
-/// to its delivery, until the connection is paused, the service drains,
-/// or there has been nothing to do for a while.
-async fn run_engine(shared: Arc<Shared>, connection: Arc<Connection>) {
-    let depth = if connection.from_flags {
-        512
-    } else {
-        connections::CONNECTION_QUEUE
-    };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(EventId, String)>(depth);
-    let feeder = tokio::spawn(feed(shared.clone(), connection.clone(), tx, depth.min(256)));
-    let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
-    let Some(outcomes) = shared.outcomes.lock().unwrap().clone() else {
-        feeder.abort();
-        connection.feeding.store(false, Ordering::Release);
-        return;
-    };
-    let observer = {
-        let (shared, connection) = (shared.clone(), connection.clone());
-        move |record: &EventRecord| {
-            // The writer goes with the service: a send fails only if it is
-            // gone, and then the row stays pending.
-            let _ = outcomes.send((connection.clone(), finished(&shared, &connection, record)));
-        }
-    };
-    if let Err(e) = connection.delivery.run_events(events, observer).await {
-        tracing::error!(connection = %connection.id, "delivery ended with an error: {e:#}");
-    }
-    let _ = feeder.await;
-}
-
 /// Hands a connection's pending rows to its engine, oldest first, each once
 /// while it is in flight; a row replayed from the dead letters is picked up
 /// on the next full sweep.
-async fn feed(
-    shared: Arc<Shared>,
-    connection: Arc<Connection>,
-    tx: tokio::sync::mpsc::Sender<(EventId, String)>,
-    read_ahead: usize,
-) {
+async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, read_ahead: usize) {
     let mut cursor = 0i64;
     let mut last_sweep = tokio::time::Instant::now();
     let mut last_work = tokio::time::Instant::now();
@@ -480,7 +436,7 @@ async fn feed(
             let idle = connection.in_flight.lock().unwrap().is_empty();
             if !idle {
                 last_work = tokio::time::Instant::now();
-            } else if last_work.elapsed() > ENGINE_IDLE && cursor == 0 {
+            } else if last_work.elapsed() > engine::IDLE && cursor == 0 {
                 break;
             }
             tokio::select! {
@@ -492,20 +448,16 @@ async fn feed(
         last_work = tokio::time::Instant::now();
         for row in rows {
             cursor = cursor.max(row.id);
-            if connection.in_flight.lock().unwrap().contains_key(&row.id) {
+            let id = EventId::SpoolRow(row.id);
+            // Room for it in the connection's share and the host's.
+            if !shared.engines.admit(&connection, id).await {
                 continue;
             }
-            // Room for it in the connection's share, then in the host's.
-            let own = connection.held.clone().acquire_owned().await.expect("never closed");
-            let host = shared.held.clone().acquire_owned().await.expect("never closed");
-            connection.in_flight.lock().unwrap().insert(row.id, (own, host));
-            if tx.send((EventId::SpoolRow(row.id), row.body)).await.is_err() {
-                connection.in_flight.lock().unwrap().remove(&row.id);
+            if !shared.engines.hand(&connection, id, row.body) {
                 break;
             }
         }
     }
-    drop(tx);
     connection.feeding.store(false, Ordering::Release);
     // Events stored after the last look start a new engine (which waits
     // for this one to finish).
@@ -519,23 +471,16 @@ async fn feed(
     }
 }
 
-/// An event's outcome as its row records it, counted.
-fn finished(shared: &Shared, connection: &Connection, record: &EventRecord) -> Finished {
+/// An event's outcome as its row records it.
+fn finished(record: &EventRecord) -> Finished {
     let id = record.id.number();
     let (state, outcome) = match &record.outcome {
         EventOutcome::Delivered { .. } => (RowState::Delivered, outcome_json("delivered", None, &record.warnings)),
-        EventOutcome::Skipped(reason) => {
-            shared.metrics.skipped(reason);
-            connection
-                .metrics
-                .skipped(connections::kind_label(record.kind.as_deref()));
-            (
-                RowState::Skipped,
-                outcome_json("skipped", Some(reason), &record.warnings),
-            )
-        }
+        EventOutcome::Skipped(reason) => (
+            RowState::Skipped,
+            outcome_json("skipped", Some(reason), &record.warnings),
+        ),
         EventOutcome::DeadLettered(letter) => {
-            tracing::warn!(connection = %connection.id, event = id, message_id = ?record.message_id, reason = %letter.reason, "dead-lettered");
             let mut outcome = outcome_json("dead", Some(&letter.reason), &record.warnings);
             outcome["request"] = letter.request_json();
             outcome["response"] = letter.response_json();
@@ -563,22 +508,22 @@ const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(5);
 /// that time, so their events are not sent again, and `/healthz` says
 /// why. Only when the service stops with the write still failing are the
 /// rows left pending, to be delivered again (idempotently) after restart.
-fn write_outcomes(shared: &Shared, outcomes: std::sync::mpsc::Receiver<(Arc<Connection>, Finished)>) {
+fn write_outcomes(shared: &Shared, mut outcomes: engine::Outcomes) {
     let mut batch: Vec<(Arc<Connection>, Finished)> = Vec::new();
     let mut wait = Duration::from_millis(100);
     loop {
         if batch.is_empty() {
-            match outcomes.recv() {
-                Ok(first) => batch.push(first),
-                Err(_) => return,
+            match outcomes.blocking_recv() {
+                Some((connection, record)) => batch.push((connection, finished(&record))),
+                None => return,
             }
         }
         let mut closed = false;
         while batch.len() < 256 || shared.outcomes_failing.lock().unwrap().is_some() {
             match outcomes.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                Ok((connection, record)) => batch.push((connection, finished(&record))),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
                     closed = true;
                     break;
                 }
@@ -605,10 +550,10 @@ fn write_outcomes(shared: &Shared, outcomes: std::sync::mpsc::Receiver<(Arc<Conn
             tracing::info!("recording outcomes works again");
         }
         wait = Duration::from_millis(100);
-        shared.metrics.finished.fetch_add(batch.len() as u64, Ordering::Relaxed);
         for (connection, finished) in batch.drain(..) {
-            connection.metrics.finished.fetch_add(1, Ordering::Relaxed);
-            connection.in_flight.lock().unwrap().remove(&finished.id);
+            shared
+                .engines
+                .release(&connection, EventId::SpoolRow(finished.id), true);
         }
         if closed {
             return;
