@@ -1,6 +1,7 @@
 //! End-to-end tests through the host: the real Klaviyo component, loaded
 //! by the real host (library or `cdp-host` binary).
 
+mod backends;
 mod batching;
 mod cli_inspect;
 mod cli_map;

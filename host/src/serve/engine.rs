@@ -45,6 +45,17 @@ type Outcome = (Arc<Connection>, EventRecord);
 /// Outcomes on their way to the backend that settles them.
 pub(crate) type Outcomes = tokio::sync::mpsc::UnboundedReceiver<Outcome>;
 
+/// Whether an event was let in.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Admit {
+    Admitted,
+    /// It is in already (handed out and not yet released).
+    AlreadyIn,
+    /// Its connection or the host has no room now; `Engines::room` is
+    /// told when some is freed.
+    Full,
+}
+
 struct Running {
     connection: Arc<Connection>,
     events: Sender<(EventId, String)>,
@@ -81,6 +92,22 @@ impl Engines {
             room: Notify::new(),
         });
         (engines, rx)
+    }
+
+    /// Lets an event in if its connection and the host have room for it.
+    pub(crate) fn try_admit(&self, connection: &Connection, id: EventId) -> Admit {
+        let mut in_flight = connection.in_flight.lock().unwrap();
+        if in_flight.contains_key(&id) {
+            return Admit::AlreadyIn;
+        }
+        let Ok(own) = connection.held.clone().try_acquire_owned() else {
+            return Admit::Full;
+        };
+        let Ok(host) = self.host.clone().try_acquire_owned() else {
+            return Admit::Full;
+        };
+        in_flight.insert(id, (own, host));
+        Admit::Admitted
     }
 
     /// Lets an event in once its connection and the host have room for
@@ -143,6 +170,11 @@ impl Engines {
             },
         );
         true
+    }
+
+    /// How many engines run now.
+    pub(crate) fn running(&self) -> usize {
+        self.running.lock().unwrap().len()
     }
 
     /// Takes no more events: each engine finishes what it has and stops.

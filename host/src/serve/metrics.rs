@@ -44,7 +44,12 @@ impl Metrics {
     }
 }
 
-pub fn render(metrics: &Metrics, connections: &Connections, depths: &BTreeMap<String, u64>) -> String {
+pub fn render(
+    metrics: &Metrics,
+    connections: &Connections,
+    depths: &BTreeMap<String, u64>,
+    engines_running: usize,
+) -> String {
     let all = connections.all();
     let sum = |read: &dyn Fn(&Progress) -> u64| -> u64 { all.iter().map(|c| read(&c.delivery.progress)).sum() };
     let mut out = String::new();
@@ -220,6 +225,10 @@ pub fn render(metrics: &Metrics, connections: &Connections, depths: &BTreeMap<St
             plugin.sha256_hex()
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP cdp_engines_running Connections whose delivery engine runs now (an idle one stops, and holds no threads).\n# TYPE cdp_engines_running gauge\ncdp_engines_running {engines_running}"
+    );
     if let Some(held) = *metrics.partitions_held.lock().unwrap() {
         let _ = writeln!(
             out,

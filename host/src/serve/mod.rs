@@ -276,10 +276,18 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         "serving"
     );
 
-    let writer = std::thread::Builder::new().name("outcome-writer".into()).spawn({
-        let shared = shared.clone();
-        move || write_outcomes(&shared, written)
-    })?;
+    // Outcomes are settled where the events are kept: written to their
+    // rows, or acked on the stream by this host's worker.
+    let (writer, written) = match &log {
+        None => {
+            let writer = std::thread::Builder::new().name("outcome-writer".into()).spawn({
+                let shared = shared.clone();
+                move || write_outcomes(&shared, written)
+            })?;
+            (Some(writer), None)
+        }
+        Some(_) => (None, Some(written)),
+    };
     for connection in shared.connections.all() {
         shared.ensure_running(&connection);
     }
@@ -298,14 +306,19 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         None => None,
     };
     let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);
-    let worker = log.as_ref().filter(|log| log.options.role.delivers()).map(|log| {
-        tokio::spawn(stream::run_worker(
-            log.clone(),
-            shared.clone(),
-            worker_stop,
-            config.shutdown_grace,
-        ))
-    });
+    let worker = log
+        .as_ref()
+        .filter(|log| log.options.role.delivers())
+        .zip(written)
+        .map(|(log, outcomes)| {
+            tokio::spawn(stream::run_worker(
+                log.clone(),
+                shared.clone(),
+                worker_stop,
+                config.shutdown_grace,
+                outcomes,
+            ))
+        });
     let supervisor = tokio::spawn(supervise(shared.clone()));
     let pruner = tokio::spawn(prune(config.spool.clone(), config.retention));
     let watcher = config
@@ -355,7 +368,9 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     let stopped = tokio::time::timeout(config.shutdown_grace, all_stopped).await;
     match stopped {
         Ok(()) => {
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            if let Some(writer) = writer {
+                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            }
             tracing::info!(
                 "stopped after finishing {} events",
                 shared.metrics.finished.load(Ordering::Relaxed)
@@ -624,7 +639,7 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> String {
     let depths = tokio::task::spawn_blocking(move || spool.pending_by_connection().unwrap_or_default())
         .await
         .unwrap_or_default();
-    metrics::render(&shared.metrics, &shared.connections, &depths)
+    metrics::render(&shared.metrics, &shared.connections, &depths, shared.engines.running())
 }
 
 /// Resolves at SIGTERM or Ctrl-C. The handlers are installed here, before

@@ -30,17 +30,18 @@
 //! share stops taking events of the extra partitions, lets those in flight
 //! finish, and only then gives the lease up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer, kv};
+use async_nats::jetstream::{self, consumer, kv};
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::super::Shared;
 use super::super::connections::Connection;
+use super::super::engine::{Admit, Outcomes};
 use super::{
     CONNECTION_HEADER, EVENTS_STREAM, LEASES_BUCKET, Log, OUTCOMES_SUBJECT, RECEIVED_AT_HEADER, WORKERS_BUCKET,
 };
@@ -66,19 +67,24 @@ const PROGRESS_AFTER: Duration = Duration::from_secs(3);
 /// an unconfirmed ack is sent again before the event is left to come back.
 const ACK_CONFIRM: Duration = Duration::from_secs(2);
 const ACK_TRIES: u32 = 10;
-/// Events of one partition handed out and not yet acked, at most.
-const MAX_ACK_PENDING: i64 = 512;
-/// Events waiting for a connection's engine, at most.
-const ENGINE_QUEUE: usize = 256;
+/// Events of one partition handed out and not yet acked, at most. A
+/// connection that cannot take its events now (paused, failing, over its
+/// bound) has them parked in this room, without their bodies, so that the
+/// partition's other connections go on: only a connection with this many
+/// events parked in one partition holds that partition up.
+const MAX_ACK_PENDING: i64 = 4_096;
+/// How often parked events are offered again besides when room is freed
+/// (a connection resumed, one made on another host).
+const UNPARK_EVERY: Duration = Duration::from_millis(250);
 
-/// Where a connection's engine takes its events.
-type EngineInput = mpsc::Sender<(EventId, String)>;
-
-/// An event handed to an engine and not yet acked (or acked and not yet
-/// confirmed).
+/// An event read from the stream and not yet acked (or acked and not yet
+/// confirmed): in an engine, or parked.
 struct Pending {
-    /// The newest delivery of it: acks go through this one.
-    message: jetstream::Message,
+    /// Where acks and progress signals for its newest delivery go.
+    reply: Option<async_nats::Subject>,
+    /// Its partition's subject, and when ingest received it.
+    subject: String,
+    received_at: Option<String>,
     in_flight: Arc<AtomicUsize>,
     /// When JetStream last heard of it from us (handed out, or progress).
     signalled: tokio::time::Instant,
@@ -103,10 +109,39 @@ struct Worker {
     workers: kv::Store,
     events: jetstream::stream::Stream,
     pending: std::sync::Mutex<HashMap<u64, Pending>>,
-    /// Each connection's engine here, with the connection it serves (one
-    /// deleted and made anew gets a new engine).
-    engines: std::sync::Mutex<HashMap<String, (Arc<Connection>, EngineInput)>>,
-    outcomes: mpsc::UnboundedSender<(Arc<Connection>, EventRecord)>,
+}
+
+/// A partition's events whose connection cannot take them now, by
+/// connection, in stream order: a connection's later events queue behind
+/// its parked ones, so each person's order holds. Dropped with the
+/// partition's reader: its events are then read again in order.
+struct Parked {
+    worker: Arc<Worker>,
+    queues: HashMap<String, VecDeque<u64>>,
+    /// Connections this host does not have, told of once.
+    unknown: HashSet<String>,
+}
+
+impl Parked {
+    fn is_empty(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    fn holds(&self, connection: &str) -> bool {
+        self.queues.contains_key(connection)
+    }
+
+    fn push(&mut self, connection: String, sequence: u64) {
+        self.queues.entry(connection).or_default().push_back(sequence);
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        for sequence in self.queues.values().flatten() {
+            self.worker.forget(*sequence);
+        }
+    }
 }
 
 /// Runs a delivery worker until `stop` turns true; then stops taking
@@ -117,9 +152,9 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
+    mut outcomes: Outcomes,
 ) -> anyhow::Result<()> {
     let js = &log.js;
-    let (outcomes, mut finished) = mpsc::unbounded_channel();
     let worker = Arc::new(Worker {
         id: format!("w{}", uuid::Uuid::new_v4().simple()),
         leases: js.get_key_value(LEASES_BUCKET).await?,
@@ -128,14 +163,12 @@ pub(crate) async fn run(
         log: log.clone(),
         shared,
         pending: Default::default(),
-        engines: Default::default(),
-        outcomes,
     });
     tracing::info!(worker = %worker.id, partitions = log.options.partitions, "delivery worker started");
     let acker = tokio::spawn({
         let worker = worker.clone();
         async move {
-            while let Some((connection, record)) = finished.recv().await {
+            while let Some((connection, record)) = outcomes.recv().await {
                 worker.settle(&connection, record).await;
             }
         }
@@ -155,7 +188,6 @@ pub(crate) async fn run(
     for h in held.values() {
         let _ = h.stop.send(true);
     }
-    worker.engines.lock().unwrap().clear();
     let deadline = tokio::time::Instant::now() + grace;
     while !worker.pending.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -332,9 +364,23 @@ impl Worker {
         // from its oldest unfinished event, before anything after the gap
         // is handed out.
         let mut next_delivery: Option<u64> = None;
+        let mut parked = Parked {
+            worker: self.clone(),
+            queues: HashMap::new(),
+            unknown: HashSet::new(),
+        };
+        let mut unpark = tokio::time::interval(UNPARK_EVERY);
         loop {
             let next = tokio::select! {
                 _ = stop.changed() => return,
+                _ = unpark.tick(), if !parked.is_empty() => {
+                    self.unpark(&mut parked).await;
+                    continue;
+                }
+                _ = self.shared.engines.room.notified(), if !parked.is_empty() => {
+                    self.unpark(&mut parked).await;
+                    continue;
+                }
                 next = messages.next() => next,
             };
             let message = match next {
@@ -366,36 +412,31 @@ impl Worker {
                 return;
             }
             next_delivery = delivery.map(|d| d + 1);
-            self.dispatch(message, &in_flight).await;
+            self.dispatch(message, &in_flight, &mut parked);
         }
     }
 
-    /// Hands one event to its connection's engine.
-    async fn dispatch(self: &Arc<Self>, message: jetstream::Message, in_flight: &Arc<AtomicUsize>) {
+    /// Hands one event to its connection's engine, or parks it when the
+    /// connection cannot take it now.
+    fn dispatch(self: &Arc<Self>, message: jetstream::Message, in_flight: &Arc<AtomicUsize>, parked: &mut Parked) {
         let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
             return;
         };
-        let connection_id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(CONNECTION_HEADER))
-            .map(|v| v.as_str().to_string())
-            .unwrap_or_default();
-        let connection = self.shared.connections.get(&connection_id);
-        let Some(connection) = connection.filter(|c| c.state().delivers()) else {
-            // Not ours to deliver now (a connection this host lacks, or
-            // paused): it waits in the stream and comes again later.
-            tracing::debug!(connection = %connection_id, "holding an event for a connection not delivering here");
-            let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
-            return;
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
         };
-        let body = String::from_utf8_lossy(&message.payload).into_owned();
+        let connection_id = header(CONNECTION_HEADER).unwrap_or_default();
         {
             let mut pending = self.pending.lock().unwrap();
             if let Some(already) = pending.get_mut(&sequence) {
                 // Read again (a new consumer, or the ack wait passed) while
-                // still in an engine: the ack goes through the newest one.
-                already.message = message;
+                // still in an engine or parked: the ack goes through the
+                // newest delivery.
+                already.reply = message.reply.clone();
                 already.signalled = tokio::time::Instant::now();
                 return;
             }
@@ -403,95 +444,127 @@ impl Worker {
             pending.insert(
                 sequence,
                 Pending {
-                    message,
+                    reply: message.reply.clone(),
+                    subject: message.subject.to_string(),
+                    received_at: header(RECEIVED_AT_HEADER),
                     in_flight: in_flight.clone(),
                     signalled: tokio::time::Instant::now(),
                 },
             );
         }
-        let engine = self.engine(&connection);
-        if engine.send((EventId::Stream(sequence), body)).await.is_err() {
-            // The engine is gone (shutting down): the event stays unacked.
-            if let Some(p) = self.pending.lock().unwrap().remove(&sequence) {
-                p.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let connection = self.shared.connections.get(&connection_id);
+        if let Some(connection) = &connection
+            && !parked.holds(&connection_id)
+            && connection.state().delivers()
+        {
+            let id = EventId::Stream(sequence);
+            match self.shared.engines.try_admit(connection, id) {
+                Admit::Admitted => {
+                    let body = String::from_utf8_lossy(&message.payload).into_owned();
+                    if !self.shared.engines.hand(connection, id, body) {
+                        // Shutting down: it stays unacked, for later.
+                        self.forget(sequence);
+                    }
+                    return;
+                }
+                Admit::AlreadyIn => return,
+                Admit::Full => {}
             }
         }
+        if connection.is_none() && parked.unknown.insert(connection_id.clone()) {
+            tracing::warn!(worker = %self.id, connection = %connection_id, "events for a connection this host does not have wait, parked, until it does");
+        }
+        parked.push(connection_id, sequence);
     }
 
-    /// The connection's engine on this worker, started at its first event.
-    fn engine(self: &Arc<Self>, connection: &Arc<Connection>) -> EngineInput {
-        let mut engines = self.engines.lock().unwrap();
-        if let Some((_, tx)) = engines
-            .get(&connection.id)
-            .filter(|(serving, tx)| Arc::ptr_eq(serving, connection) && !tx.is_closed())
-        {
-            return tx.clone();
-        }
-        let (tx, mut rx) = mpsc::channel::<(EventId, String)>(ENGINE_QUEUE);
-        engines.insert(connection.id.clone(), (connection.clone(), tx.clone()));
-        let events = std::iter::from_fn(move || rx.blocking_recv().map(Ok));
-        let (connection, outcomes) = (connection.clone(), self.outcomes.clone());
-        tokio::spawn(async move {
-            let observer = {
-                let connection = connection.clone();
-                move |record: &EventRecord| {
-                    let _ = outcomes.send((connection.clone(), record.clone()));
-                }
+    /// Hands parked events on, in order, to the connections that can take
+    /// them now. Their bodies are read from the stream again.
+    async fn unpark(self: &Arc<Self>, parked: &mut Parked) {
+        let ids: Vec<String> = parked.queues.keys().cloned().collect();
+        for connection_id in ids {
+            let Some(connection) = self
+                .shared
+                .connections
+                .get(&connection_id)
+                .filter(|c| c.state().delivers())
+            else {
+                continue;
             };
-            if let Err(e) = connection.delivery.run_events(events, observer).await {
-                tracing::error!(connection = %connection.id, "delivery ended with an error: {e:#}");
+            let queue = parked.queues.get_mut(&connection_id).expect("listed above");
+            while let Some(&sequence) = queue.front() {
+                let id = EventId::Stream(sequence);
+                match self.shared.engines.try_admit(&connection, id) {
+                    Admit::Full => break,
+                    Admit::AlreadyIn => {
+                        queue.pop_front();
+                        continue;
+                    }
+                    Admit::Admitted => {}
+                }
+                match self.events.get_raw_message(sequence).await {
+                    Ok(stored) => {
+                        queue.pop_front();
+                        let body = String::from_utf8_lossy(&stored.payload).into_owned();
+                        if !self.shared.engines.hand(&connection, id, body) {
+                            self.forget(sequence);
+                        }
+                    }
+                    Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                        // Gone from the stream (acked through another
+                        // delivery): nothing to send.
+                        queue.pop_front();
+                        self.shared.engines.release(&connection, id, false);
+                        self.forget(sequence);
+                    }
+                    Err(e) => {
+                        // Tried again at the next turn.
+                        self.shared.engines.release(&connection, id, false);
+                        tracing::debug!(worker = %self.id, sequence, "reading a parked event: {e}");
+                        return;
+                    }
+                }
             }
-        });
-        tx
+        }
+        parked.queues.retain(|_, queue| !queue.is_empty());
+    }
+
+    /// Lets go of an event read and not finished: it stays in the stream,
+    /// and a new delivery of it is handed out afresh.
+    fn forget(&self, sequence: u64) {
+        if let Some(p) = self.pending.lock().unwrap().remove(&sequence) {
+            p.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Makes an outcome final in the stream: a dead letter stored, then
-    /// the event acked.
+    /// the event acked; then its room in the engine is freed.
     async fn settle(self: &Arc<Self>, connection: &Arc<Connection>, record: EventRecord) {
         let EventId::Stream(sequence) = record.id else {
             return;
         };
-        let Some(message) = self.pending.lock().unwrap().get(&sequence).map(|p| p.message.clone()) else {
+        let known = self
+            .pending
+            .lock()
+            .unwrap()
+            .get(&sequence)
+            .map(|p| (p.subject.clone(), p.received_at.clone()));
+        let Some((subject, received_at)) = known else {
+            self.shared.engines.release(connection, record.id, false);
             return;
         };
-        let metrics = &self.shared.metrics;
-        let received_at = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(RECEIVED_AT_HEADER))
-            .map(|v| v.as_str().to_string());
         let state = match &record.outcome {
             EventOutcome::Delivered { .. } => "delivered",
             EventOutcome::Skipped(_) => "skipped",
             EventOutcome::DeadLettered(_) => "dead",
         };
-        match &record.outcome {
-            EventOutcome::Delivered { .. } => {}
-            EventOutcome::Skipped(reason) => {
-                metrics.skipped(reason);
-                connection
-                    .metrics
-                    .skipped(super::super::connections::kind_label(record.kind.as_deref()));
-            }
-            EventOutcome::DeadLettered(letter) => {
-                tracing::warn!(connection = %connection.id, event = %record.id, message_id = ?record.message_id, reason = %letter.reason, "dead-lettered");
-                let stored = super::dead::store(
-                    &self.log,
-                    &connection.id,
-                    sequence,
-                    message.subject.as_str(),
-                    &record,
-                    letter,
-                )
-                .await;
-                if let Err(e) = stored {
-                    // Not acked: the event is delivered again later.
-                    tracing::error!(connection = %connection.id, "storing a dead letter: {e:#}");
-                    if let Some(p) = self.pending.lock().unwrap().remove(&sequence) {
-                        p.in_flight.fetch_sub(1, Ordering::AcqRel);
-                    }
-                    return;
-                }
+        if let EventOutcome::DeadLettered(letter) = &record.outcome {
+            let stored = super::dead::store(&self.log, &connection.id, sequence, &subject, &record, letter).await;
+            if let Err(e) = stored {
+                // Not acked: the event is delivered again later.
+                tracing::error!(connection = %connection.id, "storing a dead letter: {e:#}");
+                self.forget(sequence);
+                self.shared.engines.release(connection, record.id, false);
+                return;
             }
         }
         // The record of the outcome, with the version that mapped the
@@ -510,7 +583,7 @@ impl Worker {
             "received_at": received_at,
             "finished_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "worker": self.id,
-            "subject": message.subject.as_str(),
+            "subject": subject,
         });
         // The ack is confirmed off this loop (a round trip to the replicas
         // each; waiting here bounded a worker to about 900 events a
@@ -519,9 +592,7 @@ impl Worker {
         let (worker, connection) = (self.clone(), connection.clone());
         tokio::spawn(async move {
             worker.ack_confirmed(sequence, &connection).await;
-            if let Some(p) = worker.pending.lock().unwrap().remove(&sequence) {
-                p.in_flight.fetch_sub(1, Ordering::AcqRel);
-            }
+            worker.forget(sequence);
             if let Err(e) = worker
                 .log
                 .js
@@ -530,8 +601,10 @@ impl Worker {
             {
                 tracing::debug!("recording an outcome: {e}");
             }
-            worker.shared.metrics.finished.fetch_add(1, Ordering::Relaxed);
-            connection.metrics.finished.fetch_add(1, Ordering::Relaxed);
+            worker
+                .shared
+                .engines
+                .release(&connection, EventId::Stream(sequence), true);
         });
     }
 
@@ -550,7 +623,7 @@ impl Worker {
                 .lock()
                 .unwrap()
                 .get(&sequence)
-                .and_then(|p| p.message.reply.clone());
+                .and_then(|p| p.reply.clone());
             let Some(reply) = reply else {
                 return;
             };
@@ -568,19 +641,20 @@ impl Worker {
     /// worked on, so that it does not hand them out again.
     async fn signal_progress(&self) {
         let now = tokio::time::Instant::now();
-        let held: Vec<jetstream::Message> = {
+        let held: Vec<async_nats::Subject> = {
             let mut pending = self.pending.lock().unwrap();
             pending
                 .values_mut()
                 .filter(|p| now.duration_since(p.signalled) >= PROGRESS_AFTER)
-                .map(|p| {
+                .filter_map(|p| {
                     p.signalled = now;
-                    p.message.clone()
+                    p.reply.clone()
                 })
                 .collect()
         };
-        for message in held {
-            if let Err(e) = message.ack_with(AckKind::Progress).await {
+        let client = self.log.js.client();
+        for reply in held {
+            if let Err(e) = client.publish(reply, bytes::Bytes::from_static(b"+WPI")).await {
                 tracing::debug!("signalling progress: {e}");
             }
         }

@@ -1,0 +1,313 @@
+//! What `serve` promises whichever log keeps its events: each test body
+//! here runs twice, on the SQLite spool and on a NATS JetStream stream (a
+//! single real `nats-server`; replication has its own tests in `stream`).
+//! Real processes throughout: `cdp-host serve`, the sandbox over loopback
+//! HTTP, real clients.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use klaviyo_mock::{DEMO_KEY, Faults, KlaviyoMock, MockConfig};
+use serde_json::{Value, json};
+
+use crate::cli_map::tempdir;
+use crate::nats::Cluster;
+use crate::support::cdp_host;
+
+const ADMIN: &str = "admin-token-for-the-backend-tests";
+
+/// Where `serve` keeps its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Spool,
+    Stream,
+}
+
+/// Each named test body, once per backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn spool() {
+                    super::$name(super::Backend::Spool).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn stream() {
+                    super::$name(super::Backend::Stream).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_backends!(
+    a_failing_shop_does_not_hold_up_another,
+    a_paused_shop_holds_its_events_in_order_and_no_one_elses,
+    idle_connections_hold_no_engines,
+);
+
+/// `serve` on a backend, with the connections of `config` (TOML).
+struct Host {
+    child: Child,
+    url: String,
+    dir: PathBuf,
+    _nats: Option<Cluster>,
+}
+
+impl Host {
+    fn start(backend: Backend, dir: &Path, config: &str) -> Host {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config_file = dir.join("serve.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let mut command = cdp_host();
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(&config_file)
+            .arg("--spool")
+            .arg(dir.join("spool.sqlite"))
+            .args(["--max-attempts", "50", "--no-pacing", "--admin-token", ADMIN])
+            .env("SHOP_KEY", DEMO_KEY)
+            .env("RUST_LOG", "info")
+            .env_remove("KLAVIYO_API_KEY");
+        let nats = match backend {
+            Backend::Spool => None,
+            Backend::Stream => {
+                let nats = Cluster::single(dir.join("nats"));
+                command.args(["--stream", &nats.urls(), "--stream-replicas", "1"]);
+                Some(nats)
+            }
+        };
+        let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let host = Host {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            dir: dir.to_path_buf(),
+            _nats: nats,
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "serve did not start: {}", host.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        host
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Sends events to `/v1/batch` with a write key, 500 at a time; each
+    /// batch must be acknowledged.
+    async fn send(&self, write_key: &str, events: &[Value]) {
+        let client = reqwest::Client::new();
+        for chunk in events.chunks(500) {
+            let answer = client
+                .post(format!("{}/v1/batch", self.url))
+                .basic_auth(write_key, Some(""))
+                .header("content-type", "application/json")
+                .body(json!({ "batch": chunk }).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+        }
+    }
+
+    async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, String) {
+        let answer = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    }
+
+    /// A metric's value, summed over its series.
+    async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Its threads now (Linux).
+    fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
+            .map(|tasks| tasks.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `[[connections]]` entry: the shop's write key is `wk_<id>`.
+fn shop(id: &str, sandbox: &KlaviyoMock) -> String {
+    format!(
+        "[[connections]]\nid = \"{id}\"\nwrite_keys = [\"wk_{id}\"]\nbase_url = \"{}\"\nsettings = {{ api_key = {{ env = \"SHOP_KEY\" }} }}\n\n",
+        sandbox.url()
+    )
+}
+
+/// A track event of person `person`, numbered `seq` in their sequence.
+fn track(shop: &str, person: usize, seq: usize) -> Value {
+    json!({"type": "track", "event": "Order Completed", "messageId": format!("{shop}-{person}-{seq}"),
+           "userId": format!("{shop}-p{person}"), "properties": {"email": format!("{shop}-p{person}@example.org"), "seq": seq}})
+}
+
+async fn wait_for(what: &str, within: Duration, host: &Host, mut done: impl AsyncFnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !done().await {
+        assert!(
+            started.elapsed() < within,
+            "{what}: not within {within:?}\n{}",
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+fn unlimited() -> MockConfig {
+    MockConfig {
+        rate_limits: false,
+        ..MockConfig::default()
+    }
+}
+
+/// Shop X's Klaviyo answers every request with a 5xx, and X has more
+/// events than its engine may hold (so some wait outside it); shop Y's
+/// events are delivered all the same, at once.
+async fn a_failing_shop_does_not_hold_up_another(backend: Backend) {
+    let dir = tempdir();
+    let failing = crate::support::sandbox(MockConfig {
+        faults: Faults {
+            server_errors: 1.0,
+            ..Faults::default()
+        },
+        ..unlimited()
+    })
+    .await;
+    let healthy = crate::support::sandbox(unlimited()).await;
+    let host = Host::start(
+        backend,
+        &dir,
+        &format!("{}{}", shop("x", &failing), shop("y", &healthy)),
+    );
+    let x_events: Vec<Value> = (0..3_000).map(|i| track("x", i % 300, i / 300)).collect();
+    host.send("wk_x", &x_events).await;
+    // X's engine is full and retrying.
+    wait_for("X's requests failing", Duration::from_secs(60), &host, async || {
+        failing.stats().requests >= 100
+    })
+    .await;
+    let y_events: Vec<Value> = (0..16).map(|i| track("y", i, 0)).collect();
+    host.send("wk_y", &y_events).await;
+    let took = wait_for("Y's 16 events delivered", Duration::from_secs(10), &host, async || {
+        healthy.events().len() == 16
+    })
+    .await;
+    eprintln!("{backend:?}: shop Y's 16 events delivered {took:?} after they were sent, while shop X failed");
+}
+
+/// Shop A is paused with 600 events of one person, then resumed: they
+/// are delivered in order, before the person's later events; while A is
+/// paused, shop B's events go on.
+async fn a_paused_shop_holds_its_events_in_order_and_no_one_elses(backend: Backend) {
+    let dir = tempdir();
+    let a = crate::support::sandbox(unlimited()).await;
+    let b = crate::support::sandbox(unlimited()).await;
+    let host = Host::start(backend, &dir, &format!("{}{}", shop("a", &a), shop("b", &b)));
+    let (status, body) = host.admin(reqwest::Method::POST, "/admin/connections/a/pause").await;
+    assert_eq!(status, 200, "{body}");
+    let held: Vec<Value> = (0..600).map(|seq| track("a", 0, seq)).collect();
+    host.send("wk_a", &held).await;
+    let b_events: Vec<Value> = (0..16).map(|i| track("b", i, 0)).collect();
+    host.send("wk_b", &b_events).await;
+    wait_for(
+        "B's 16 events delivered while A is paused",
+        Duration::from_secs(10),
+        &host,
+        async || b.events().len() == 16,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(a.events().is_empty(), "a paused shop's events were delivered");
+    let (status, body) = host.admin(reqwest::Method::POST, "/admin/connections/a/resume").await;
+    assert_eq!(status, 200, "{body}");
+    let later: Vec<Value> = (600..610).map(|seq| track("a", 0, seq)).collect();
+    host.send("wk_a", &later).await;
+    wait_for(
+        "A's 610 events delivered after resume",
+        Duration::from_secs(60),
+        &host,
+        async || a.events().len() >= 610,
+    )
+    .await;
+    let order: Vec<i64> = a
+        .events()
+        .iter()
+        .map(|e| e.properties["seq"].as_i64().unwrap())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 610, "each event once");
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "one person's events out of order: {:?}",
+        order.windows(2).find(|w| w[0] >= w[1])
+    );
+}
+
+/// Twenty shops with one event each: once delivered, and idle for the
+/// engine's idle time, no engine runs and the threads they used are gone.
+async fn idle_connections_hold_no_engines(backend: Backend) {
+    let dir = tempdir();
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+    let config: String = ids.iter().map(|id| shop(id, &sandbox)).collect();
+    let host = Host::start(backend, &dir, &config);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = host.threads();
+    for id in &ids {
+        host.send(&format!("wk_{id}"), &[track(id, 0, 0)]).await;
+    }
+    wait_for("20 events delivered", Duration::from_secs(30), &host, async || {
+        sandbox.events().len() == 20
+    })
+    .await;
+    let busy = host.threads();
+    let took = wait_for(
+        "every engine stopped, its threads gone",
+        Duration::from_secs(30),
+        &host,
+        async || host.metric("cdp_engines_running").await == 0.0 && host.threads() <= before + 4,
+    )
+    .await;
+    eprintln!(
+        "{backend:?}: threads before events {before}, while delivering {busy}, {} once idle ({took:?} after delivery)",
+        host.threads()
+    );
+}
