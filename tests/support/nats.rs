@@ -28,6 +28,44 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The configs of `count` nodes on free ports (routed when more than one).
+fn layout(dir: &std::path::Path, count: usize) -> Vec<Node> {
+    let ports: Vec<(u16, u16)> = (0..count).map(|_| (free_port(), free_port())).collect();
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, cluster)| format!("\"nats-route://127.0.0.1:{cluster}\""))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, (client, cluster)) in ports.iter().enumerate() {
+        let store = dir.join(format!("n{i}"));
+        std::fs::create_dir_all(&store).unwrap();
+        let config = dir.join(format!("n{i}.conf"));
+        let clustering = if count > 1 {
+            format!(
+                "cluster {{ name: chord, listen: \"127.0.0.1:{cluster}\", routes: [{}] }}\n",
+                routes.join(", ")
+            )
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\n\
+                 jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{clustering}",
+                store.display(),
+            ),
+        )
+        .unwrap();
+        nodes.push(Node {
+            config,
+            client_port: *client,
+            child: None,
+        });
+    }
+    nodes
+}
+
 fn check_installed() {
     let version = Command::new("nats-server").arg("--version").output();
     match version {
@@ -41,39 +79,7 @@ fn check_installed() {
 impl Cluster {
     /// Starts three nodes in `dir` and waits until they answer.
     pub fn start(dir: PathBuf) -> Cluster {
-        check_installed();
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-        let routes: Vec<String> = ports
-            .iter()
-            .map(|(_, cluster)| format!("\"nats-route://127.0.0.1:{cluster}\""))
-            .collect();
-        let mut nodes = Vec::new();
-        for (i, (client, cluster)) in ports.iter().enumerate() {
-            let store = dir.join(format!("n{i}"));
-            std::fs::create_dir_all(&store).unwrap();
-            let config = dir.join(format!("n{i}.conf"));
-            std::fs::write(
-                &config,
-                format!(
-                    "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\n\
-                     jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
-                     cluster {{ name: chord, listen: \"127.0.0.1:{cluster}\", routes: [{}] }}\n",
-                    store.display(),
-                    routes.join(", ")
-                ),
-            )
-            .unwrap();
-            nodes.push(Node {
-                config,
-                client_port: *client,
-                child: None,
-            });
-        }
-        let mut cluster = Cluster { dir, nodes };
-        for i in 0..3 {
-            cluster.start_node(i);
-        }
-        cluster
+        Cluster::start_nodes(dir, 3)
     }
 
     /// One node, no cluster: a stream for tests of what `serve` does on
@@ -81,29 +87,27 @@ impl Cluster {
     /// benchmark shares this file and starts clusters only.)
     #[allow(dead_code)]
     pub fn single(dir: PathBuf) -> Cluster {
+        Cluster::start_nodes(dir, 1)
+    }
+
+    /// `count` nodes, routed to each other when more than one. A port
+    /// picked free can be taken by another process before the node binds
+    /// it (tests run side by side): then the node exits, and the whole set
+    /// starts again on new ports.
+    fn start_nodes(dir: PathBuf, count: usize) -> Cluster {
         check_installed();
-        let client = free_port();
-        let store = dir.join("n0");
-        std::fs::create_dir_all(&store).unwrap();
-        let config = dir.join("n0.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "server_name: n0\nlisten: \"127.0.0.1:{client}\"\njetstream {{ store_dir: \"{}\", sync_interval: always }}\n",
-                store.display()
-            ),
-        )
-        .unwrap();
-        let mut cluster = Cluster {
-            dir,
-            nodes: vec![Node {
-                config,
-                client_port: client,
-                child: None,
-            }],
-        };
-        cluster.start_node(0);
-        cluster
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let mut cluster = Cluster {
+                nodes: layout(&dir, count),
+                dir: dir.clone(),
+            };
+            match (0..count).try_for_each(|i| cluster.try_start_node(i)) {
+                Ok(()) => return cluster,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("nats-server did not start: {failures:#?}");
     }
 
     /// `nats://…` of every node, comma-separated, as `--stream` takes it.
@@ -115,9 +119,18 @@ impl Cluster {
             .join(",")
     }
 
+    /// Starts node `i` again (after `kill9`). (Not in the benchmark.)
+    #[allow(dead_code)]
     pub fn start_node(&mut self, i: usize) {
+        if let Err(e) = self.try_start_node(i) {
+            panic!("{e}");
+        }
+    }
+
+    fn try_start_node(&mut self, i: usize) -> Result<(), String> {
+        let log_path = self.dir.join(format!("n{i}.log"));
         let node = &mut self.nodes[i];
-        let log = std::fs::File::create(self.dir.join(format!("n{i}.log"))).unwrap();
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new("nats-server")
             .arg("-c")
             .arg(&node.config)
@@ -128,9 +141,18 @@ impl Cluster {
         node.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", node.client_port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server node {i} did not start");
+            let exited = node.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = node.child.take().map(|mut c| {
+                    let _ = c.kill();
+                    c.wait()
+                });
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!("nats-server node {i} did not start ({exited:?}): {log}"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// SIGKILL: no goodbye to the cluster, nothing flushed.
