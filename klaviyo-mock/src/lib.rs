@@ -226,6 +226,8 @@ impl RateWindows {
 
 struct Shared {
     config: MockConfig,
+    /// The faults now: the config's at start, changed by `set_faults`.
+    faults: Mutex<Faults>,
     model: Mutex<Model>,
     windows: Mutex<RateWindows>,
     rng: Mutex<StdRng>,
@@ -253,6 +255,7 @@ impl KlaviyoMock {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
+            faults: Mutex::new(config.faults.clone()),
             config,
             model: Mutex::new(Model::default()),
             windows: Mutex::new(RateWindows::default()),
@@ -265,6 +268,12 @@ impl KlaviyoMock {
     /// `http://127.0.0.1:PORT`, to pass as `--klaviyo-url`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Injects other faults from now on (a test's nemesis: Klaviyo
+    /// failing, then healing).
+    pub fn set_faults(&self, faults: Faults) {
+        *self.shared.faults.lock().unwrap() = faults;
     }
 
     /// Revokes a key, as an account owner does after rotating it: from now
@@ -359,7 +368,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
 
     let (storm, fault_5xx, drop, after, slow) = {
         let mut rng = shared.rng.lock().unwrap();
-        let f = &shared.config.faults;
+        let f = shared.faults.lock().unwrap().clone();
         (
             rng.random_bool(f.throttle_storm.clamp(0.0, 1.0)),
             rng.random_bool(f.server_errors.clamp(0.0, 1.0)),
@@ -373,7 +382,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
         return Ok(throttled(
             &shared,
             endpoint,
-            shared.config.faults.storm_retry_after.max(1),
+            shared.faults.lock().unwrap().storm_retry_after.max(1),
         ));
     }
     if let Err(error) = authorize(&shared, endpoint, header("authorization"), header("revision")) {
@@ -394,7 +403,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     if (fault_5xx || drop) && after {
         return fault(&shared, drop).await;
     }
-    let latency = shared.config.faults.latency;
+    let latency = shared.faults.lock().unwrap().latency;
     if slow && !latency.is_zero() {
         count_fault(&shared, "slow_answer");
         tokio::time::sleep(latency).await;
@@ -509,14 +518,16 @@ fn process(
     model.settle(now);
     match endpoint {
         Endpoint::Events => {
-            let marker = shared.config.faults.invalid_marker.as_deref();
+            let marker = shared.faults.lock().unwrap().invalid_marker.clone();
+            let marker = marker.as_deref();
             bulk::refuse_marked(&value, marker, "/data/attributes/properties")?;
             let event = validate::event(&value, now)?;
             model.add_event(event, &now.to_rfc3339())?;
             Ok((202, None))
         }
         Endpoint::ProfileImport => {
-            let marker = shared.config.faults.invalid_marker.as_deref();
+            let marker = shared.faults.lock().unwrap().invalid_marker.clone();
+            let marker = marker.as_deref();
             bulk::refuse_marked(&value, marker, "/data/attributes")?;
             let profile = validate::profile_import(&value, body.len())?;
             let (status, id) = match model.import_profile(&profile)? {
@@ -529,14 +540,16 @@ fn process(
             ))
         }
         Endpoint::EventBulkCreateJobs => {
-            let events = bulk::events(&value, now, shared.config.faults.invalid_marker.as_deref())?;
+            let marker = shared.faults.lock().unwrap().invalid_marker.clone();
+            let events = bulk::events(&value, now, marker.as_deref())?;
             for event in events {
                 model.add_event(event, &now.to_rfc3339())?;
             }
             Ok((202, None))
         }
         Endpoint::ProfileBulkImportJobs => {
-            let profiles = bulk::profiles(&value, shared.config.faults.invalid_marker.as_deref())?;
+            let marker = shared.faults.lock().unwrap().invalid_marker.clone();
+            let profiles = bulk::profiles(&value, marker.as_deref())?;
             let processing = chrono::Duration::from_std(shared.config.import_job_time).unwrap_or_default();
             Ok((202, Some(model.create_job(profiles, now, processing))))
         }
@@ -574,7 +587,7 @@ async fn fault(shared: &Shared, drop: bool) -> Answer {
     }
     let status = [500u16, 502, 503, 504][shared.rng.lock().unwrap().random_range(0..4)];
     count_fault(shared, &format!("server_error_{status}"));
-    if shared.config.faults.html_errors {
+    if shared.faults.lock().unwrap().html_errors {
         let page = format!(
             "<html><head><title>{status}</title></head><body><h1>{status} Server Error</h1><p>cloudflare</p></body></html>"
         );

@@ -47,6 +47,7 @@ on_both_backends!(
     a_failing_shop_does_not_hold_up_another,
     a_paused_shop_holds_its_events_in_order_and_no_one_elses,
     idle_connections_hold_no_engines,
+    deleting_a_shop_delivers_its_backlog_first,
 );
 
 /// `serve` on a backend, with the connections of `config` (TOML).
@@ -309,5 +310,29 @@ async fn idle_connections_hold_no_engines(backend: Backend) {
     eprintln!(
         "{backend:?}: threads before events {before}, while delivering {busy}, {} once idle ({took:?} after delivery)",
         host.threads()
+    );
+}
+
+/// A shop paused with a backlog, then deleted: it takes no more events,
+/// delivers the ones it has, and only then is gone.
+async fn deleting_a_shop_delivers_its_backlog_first(backend: Backend) {
+    let dir = tempdir();
+    let a = crate::support::sandbox(unlimited()).await;
+    let host = Host::start(backend, &dir, &shop("a", &a));
+    let (status, body) = host.admin(reqwest::Method::POST, "/admin/connections/a/pause").await;
+    assert_eq!(status, 200, "{body}");
+    let backlog: Vec<Value> = (0..200).map(|i| track("a", i % 20, i / 20)).collect();
+    host.send("wk_a", &backlog).await;
+    let (status, body) = host.admin(reqwest::Method::DELETE, "/admin/connections/a").await;
+    assert_eq!(status, 202, "{body}");
+    wait_for("the deleted shop gone", Duration::from_secs(60), &host, async || {
+        host.admin(reqwest::Method::GET, "/admin/connections/a").await.0 == 404
+    })
+    .await;
+    let delivered: std::collections::BTreeSet<String> = a.events().iter().map(|e| e.unique_id.clone()).collect();
+    assert_eq!(
+        delivered.len(),
+        200,
+        "a deleted shop's backlog was not delivered before it was removed"
     );
 }

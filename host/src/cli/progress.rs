@@ -73,6 +73,7 @@ pub fn outcome_line(record: &EventRecord) -> String {
         }
         EventOutcome::Skipped(reason) => format!("skipped: {reason}"),
         EventOutcome::DeadLettered(letter) => format!("dead-lettered: {}", letter.reason),
+        EventOutcome::Abandoned(reason) => format!("abandoned: {reason}"),
     };
     let retries = if record.retries > 0 {
         format!(" after {} retries", record.retries)

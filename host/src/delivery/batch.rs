@@ -26,6 +26,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::Delivery;
+use crate::mapping::EventId;
 use crate::settings::Render;
 
 /// What became of a request sent in a batch.
@@ -37,6 +38,8 @@ pub(super) enum ItemOutcome {
     },
     /// The plugin could not assemble it with others: send it alone.
     Alone,
+    /// The fence no longer lets its event be sent from here.
+    Abandoned,
 }
 
 /// How a request goes out.
@@ -61,6 +64,8 @@ struct ClassQueue {
 }
 
 struct Pending {
+    /// The event it belongs to (for the fence).
+    id: EventId,
     item: String,
     dedupe_key: Option<String>,
     done: oneshot::Sender<ItemOutcome>,
@@ -74,6 +79,7 @@ impl Delivery {
     /// outcome).
     pub(super) async fn route(
         self: &Arc<Self>,
+        id: EventId,
         plugin: &Arc<Plugin>,
         request: &Arc<HttpRequest>,
         item: BatchItem,
@@ -114,6 +120,7 @@ impl Delivery {
         let now = Instant::now();
         let mut pending = queue.pending.lock().unwrap();
         pending.push_back(Pending {
+            id,
             item,
             dedupe_key,
             done,
@@ -291,6 +298,17 @@ impl Delivery {
                     .load()
                     .acquire(&current.rate_class, &plugin.manifest().rate_classes)
                     .await;
+            }
+            // An item the fence stops is dropped; the rest go alone, each
+            // fenced on its own (the batch as assembled holds both).
+            if slots.iter().flatten().any(|p| !self.may_send(p.id)) {
+                return settle_rest(&mut slots, |p| {
+                    if self.may_send(p.id) {
+                        ItemOutcome::Alone
+                    } else {
+                        ItemOutcome::Abandoned
+                    }
+                });
             }
             self.requests_sent.fetch_add(1, Ordering::Relaxed);
             let (verdict, response, last) = match self.send(&current, &target, &headers).await {

@@ -114,7 +114,13 @@ pub struct Delivery {
     /// Events kept in flight beyond `concurrency` so that batches can fill.
     batch_room: std::sync::atomic::AtomicUsize,
     map_gates: Option<CallGates>,
+    fence: Option<Fence>,
 }
+
+/// Whether an event may still be sent from this host, asked right before
+/// each attempt: set once (a stream worker sets it when it starts, for
+/// every connection), absent for everything else.
+pub type Fence = Arc<std::sync::OnceLock<Box<dyn Fn(EventId) -> bool + Send + Sync>>>;
 
 /// What a delivery may share with others: the HTTP client, the budget of
 /// the account it sends to, its counters; and who is told of Retry-After.
@@ -129,6 +135,8 @@ pub struct Parts {
     /// Bounds everyone's interpreting calls in progress (this delivery's
     /// own are bounded anyway).
     pub host_interpreters: Option<Arc<tokio::sync::Semaphore>>,
+    /// Asked before each attempt whether the event may still be sent.
+    pub fence: Option<Fence>,
 }
 
 /// Called with an event and the time before which it must not be resent.
@@ -196,7 +204,16 @@ impl Delivery {
             batching: Default::default(),
             batch_room: Default::default(),
             map_gates: parts.map_gates,
+            fence: parts.fence,
         }))
+    }
+
+    /// Whether the fence (if any) lets `id` be sent now.
+    fn may_send(&self, id: EventId) -> bool {
+        match self.fence.as_ref().and_then(|fence| fence.get()) {
+            Some(fence) => fence(id),
+            None => true,
+        }
     }
 
     /// The HTTP client a delivery sends with (one may serve many).
@@ -418,6 +435,7 @@ impl Delivery {
                 self.progress.delivery_seconds.observe(started.elapsed());
                 match failed {
                     None => EventOutcome::Delivered { requests: count },
+                    Some(undelivered) if undelivered.abandoned => EventOutcome::Abandoned(undelivered.reason),
                     Some(undelivered) => EventOutcome::DeadLettered(DeadLetter {
                         reason: settings.scrub(&undelivered.reason),
                         event: raw,

@@ -15,9 +15,16 @@ use crate::shown::ShownRequest;
 /// What became of one event.
 #[derive(Debug, Clone)]
 pub enum EventOutcome {
-    Delivered { requests: usize },
+    Delivered {
+        requests: usize,
+    },
     Skipped(String),
     DeadLettered(DeadLetter),
+    /// Not finished: this host may no longer send it (a stream worker
+    /// whose lease on the event's partition it cannot prove it still
+    /// holds), so it was dropped unsent, to be delivered by the partition's
+    /// holder. Only a `Fence` yields it.
+    Abandoned(String),
 }
 
 /// Why an event could not be delivered, with what an operator needs to
@@ -72,6 +79,8 @@ pub struct Report {
     pub delivered: u64,
     pub skipped: BTreeMap<String, u64>,
     pub dead_lettered: u64,
+    /// Dropped unsent by the fence, not finished (see `EventOutcome`).
+    pub abandoned: u64,
     /// HTTP attempts beyond the first, over all requests.
     pub retries: u64,
     pub requests_sent: u64,
@@ -94,6 +103,7 @@ impl Report {
             EventOutcome::Delivered { .. } => self.delivered += 1,
             EventOutcome::Skipped(reason) => *self.skipped.entry(reason.clone()).or_default() += 1,
             EventOutcome::DeadLettered(_) => self.dead_lettered += 1,
+            EventOutcome::Abandoned(_) => self.abandoned += 1,
         }
     }
 

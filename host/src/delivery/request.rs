@@ -30,6 +30,8 @@ pub(super) struct Undelivered {
     pub reason: String,
     pub request: HttpRequest,
     pub response: Option<HttpResponse>,
+    /// Dropped unsent by the fence: not for a dead letter.
+    pub abandoned: bool,
 }
 
 impl Delivery {
@@ -46,7 +48,7 @@ impl Delivery {
     ) -> Result<(), Undelivered> {
         let request = Arc::new(request);
         let route = match item {
-            Some(item) => self.route(plugin, &request, item).await,
+            Some(item) => self.route(id, plugin, &request, item).await,
             None => Route::Alone,
         };
         let paced = matches!(route, Route::AloneNow);
@@ -58,14 +60,17 @@ impl Delivery {
                         reason,
                         request: (*request).clone(),
                         response,
+                        abandoned: false,
                     });
                 }
                 Ok(ItemOutcome::Alone) => {}
+                Ok(ItemOutcome::Abandoned) => return Err(self.abandon(id, &request)),
                 Err(_) => {
                     return Err(Undelivered {
                         reason: "its batch was dropped unsent".to_string(),
                         request: (*request).clone(),
                         response: None,
+                        abandoned: false,
                     });
                 }
             }
@@ -91,6 +96,7 @@ impl Delivery {
             reason,
             request: (*request).clone(),
             response,
+            abandoned: false,
         };
         let target = plugin
             .egress()
@@ -110,6 +116,10 @@ impl Delivery {
                     .load()
                     .acquire(&request.rate_class, &plugin.manifest().rate_classes)
                     .await;
+            }
+            // Last, right before the request leaves: pacing may have waited.
+            if !self.may_send(id) {
+                return Err(self.abandon(id, &request));
             }
             self.requests_sent.fetch_add(1, Ordering::Relaxed);
             let (verdict, response, transport_error) = match self.send(&request, &target, &headers).await {
@@ -170,6 +180,16 @@ impl Delivery {
                     tokio::time::sleep(delay).await;
                 }
             }
+        }
+    }
+
+    /// An event the fence no longer lets this host send.
+    fn abandon(&self, id: EventId, request: &HttpRequest) -> Undelivered {
+        Undelivered {
+            reason: format!("{id} may no longer be sent from here; dropped unsent"),
+            request: request.clone(),
+            response: None,
+            abandoned: true,
         }
     }
 

@@ -30,6 +30,7 @@ impl Progress {
             EventOutcome::Delivered { .. } => &self.delivered,
             EventOutcome::Skipped(_) => &self.skipped,
             EventOutcome::DeadLettered(_) => &self.dead_lettered,
+            EventOutcome::Abandoned(_) => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }

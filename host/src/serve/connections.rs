@@ -243,6 +243,9 @@ pub struct Connections {
     approved_base_urls: RwLock<Vec<url::Url>>,
     /// `allow_secret_sources`.
     secret_sources: RwLock<SecretSources>,
+    /// Whether an event may still be sent from this host: set by a
+    /// stream worker (its lease fence), shared by every connection.
+    pub fence: crate::delivery::Fence,
 }
 
 /// Events in flight (read from the spool, not yet finished) at most, for
@@ -306,6 +309,7 @@ impl Connections {
             canaried: Mutex::default(),
             approved_base_urls: RwLock::default(),
             secret_sources: RwLock::default(),
+            fence: Default::default(),
         })
     }
 
@@ -611,6 +615,7 @@ impl Connections {
                 host: self.host_gate.clone(),
             }),
             host_interpreters: Some(self.host_interpreters.clone()),
+            fence: Some(self.fence.clone()),
         };
         let delivery = Delivery::build(slot.clone(), crate::settings::cell(settings), config, parts)
             .with_context(|| format!("connection {id}"))?;
@@ -759,30 +764,30 @@ impl Connections {
         Ok(connection)
     }
 
-    /// Removes draining connections whose events are all finished.
-    pub fn finish_deletions(&self) {
-        let draining: Vec<_> = self
-            .all()
+    /// Connections being deleted with no event in flight here: each is
+    /// removed (`remove_deleted`) once its log has no event of it left.
+    pub(crate) fn draining_idle(&self) -> Vec<Arc<Connection>> {
+        self.all()
             .into_iter()
-            .filter(|c| c.state() == ConnState::Draining)
-            .collect();
-        for connection in draining {
-            let idle = connection.in_flight.lock().unwrap().is_empty();
-            match self.spool.has_pending(&connection.id) {
-                Ok(false) if idle => {
-                    if let Err(e) = self.spool.delete_connection(&connection.id) {
-                        tracing::error!(connection = %connection.id, "deleting: {e:#}");
-                        continue;
-                    }
-                    self.by_id.write().unwrap().remove(&connection.id);
-                    self.rebuild_routes();
-                    self.tidy();
-                    tracing::info!(connection = %connection.id, "deleted, its events delivered");
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(connection = %connection.id, "checking for pending events: {e:#}"),
-            }
+            .filter(|c| c.state() == ConnState::Draining && c.in_flight.lock().unwrap().is_empty())
+            .collect()
+    }
+
+    /// Removes a deleted connection whose events are all finished (its
+    /// dead letters stay, for `dlq`).
+    pub(crate) fn remove_deleted(&self, connection: &Arc<Connection>) {
+        if let Err(e) = self.spool.delete_connection(&connection.id) {
+            tracing::error!(connection = %connection.id, "deleting: {e:#}");
+            return;
         }
+        let mut by_id = self.by_id.write().unwrap();
+        if by_id.get(&connection.id).is_some_and(|c| Arc::ptr_eq(c, connection)) {
+            by_id.remove(&connection.id);
+        }
+        drop(by_id);
+        self.rebuild_routes();
+        self.tidy();
+        tracing::info!(connection = %connection.id, "deleted, its events delivered");
     }
 
     /// Rolls a stored version to one connection (a canary), checked with

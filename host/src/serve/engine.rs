@@ -260,6 +260,9 @@ impl Engines {
             EventOutcome::DeadLettered(letter) => {
                 tracing::warn!(connection = %connection.id, event = %record.id, message_id = ?record.message_id, reason = %letter.reason, "dead-lettered");
             }
+            EventOutcome::Abandoned(reason) => {
+                tracing::debug!(connection = %connection.id, event = %record.id, "{reason}");
+            }
         }
     }
 }

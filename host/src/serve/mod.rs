@@ -11,6 +11,7 @@ mod admin;
 pub mod connections;
 mod engine;
 mod ingest;
+mod log;
 mod metrics;
 pub mod store;
 pub mod stream;
@@ -35,6 +36,7 @@ use crate::settings::{DestinationSettings, Secret};
 use crate::spool::{DEFAULT_CONNECTION, Finished, Spool, State as RowState, outcome_json};
 use connections::{Connection, Connections, NewConnection};
 use engine::Engines;
+use log::{EventLog, SpoolLog};
 
 /// `serve`'s defaults, each defined once (the command line shows them).
 pub struct Defaults;
@@ -107,6 +109,8 @@ pub(crate) struct Shared {
     admin_token: Option<Secret>,
     /// Where events go instead of the spool, and this host's role there.
     stream: Option<Arc<stream::Log>>,
+    /// Where events are kept: the spool, or the stream.
+    log: Arc<dyn EventLog>,
     /// Why the last write of outcomes to the spool failed, while it fails
     /// (`/healthz` says so).
     outcomes_failing: std::sync::Mutex<Option<String>>,
@@ -241,6 +245,10 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         metrics,
         engines,
         admin_token: config.admin_token.clone(),
+        log: match &log {
+            Some(log) => log.clone() as Arc<dyn EventLog>,
+            None => Arc::new(SpoolLog(config.spool.clone())),
+        },
         stream: log.clone(),
         outcomes_failing: std::sync::Mutex::new(None),
     });
@@ -394,8 +402,7 @@ async fn supervise(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         tick += 1;
-        let this = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || this.connections.finish_deletions()).await;
+        finish_deletions(&shared).await;
         if !tick.is_multiple_of(5) || shared.stream.is_some() {
             continue;
         }
@@ -412,6 +419,20 @@ async fn supervise(shared: Arc<Shared>) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Removes the connections being deleted whose events are all finished.
+async fn finish_deletions(shared: &Arc<Shared>) {
+    for connection in shared.connections.draining_idle() {
+        match shared.log.has_pending(&connection.id).await {
+            Ok(false) => {
+                let (this, connection) = (shared.clone(), connection.clone());
+                let _ = tokio::task::spawn_blocking(move || this.connections.remove_deleted(&connection)).await;
+            }
+            Ok(true) => {}
+            Err(e) => tracing::warn!(connection = %connection.id, "checking for pending events: {e:#}"),
         }
     }
 }
@@ -486,10 +507,12 @@ async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, read_ahead: usiz
     }
 }
 
-/// An event's outcome as its row records it.
-fn finished(record: &EventRecord) -> Finished {
+/// An event's outcome as its row records it; none for an event dropped
+/// unsent (its row stays pending).
+fn finished(record: &EventRecord) -> Option<Finished> {
     let id = record.id.number();
     let (state, outcome) = match &record.outcome {
+        EventOutcome::Abandoned(_) => return None,
         EventOutcome::Delivered { .. } => (RowState::Delivered, outcome_json("delivered", None, &record.warnings)),
         EventOutcome::Skipped(reason) => (
             RowState::Skipped,
@@ -502,12 +525,12 @@ fn finished(record: &EventRecord) -> Finished {
             (RowState::Dead, outcome)
         }
     };
-    Finished {
+    Some(Finished {
         id,
         state,
         outcome,
         plugin_version: record.plugin_version.clone(),
-    }
+    })
 }
 
 /// How long the writer waits before it tries a failed write of outcomes
@@ -529,14 +552,14 @@ fn write_outcomes(shared: &Shared, mut outcomes: engine::Outcomes) {
     loop {
         if batch.is_empty() {
             match outcomes.blocking_recv() {
-                Some((connection, record)) => batch.push((connection, finished(&record))),
+                Some(outcome) => take(shared, &mut batch, outcome),
                 None => return,
             }
         }
         let mut closed = false;
         while batch.len() < 256 || shared.outcomes_failing.lock().unwrap().is_some() {
             match outcomes.try_recv() {
-                Ok((connection, record)) => batch.push((connection, finished(&record))),
+                Ok(outcome) => take(shared, &mut batch, outcome),
                 Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
                     closed = true;
@@ -573,6 +596,19 @@ fn write_outcomes(shared: &Shared, mut outcomes: engine::Outcomes) {
         if closed {
             return;
         }
+    }
+}
+
+/// Adds an outcome to the batch to write; an event dropped unsent is let
+/// go at once, its row left pending.
+fn take(
+    shared: &Shared,
+    batch: &mut Vec<(Arc<Connection>, Finished)>,
+    (connection, record): (Arc<Connection>, EventRecord),
+) {
+    match finished(&record) {
+        Some(finished) => batch.push((connection, finished)),
+        None => shared.engines.release(&connection, record.id, false),
     }
 }
 

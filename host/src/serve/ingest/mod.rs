@@ -20,7 +20,6 @@ use serde_json::json;
 
 use super::Shared;
 use super::connections::Connection;
-use crate::serve::stream::Outgoing;
 use crate::spool::NewEvent;
 pub use wire::MAX_BATCH_BYTES;
 use wire::{KINDS, MAX_EVENT_BYTES, Received, Refused};
@@ -136,10 +135,10 @@ async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Re
             "the service is shutting down; send again later".to_string(),
         );
     }
-    let count = events.len();
-    if let Some(log) = &shared.stream {
-        return publish(shared, log, targets, events).await;
+    if let Some(why) = shared.log.refuses_ingest() {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, why.to_string());
     }
+    let count = events.len();
     let row = |target: &Connection, event: &Received, body: String| NewEvent {
         connection: target.id.clone(),
         message_id: Some(event.message_id.clone()),
@@ -158,62 +157,14 @@ async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Re
         let text = std::mem::take(&mut event.text);
         rows.push(row(last, &event, text));
     }
-    let spool = shared.spool.clone();
-    let stored = tokio::task::spawn_blocking(move || spool.append(&rows)).await;
-    match stored {
-        Ok(Ok(())) => {
+    match shared.log.append(rows).await {
+        Ok(()) => {
             for target in targets {
                 shared.ensure_running(target);
             }
             stored_ok(shared, targets, count)
         }
-        Ok(Err(e)) => {
-            tracing::error!("the spool could not store {count} events: {e:#}");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the spool cannot store events right now ({e}); nothing was stored, send again later"),
-            )
-        }
-        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, format!("storing failed: {e}")),
-    }
-}
-
-/// Publishes each event once per connection its key feeds to the stream,
-/// and answers 200 only once the stream has stored every one.
-async fn publish(
-    shared: &Arc<Shared>,
-    log: &crate::serve::stream::Log,
-    targets: &[Arc<Connection>],
-    events: Vec<Received>,
-) -> Response {
-    if !log.options.role.ingests() {
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this host only delivers (--role deliver); send events to an ingest host".to_string(),
-        );
-    }
-    let count = events.len();
-    let mut outgoing = Vec::with_capacity(count * targets.len());
-    for target in targets {
-        outgoing.extend(events.iter().map(|e| Outgoing {
-            connection: target.id.clone(),
-            message_id: e.message_id.clone(),
-            received_at: e.received_at.clone(),
-            body: e.text.clone(),
-            person: e.person.clone(),
-        }));
-    }
-    match log.publish(outgoing).await {
-        Ok(()) => stored_ok(shared, targets, count),
-        Err(e) => {
-            tracing::error!("the stream could not store {count} events: {e:#}");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "the stream cannot store events right now ({e:#}); send them again later (what was stored already is not stored twice)"
-                ),
-            )
-        }
+        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
     }
 }
 

@@ -89,7 +89,7 @@ pub async fn replay(servers: &str, connection: Option<&str>, ids: &[u64], partit
         // their subject goes to the partition its person hashes to.
         let subject = match letter["subject"].as_str() {
             Some(subject) if subject.starts_with("chord.events.") => subject.to_string(),
-            _ => format!("chord.events.{}", super::partition_of(&event, partitions)),
+            _ => super::event_subject(super::partition_of(&event, partitions), connection),
         };
         js.publish_with_headers(subject, headers, event.into())
             .await?

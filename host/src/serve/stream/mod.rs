@@ -7,10 +7,14 @@
 //! own (`dead`).
 //!
 //! Layout in JetStream:
-//! - `CHORD_EVENTS`, a work queue on `chord.events.<partition>`: an event
-//!   stays until a worker acks it. The partition is a hash of the person
-//!   key computed at ingest (userId, else anonymousId, else email), so one
-//!   person's events share a partition and keep their order. Each event
+//! - `CHORD_EVENTS`, a work queue on `chord.events.<partition>.<connection>`
+//!   (the connection id with `.` written `~`): an event stays until a
+//!   worker acks it. The partition is a hash of the person key computed at
+//!   ingest (userId, else anonymousId, else email), so one person's events
+//!   share a partition and keep their order; the connection in the subject
+//!   lets a host count a connection's unfinished events (a deletion waits
+//!   for them). Streams made before carry `chord.events.<partition>` too,
+//!   and workers read both. Each event
 //!   carries `Nats-Msg-Id` = `<connection>:<messageId>`, so a sender's retry
 //!   of what was stored already is dropped by the stream's dedupe window.
 //! - `CHORD_DLQ`, on `chord.dlq`: dead letters, kept until replayed or purged.
@@ -38,6 +42,9 @@ use async_nats::{HeaderMap, HeaderValue};
 pub(crate) use worker::run as run_worker;
 
 pub const EVENTS_STREAM: &str = "CHORD_EVENTS";
+/// Every event subject: `chord.events.<partition>.<connection>` (and the
+/// older `chord.events.<partition>`).
+const EVENTS_SUBJECTS: &str = "chord.events.>";
 pub const DLQ_STREAM: &str = "CHORD_DLQ";
 pub const DLQ_SUBJECT: &str = "chord.dlq";
 pub const OUTCOMES_STREAM: &str = "CHORD_OUTCOMES";
@@ -100,6 +107,7 @@ impl StreamOptions {
 pub struct Log {
     pub(crate) js: jetstream::Context,
     pub(crate) options: StreamOptions,
+    events: jetstream::stream::Stream,
 }
 
 /// One event to publish.
@@ -119,7 +127,7 @@ impl Log {
         let js = context(&options.servers).await?;
         let events = stream::Config {
             name: EVENTS_STREAM.to_string(),
-            subjects: vec!["chord.events.*".to_string()],
+            subjects: vec![EVENTS_SUBJECTS.to_string()],
             retention: stream::RetentionPolicy::WorkQueue,
             num_replicas: options.replicas,
             duplicate_window: Duration::from_secs(120),
@@ -154,7 +162,9 @@ impl Log {
             }
         }
         agree_on_partitions(&js, &options).await?;
-        Ok(Log { js, options })
+        widen_event_subjects(&js, &events).await?;
+        let events = js.get_stream(EVENTS_STREAM).await.context("opening the event stream")?;
+        Ok(Log { js, options, events })
     }
 
     /// Publishes every event and waits for JetStream to store each one:
@@ -173,7 +183,7 @@ impl Log {
             headers.insert(RECEIVED_AT_HEADER, HeaderValue::from(event.received_at.as_str()));
             let ack = self
                 .js
-                .publish_with_headers(format!("chord.events.{partition}"), headers, event.body.into())
+                .publish_with_headers(event_subject(partition, &event.connection), headers, event.body.into())
                 .await
                 .context("publishing to the stream")?;
             acks.push(ack);
@@ -182,6 +192,99 @@ impl Log {
             ack.await.context("the stream did not confirm storing an event")?;
         }
         Ok(())
+    }
+}
+
+/// The subject of a connection's events in a partition.
+pub fn event_subject(partition: u32, connection: &str) -> String {
+    format!("chord.events.{partition}.{}", subject_token(connection))
+}
+
+/// A connection id as one subject token: ids are letters, digits, `-`,
+/// `_` and `.`; a `.` would split the token, so it is written `~`.
+fn subject_token(connection: &str) -> String {
+    connection.replace('.', "~")
+}
+
+/// The filter subjects of a partition's consumer: its events of every
+/// connection, and those of streams made before subjects named them.
+pub(crate) fn partition_filters(partition: u32) -> Vec<String> {
+    vec![
+        format!("chord.events.{partition}"),
+        format!("chord.events.{partition}.>"),
+    ]
+}
+
+/// A stream made when events were on `chord.events.<partition>` only takes
+/// the subjects that name the connection too.
+async fn widen_event_subjects(js: &jetstream::Context, wanted: &stream::Config) -> anyhow::Result<()> {
+    let mut events = js.get_stream(EVENTS_STREAM).await.context("opening the event stream")?;
+    let config = events
+        .info()
+        .await
+        .context("reading the event stream's layout")?
+        .config
+        .clone();
+    if config.subjects.iter().any(|s| s == EVENTS_SUBJECTS) {
+        return Ok(());
+    }
+    let widened = stream::Config {
+        subjects: wanted.subjects.clone(),
+        ..config
+    };
+    js.update_stream(widened)
+        .await
+        .context("widening the event stream's subjects to name each event's connection")?;
+    tracing::info!("the event stream now takes subjects that name each event's connection");
+    Ok(())
+}
+
+impl super::log::EventLog for Log {
+    fn append(&self, events: Vec<crate::spool::NewEvent>) -> futures_util::future::BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let count = events.len();
+            let outgoing = events
+                .into_iter()
+                .map(|e| Outgoing {
+                    connection: e.connection,
+                    message_id: e.message_id.unwrap_or_default(),
+                    received_at: e.received_at,
+                    body: e.body,
+                    person: e.person,
+                })
+                .collect();
+            self.publish(outgoing).await.map_err(|e| {
+                tracing::error!("the stream could not store {count} events: {e:#}");
+                anyhow::anyhow!(
+                    "the stream cannot store events right now ({e:#}); send them again later (what was stored already is not stored twice)"
+                )
+            })
+        })
+    }
+
+    /// Counted by subject: the stream is a work queue, so what is in it is
+    /// unfinished, whichever host holds it.
+    fn has_pending<'a>(&'a self, connection: &'a str) -> futures_util::future::BoxFuture<'a, anyhow::Result<bool>> {
+        Box::pin(async move {
+            use futures_util::StreamExt;
+            let filter = format!("chord.events.*.{}", subject_token(connection));
+            let mut subjects = self
+                .events
+                .info_with_subjects(filter)
+                .await
+                .context("counting a connection's events in the stream")?;
+            while let Some(subject) = subjects.next().await {
+                if subject.context("counting a connection's events in the stream")?.1 > 0 {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+
+    fn refuses_ingest(&self) -> Option<&'static str> {
+        (!self.options.role.ingests())
+            .then_some("this host only delivers (--role deliver); send events to an ingest host")
     }
 }
 

@@ -50,6 +50,13 @@ use crate::mapping::EventId;
 
 /// A lease or heartbeat not renewed for this long is gone.
 pub(super) const LEASE_TTL: Duration = Duration::from_secs(8);
+/// The lease fence's margin. A worker sends an event only while its last
+/// successful renewal of the event's partition was sent less than
+/// `LEASE_TTL - FENCE_MARGIN` ago (the lease cannot have expired before
+/// `LEASE_TTL` after that), and a worker that takes a partition waits
+/// `FENCE_MARGIN` before it reads it: the old holder stops sending at
+/// least twice the margin before the new one starts.
+const FENCE_MARGIN: Duration = Duration::from_secs(2);
 /// How often leases are renewed and the share looked at again.
 const TICK: Duration = Duration::from_secs(2);
 /// How long JetStream waits for an ack before it sends an event again to
@@ -86,6 +93,8 @@ struct Pending {
     subject: String,
     received_at: Option<String>,
     in_flight: Arc<AtomicUsize>,
+    /// The partition it was read from (the fence asks about its lease).
+    partition: u32,
     /// When JetStream last heard of it from us (handed out, or progress).
     signalled: tokio::time::Instant,
 }
@@ -109,6 +118,9 @@ struct Worker {
     workers: kv::Store,
     events: jetstream::stream::Stream,
     pending: std::sync::Mutex<HashMap<u64, Pending>>,
+    /// For each partition held, when its last successful renewal (or its
+    /// taking) was sent: what the fence reads.
+    renewed: std::sync::Mutex<HashMap<u32, tokio::time::Instant>>,
 }
 
 /// A partition's events whose connection cannot take them now, by
@@ -163,7 +175,18 @@ pub(crate) async fn run(
         log: log.clone(),
         shared,
         pending: Default::default(),
+        renewed: Default::default(),
     });
+    // No event leaves this host for a partition whose lease it cannot
+    // prove it still holds.
+    let fenced = Arc::downgrade(&worker);
+    let fence: Box<dyn Fn(EventId) -> bool + Send + Sync> = Box::new(move |id| match id {
+        EventId::Stream(sequence) => fenced.upgrade().is_some_and(|w| w.may_send(sequence)),
+        _ => true,
+    });
+    if worker.shared.connections.fence.set(fence).is_err() {
+        anyhow::bail!("a second delivery worker on one host");
+    }
     tracing::info!(worker = %worker.id, partitions = log.options.partitions, "delivery worker started");
     let acker = tokio::spawn({
         let worker = worker.clone();
@@ -192,6 +215,8 @@ pub(crate) async fn run(
     while !worker.pending.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Nothing more is sent from here, then the leases go.
+    worker.renewed.lock().unwrap().clear();
     for (partition, h) in held {
         h.task.abort();
         let _ = worker.leases.delete(lease_key(partition)).await;
@@ -209,6 +234,33 @@ fn lease_key(partition: u32) -> String {
 impl Worker {
     /// Heartbeat, renew, give up what is over the share, take what is under.
     async fn tick(self: &Arc<Self>, held: &mut HashMap<u32, Held>) -> anyhow::Result<()> {
+        // Renew first, whatever else fails; a lease not renewed (lost,
+        // taken, or NATS not answering) is dropped at once, and the fence
+        // stops its events from leaving.
+        let mut lost = Vec::new();
+        for (partition, h) in held.iter_mut() {
+            let sent = tokio::time::Instant::now();
+            match self
+                .leases
+                .update(lease_key(*partition), self.id.clone().into(), h.revision)
+                .await
+            {
+                Ok(revision) => {
+                    h.revision = revision;
+                    self.renewed.lock().unwrap().insert(*partition, sent);
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, partition, "lost the lease: {e}");
+                    lost.push(*partition);
+                }
+            }
+        }
+        for partition in lost {
+            self.renewed.lock().unwrap().remove(&partition);
+            if let Some(h) = held.remove(&partition) {
+                let _ = h.stop.send(true);
+            }
+        }
         self.workers.put(&self.id, self.id.clone().into()).await?;
         let mut live = 0u32;
         let mut keys = self.workers.keys().await?;
@@ -218,32 +270,12 @@ impl Worker {
         let partitions = self.log.options.partitions;
         let share = partitions.div_ceil(live.max(1)) as usize;
 
-        // Renew; a lease lost (expired and taken) is dropped at once.
-        let mut lost = Vec::new();
-        for (partition, h) in held.iter_mut() {
-            match self
-                .leases
-                .update(lease_key(*partition), self.id.clone().into(), h.revision)
-                .await
-            {
-                Ok(revision) => h.revision = revision,
-                Err(e) => {
-                    tracing::warn!(worker = %self.id, partition, "lost the lease: {e}");
-                    lost.push(*partition);
-                }
-            }
-        }
-        for partition in lost {
-            if let Some(h) = held.remove(&partition) {
-                let _ = h.stop.send(true);
-            }
-        }
         // A consumer that ended (an error) starts again.
         for (partition, h) in held.iter_mut() {
             if h.task.is_finished() && !h.releasing {
                 let (stop, stopped) = watch::channel(false);
                 h.stop = stop;
-                h.task = tokio::spawn(self.clone().consume(*partition, h.in_flight.clone(), stopped));
+                h.task = tokio::spawn(self.clone().consume(*partition, h.in_flight.clone(), stopped, false));
             }
         }
         // Over the share: give up the extra ones once their events are done.
@@ -261,6 +293,7 @@ impl Worker {
             .collect();
         for partition in done {
             let h = held.remove(&partition).expect("listed above");
+            self.renewed.lock().unwrap().remove(&partition);
             h.task.abort();
             let _ = self
                 .leases
@@ -278,11 +311,19 @@ impl Worker {
             if held.contains_key(&partition) {
                 continue;
             }
+            // Not while events this worker read from it under an earlier
+            // lease are still here (the fence drops them unsent): they
+            // would otherwise come back behind newer ones.
+            if self.pending.lock().unwrap().values().any(|p| p.partition == partition) {
+                continue;
+            }
+            let sent = tokio::time::Instant::now();
             if let Ok(revision) = self.leases.create(lease_key(partition), self.id.clone().into()).await {
+                self.renewed.lock().unwrap().insert(partition, sent);
                 tracing::info!(worker = %self.id, partition, "took the partition");
                 let in_flight = Arc::new(AtomicUsize::new(0));
                 let (stop, stopped) = watch::channel(false);
-                let task = tokio::spawn(self.clone().consume(partition, in_flight.clone(), stopped));
+                let task = tokio::spawn(self.clone().consume(partition, in_flight.clone(), stopped, true));
                 held.insert(
                     partition,
                     Held {
@@ -307,7 +348,22 @@ impl Worker {
 
     /// Reads a partition from its oldest unfinished event, handing each to
     /// its connection's engine, until told to stop.
-    async fn consume(self: Arc<Self>, partition: u32, in_flight: Arc<AtomicUsize>, mut stop: watch::Receiver<bool>) {
+    /// `taken`: the lease was just taken (not a restart of the reader).
+    async fn consume(
+        self: Arc<Self>,
+        partition: u32,
+        in_flight: Arc<AtomicUsize>,
+        mut stop: watch::Receiver<bool>,
+        taken: bool,
+    ) {
+        // The last holder's fence closed at least FENCE_MARGIN before
+        // its lease expired; this wait doubles that gap.
+        if taken {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(FENCE_MARGIN) => {}
+            }
+        }
         let name = format!("partition-{partition}");
         // Anew: a consumer left by the last holder may have events out.
         let _ = self.events.delete_consumer(&name).await;
@@ -315,7 +371,7 @@ impl Worker {
             .events
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: format!("chord.events.{partition}"),
+                filter_subjects: super::partition_filters(partition),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: ACK_WAIT,
                 max_ack_pending: MAX_ACK_PENDING,
@@ -412,13 +468,19 @@ impl Worker {
                 return;
             }
             next_delivery = delivery.map(|d| d + 1);
-            self.dispatch(message, &in_flight, &mut parked);
+            self.dispatch(message, partition, &in_flight, &mut parked);
         }
     }
 
     /// Hands one event to its connection's engine, or parks it when the
     /// connection cannot take it now.
-    fn dispatch(self: &Arc<Self>, message: jetstream::Message, in_flight: &Arc<AtomicUsize>, parked: &mut Parked) {
+    fn dispatch(
+        self: &Arc<Self>,
+        message: jetstream::Message,
+        partition: u32,
+        in_flight: &Arc<AtomicUsize>,
+        parked: &mut Parked,
+    ) {
         let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
             return;
         };
@@ -448,6 +510,7 @@ impl Worker {
                     subject: message.subject.to_string(),
                     received_at: header(RECEIVED_AT_HEADER),
                     in_flight: in_flight.clone(),
+                    partition,
                     signalled: tokio::time::Instant::now(),
                 },
             );
@@ -528,6 +591,20 @@ impl Worker {
         parked.queues.retain(|_, queue| !queue.is_empty());
     }
 
+    /// The fence: whether this worker may send the event now, that is,
+    /// whether it renewed the lease of the event's partition recently
+    /// enough that no other worker can hold it.
+    fn may_send(&self, sequence: u64) -> bool {
+        let Some(partition) = self.pending.lock().unwrap().get(&sequence).map(|p| p.partition) else {
+            return false;
+        };
+        self.renewed
+            .lock()
+            .unwrap()
+            .get(&partition)
+            .is_some_and(|sent| sent.elapsed() < LEASE_TTL - FENCE_MARGIN)
+    }
+
     /// Lets go of an event read and not finished: it stays in the stream,
     /// and a new delivery of it is handed out afresh.
     fn forget(&self, sequence: u64) {
@@ -552,10 +629,17 @@ impl Worker {
             self.shared.engines.release(connection, record.id, false);
             return;
         };
+        if let EventOutcome::Abandoned(_) = &record.outcome {
+            // Not acked: the partition's holder delivers it.
+            self.forget(sequence);
+            self.shared.engines.release(connection, record.id, false);
+            return;
+        }
         let state = match &record.outcome {
             EventOutcome::Delivered { .. } => "delivered",
             EventOutcome::Skipped(_) => "skipped",
             EventOutcome::DeadLettered(_) => "dead",
+            EventOutcome::Abandoned(_) => unreachable!("returned above"),
         };
         if let EventOutcome::DeadLettered(letter) = &record.outcome {
             let stored = super::dead::store(&self.log, &connection.id, sequence, &subject, &record, letter).await;
@@ -577,7 +661,7 @@ impl Worker {
             "reason": match &record.outcome {
                 EventOutcome::Skipped(reason) => Some(reason.as_str()),
                 EventOutcome::DeadLettered(letter) => Some(letter.reason.as_str()),
-                EventOutcome::Delivered { .. } => None,
+                EventOutcome::Delivered { .. } | EventOutcome::Abandoned(_) => None,
             },
             "plugin_version": record.plugin_version,
             "received_at": received_at,
