@@ -379,11 +379,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     };
     if storm {
         count_fault(&shared, "throttle_storm");
-        return Ok(throttled(
-            &shared,
-            endpoint,
-            shared.faults.lock().unwrap().storm_retry_after.max(1),
-        ));
+        // Read first: `throttled` takes the model's lock, and no lock is
+        // taken while the faults' is held.
+        let retry_after = shared.faults.lock().unwrap().storm_retry_after.max(1);
+        return Ok(throttled(&shared, endpoint, retry_after));
     }
     if let Err(error) = authorize(&shared, endpoint, header("authorization"), header("revision")) {
         return reject(&shared, error);

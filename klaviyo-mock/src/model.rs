@@ -39,6 +39,9 @@ pub struct Arrival {
     pub profile_id: String,
     /// `profile-import`, or the event's metric name.
     pub what: String,
+    /// What was written: a profile-import's attributes, or an event's
+    /// `unique_id` and properties (for checkers of order and duplicates).
+    pub detail: Value,
 }
 
 /// Counters shown at `/sandbox/stats`.
@@ -203,6 +206,7 @@ impl Model {
         self.arrivals.push(Arrival {
             profile_id: id.clone(),
             what: "profile-import".to_string(),
+            detail: Value::Object(input.attributes.clone()),
         });
         Ok(upsert)
     }
@@ -276,6 +280,7 @@ impl Model {
         self.arrivals.push(Arrival {
             profile_id: profile_id.clone(),
             what: input.metric.clone(),
+            detail: serde_json::json!({"unique_id": unique_id, "properties": input.properties}),
         });
         self.events.push(StoredEvent {
             id: format!("evt{:012}", self.events.len() + 1),
