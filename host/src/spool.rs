@@ -49,6 +49,8 @@ pub enum Durability {
 pub struct SpooledEvent {
     pub id: i64,
     pub body: String,
+    /// Not to be sent before this (a Retry-After kept across a restart).
+    pub not_before: Option<std::time::SystemTime>,
 }
 
 /// An event to store for one connection.
@@ -179,24 +181,26 @@ impl Spool {
     }
 
     /// A connection's pending events with an id above `after`, oldest
-    /// first, leaving out those asked to wait (Retry-After) until later,
-    /// and every later event of the same person: a person's events go in
-    /// the order they came, across a restart too.
+    /// first, each with the time before which it must not be sent
+    /// (a Retry-After Klaviyo gave), if any. Nothing is left out: a
+    /// reader that skipped an event to wait would go past it, and the
+    /// person's later events would overtake it (the fault run's checker
+    /// found that). Delivery waits instead, holding the person's later
+    /// events behind it.
     pub fn pending_after(&self, connection: &str, after: i64, limit: usize) -> anyhow::Result<Vec<SpooledEvent>> {
         let conn = self.conn.lock().unwrap();
         let mut query = conn.prepare_cached(
-            "SELECT id, body FROM events e WHERE connection = ?1 AND state = 'pending' AND id > ?2
-                 AND (not_before IS NULL OR not_before <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-                 AND NOT EXISTS (
-                     SELECT 1 FROM events d WHERE d.connection = ?1 AND d.person = e.person AND d.id < e.id
-                         AND d.not_before IS NOT NULL AND d.state = 'pending'
-                         AND d.not_before > strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+            "SELECT id, body, not_before FROM events WHERE connection = ?1 AND state = 'pending' AND id > ?2
                  ORDER BY id LIMIT ?3",
         )?;
         let rows = query.query_map(params![connection, after, limit as i64], |row| {
+            let not_before: Option<String> = row.get(2)?;
             Ok(SpooledEvent {
                 id: row.get(0)?,
                 body: row.get(1)?,
+                not_before: not_before
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                    .map(std::time::SystemTime::from),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -517,7 +521,7 @@ mod tests {
     /// identify, then a restart, and the person's later identify went
     /// first (the older one then overwrote it at Klaviyo).
     #[test]
-    fn a_deferred_event_holds_back_the_later_events_of_its_person_only() {
+    fn a_deferred_event_is_read_in_its_place_with_its_wait() {
         let dir = std::env::temp_dir().join(format!("cdp-host-spool-defer-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let spool = Spool::open(&dir.join("spool.db"), Durability::ProcessCrash).unwrap();
@@ -551,15 +555,24 @@ mod tests {
         };
         assert_eq!(ids(&spool), ["p-v1", "q-v1", "p-v2", "nobody"]);
         let first = spool.pending_after(DEFAULT_CONNECTION, 0, 1).unwrap()[0].id;
-        spool
-            .defer(first, chrono::Utc::now() + chrono::Duration::seconds(40))
-            .unwrap();
-        assert_eq!(ids(&spool), ["q-v1", "nobody"], "p-v2 waits behind p-v1");
-        // Once the wait has passed, both come back, in order.
-        spool
-            .defer(first, chrono::Utc::now() - chrono::Duration::seconds(1))
-            .unwrap();
+        let until = chrono::Utc::now() + chrono::Duration::seconds(40);
+        spool.defer(first, until).unwrap();
+        // Still read, in order, with its wait: delivery holds it (and the
+        // person's later events behind it) until then.
         assert_eq!(ids(&spool), ["p-v1", "q-v1", "p-v2", "nobody"]);
+        let waits: Vec<Option<std::time::SystemTime>> = spool
+            .pending_after(DEFAULT_CONNECTION, 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|row| row.not_before)
+            .collect();
+        let kept = waits[0].expect("the wait is read back");
+        let wanted = std::time::SystemTime::from(until);
+        assert!(
+            kept.duration_since(wanted).unwrap_or_else(|e| e.duration()) < std::time::Duration::from_millis(2),
+            "{kept:?} {wanted:?}"
+        );
+        assert!(waits[1..].iter().all(Option::is_none));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

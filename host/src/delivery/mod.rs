@@ -115,7 +115,13 @@ pub struct Delivery {
     batch_room: std::sync::atomic::AtomicUsize,
     map_gates: Option<CallGates>,
     fence: Option<Fence>,
+    not_before: Option<NotBefore>,
 }
+
+/// When an event may first be sent, if not at once (a Retry-After its
+/// log kept): delivery waits, holding the person's later events behind
+/// it. Asked once per event, before its first request.
+pub type NotBefore = Arc<dyn Fn(EventId) -> Option<std::time::SystemTime> + Send + Sync>;
 
 /// Whether an event may still be sent from this host, asked right before
 /// each attempt: set once (a stream worker sets it when it starts, for
@@ -137,6 +143,8 @@ pub struct Parts {
     pub host_interpreters: Option<Arc<tokio::sync::Semaphore>>,
     /// Asked before each attempt whether the event may still be sent.
     pub fence: Option<Fence>,
+    /// Asked before an event's first request when it may be sent.
+    pub not_before: Option<NotBefore>,
 }
 
 /// Called with an event and the time before which it must not be resent.
@@ -205,6 +213,7 @@ impl Delivery {
             batch_room: Default::default(),
             map_gates: parts.map_gates,
             fence: parts.fence,
+            not_before: parts.not_before,
         }))
     }
 
@@ -418,6 +427,13 @@ impl Delivery {
                 response: None,
             }),
             MappedOutcome::Send(requests) => {
+                // Asked to wait (a Retry-After from before a restart): the
+                // person's later events wait in its lane meanwhile.
+                if let Some(until) = self.not_before.as_ref().and_then(|ask| ask(record.id))
+                    && let Ok(wait) = until.duration_since(std::time::SystemTime::now())
+                {
+                    tokio::time::sleep(wait).await;
+                }
                 let started = Instant::now();
                 let count = requests.len();
                 let mut failed = None;

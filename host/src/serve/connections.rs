@@ -229,6 +229,9 @@ pub struct Connections {
     default_plugin: Arc<Plugin>,
     /// Told of Retry-After: kept on the row.
     defer: Arc<dyn Fn(crate::mapping::EventId, std::time::SystemTime) + Send + Sync>,
+    /// The waits of events handed to delivery with one (`Engines::hand`
+    /// records them; delivery takes each before the event's first request).
+    pub(super) waits: Arc<Mutex<HashMap<crate::mapping::EventId, std::time::SystemTime>>>,
     /// Serializes changes (create, update, swap, delete), so that the
     /// spool and the routes change together.
     changing: tokio::sync::Mutex<()>,
@@ -310,6 +313,7 @@ impl Connections {
             approved_base_urls: RwLock::default(),
             secret_sources: RwLock::default(),
             fence: Default::default(),
+            waits: Arc::default(),
         })
     }
 
@@ -616,6 +620,10 @@ impl Connections {
             }),
             host_interpreters: Some(self.host_interpreters.clone()),
             fence: Some(self.fence.clone()),
+            not_before: Some({
+                let waits = self.waits.clone();
+                Arc::new(move |id| waits.lock().unwrap().remove(&id))
+            }),
         };
         let delivery = Delivery::build(slot.clone(), crate::settings::cell(settings), config, parts)
             .with_context(|| format!("connection {id}"))?;
