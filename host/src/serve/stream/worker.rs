@@ -247,7 +247,21 @@ impl Worker {
             {
                 Ok(revision) => {
                     h.revision = revision;
-                    self.renewed.lock().unwrap().insert(*partition, sent);
+                    // Renewed, but too late if the fence closed meanwhile:
+                    // events it dropped would come back behind newer ones
+                    // this worker went on to send. The partition is given
+                    // up, to be read again from its oldest unacked event.
+                    let mut renewed = self.renewed.lock().unwrap();
+                    let fenced = renewed
+                        .get(partition)
+                        .is_none_or(|last| last.elapsed() >= LEASE_TTL - FENCE_MARGIN);
+                    if fenced {
+                        renewed.remove(partition);
+                        tracing::warn!(worker = %self.id, partition, "renewed the lease only after its fence had closed; giving the partition up");
+                        lost.push(*partition);
+                    } else {
+                        renewed.insert(*partition, sent);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(worker = %self.id, partition, "lost the lease: {e}");
@@ -259,6 +273,11 @@ impl Worker {
             self.renewed.lock().unwrap().remove(&partition);
             if let Some(h) = held.remove(&partition) {
                 let _ = h.stop.send(true);
+                // Ours still if the renewal was late: let it go at once.
+                let _ = self
+                    .leases
+                    .delete_expect_revision(lease_key(partition), Some(h.revision))
+                    .await;
             }
         }
         self.workers.put(&self.id, self.id.clone().into()).await?;
