@@ -8,6 +8,7 @@ mod cli_map;
 mod cli_send;
 mod connections;
 mod delivery;
+mod faults;
 mod hostile;
 mod hot_swap;
 #[path = "../support/nats.rs"]
