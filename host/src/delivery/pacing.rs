@@ -150,35 +150,42 @@ impl Pacer {
 
 impl Window {
     /// `None` when taken; otherwise how long until a slot may free up.
-    /// `share` of the budgets, in millionths; at least one request per
-    /// window, so that a host with a tiny share still finishes its events.
+    /// `share` of the budgets, in millionths. A part under one request
+    /// per window is one request per window stretched to match (a floor of
+    /// one per window let sixteen hosts with a sixteenth share each send
+    /// 14.5 a second against a budget of ten): the hosts' parts add up
+    /// to the budget at most, and a host with a tiny share still sends.
     fn try_take(&self, now: Instant, share: u32) -> Option<Duration> {
-        let part = |budget: usize| ((budget as u64 * u64::from(share) / u64::from(WHOLE)) as usize).max(1);
-        let (burst, steady) = (part(self.burst), part(self.steady));
+        let part = |budget: usize, window: Duration| -> (usize, Duration) {
+            let exact = budget as f64 * f64::from(share) / f64::from(WHOLE);
+            if exact >= 1.0 {
+                (exact as usize, window)
+            } else {
+                // At most a day: a share of zero holds no partition, and
+                // sends nothing anyway.
+                (1, window.mul_f64((1.0 / exact.max(1e-9)).min(86_400.0)))
+            }
+        };
+        let (burst, burst_window) = part(self.burst, BURST_WINDOW);
+        let (steady, steady_window) = part(self.steady, STEADY_WINDOW);
+        let kept = burst_window.max(steady_window);
         let mut sent = self.sent.lock().unwrap();
-        while sent.front().is_some_and(|t| now.duration_since(*t) >= STEADY_WINDOW) {
+        while sent.front().is_some_and(|t| now.duration_since(*t) >= kept) {
             sent.pop_front();
         }
-        let in_burst = sent.len() - sent.partition_point(|t| now.duration_since(*t) >= BURST_WINDOW);
-        if sent.len() < steady && in_burst < burst {
+        let within = |window: Duration| sent.len() - sent.partition_point(|t| now.duration_since(*t) >= window);
+        let (in_steady, in_burst) = (within(steady_window), within(burst_window));
+        if in_steady < steady && in_burst < burst {
             sent.push_back(now);
             return None;
         }
-        let steady_free = if sent.len() >= steady {
-            sent.front()
-                .map(|t| STEADY_WINDOW.saturating_sub(now.duration_since(*t)))
-        } else {
-            None
+        // How long until the oldest request counted in a full window leaves it.
+        let free_after = |count: usize, limit: usize, window: Duration| {
+            (count >= limit).then(|| window.saturating_sub(now.duration_since(sent[sent.len() - count])))
         };
-        let burst_free = if in_burst >= burst {
-            let oldest_in_burst = sent[sent.len() - in_burst];
-            Some(BURST_WINDOW.saturating_sub(now.duration_since(oldest_in_burst)))
-        } else {
-            None
-        };
-        let wait = steady_free
+        let wait = free_after(in_steady, steady, steady_window)
             .into_iter()
-            .chain(burst_free)
+            .chain(free_after(in_burst, burst, burst_window))
             .max()
             .unwrap_or(Duration::from_millis(1));
         Some(wait.max(Duration::from_millis(1)))
@@ -237,6 +244,25 @@ mod tests {
         let w = window(10, 100);
         assert_eq!(w.try_take(start, 1), None);
         assert!(w.try_take(start, 1).is_some());
+    }
+
+    /// Sixteen hosts each holding one partition of sixteen, so each with a
+    /// sixteenth of a burst budget of 10 (0.625 a second): together at
+    /// most 10 a second. The floor of one per window sent 14.5.
+    #[test]
+    fn parts_under_one_request_a_window_add_up_to_the_budget_at_most() {
+        let hosts: Vec<Window> = (0..16).map(|_| window(10, 10_000)).collect();
+        let share = WHOLE / 16;
+        let start = Instant::now();
+        let mut sent = 0;
+        for tick in 0..10_000u64 {
+            let now = start + Duration::from_millis(tick);
+            sent += hosts.iter().filter(|w| w.try_take(now, share).is_none()).count();
+        }
+        // 10 s: at most the budget's 10 a second (plus the first burst),
+        // and not far under it.
+        assert!(sent <= 10 * 10 + 16, "{sent} sent in 10 s");
+        assert!(sent >= 80, "{sent} sent in 10 s");
     }
 
     #[test]
