@@ -79,7 +79,7 @@ fn serve(config: &Path, spool: &Path, extra: &[&str]) -> (Killed, String, Durati
         .arg(config)
         .arg("--spool")
         .arg(spool)
-        .args(["--no-pacing", "--admin-token", ADMIN])
+        .args(["--no-pacing", "--ingest-rate", "0", "--admin-token", ADMIN])
         .args(extra)
         .env("BENCH_KLAVIYO_KEY", KEY)
         .stdout(Stdio::null())

@@ -76,6 +76,8 @@ async fn main() {
                 &format!("127.0.0.1:{serve_port}"),
             ])
             .args(["--base-url", &format!("http://127.0.0.1:{sandbox_port}")])
+            // What is measured is the service, not the write key's rate.
+            .args(["--ingest-rate", "0"])
             .args((!limits).then_some("--no-pacing"))
             .args(&plugin_args)
             .arg("--spool")

@@ -60,6 +60,7 @@ async fn main() {
                     &format!("127.0.0.1:{port}"),
                 ])
                 .args(["--base-url", &format!("http://127.0.0.1:{sandbox_port}"), "--no-pacing"])
+                .args(["--ingest-rate", "0"])
                 .args(["--stream", &cluster.urls(), "--stream-replicas", "3"])
                 .arg("--spool")
                 .arg(dir.join(format!("w{i}.sqlite")))

@@ -842,3 +842,92 @@ async fn serve_outlives_a_broken_pipe() {
     assert_eq!(post_track(&client, &serve.url, "after-sigpipe").await, 200);
     wait_for("the event", || sandbox.events().len() == 1).await;
 }
+
+/// A write key over its rate is answered 429 with `Retry-After`, and none
+/// of the refused batch is stored; another key goes on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_key_over_its_rate_gets_429_with_retry_after_and_stores_nothing() {
+    let dir = tempdir();
+    let sandbox = crate::support::sandbox(MockConfig {
+        rate_limits: false,
+        ..MockConfig::default()
+    })
+    .await;
+    let config = dir.join("serve.toml");
+    let shop = |id: &str| {
+        format!(
+            "[[connections]]\nid = \"{id}\"\nwrite_keys = [\"wk_{id}\"]\nbase_url = \"{}\"\nsettings = {{ api_key = {{ env = \"SHOP_KEY\" }} }}\n\n",
+            sandbox.url()
+        )
+    };
+    std::fs::write(&config, format!("ingest_rate = 100\n{}{}", shop("a"), shop("b"))).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = cdp_host()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--no-pacing",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--spool")
+        .arg(dir.join("spool.sqlite"))
+        .env("SHOP_KEY", klaviyo_mock::DEMO_KEY)
+        .env_remove("KLAVIYO_API_KEY")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let client = reqwest::Client::new();
+    let batch = |key: &str, from: usize| {
+        let events: Vec<serde_json::Value> = (from..from + 500)
+            .map(|i| {
+                serde_json::json!({"type": "track", "event": "Rate", "messageId": format!("{key}-{i}"),
+                                   "userId": format!("u{i}"), "properties": {"email": format!("u{i}@example.org")}})
+            })
+            .collect();
+        client
+            .post(format!("{url}/v1/batch"))
+            .basic_auth(key, Some(""))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "batch": events }).to_string())
+            .send()
+    };
+    // The burst: one whole batch of 2,500 (five of 500), then 429.
+    for n in 0..5 {
+        assert_eq!(batch("wk_a", n * 500).await.unwrap().status(), 200);
+    }
+    let refused = batch("wk_a", 2_500).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=5).contains(&after), "Retry-After {after}");
+    let text = refused.text().await.unwrap();
+    assert!(text.contains("100 events a second"), "{text}");
+    // The other key is untouched.
+    assert_eq!(batch("wk_b", 0).await.unwrap().status(), 200);
+    // What was acknowledged arrives; the refused batch does not.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while sandbox.events().len() < 3_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 3000 delivered",
+            sandbox.events().len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(sandbox.events().len(), 3_000, "a refused batch was stored");
+    let _ = child.kill();
+    let _ = child.wait();
+}

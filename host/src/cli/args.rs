@@ -282,6 +282,10 @@ pub struct ServeArgs {
     /// source (repeatable; none by default)
     #[arg(long = "admin-secret-dir", value_name = "DIR")]
     pub admin_secret_dirs: Vec<PathBuf>,
+    /// Events a second each write key may send, sustained (twice that at once, and at least one
+    /// whole batch); over it ingest answers 429 with Retry-After. 0 turns the limit off [default: 5000]
+    #[arg(long, value_name = "EVENTS")]
+    pub ingest_rate: Option<u32>,
 }
 
 /// The `serve` configuration file; every key optional, each named like
@@ -315,6 +319,7 @@ pub struct ServeFile {
     pub admin_secret_env_prefixes: Vec<String>,
     #[serde(default)]
     pub admin_secret_dirs: Vec<PathBuf>,
+    pub ingest_rate: Option<u32>,
     /// Shops, each with its own write keys, plugin, settings and secrets
     /// (`[[connections]]`).
     #[serde(default)]

@@ -127,6 +127,7 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
             .filter(|t| !t.is_empty())
             .map(Secret::new),
         plugin_dir: args.plugin_dir.or(file.plugin_dir),
+        ingest_rate: args.ingest_rate.or(file.ingest_rate).unwrap_or(Defaults::INGEST_RATE),
         approved_base_urls: args
             .approved_base_urls
             .into_iter()

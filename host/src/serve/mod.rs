@@ -46,6 +46,8 @@ impl Defaults {
     pub const SPOOL: &str = "cdp-spool.sqlite";
     pub const RETENTION_HOURS: u64 = 24;
     pub const SHUTDOWN_GRACE_SECONDS: u64 = 20;
+    /// Events a second each write key may send (`ingest::KeyLimits`).
+    pub const INGEST_RATE: u32 = 5_000;
 }
 
 /// The connection `serve`'s flags describe (`serve` without a connection
@@ -96,6 +98,8 @@ pub struct ServeConfig {
     pub approved_base_urls: Vec<url::Url>,
     /// The secret sources a connection made through the admin API may name.
     pub admin_secret_sources: connections::SecretSources,
+    /// Events a second each write key may send; 0 for no limit.
+    pub ingest_rate: u32,
 }
 
 /// What the HTTP handlers and the engines share.
@@ -107,6 +111,8 @@ pub(crate) struct Shared {
     /// Each connection's delivery engine.
     engines: Arc<Engines>,
     admin_token: Option<Secret>,
+    /// Each write key's rate (none: no limit).
+    key_limits: Option<ingest::KeyLimits>,
     /// Where events go instead of the spool, and this host's role there.
     stream: Option<Arc<stream::Log>>,
     /// Where events are kept: the spool, or the stream.
@@ -245,6 +251,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         metrics,
         engines,
         admin_token: config.admin_token.clone(),
+        key_limits: ingest::KeyLimits::new(config.ingest_rate),
         log: match &log {
             Some(log) => log.clone() as Arc<dyn EventLog>,
             None => Arc::new(SpoolLog(config.spool.clone())),

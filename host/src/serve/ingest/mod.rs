@@ -18,6 +18,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+mod limit;
+
+pub use limit::KeyLimits;
+
 use super::Shared;
 use super::connections::Connection;
 use crate::spool::NewEvent;
@@ -36,16 +40,21 @@ pub async fn s2s(
             format!("unknown event type {kind:?}; expected one of {}", KINDS.join(", ")),
         );
     }
-    let targets = routed(&shared, header(&headers, "x-write-key"));
+    let key = header(&headers, "x-write-key");
+    let targets = routed(&shared, key);
     if targets.is_empty() {
         return unauthorized("a valid X-Write-Key header is required");
+    }
+    let key_hash = super::connections::key_hash(key.unwrap_or_default());
+    if let Err(over) = over_rate(&shared, &key_hash, 0) {
+        return *over;
     }
     let body = match wire::decode(header(&headers, "content-encoding"), &body, MAX_EVENT_BYTES) {
         Ok(body) => body,
         Err(refused) => return refusal(refused),
     };
     match wire::single(&body, Some(&kind), &now()) {
-        Ok(event) => store(&shared, &targets, vec![event]).await,
+        Ok(event) => store(&shared, &key_hash, &targets, vec![event]).await,
         Err(message) => problem(StatusCode::BAD_REQUEST, message),
     }
 }
@@ -59,23 +68,31 @@ pub async fn segment_single(
     if !KINDS.contains(&kind.as_str()) {
         return problem(StatusCode::NOT_FOUND, format!("unknown endpoint /v1/{kind}"));
     }
-    let Routed { targets, body } = match segment_routed(&shared, &headers, &body, MAX_EVENT_BYTES) {
+    let Routed {
+        targets,
+        body,
+        key_hash,
+    } = match segment_routed(&shared, &headers, &body, MAX_EVENT_BYTES) {
         Ok(routed) => routed,
         Err(response) => return *response,
     };
     match wire::single(&body, Some(&kind), &now()) {
-        Ok(event) => store(&shared, &targets, vec![event]).await,
+        Ok(event) => store(&shared, &key_hash, &targets, vec![event]).await,
         Err(message) => problem(StatusCode::BAD_REQUEST, message),
     }
 }
 
 pub async fn segment_batch(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let Routed { targets, body } = match segment_routed(&shared, &headers, &body, MAX_BATCH_BYTES) {
+    let Routed {
+        targets,
+        body,
+        key_hash,
+    } = match segment_routed(&shared, &headers, &body, MAX_BATCH_BYTES) {
         Ok(routed) => routed,
         Err(response) => return *response,
     };
     match wire::batch(&body, &now()) {
-        Ok(events) => store(&shared, &targets, events).await,
+        Ok(events) => store(&shared, &key_hash, &targets, events).await,
         Err(message) => problem(StatusCode::BAD_REQUEST, message),
     }
 }
@@ -92,8 +109,11 @@ fn segment_routed<'b>(
     limit: usize,
 ) -> Result<Routed<'b>, Box<Response>> {
     let in_header = wire::header_key(header(headers, "authorization"));
-    if in_header.is_some() && routed(shared, in_header.as_deref()).is_empty() {
-        return Err(Box::new(unauthorized(SEGMENT_KEY_NEEDED)));
+    if let Some(key) = &in_header {
+        if routed(shared, Some(key)).is_empty() {
+            return Err(Box::new(unauthorized(SEGMENT_KEY_NEEDED)));
+        }
+        over_rate(shared, &super::connections::key_hash(key), 0)?;
     }
     let body = wire::decode(header(headers, "content-encoding"), body, limit).map_err(|r| Box::new(refusal(r)))?;
     let key = in_header.or_else(|| wire::body_key(&body));
@@ -101,13 +121,40 @@ fn segment_routed<'b>(
     if targets.is_empty() {
         return Err(Box::new(unauthorized(SEGMENT_KEY_NEEDED)));
     }
-    Ok(Routed { targets, body })
+    let key_hash = super::connections::key_hash(key.as_deref().unwrap_or_default());
+    Ok(Routed {
+        targets,
+        body,
+        key_hash,
+    })
 }
 
-/// A request's connections and its decoded body.
+/// A request's connections, its decoded body, and its key's hash.
 struct Routed<'b> {
     targets: Vec<Arc<Connection>>,
     body: std::borrow::Cow<'b, [u8]>,
+    key_hash: String,
+}
+
+/// A 429 with `Retry-After` if the key has not `events` left in its rate
+/// now (0: whether it has any at all, before its body is read).
+fn over_rate(shared: &Shared, key_hash: &str, events: usize) -> Result<(), Box<Response>> {
+    let Some(limits) = &shared.key_limits else {
+        return Ok(());
+    };
+    limits.take(key_hash, events).map_err(|after| {
+        let mut response = problem(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "this write key is over its rate of {} events a second; nothing was stored, send again in {after} s",
+                limits.per_second()
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(after));
+        Box::new(response)
+    })
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -128,7 +175,7 @@ fn routed(shared: &Shared, key: Option<&str>) -> Vec<Arc<Connection>> {
 
 /// Stores each event once per connection its key feeds, in one
 /// transaction, and only then answers 200.
-async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Received>) -> Response {
+async fn store(shared: &Arc<Shared>, key_hash: &str, targets: &[Arc<Connection>], events: Vec<Received>) -> Response {
     if shared.draining() {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -137,6 +184,9 @@ async fn store(shared: &Arc<Shared>, targets: &[Arc<Connection>], events: Vec<Re
     }
     if let Some(why) = shared.log.refuses_ingest() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, why.to_string());
+    }
+    if let Err(over) = over_rate(shared, key_hash, events.len()) {
+        return *over;
     }
     let count = events.len();
     let row = |target: &Connection, event: &Received, body: String| NewEvent {
