@@ -34,7 +34,7 @@ impl State {
 }
 
 /// How hard a commit is made durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Durability {
     /// Survives the process being killed (WAL, synchronous=NORMAL): the

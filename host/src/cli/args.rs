@@ -245,8 +245,8 @@ pub struct ServeArgs {
           help = with_default("Seconds SIGTERM waits for deliveries in flight", Defaults::SHUTDOWN_GRACE_SECONDS))]
     pub shutdown_grace_seconds: Option<u64>,
     /// process-crash (WAL, synchronous=NORMAL) or power-loss (fsync per commit) [default: process-crash]
-    #[arg(long, value_name = "LEVEL")]
-    pub durability: Option<String>,
+    #[arg(long, value_name = "LEVEL", value_enum)]
+    pub durability: Option<cdp_host::spool::Durability>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     pub log_json: bool,
@@ -261,8 +261,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URLS", env = "CDP_HOST_STREAM")]
     pub stream: Option<String>,
     /// With --stream: ingest (take events, publish them), deliver (consume and deliver), or both [default: both]
-    #[arg(long, value_name = "ROLE")]
-    pub role: Option<String>,
+    #[arg(long, value_name = "ROLE", value_enum)]
+    pub role: Option<cdp_host::serve::stream::Role>,
     /// With --stream: copies JetStream keeps of each event, when this host creates the stream
     /// [default: 3 when three or more servers are named, else 1]
     #[arg(long, value_name = "N")]
@@ -304,13 +304,13 @@ pub struct ServeFile {
     pub concurrency: Option<usize>,
     pub retention_hours: Option<u64>,
     pub shutdown_grace_seconds: Option<u64>,
-    pub durability: Option<String>,
+    pub durability: Option<cdp_host::spool::Durability>,
     pub settings: Option<toml::Table>,
     pub retry: Option<RetryFile>,
     pub admin_token: Option<String>,
     pub plugin_dir: Option<PathBuf>,
     pub stream: Option<String>,
-    pub role: Option<String>,
+    pub role: Option<cdp_host::serve::stream::Role>,
     pub stream_replicas: Option<usize>,
     pub partitions: Option<u32>,
     #[serde(default)]

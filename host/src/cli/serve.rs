@@ -89,11 +89,7 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
             plugin,
         });
     }
-    let durability = match args.durability.or(file.durability).as_deref() {
-        None | Some("process-crash") => Durability::ProcessCrash,
-        Some("power-loss") => Durability::PowerLoss,
-        Some(other) => bail!("durability {other:?} is not process-crash or power-loss"),
-    };
+    let durability = args.durability.or(file.durability).unwrap_or(Durability::ProcessCrash);
     let spool_path = args
         .spool
         .or(file.spool)
@@ -155,7 +151,7 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
                 let replicas = stream_replicas(&servers, args.stream_replicas.or(file.stream_replicas))?;
                 Some(StreamOptions {
                     servers,
-                    role: Role::parse(args.role.or(file.role).as_deref().unwrap_or("both"))?,
+                    role: args.role.or(file.role).unwrap_or(Role::Both),
                     replicas,
                     partitions,
                 })

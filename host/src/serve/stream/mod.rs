@@ -58,7 +58,8 @@ pub const CONNECTION_HEADER: &str = "Chord-Connection";
 pub const RECEIVED_AT_HEADER: &str = "Chord-Received-At";
 
 /// What each host runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Takes events over HTTP and publishes them; delivers nothing.
     Ingest,
@@ -68,15 +69,6 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn parse(text: &str) -> anyhow::Result<Role> {
-        match text {
-            "ingest" => Ok(Role::Ingest),
-            "deliver" => Ok(Role::Deliver),
-            "both" => Ok(Role::Both),
-            other => anyhow::bail!("role {other:?} is not ingest, deliver or both"),
-        }
-    }
-
     pub fn ingests(self) -> bool {
         self != Role::Deliver
     }
