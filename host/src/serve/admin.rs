@@ -19,14 +19,91 @@ use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::Shared;
-use super::connections::{ConnState, NewConnection};
+use super::connections::{ConnState, Connection, NewConnection};
 use plugin_runtime::{Loaded, Plugin};
+
+/// Proof that the caller holds the admin token. Every handler takes one,
+/// so none can forget to check.
+pub struct Admin;
+
+impl FromRequestParts<Arc<Shared>> for Admin {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Admin, AdminError> {
+        authorize(shared, &parts.headers).map(|()| Admin)
+    }
+}
+
+/// Why an admin call failed: each cause answered with one status code,
+/// whichever handler met it.
+#[derive(Debug)]
+pub enum AdminError {
+    /// No admin token was configured: the API is off (404).
+    Off,
+    /// The bearer token is missing or wrong (401).
+    Unauthorized,
+    /// No such connection, version or destination (404).
+    NotFound(String),
+    /// The request itself is malformed or invalid (400).
+    BadRequest(String),
+    /// Not allowed by the operator's policy: a base URL or secret source
+    /// not approved (403).
+    Forbidden(String),
+    /// Not possible in the connection's state now (409).
+    Conflict(String),
+    /// A plugin candidate refused by its checks or its canary (422).
+    Refused(String),
+    /// The host could not do it: storage failed, a task died (500).
+    Internal(String),
+}
+
+impl AdminError {
+    /// A failed change, as `otherwise` unless the cause is the host's own
+    /// (the spool could not write): then a 500, not the caller's fault.
+    fn of(e: anyhow::Error, otherwise: fn(String) -> AdminError) -> AdminError {
+        let text = format!("{e:#}");
+        let storage = e
+            .chain()
+            .any(|cause| cause.is::<rusqlite::Error>() || cause.is::<std::io::Error>());
+        if storage {
+            tracing::error!("an admin change failed in storage: {text}");
+            AdminError::Internal(text)
+        } else {
+            otherwise(text)
+        }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, error) = match self {
+            AdminError::Off => (
+                StatusCode::NOT_FOUND,
+                "the admin API is off: start serve with an admin token".to_string(),
+            ),
+            AdminError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "the admin token is required as a bearer token".to_string(),
+            ),
+            AdminError::NotFound(e) => (StatusCode::NOT_FOUND, e),
+            AdminError::BadRequest(e) => (StatusCode::BAD_REQUEST, e),
+            AdminError::Forbidden(e) => (StatusCode::FORBIDDEN, e),
+            AdminError::Conflict(e) => (StatusCode::CONFLICT, e),
+            AdminError::Refused(e) => (StatusCode::UNPROCESSABLE_ENTITY, e),
+            AdminError::Internal(e) => (StatusCode::INTERNAL_SERVER_ERROR, e),
+        };
+        answer(status, json!({ "error": error }))
+    }
+}
+
+type Answer = Result<Response, AdminError>;
 
 /// Stores a version and rolls it to every connection serving `destination`
 /// (every connection, when none is named) that is not on it already; the
@@ -65,19 +142,15 @@ pub(super) async fn roll_out(
 }
 
 pub async fn upload(
+    _: Admin,
     State(shared): State<Arc<Shared>>,
     Path(destination): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return *denied;
-    }
+) -> Answer {
     if !shared.connections.all().iter().any(|c| c.slot.name() == destination) {
-        return answer(
-            StatusCode::NOT_FOUND,
-            json!({"error": format!("no connection serves destination {destination:?}")}),
-        );
+        return Err(AdminError::NotFound(format!(
+            "no connection serves destination {destination:?}"
+        )));
     }
     let started = Instant::now();
     let source = format!("the uploaded {destination} plugin ({} bytes)", body.len());
@@ -89,44 +162,35 @@ pub async fn upload(
                 .all()
                 .into_iter()
                 .find(|c| c.slot.name() == destination);
-            answer(
+            Ok(answer(
                 StatusCode::OK,
                 json!({
                     "active": first.map(|c| describe(&c.slot.current())),
                     "connections": swapped,
                     "swap_ms": started.elapsed().as_millis() as u64,
                 }),
-            )
+            ))
         }
         Err(refused) => {
             tracing::warn!(%refused, "refused a plugin candidate; the active version keeps serving");
-            answer(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": refused}))
+            Err(AdminError::Refused(refused))
         }
     }
 }
 
 /// Stores a version without serving it; a connection is then swapped to it
 /// by its SHA-256.
-pub async fn store_plugin(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return *denied;
-    }
+pub async fn store_plugin(_: Admin, State(shared): State<Arc<Shared>>, body: Bytes) -> Answer {
     let this = shared.clone();
     let source = format!("the uploaded plugin ({} bytes)", body.len());
     match tokio::task::spawn_blocking(move || this.connections.store.add(&body, &source)).await {
-        Ok(Ok(plugin)) => answer(StatusCode::OK, json!({"stored": version(&plugin)})),
-        Ok(Err(refused)) => answer(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": refused.to_string()})),
-        Err(e) => answer(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": format!("the load task failed: {e}")}),
-        ),
+        Ok(Ok(plugin)) => Ok(answer(StatusCode::OK, json!({"stored": version(&plugin)}))),
+        Ok(Err(refused)) => Err(AdminError::Refused(refused.to_string())),
+        Err(e) => Err(AdminError::Internal(format!("the load task failed: {e}"))),
     }
 }
 
-pub async fn list(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return *denied;
-    }
+pub async fn list(_: Admin, State(shared): State<Arc<Shared>>) -> Response {
     // Per destination, as its first connection serves it (the flags' one
     // when there is one); each connection's own in /admin/connections.
     let mut destinations: Vec<Value> = Vec::new();
@@ -146,14 +210,7 @@ pub async fn list(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp
     answer(StatusCode::OK, json!({"destinations": destinations, "stored": stored}))
 }
 
-pub async fn rollback(
-    State(shared): State<Arc<Shared>>,
-    Path(destination): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return *denied;
-    }
+pub async fn rollback(_: Admin, State(shared): State<Arc<Shared>>, Path(destination): Path<String>) -> Answer {
     let serving: Vec<_> = shared
         .connections
         .all()
@@ -161,10 +218,7 @@ pub async fn rollback(
         .filter(|c| c.slot.name() == destination)
         .collect();
     if serving.is_empty() {
-        return answer(
-            StatusCode::NOT_FOUND,
-            json!({"error": format!("no destination {destination:?} here")}),
-        );
+        return Err(AdminError::NotFound(format!("no destination {destination:?} here")));
     }
     let mut active = None;
     for connection in serving {
@@ -175,20 +229,17 @@ pub async fn rollback(
                 active.get_or_insert(loaded);
             }
             Err(e) => {
-                return answer(
-                    StatusCode::CONFLICT,
-                    json!({"error": format!("connection {}: {e:#}", connection.id)}),
-                );
+                return Err(AdminError::of(
+                    e.context(format!("connection {}", connection.id)),
+                    AdminError::Conflict,
+                ));
             }
         }
     }
-    answer(StatusCode::OK, json!({"active": active.map(|a| describe(&a))}))
+    Ok(answer(StatusCode::OK, json!({"active": active.map(|a| describe(&a))})))
 }
 
-pub async fn connections(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return *denied;
-    }
+pub async fn connections(_: Admin, State(shared): State<Arc<Shared>>) -> Response {
     let counts = counts(&shared).await;
     let listed: Vec<Value> = shared
         .connections
@@ -199,188 +250,143 @@ pub async fn connections(State(shared): State<Arc<Shared>>, headers: HeaderMap) 
     answer(StatusCode::OK, json!({"connections": listed}))
 }
 
-pub async fn connection(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return *denied;
-    }
-    let Some(connection) = shared.connections.get(&id) else {
-        return no_connection(&id);
-    };
+pub async fn connection(_: Admin, State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Answer {
+    let connection = known(&shared, &id)?;
     let counts = counts(&shared).await;
-    answer(
+    Ok(answer(
         StatusCode::OK,
         shared.connections.describe(&connection, counts.get(&id)),
-    )
+    ))
 }
 
-pub async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(denied) = authorize(&shared, &headers) {
-        return *denied;
-    }
-    let new: NewConnection = match serde_json::from_slice(&body) {
-        Ok(new) => new,
-        Err(e) => {
-            return answer(
-                StatusCode::BAD_REQUEST,
-                json!({"error": format!("the connection: {e}")}),
-            );
-        }
-    };
+pub async fn create(_: Admin, State(shared): State<Arc<Shared>>, body: Bytes) -> Answer {
+    let new: NewConnection =
+        serde_json::from_slice(&body).map_err(|e| AdminError::BadRequest(format!("the connection: {e}")))?;
     let plugin = match &new.plugin {
         None => None,
-        Some(sha) => match stored(&shared, sha).await {
-            Ok(plugin) => Some(plugin),
-            Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("plugin: {e:#}")})),
-        },
+        Some(sha) => Some(
+            stored(&shared, sha)
+                .await
+                .map_err(|e| AdminError::of(e.context("plugin"), AdminError::BadRequest))?,
+        ),
     };
     let serving = plugin.clone().unwrap_or_else(|| shared.connections.default_plugin());
     let approved = shared
         .connections
         .check_approved(&new.id, new.base_url.as_ref(), &serving)
         .and_then(|()| shared.connections.check_secret_sources(&new.id, &new.settings));
-    if let Err(e) = approved {
-        return answer(StatusCode::FORBIDDEN, json!({"error": format!("{e:#}")}));
-    }
-    match shared.connections.create(new, plugin).await {
-        Ok(connection) => {
-            tracing::info!(connection = %connection.id, "created");
-            shared.announce(std::slice::from_ref(&connection.id)).await;
-            shared.ensure_running(&connection);
-            answer(StatusCode::CREATED, shared.connections.describe(&connection, None))
-        }
-        Err(e) => answer(StatusCode::BAD_REQUEST, json!({"error": format!("{e:#}")})),
-    }
+    approved.map_err(|e| AdminError::Forbidden(format!("{e:#}")))?;
+    let connection = shared
+        .connections
+        .create(new, plugin)
+        .await
+        .map_err(|e| AdminError::of(e, AdminError::BadRequest))?;
+    tracing::info!(connection = %connection.id, "created");
+    shared.announce(std::slice::from_ref(&connection.id)).await;
+    shared.ensure_running(&connection);
+    Ok(answer(
+        StatusCode::CREATED,
+        shared.connections.describe(&connection, None),
+    ))
 }
 
-pub async fn update(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(denied) = known(&shared, &headers, &id) {
-        return *denied;
+pub async fn update(_: Admin, State(shared): State<Arc<Shared>>, Path(id): Path<String>, body: Bytes) -> Answer {
+    known(&shared, &id)?;
+    let change: Value =
+        serde_json::from_slice(&body).map_err(|e| AdminError::BadRequest(format!("the change: {e}")))?;
+    if let Some(settings) = change.get("settings").and_then(Value::as_object) {
+        shared
+            .connections
+            .check_secret_sources(&id, settings)
+            .map_err(|e| AdminError::Forbidden(format!("{e:#}")))?;
     }
-    let change: Value = match serde_json::from_slice(&body) {
-        Ok(change) => change,
-        Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": format!("the change: {e}")})),
-    };
-    if let Some(settings) = change.get("settings").and_then(Value::as_object)
-        && let Err(e) = shared.connections.check_secret_sources(&id, settings)
+    let connection = shared
+        .connections
+        .update(&id, &change)
+        .await
+        .map_err(|e| AdminError::of(e, AdminError::BadRequest))?;
+    tracing::info!(connection = %id, "updated");
+    shared.announce(std::slice::from_ref(&id)).await;
+    Ok(answer(StatusCode::OK, shared.connections.describe(&connection, None)))
+}
+
+pub async fn pause(admin: Admin, State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Answer {
+    set_state(admin, shared, id, ConnState::Paused).await
+}
+
+pub async fn resume(admin: Admin, State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Answer {
+    set_state(admin, shared, id, ConnState::Active).await
+}
+
+async fn set_state(_: Admin, shared: Arc<Shared>, id: String, state: ConnState) -> Answer {
+    known(&shared, &id)?;
+    let connection = shared
+        .connections
+        .set_state(&id, state)
+        .await
+        .map_err(|e| AdminError::of(e, AdminError::Conflict))?;
+    tracing::info!(connection = %id, state = state.as_str(), "state changed");
+    shared.announce(std::slice::from_ref(&id)).await;
+    shared.ensure_running(&connection);
+    Ok(answer(StatusCode::OK, json!({"id": id, "state": state.as_str()})))
+}
+
+pub async fn delete(_: Admin, State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Answer {
+    known(&shared, &id)?;
+    let connection = shared
+        .connections
+        .delete(&id)
+        .await
+        .map_err(|e| AdminError::of(e, AdminError::Conflict))?;
+    tracing::info!(connection = %id, "draining before deletion");
+    if let Some(log) = &shared.stream
+        && let Err(e) = super::stream::connections::announce_deleted(log, &id).await
     {
-        return answer(StatusCode::FORBIDDEN, json!({"error": format!("{e:#}")}));
+        tracing::error!(connection = %id, "announcing the deletion to the other hosts: {e:#}");
     }
-    match shared.connections.update(&id, &change).await {
-        Ok(connection) => {
-            tracing::info!(connection = %id, "updated");
-            shared.announce(std::slice::from_ref(&id)).await;
-            answer(StatusCode::OK, shared.connections.describe(&connection, None))
-        }
-        Err(e) => answer(StatusCode::BAD_REQUEST, json!({"error": format!("{e:#}")})),
-    }
-}
-
-pub async fn pause(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    set_state(shared, id, headers, ConnState::Paused).await
-}
-
-pub async fn resume(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    set_state(shared, id, headers, ConnState::Active).await
-}
-
-async fn set_state(shared: Arc<Shared>, id: String, headers: HeaderMap, state: ConnState) -> Response {
-    if let Err(denied) = known(&shared, &headers, &id) {
-        return *denied;
-    }
-    match shared.connections.set_state(&id, state).await {
-        Ok(connection) => {
-            tracing::info!(connection = %id, state = state.as_str(), "state changed");
-            shared.announce(std::slice::from_ref(&id)).await;
-            shared.ensure_running(&connection);
-            answer(StatusCode::OK, json!({"id": id, "state": state.as_str()}))
-        }
-        Err(e) => answer(StatusCode::CONFLICT, json!({"error": format!("{e:#}")})),
-    }
-}
-
-pub async fn delete(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(denied) = known(&shared, &headers, &id) {
-        return *denied;
-    }
-    match shared.connections.delete(&id).await {
-        Ok(connection) => {
-            tracing::info!(connection = %id, "draining before deletion");
-            if let Some(log) = &shared.stream
-                && let Err(e) = super::stream::connections::announce_deleted(log, &id).await
-            {
-                tracing::error!(connection = %id, "announcing the deletion to the other hosts: {e:#}");
-            }
-            shared.ensure_running(&connection);
-            answer(
-                StatusCode::ACCEPTED,
-                json!({"id": id, "state": "draining", "note": "deleted once its pending events are finished"}),
-            )
-        }
-        Err(e) => answer(StatusCode::CONFLICT, json!({"error": format!("{e:#}")})),
-    }
+    shared.ensure_running(&connection);
+    Ok(answer(
+        StatusCode::ACCEPTED,
+        json!({"id": id, "state": "draining", "note": "deleted once its pending events are finished"}),
+    ))
 }
 
 /// A canary: one connection to a stored version, `{"sha256": "…"}`.
-pub async fn swap(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(denied) = known(&shared, &headers, &id) {
-        return *denied;
-    }
+pub async fn swap(_: Admin, State(shared): State<Arc<Shared>>, Path(id): Path<String>, body: Bytes) -> Answer {
+    known(&shared, &id)?;
     let sha = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(o)) => match o.get("sha256").and_then(Value::as_str) {
             Some(sha) => sha.to_string(),
-            None => {
-                return answer(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": "sha256 (a stored version) is required"}),
-                );
-            }
+            None => return Err(AdminError::BadRequest("sha256 (a stored version) is required".into())),
         },
-        _ => {
-            return answer(
-                StatusCode::BAD_REQUEST,
-                json!({"error": "the body must be {\"sha256\": \"…\"}"}),
-            );
-        }
+        _ => return Err(AdminError::BadRequest("the body must be {\"sha256\": \"…\"}".into())),
     };
-    let plugin = match stored(&shared, &sha).await {
-        Ok(plugin) => plugin,
-        Err(e) => return answer(StatusCode::NOT_FOUND, json!({"error": format!("{e:#}")})),
-    };
+    let plugin = stored(&shared, &sha)
+        .await
+        .map_err(|e| AdminError::of(e, AdminError::NotFound))?;
     let started = Instant::now();
-    match shared.connections.swap(&id, plugin).await {
-        Ok(loaded) => {
-            tracing::info!(connection = %id, plugin = %loaded.plugin, "swapped");
-            shared.announce(std::slice::from_ref(&id)).await;
-            answer(
-                StatusCode::OK,
-                json!({"id": id, "active": describe(&loaded), "swap_ms": started.elapsed().as_millis() as u64}),
-            )
-        }
-        Err(e) => answer(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": format!("{e:#}")})),
-    }
+    let loaded = shared
+        .connections
+        .swap(&id, plugin)
+        .await
+        .map_err(|e| AdminError::of(e, AdminError::Refused))?;
+    tracing::info!(connection = %id, plugin = %loaded.plugin, "swapped");
+    shared.announce(std::slice::from_ref(&id)).await;
+    Ok(answer(
+        StatusCode::OK,
+        json!({"id": id, "active": describe(&loaded), "swap_ms": started.elapsed().as_millis() as u64}),
+    ))
 }
 
-pub async fn rollback_one(State(shared): State<Arc<Shared>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(denied) = known(&shared, &headers, &id) {
-        return *denied;
-    }
-    match shared.connections.rollback(&id).await {
-        Ok(loaded) => {
-            shared.announce(std::slice::from_ref(&id)).await;
-            answer(StatusCode::OK, json!({"id": id, "active": describe(&loaded)}))
-        }
-        Err(e) => answer(StatusCode::CONFLICT, json!({"error": format!("{e:#}")})),
-    }
+pub async fn rollback_one(_: Admin, State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Answer {
+    known(&shared, &id)?;
+    let loaded = shared
+        .connections
+        .rollback(&id)
+        .await
+        .map_err(|e| AdminError::of(e, AdminError::Conflict))?;
+    shared.announce(std::slice::from_ref(&id)).await;
+    Ok(answer(StatusCode::OK, json!({"id": id, "active": describe(&loaded)})))
 }
 
 /// Each connection's events in the spool, by state (none if it cannot say).
@@ -399,17 +405,12 @@ async fn stored(shared: &Arc<Shared>, sha256: &str) -> anyhow::Result<Arc<Plugin
     tokio::task::spawn_blocking(move || this.connections.store.get(&sha256)).await?
 }
 
-/// The caller may use the admin API, and the connection exists.
-fn known(shared: &Shared, headers: &HeaderMap, id: &str) -> Result<(), Box<Response>> {
-    authorize(shared, headers)?;
-    match shared.connections.get(id) {
-        Some(_) => Ok(()),
-        None => Err(Box::new(no_connection(id))),
-    }
-}
-
-fn no_connection(id: &str) -> Response {
-    answer(StatusCode::NOT_FOUND, json!({"error": format!("no connection {id:?}")}))
+/// The connection, if it exists.
+fn known(shared: &Shared, id: &str) -> Result<Arc<Connection>, AdminError> {
+    shared
+        .connections
+        .get(id)
+        .ok_or_else(|| AdminError::NotFound(format!("no connection {id:?}")))
 }
 
 fn version(plugin: &Plugin) -> Value {
@@ -434,12 +435,9 @@ pub(super) fn describe(loaded: &Loaded) -> Value {
     described
 }
 
-fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
+fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), AdminError> {
     let Some(token) = &shared.admin_token else {
-        return Err(Box::new(answer(
-            StatusCode::NOT_FOUND,
-            json!({"error": "the admin API is off: start serve with an admin token"}),
-        )));
+        return Err(AdminError::Off);
     };
     let given = headers
         .get("authorization")
@@ -447,10 +445,7 @@ fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> 
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(given) if super::constant_time_eq(given.trim().as_bytes(), token.expose().as_bytes()) => Ok(()),
-        _ => Err(Box::new(answer(
-            StatusCode::UNAUTHORIZED,
-            json!({"error": "the admin token is required as a bearer token"}),
-        ))),
+        _ => Err(AdminError::Unauthorized),
     }
 }
 
