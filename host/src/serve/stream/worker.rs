@@ -167,11 +167,33 @@ pub(crate) async fn run(
     mut outcomes: Outcomes,
 ) -> anyhow::Result<()> {
     let js = &log.js;
+    // A cluster just started may not answer yet: a worker that gave up
+    // here would deliver nothing for the life of the process, so it waits
+    // (until told to stop).
+    let (leases, workers, events) = loop {
+        let opened = async {
+            anyhow::Ok((
+                js.get_key_value(LEASES_BUCKET).await?,
+                js.get_key_value(WORKERS_BUCKET).await?,
+                js.get_stream(EVENTS_STREAM).await?,
+            ))
+        };
+        match opened.await {
+            Ok(opened) => break opened,
+            Err(e) => {
+                tracing::warn!("the delivery worker cannot open the stream's buckets yet: {e:#}; trying again");
+                tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
     let worker = Arc::new(Worker {
         id: format!("w{}", uuid::Uuid::new_v4().simple()),
-        leases: js.get_key_value(LEASES_BUCKET).await?,
-        workers: js.get_key_value(WORKERS_BUCKET).await?,
-        events: js.get_stream(EVENTS_STREAM).await?,
+        leases,
+        workers,
+        events,
         log: log.clone(),
         shared,
         pending: Default::default(),
