@@ -2,8 +2,9 @@
 //! identifies and tracks, each with a per-person sequence number, one at a
 //! time (a person's next event only once the last is acknowledged), while
 //! a nemesis kills (-9) and restarts `serve`, stops and resumes it
-//! (SIGSTOP/SIGCONT, on the stream longer than a lease), kills NATS nodes,
-//! and makes the Klaviyo stand-in fail (5xx, 429 with Retry-After, slow
+//! (SIGSTOP/SIGCONT, on the stream longer than a lease), kills NATS nodes
+//! one at a time and two at once, fills the spool's disk (a small tmpfs,
+//! when the run may mount one), and makes the Klaviyo stand-in fail (5xx, 429 with Retry-After, slow
 //! answers). Then everything heals, and the checker reads every write the
 //! stand-in accepted, in arrival order, and proves:
 //! - lost: every acknowledged event was accepted;
@@ -79,12 +80,15 @@ struct Serve {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Where the spool lives: `dir` itself, or a small disk of its own.
+    disk: PathBuf,
     args: Vec<String>,
 }
 
 impl Serve {
-    fn start(dir: PathBuf, args: Vec<String>) -> Serve {
+    fn start(dir: PathBuf, disk: Option<PathBuf>, args: Vec<String>) -> Serve {
         std::fs::create_dir_all(&dir).unwrap();
+        let disk = disk.unwrap_or_else(|| dir.clone());
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -94,6 +98,7 @@ impl Serve {
             child: None,
             port,
             dir,
+            disk,
             args,
         };
         serve.restart();
@@ -109,7 +114,7 @@ impl Serve {
         let child = cdp_host()
             .arg("serve")
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--spool", &self.dir.join("spool.sqlite").display().to_string()])
+            .args(["--spool", &self.disk.join("spool.sqlite").display().to_string()])
             .args(&self.args)
             .env("KLAVIYO_API_KEY", DEMO_KEY)
             .env("RUST_LOG", "info")
@@ -166,6 +171,51 @@ impl Drop for Serve {
 struct System {
     hosts: Vec<Serve>,
     nats: Option<Cluster>,
+    /// The spool's own small disk, when one could be mounted.
+    disk: Option<SmallDisk>,
+}
+
+/// A 32 MiB tmpfs for the spool, so the nemesis can fill it. Mounting
+/// needs root; without it the run says so and leaves the fault out.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: PathBuf) -> Option<SmallDisk> {
+        std::fs::create_dir_all(&path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if mounted {
+            Some(SmallDisk { path })
+        } else {
+            eprintln!("no full-disk faults in this run: mounting a tmpfs needs root");
+            None
+        }
+    }
+
+    /// Writes a filler file until the disk refuses more.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.path.join("filler")).unwrap();
+        let block = vec![0u8; 1 << 16];
+        while filler.write_all(&block).is_ok() {}
+        let _ = filler.sync_all();
+    }
+
+    fn free(&self) {
+        let _ = std::fs::remove_file(self.path.join("filler"));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
 }
 
 impl System {
@@ -187,19 +237,25 @@ impl System {
         .map(|s| s.to_string())
         .collect();
         match backend {
-            Backend::Spool => System {
-                hosts: vec![Serve::start(dir.join("serve"), args)],
-                nats: None,
-            },
+            Backend::Spool => {
+                let disk = SmallDisk::mount(dir.join("disk"));
+                let spool = disk.as_ref().map(|disk| disk.path.clone());
+                System {
+                    hosts: vec![Serve::start(dir.join("serve"), spool, args)],
+                    nats: None,
+                    disk,
+                }
+            }
             Backend::Stream => {
                 let nats = Cluster::start(dir.join("nats"));
                 args.extend(["--stream", &nats.urls(), "--stream-replicas", "3"].map(String::from));
                 let hosts = (0..2)
-                    .map(|i| Serve::start(dir.join(format!("w{i}")), args.clone()))
+                    .map(|i| Serve::start(dir.join(format!("w{i}")), None, args.clone()))
                     .collect();
                 System {
                     hosts,
                     nats: Some(nats),
+                    disk: None,
                 }
             }
         }
@@ -288,6 +344,10 @@ enum Fault {
     KillServe,
     PauseServe,
     KillNatsNode,
+    /// Two of three at once: no quorum until they are back.
+    KillTwoNatsNodes,
+    /// The spool's disk full: ingest refuses, outcomes cannot be written.
+    FullDisk,
     Klaviyo5xx,
     Klaviyo429,
     KlaviyoSlow,
@@ -323,6 +383,7 @@ async fn run(backend: Backend) {
         Backend::Spool => &[
             Fault::KillServe,
             Fault::PauseServe,
+            Fault::FullDisk,
             Fault::Klaviyo5xx,
             Fault::Klaviyo429,
             Fault::KlaviyoSlow,
@@ -331,6 +392,7 @@ async fn run(backend: Backend) {
             Fault::KillServe,
             Fault::PauseServe,
             Fault::KillNatsNode,
+            Fault::KillTwoNatsNodes,
             Fault::Klaviyo5xx,
             Fault::Klaviyo429,
             Fault::KlaviyoSlow,
@@ -344,6 +406,7 @@ async fn run(backend: Backend) {
         .iter()
         .copied()
         .filter(|f| only.as_ref().is_none_or(|only| only.contains(&format!("{f:?}"))))
+        .filter(|f| *f != Fault::FullDisk || system.disk.is_some())
         .collect();
     let mut injected: BTreeMap<Fault, usize> = BTreeMap::new();
     let started = Instant::now();
@@ -385,6 +448,24 @@ async fn run(backend: Backend) {
                 nats.kill9(node);
                 tokio::time::sleep(rng.between(Duration::from_secs(1), Duration::from_secs(5))).await;
                 nats.start_node(node);
+            }
+            Fault::KillTwoNatsNodes => {
+                let nats = system.nats.as_mut().expect("a stream has NATS");
+                let spared = rng.below(3) as usize;
+                let nodes: Vec<usize> = (0..3).filter(|n| *n != spared).collect();
+                for node in &nodes {
+                    nats.kill9(*node);
+                }
+                tokio::time::sleep(rng.between(Duration::from_secs(2), Duration::from_secs(6))).await;
+                for node in nodes {
+                    nats.start_node(node);
+                }
+            }
+            Fault::FullDisk => {
+                let disk = system.disk.as_ref().expect("only with a disk of its own");
+                disk.fill();
+                tokio::time::sleep(rng.between(Duration::from_secs(2), Duration::from_secs(6))).await;
+                disk.free();
             }
             Fault::Klaviyo5xx | Fault::Klaviyo429 | Fault::KlaviyoSlow => {
                 sandbox.set_faults(match fault {
