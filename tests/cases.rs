@@ -154,11 +154,13 @@ fn map_natively(case: &MappingCase) -> Mapped {
 
 fn map_in_component(case: &MappingCase) -> Result<Mapped, Failed> {
     let plugin = klaviyo();
-    let mut instance = plugin.pool().take(plugin, Use::Mapping).map_err(|e| e.to_string())?;
+    let mut instance = plugin
+        .pool()
+        .checkout(plugin, Use::Mapping)
+        .map_err(|e| e.to_string())?;
     let mapping = instance
         .map_event(&case.settings, &case.event, case.now_unix_ms)
         .map_err(|e| e.to_string())?;
-    plugin.pool().give_back(plugin, Use::Mapping, instance);
     plugin.check_mapping(&mapping).map_err(|e| e.to_string())?;
     Ok(mapped!(mapping, plugin_runtime::Outcome))
 }
@@ -178,11 +180,11 @@ fn interpret_in_component(case: &InterpretCase) -> Result<Judged, Failed> {
     let plugin = klaviyo();
     let mut instance = plugin
         .pool()
-        .take(plugin, Use::Interpreting)
+        .checkout(plugin, Use::Interpreting)
         .map_err(|e| e.to_string())?;
     let verdict = instance
         .interpret("{}", &request, &response)
         .map_err(|e| e.to_string())?;
-    plugin.pool().give_back(plugin, Use::Interpreting, instance);
+    drop(instance);
     Ok(judged!(verdict, plugin_runtime::Verdict))
 }

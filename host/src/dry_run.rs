@@ -145,7 +145,7 @@ fn write_batches(
     mut output: impl Write,
 ) -> anyhow::Result<()> {
     let plugin = slot.current().plugin.clone();
-    let mut instance = plugin.pool().take(&plugin, Use::Interpreting)?;
+    let mut instance = plugin.pool().checkout(&plugin, Use::Interpreting)?;
     let public = settings.public_json();
     let classes = instance.batch_classes(public)?;
     let mut number = 0;

@@ -62,7 +62,7 @@ pub use bindings::chord::destination::types::{
 pub use egress::{EgressError, EgressPolicy};
 pub use output::OutputError;
 pub use plugin::{CallError, Instance, Plugin};
-pub use pool::{InstancePool, Use, Warmer, retire};
+pub use pool::{Checkout, InstancePool, Use, Warmer, retire};
 pub use runtime::{Limits, LoadError, Runtime, RuntimeConfig, RuntimeError, sha256_hex};
 pub use slot::{Canary, Loaded, PluginSlot, SwapError, now_unix_ms};
 

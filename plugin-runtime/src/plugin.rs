@@ -23,7 +23,7 @@ use crate::call_env::CallEnv;
 use crate::egress::EgressPolicy;
 use crate::output::{self, OutputError};
 use crate::pool::InstancePool;
-use crate::runtime::{Limits, LoadError, Runtime, TICK, hex};
+use crate::runtime::{Limits, LoadError, Runtime, SlotTicket, TICK, hex};
 use crate::{
     BatchClass, BatchItem, BatchVerdict, DestinationManifest, HttpRequest, HttpResponse, ItemVerdict, Mapping,
     SettingError, Verdict,
@@ -213,6 +213,8 @@ impl Plugin {
             stderr,
             limits: limits.clone(),
             calls: 0,
+            failed: false,
+            _slot: SlotTicket(self.runtime.freed.clone()),
             replacement_requested: false,
         })
     }
@@ -245,8 +247,12 @@ pub struct Instance {
     stderr: MemoryOutputPipe,
     limits: Limits,
     calls: u32,
+    /// A call failed: the instance must not serve again.
+    pub(crate) failed: bool,
     /// A replacement is being prepared (see the pool).
     pub(crate) replacement_requested: bool,
+    /// Last, so it drops after the store: tells waiters a slot is free.
+    _slot: SlotTicket,
 }
 
 impl Instance {
@@ -272,7 +278,25 @@ impl Instance {
         self.calls += 1;
         self.store.data().env.begin(now_unix_ms, self.calls);
         self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
-        f(&self.bindings, &mut self.store).map_err(|err| classify(err.into(), &self.store, &self.stderr, &self.limits))
+        let result = f(&self.bindings, &mut self.store);
+        self.settle(result)
+    }
+
+    /// A call's result; an error leaves the instance failed.
+    fn settle<R>(&mut self, result: wasmtime::Result<R>) -> Result<R, CallError> {
+        result.map_err(|err| {
+            self.failed = true;
+            classify(err.into(), &self.store, &self.stderr, &self.limits)
+        })
+    }
+
+    /// Output that breaks the limits also leaves the instance failed: it is
+    /// not trusted with another call.
+    fn refuse<R>(&mut self, checked: Result<R, OutputError>) -> Result<R, CallError> {
+        checked.map_err(|e| {
+            self.failed = true;
+            CallError::Output(e)
+        })
     }
 
     /// A call to `batching`, which only a batching plugin's instance has.
@@ -281,18 +305,21 @@ impl Instance {
         f: impl FnOnce(&BatchingDestination, &mut Store<PluginState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let Some(batching) = &self.batching else {
+            self.failed = true;
             return Err(CallError::Trap("does not export batching".to_string()));
         };
         self.calls += 1;
         self.store.data().env.begin(None, self.calls);
         self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
-        f(batching, &mut self.store).map_err(|err| classify(err.into(), &self.store, &self.stderr, &self.limits))
+        let result = f(batching, &mut self.store);
+        self.settle(result)
     }
 
     /// The batch classes these settings allow (`batching.batch-classes`).
     pub fn batch_classes(&mut self, settings: &str) -> Result<Vec<BatchClass>, CallError> {
         let classes = self.call_batching(|b, s| b.chord_destination_batching().call_batch_classes(s, settings))?;
-        output::check_batch_classes(&classes, &self.limits)?;
+        let checked = output::check_batch_classes(&classes, &self.limits);
+        self.refuse(checked)?;
         Ok(classes)
     }
 
@@ -300,7 +327,8 @@ impl Instance {
     pub fn batchable(&mut self, settings: &str, request: &HttpRequest) -> Result<Option<BatchItem>, CallError> {
         let item = self.call_batching(|b, s| b.chord_destination_batching().call_batchable(s, settings, request))?;
         if let Some(item) = &item {
-            output::check_batch_item(item, &self.limits)?;
+            let checked = output::check_batch_item(item, &self.limits);
+            self.refuse(checked)?;
         }
         Ok(item)
     }
@@ -315,7 +343,8 @@ impl Instance {
         let assembled =
             self.call_batching(|b, s| b.chord_destination_batching().call_assemble(s, settings, class, items))?;
         if let Err(reason) = &assembled {
-            output::text("a reason a batch cannot be assembled", reason, &self.limits)?;
+            let checked = output::text("a reason a batch cannot be assembled", reason, &self.limits);
+            self.refuse(checked)?;
         }
         Ok(assembled)
     }
@@ -336,14 +365,16 @@ impl Instance {
         })?;
         if let BatchVerdict::Items(verdicts) = &verdict {
             if verdicts.len() != items.len() {
-                return Err(CallError::Output(OutputError::VerdictCount {
+                let count = OutputError::VerdictCount {
                     verdicts: verdicts.len(),
                     items: items.len(),
-                }));
+                };
+                return self.refuse(Err(count));
             }
             for verdict in verdicts {
                 if let ItemVerdict::Rejected(reason) = verdict {
-                    output::text("an item's rejection reason", reason, &self.limits)?;
+                    let checked = output::text("an item's rejection reason", reason, &self.limits);
+                    self.refuse(checked)?;
                 }
             }
         }
@@ -352,7 +383,8 @@ impl Instance {
 
     pub fn manifest(&mut self) -> Result<DestinationManifest, CallError> {
         let manifest = self.call(None, |b, s| b.chord_destination_plugin().call_manifest(s))?;
-        output::check_manifest(&manifest, &self.limits)?;
+        let checked = output::check_manifest(&manifest, &self.limits);
+        self.refuse(checked)?;
         Ok(manifest)
     }
 
@@ -361,7 +393,8 @@ impl Instance {
             b.chord_destination_plugin().call_validate_settings(s, settings)
         })?;
         if let Err(errors) = &verdict {
-            output::check_setting_errors(errors, &self.limits)?;
+            let checked = output::check_setting_errors(errors, &self.limits);
+            self.refuse(checked)?;
         }
         Ok(verdict)
     }
@@ -371,7 +404,8 @@ impl Instance {
             b.chord_destination_plugin()
                 .call_map_event(s, settings, event, now_unix_ms)
         })?;
-        output::check_mapping_texts(&mapping, &self.limits)?;
+        let checked = output::check_mapping_texts(&mapping, &self.limits);
+        self.refuse(checked)?;
         Ok(mapping)
     }
 
@@ -385,7 +419,8 @@ impl Instance {
             b.chord_destination_plugin()
                 .call_interpret(s, settings, request, response)
         })?;
-        output::check_verdict_texts(&verdict, &self.limits)?;
+        let checked = output::check_verdict_texts(&verdict, &self.limits);
+        self.refuse(checked)?;
         Ok(verdict)
     }
 }

@@ -1,5 +1,6 @@
 //! Idle instances of one plugin version, shared by every caller: mapping
-//! and interpreting take an instance, call it, and give it back. A fresh
+//! and interpreting check an instance out, call it, and the checkout gives
+//! it back when dropped. A fresh
 //! instance costs tens of microseconds and, for the Klaviyo plugin, up to
 //! 25 ms of lazy setup on its first events, so instances are reused.
 //!
@@ -17,8 +18,10 @@
 //! (a version swapped out) retires what is given back, freeing its slots
 //! for the new version.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use crate::plugin::{CallError, Instance, Plugin};
 
@@ -49,8 +52,42 @@ impl InstancePool {
         let _ = self.warmer.set(warmer);
     }
 
+    /// An instance of `plugin` for `used`, given back when the checkout is
+    /// dropped, unless a call on it failed. `Busy` when every instance slot
+    /// of the runtime is taken.
+    pub fn checkout<'p>(&self, plugin: &'p Arc<Plugin>, used: Use) -> Result<Checkout<'p>, CallError> {
+        Ok(Checkout {
+            plugin,
+            used,
+            instance: Some(self.take(plugin, used)?),
+        })
+    }
+
+    /// Like `checkout`, but waits while every instance slot is in use: a
+    /// busy pool is not the plugin's fault, so the caller waits for a slot
+    /// (back-pressure on its input) rather than failing. Woken when an
+    /// instance is dropped; warns once after a second of waiting.
+    pub fn checkout_waiting<'p>(&self, plugin: &'p Arc<Plugin>, used: Use) -> Result<Checkout<'p>, CallError> {
+        let freed = &plugin.runtime().freed;
+        let started = Instant::now();
+        let mut warned = false;
+        loop {
+            let seen = freed.seen();
+            match self.checkout(plugin, used) {
+                Err(CallError::Busy(slots)) => {
+                    if !warned && started.elapsed() > Duration::from_secs(1) {
+                        tracing::warn!(%plugin, "all {slots} plugin instance slots are in use; waiting for one");
+                        warned = true;
+                    }
+                    freed.wait_after(seen, Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// An instance of `plugin` for `used`: an idle one, or else a fresh one.
-    pub fn take(&self, plugin: &Plugin, used: Use) -> Result<Instance, CallError> {
+    fn take(&self, plugin: &Plugin, used: Use) -> Result<Instance, CallError> {
         let idle = self.idle.lock().unwrap()[used as usize].pop();
         match idle {
             Some(instance) => Ok(instance),
@@ -58,8 +95,8 @@ impl InstancePool {
         }
     }
 
-    /// Gives back an instance whose call (for `used`) succeeded.
-    pub fn give_back(&self, plugin: &Arc<Plugin>, used: Use, mut instance: Instance) {
+    /// Gives back an instance whose calls (for `used`) succeeded.
+    fn give_back(&self, plugin: &Arc<Plugin>, used: Use, mut instance: Instance) {
         if self.closed.load(Ordering::Acquire) || (used == Use::Interpreting && instance.worn_out()) {
             retire(instance);
             return;
@@ -149,6 +186,54 @@ impl InstancePool {
             } else {
                 idle.push(fresh);
             }
+        }
+    }
+}
+
+/// An instance checked out of its plugin's pool. Dropped, it goes back to
+/// the pool if every call on it succeeded; one whose call failed is dropped
+/// at once instead, not on the retire thread: failures can come one per
+/// event (a plugin that traps on everything), and each must free its slot
+/// before the next fresh instance takes one.
+pub struct Checkout<'p> {
+    plugin: &'p Arc<Plugin>,
+    used: Use,
+    instance: Option<Instance>,
+}
+
+impl Checkout<'_> {
+    /// Drops the instance instead of giving it back (its work failed in a
+    /// way the host found, after calls that succeeded).
+    pub fn discard(mut self) {
+        drop(self.instance.take());
+    }
+
+    /// The instance itself, never to go back to the pool.
+    pub fn detach(mut self) -> Instance {
+        self.instance.take().expect("present until dropped")
+    }
+}
+
+impl Deref for Checkout<'_> {
+    type Target = Instance;
+
+    fn deref(&self) -> &Instance {
+        self.instance.as_ref().expect("present until dropped")
+    }
+}
+
+impl DerefMut for Checkout<'_> {
+    fn deref_mut(&mut self) -> &mut Instance {
+        self.instance.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if let Some(instance) = self.instance.take()
+            && !instance.failed
+        {
+            self.plugin.pool().give_back(self.plugin, self.used, instance);
         }
     }
 }

@@ -113,7 +113,45 @@ pub struct Runtime {
     pooling: bool,
     /// Instances that may exist at once (pooling slots).
     pub(crate) instance_slots: u32,
+    /// Signalled each time an instance is dropped and its slot freed.
+    pub(crate) freed: Arc<SlotsFreed>,
     ticker_stop: Arc<AtomicBool>,
+}
+
+/// Counts instances dropped, so a caller waiting for a free slot sleeps
+/// until one is freed rather than polling.
+#[derive(Default)]
+pub(crate) struct SlotsFreed {
+    count: std::sync::Mutex<u64>,
+    changed: std::sync::Condvar,
+}
+
+impl SlotsFreed {
+    /// How many have been freed so far: read before trying for a slot.
+    pub(crate) fn seen(&self) -> u64 {
+        *self.count.lock().unwrap()
+    }
+
+    /// Waits up to `timeout` for a slot freed after `seen`.
+    pub(crate) fn wait_after(&self, seen: u64, timeout: std::time::Duration) {
+        let count = self.count.lock().unwrap();
+        let _ = self.changed.wait_timeout_while(count, timeout, |count| *count == seen);
+    }
+
+    fn freed(&self) {
+        *self.count.lock().unwrap() += 1;
+        self.changed.notify_all();
+    }
+}
+
+/// Held by an instance as its last field: dropped after its store, so the
+/// slot is free when waiters are told.
+pub(crate) struct SlotTicket(pub(crate) Arc<SlotsFreed>);
+
+impl Drop for SlotTicket {
+    fn drop(&mut self) {
+        self.0.freed();
+    }
 }
 
 impl Runtime {
@@ -145,6 +183,7 @@ impl Runtime {
             cache,
             pooling,
             instance_slots: slots,
+            freed: Arc::default(),
             ticker_stop,
         }))
     }

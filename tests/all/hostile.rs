@@ -314,7 +314,13 @@ fn a_busy_instance_pool_makes_mapping_wait_not_dead_letter() {
         return; // On-demand allocation has no slots to run out of.
     }
     // The idle instance the load left in the pool, then every free slot.
-    let mut held = vec![plugin.pool().take(&plugin, plugin_runtime::Use::Mapping).unwrap()];
+    let mut held = vec![
+        plugin
+            .pool()
+            .checkout(&plugin, plugin_runtime::Use::Mapping)
+            .unwrap()
+            .detach(),
+    ];
     loop {
         match plugin.instance() {
             Ok(instance) => held.push(instance),

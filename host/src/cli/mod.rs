@@ -76,7 +76,7 @@ pub fn load_destination(
 pub fn slot(plugin: Arc<Plugin>, settings: &DestinationSettings) -> anyhow::Result<Arc<PluginSlot>> {
     let mut instance = plugin
         .pool()
-        .take(&plugin, Use::Mapping)
+        .checkout(&plugin, Use::Mapping)
         .map_err(|e| anyhow::anyhow!("{plugin} {e} while starting"))?;
     let verdict = instance
         .validate_settings(settings.public_json())
@@ -85,7 +85,7 @@ pub fn slot(plugin: Arc<Plugin>, settings: &DestinationSettings) -> anyhow::Resu
         let problems: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.name, e.reason)).collect();
         bail!("invalid settings for {plugin}: {}", problems.join("; "));
     }
-    plugin.pool().give_back(&plugin, Use::Mapping, instance);
+    drop(instance);
     Ok(PluginSlot::new(plugin, bundled::canary(settings)))
 }
 

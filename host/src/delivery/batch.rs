@@ -214,10 +214,8 @@ impl Delivery {
         let plugin = plugin.clone();
         let settings = self.settings.load().public_json().to_string();
         tokio::task::spawn_blocking(move || {
-            let mut instance = plugin.pool().take(&plugin, Use::Interpreting)?;
-            let result = call(&mut instance, &settings)?;
-            plugin.pool().give_back(&plugin, Use::Interpreting, instance);
-            Ok(result)
+            let mut instance = plugin.pool().checkout(&plugin, Use::Interpreting)?;
+            call(&mut instance, &settings)
         })
         .await
         .map_err(|e| CallError::Trap(format!("plugin task failed: {e}")))?

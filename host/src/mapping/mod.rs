@@ -13,10 +13,9 @@ pub use stage::{MappingStage, StageConfig};
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use plugin_runtime::{
-    BatchItem, CallError, HttpRequest, Instance, Loaded, Mapping, Outcome, Plugin, PluginSlot, Use, now_unix_ms,
+    BatchItem, CallError, HttpRequest, Loaded, Mapping, Outcome, Plugin, PluginSlot, Use, now_unix_ms,
 };
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -223,7 +222,7 @@ impl EventMapper {
         let _passes = self.gates.as_ref().map(|g| (g.own.enter(), g.host.enter()));
         let settings = self.settings.load();
         let settings = settings.public_json();
-        let mut instance = take_waiting(plugin)?;
+        let mut instance = plugin.pool().checkout_waiting(plugin, Use::Mapping)?;
         let result = instance
             .map_event(settings, event, now_unix_ms())
             .and_then(|mapping| Ok(plugin.check_mapping(&mapping).map(|()| mapping)?))
@@ -237,12 +236,10 @@ impl EventMapper {
                 };
                 Ok((mapping, items))
             });
-        // Only an instance whose call succeeded goes back. A failed one is
-        // dropped here, not on the retire thread: failures can come one per
-        // event (a plugin that traps on everything), and each must free its
-        // pool slot before the next fresh instance takes one.
-        if result.is_ok() {
-            plugin.pool().give_back(plugin, Use::Mapping, instance);
+        // Only an instance whose work succeeded goes back, the host's own
+        // check of the mapping included.
+        if result.is_err() {
+            instance.discard();
         }
         result
     }
@@ -445,28 +442,6 @@ fn kind<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D:
         Value::String(kind) => Some(kind),
         _ => None,
     })
-}
-
-/// An instance of `plugin`, waiting while every instance slot is in use:
-/// a busy pool is not the plugin's fault, so the event waits for a slot
-/// (back-pressure on the input) rather than counting as a failure.
-fn take_waiting(plugin: &Arc<Plugin>) -> Result<Instance, CallError> {
-    let mut wait = Duration::from_millis(1);
-    let started = Instant::now();
-    let mut warned = false;
-    loop {
-        match plugin.pool().take(plugin, Use::Mapping) {
-            Err(CallError::Busy(slots)) => {
-                if !warned && started.elapsed() > Duration::from_secs(1) {
-                    tracing::warn!(%plugin, "all {slots} plugin instance slots are in use; mapping waits for one");
-                    warned = true;
-                }
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_millis(50));
-            }
-            other => return other,
-        }
-    }
 }
 
 /// An input line as text: as it is when it is UTF-8, which `from_utf8`

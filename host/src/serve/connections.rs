@@ -896,9 +896,7 @@ fn check_settings(plugin: &Arc<Plugin>, settings: &DestinationSettings, canary: 
     // not leave a thousand instances behind.
     let mut instance = plugin
         .pool()
-        .take(plugin, plugin_runtime::Use::Mapping)
+        .checkout(plugin, plugin_runtime::Use::Mapping)
         .map_err(|e| anyhow::anyhow!("{plugin} {e} while starting"))?;
-    canary_run.run(plugin, &mut instance)?;
-    plugin.pool().give_back(plugin, plugin_runtime::Use::Mapping, instance);
-    Ok(())
+    Ok(canary_run.run(plugin, &mut instance)?)
 }
