@@ -26,6 +26,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::Delivery;
+use super::request::{Attempted, Attempts, Judged};
 use crate::mapping::EventId;
 use crate::settings::Render;
 
@@ -277,9 +278,7 @@ impl Delivery {
         let mut slots: Vec<Option<Pending>> = batch.into_iter().map(Some).collect();
         let mut current = Arc::new(first);
         let started = Instant::now();
-        let mut attempt = 0u32;
         loop {
-            attempt += 1;
             let target = match plugin.egress().target(&current.url, self.config.base_url.as_ref()) {
                 Ok(target) => target,
                 Err(e) => {
@@ -291,45 +290,73 @@ impl Delivery {
                 Ok(headers) => headers,
                 Err(e) => return settle_rest(&mut slots, |_| reject(&format!("{e:#}"), None)),
             };
-            if self.config.pacing {
-                self.pacer
-                    .load()
-                    .acquire(&current.rate_class, &plugin.manifest().rate_classes)
-                    .await;
-            }
-            // An item the fence stops is dropped; the rest go alone, each
-            // fenced on its own (the batch as assembled holds both).
-            if slots.iter().flatten().any(|p| !self.may_send(p.id)) {
-                return settle_rest(&mut slots, |p| {
-                    if self.may_send(p.id) {
-                        ItemOutcome::Alone
-                    } else {
-                        ItemOutcome::Abandoned
-                    }
-                });
-            }
-            self.requests_sent.fetch_add(1, Ordering::Relaxed);
-            let (verdict, response, last) = match self.send(&current, &target, &headers).await {
-                Ok(response) => {
-                    let judged = self
-                        .plugin_call(plugin, {
-                            let (class, items, request, response) =
-                                (class.clone(), items.clone(), current.clone(), response.clone());
-                            move |instance, settings| instance.judge(settings, &class, &items, &request, &response)
-                        })
-                        .await;
-                    let status = format!("HTTP {}", response.status);
-                    match judged {
-                        Ok(verdict) => (verdict, Some(response), status),
-                        Err(CallError::Busy(_)) => (BatchVerdict::Retry(None), Some(response), status),
-                        Err(e) => {
-                            let reason = format!("{plugin} {e} while judging a batch's answer");
-                            return settle_rest(&mut slots, |_| reject(&reason, Some(response.clone())));
-                        }
-                    }
-                }
-                Err(error) => (BatchVerdict::Retry(None), None, error),
+            let how = Attempts {
+                plugin,
+                request: &current,
+                target: &target,
+                headers: &headers,
+                paced: false,
+                started,
             };
+            let attempted = self
+                .attempt(
+                    how,
+                    // An item the fence stops is dropped; the rest go alone,
+                    // each fenced on its own (see below).
+                    || slots.iter().flatten().all(|p| self.may_send(p.id)),
+                    |response| {
+                        let (class, items, request, response) =
+                            (class.clone(), items.clone(), current.clone(), response.clone());
+                        let this = &**self;
+                        async move {
+                            let judged = this
+                                .plugin_call(plugin, move |instance, settings| {
+                                    instance.judge(settings, &class, &items, &request, &response)
+                                })
+                                .await;
+                            match judged {
+                                Ok(BatchVerdict::Retry(after_ms)) => Judged::Retry { after_ms, why: None },
+                                Ok(verdict) => Judged::Settled(Ok(verdict)),
+                                Err(CallError::Busy(_)) => Judged::Retry {
+                                    after_ms: None,
+                                    why: None,
+                                },
+                                Err(e) => Judged::Settled(Err(format!("{plugin} {e} while judging a batch's answer"))),
+                            }
+                        }
+                    },
+                    |_, _| {},
+                )
+                .await;
+            let (verdict, response) = match attempted {
+                Attempted::Fenced => {
+                    // The batch as assembled holds both kinds of item.
+                    return settle_rest(&mut slots, |p| {
+                        if self.may_send(p.id) {
+                            ItemOutcome::Alone
+                        } else {
+                            ItemOutcome::Abandoned
+                        }
+                    });
+                }
+                Attempted::GaveUp {
+                    attempts,
+                    last,
+                    response,
+                } => {
+                    let reason = format!(
+                        "gave up on a batch after {attempts} attempts over {:.1}s; the last was {last}",
+                        started.elapsed().as_secs_f64()
+                    );
+                    return settle_rest(&mut slots, |_| reject(&reason, response.clone()));
+                }
+                Attempted::Settled(Err(reason), response) => {
+                    return settle_rest(&mut slots, |_| reject(&reason, Some(response.clone())));
+                }
+                Attempted::Settled(Ok(verdict), response) => (verdict, response),
+            };
+            let last = format!("HTTP {}", response.status);
+            let response = Some(response);
             match verdict {
                 BatchVerdict::Items(verdicts) => {
                     let mut again = Vec::new();
@@ -351,18 +378,7 @@ impl Delivery {
                     self.requeue(queue, again, response.as_ref());
                     return;
                 }
-                BatchVerdict::Retry(after) => {
-                    let delay = self.backoff(attempt, after.map(Duration::from_millis));
-                    if attempt >= self.config.max_attempts || started.elapsed() + delay > self.config.max_retry_time {
-                        let reason = format!(
-                            "gave up on a batch after {attempt} attempts over {:.1}s; the last was {last}",
-                            started.elapsed().as_secs_f64()
-                        );
-                        return settle_rest(&mut slots, |_| reject(&reason, response.clone()));
-                    }
-                    self.progress.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(delay).await;
-                }
+                BatchVerdict::Retry(_) => unreachable!("a retry is judged inside the attempt loop"),
                 BatchVerdict::FollowUp(follow) => {
                     for decision in follow.decided {
                         let Some(slot) = slots.get_mut(decision.index as usize) else {
@@ -391,8 +407,7 @@ impl Delivery {
                         );
                         return settle_rest(&mut slots, |_| reject(&reason, response.clone()));
                     }
-                    // A follow-up is a new request: its own retries.
-                    attempt = 0;
+                    // A follow-up is a new request: its own attempts.
                     current = Arc::new(follow.request);
                     tokio::time::sleep(Duration::from_millis(follow.after_ms.min(60_000))).await;
                 }

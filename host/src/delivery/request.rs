@@ -34,6 +34,41 @@ pub(super) struct Undelivered {
     pub abandoned: bool,
 }
 
+/// A request to send until it is judged, and how.
+pub(super) struct Attempts<'a> {
+    pub plugin: &'a Arc<Plugin>,
+    pub request: &'a Arc<HttpRequest>,
+    pub target: &'a url::Url,
+    pub headers: &'a [Header],
+    /// Its first attempt's rate slot is already taken.
+    pub paced: bool,
+    /// When the time allowed for retries started.
+    pub started: Instant,
+}
+
+/// What a judge makes of one answer.
+pub(super) enum Judged<T> {
+    /// The loop ends with this.
+    Settled(T),
+    /// Worth another attempt, no sooner than `after_ms` when given. `why`
+    /// names the cause when it is not the answer's status (a busy plugin).
+    Retry { after_ms: Option<u64>, why: Option<String> },
+}
+
+/// How an attempt loop ended.
+pub(super) enum Attempted<T> {
+    /// Judged, with the answer it was judged on.
+    Settled(T, HttpResponse),
+    /// The fence stopped it before it left.
+    Fenced,
+    /// Out of attempts or time; `last` says what the last attempt met.
+    GaveUp {
+        attempts: u32,
+        last: String,
+        response: Option<HttpResponse>,
+    },
+}
+
 impl Delivery {
     /// Sends one request until the plugin judges it delivered, or it ends
     /// undelivered; in a batch when `item` says how and the moment is
@@ -87,7 +122,7 @@ impl Delivery {
         plugin: &Arc<Plugin>,
         request: Arc<HttpRequest>,
         replacement: bool,
-        mut paced: bool,
+        paced: bool,
         retries: &mut u64,
     ) -> Result<(), Undelivered> {
         // Shared, not copied, with the HTTP client and the plugin's
@@ -108,78 +143,129 @@ impl Delivery {
             .render_headers(&request, Render::Send)
             .map_err(|e| undelivered(format!("{e:#}"), None))?;
         let started = Instant::now();
+        let how = Attempts {
+            plugin,
+            request: &request,
+            target: &target,
+            headers: &headers,
+            paced,
+            started,
+        };
+        let attempted = self
+            .attempt(
+                how,
+                || self.may_send(id),
+                |response| {
+                    let (this, request, response) = (&**self, request.clone(), response.clone());
+                    async move {
+                        match this.interpret(plugin, request, response).await {
+                            Ok(Verdict::Retry(after_ms)) => Judged::Retry { after_ms, why: None },
+                            Ok(verdict) => Judged::Settled(Ok(verdict)),
+                            Err(busy @ CallError::Busy(_)) => Judged::Retry {
+                                after_ms: None,
+                                why: Some(busy.to_string()),
+                            },
+                            Err(e) => Judged::Settled(Err(format!("{plugin} {e} while interpreting the answer"))),
+                        }
+                    }
+                },
+                |after_ms, delay| {
+                    *retries += 1;
+                    if let (Some(deferred), Some(_)) = (&self.deferred, after_ms) {
+                        deferred(id, std::time::SystemTime::now() + delay);
+                    }
+                },
+            )
+            .await;
+        let (verdict, response) = match attempted {
+            Attempted::Fenced => return Err(self.abandon(id, &request)),
+            Attempted::GaveUp {
+                attempts,
+                last,
+                response,
+            } => {
+                let reason = format!(
+                    "gave up after {attempts} attempts over {:.1}s; the last was {last}",
+                    started.elapsed().as_secs_f64()
+                );
+                return Err(undelivered(reason, response));
+            }
+            Attempted::Settled(Err(reason), response) => return Err(undelivered(reason, Some(response))),
+            Attempted::Settled(Ok(verdict), response) => (verdict, Some(response)),
+        };
+        match verdict {
+            Verdict::Delivered => Ok(()),
+            Verdict::Rejected(reason) => Err(undelivered(reason, response)),
+            Verdict::Replace(requests) => {
+                if replacement {
+                    return Err(undelivered(
+                        format!("{plugin} asked to replace a replacement request; refused to avoid a loop"),
+                        response,
+                    ));
+                }
+                if let Err(e) = plugin.check_requests(&requests) {
+                    return Err(undelivered(
+                        format!("{plugin} offered a replacement that {e}"),
+                        response,
+                    ));
+                }
+                for replacement in requests {
+                    Box::pin(self.send_alone(id, plugin, Arc::new(replacement), true, false, retries)).await?;
+                }
+                Ok(())
+            }
+            Verdict::Retry(_) => unreachable!("a retry is judged inside the attempt loop"),
+        }
+    }
+
+    /// The one attempt loop, for a request alone and for a batch: paced,
+    /// checked against the fence right before it leaves, sent, and its
+    /// answer judged; retried after a backoff (never sooner than the
+    /// server asked) until the judge settles it or attempts or time run
+    /// out. A transport failure is always worth another try: the request
+    /// may not have arrived. `retrying` hears of each retry and its delay.
+    pub(super) async fn attempt<T, J: Future<Output = Judged<T>>>(
+        &self,
+        mut how: Attempts<'_>,
+        may_send: impl Fn() -> bool,
+        mut judge: impl FnMut(&HttpResponse) -> J,
+        mut retrying: impl FnMut(Option<u64>, Duration),
+    ) -> Attempted<T> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            if self.config.pacing && !std::mem::take(&mut paced) {
+            if self.config.pacing && !std::mem::take(&mut how.paced) {
                 self.pacer
                     .load()
-                    .acquire(&request.rate_class, &plugin.manifest().rate_classes)
+                    .acquire(&how.request.rate_class, &how.plugin.manifest().rate_classes)
                     .await;
             }
             // Last, right before the request leaves: pacing may have waited.
-            if !self.may_send(id) {
-                return Err(self.abandon(id, &request));
+            if !may_send() {
+                return Attempted::Fenced;
             }
             self.requests_sent.fetch_add(1, Ordering::Relaxed);
-            let (verdict, response, transport_error) = match self.send(&request, &target, &headers).await {
-                Ok(response) => match self.interpret(plugin, &request, &response).await {
-                    Ok(verdict) => (verdict, Some(response), None),
-                    Err(busy @ CallError::Busy(_)) => (Verdict::Retry(None), Some(response), Some(busy.to_string())),
-                    Err(e) => {
-                        let reason = format!("{plugin} {e} while interpreting the answer");
-                        return Err(undelivered(reason, Some(response)));
+            let (after_ms, last, response) = match self.send(how.request, how.target, how.headers).await {
+                Ok(response) => match judge(&response).await {
+                    Judged::Settled(settled) => return Attempted::Settled(settled, response),
+                    Judged::Retry { after_ms, why } => {
+                        let last = why.unwrap_or_else(|| format!("HTTP {}", response.status));
+                        (after_ms, last, Some(response))
                     }
                 },
-                // Connection failures and timeouts are worth another try
-                // whatever the destination: the request may not have arrived.
-                Err(error) => (Verdict::Retry(None), None, Some(error)),
+                Err(error) => (None, error, None),
             };
-            match verdict {
-                Verdict::Delivered => return Ok(()),
-                Verdict::Rejected(reason) => return Err(undelivered(reason, response)),
-                Verdict::Replace(requests) => {
-                    if replacement {
-                        return Err(undelivered(
-                            format!("{plugin} asked to replace a replacement request; refused to avoid a loop"),
-                            response,
-                        ));
-                    }
-                    if let Err(e) = plugin.check_requests(&requests) {
-                        return Err(undelivered(
-                            format!("{plugin} offered a replacement that {e}"),
-                            response,
-                        ));
-                    }
-                    for replacement in requests {
-                        Box::pin(self.send_alone(id, plugin, Arc::new(replacement), true, false, retries)).await?;
-                    }
-                    return Ok(());
-                }
-                Verdict::Retry(after) => {
-                    let delay = self.backoff(attempt, after.map(Duration::from_millis));
-                    let last = match (&transport_error, &response) {
-                        (Some(error), _) => error.clone(),
-                        (None, Some(r)) => format!("HTTP {}", r.status),
-                        (None, None) => "no answer".to_string(),
-                    };
-                    if attempt >= self.config.max_attempts || started.elapsed() + delay > self.config.max_retry_time {
-                        return Err(undelivered(
-                            format!(
-                                "gave up after {attempt} attempts over {:.1}s; the last was {last}",
-                                started.elapsed().as_secs_f64()
-                            ),
-                            response,
-                        ));
-                    }
-                    *retries += 1;
-                    self.progress.retries.fetch_add(1, Ordering::Relaxed);
-                    if let (Some(deferred), Some(_)) = (&self.deferred, after) {
-                        deferred(id, std::time::SystemTime::now() + delay);
-                    }
-                    tokio::time::sleep(delay).await;
-                }
+            let delay = self.backoff(attempt, after_ms.map(Duration::from_millis));
+            if attempt >= self.config.max_attempts || how.started.elapsed() + delay > self.config.max_retry_time {
+                return Attempted::GaveUp {
+                    attempts: attempt,
+                    last,
+                    response,
+                };
             }
+            self.progress.retries.fetch_add(1, Ordering::Relaxed);
+            retrying(after_ms, delay);
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -250,10 +336,9 @@ impl Delivery {
     async fn interpret(
         &self,
         plugin: &Arc<Plugin>,
-        request: &Arc<HttpRequest>,
-        response: &HttpResponse,
+        request: Arc<HttpRequest>,
+        response: HttpResponse,
     ) -> Result<Verdict, CallError> {
-        let (request, response) = (request.clone(), response.clone());
         self.plugin_call(plugin, move |instance, settings| {
             instance.interpret(settings, &request, &response)
         })
