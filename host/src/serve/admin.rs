@@ -16,7 +16,7 @@
 //! JSON; errors say what was wrong.
 
 use std::sync::Arc;
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
@@ -26,8 +26,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::Shared;
-use super::connections::{ConnState, Connection, NewConnection};
-use plugin_runtime::{Loaded, Plugin};
+use super::connections::{ConnState, Connection, NewConnection, describe, version};
+use plugin_runtime::Plugin;
 
 /// Proof that the caller holds the admin token. Every handler takes one,
 /// so none can forget to check.
@@ -411,28 +411,6 @@ fn known(shared: &Shared, id: &str) -> Result<Arc<Connection>, AdminError> {
         .connections
         .get(id)
         .ok_or_else(|| AdminError::NotFound(format!("no connection {id:?}")))
-}
-
-fn version(plugin: &Plugin) -> Value {
-    json!({
-        "name": plugin.manifest().name,
-        "version": plugin.manifest().version,
-        "interface": plugin.interface(),
-        "sha256": plugin.sha256_hex(),
-    })
-}
-
-pub(super) fn describe(loaded: &Loaded) -> Value {
-    let mut described = version(&loaded.plugin);
-    described["loaded_at_unix_ms"] = json!(
-        loaded
-            .loaded_at
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    );
-    described["events_mapped"] = json!(loaded.events_mapped.load(std::sync::atomic::Ordering::Relaxed));
-    described
 }
 
 fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), AdminError> {

@@ -850,8 +850,8 @@ impl Connections {
             "id": connection.id,
             "state": connection.state().as_str(),
             "write_keys": spec.write_key_hashes.len(),
-            "plugin": super::admin::describe(&connection.slot.current()),
-            "previous_plugin": connection.slot.previous().map(|p| super::admin::describe(&p)),
+            "plugin": describe(&connection.slot.current()),
+            "previous_plugin": connection.slot.previous().map(|p| describe(&p)),
             "settings": spec.settings,
             "base_url": spec.base_url,
             "from_flags": connection.from_flags,
@@ -899,4 +899,28 @@ fn check_settings(plugin: &Arc<Plugin>, settings: &DestinationSettings, canary: 
         .checkout(plugin, plugin_runtime::Use::Mapping)
         .map_err(|e| anyhow::anyhow!("{plugin} {e} while starting"))?;
     Ok(canary_run.run(plugin, &mut instance)?)
+}
+
+/// A plugin version as the admin API shows it.
+pub(super) fn version(plugin: &Plugin) -> Value {
+    json!({
+        "name": plugin.manifest().name,
+        "version": plugin.manifest().version,
+        "interface": plugin.interface(),
+        "sha256": plugin.sha256_hex(),
+    })
+}
+
+/// A loaded version: what it is, since when, and how much it mapped.
+pub(super) fn describe(loaded: &plugin_runtime::Loaded) -> Value {
+    let mut described = version(&loaded.plugin);
+    described["loaded_at_unix_ms"] = json!(
+        loaded
+            .loaded_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    );
+    described["events_mapped"] = json!(loaded.events_mapped.load(std::sync::atomic::Ordering::Relaxed));
+    described
 }
