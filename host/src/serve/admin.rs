@@ -339,9 +339,7 @@ pub async fn delete(_: Admin, State(shared): State<Arc<Shared>>, Path(id): Path<
         .await
         .map_err(|e| AdminError::of(e, AdminError::Conflict))?;
     tracing::info!(connection = %id, "draining before deletion");
-    if let Some(log) = &shared.stream
-        && let Err(e) = super::stream::connections::announce_deleted(log, &id).await
-    {
+    if let Err(e) = shared.log.announce_deleted(&id).await {
         tracing::error!(connection = %id, "announcing the deletion to the other hosts: {e:#}");
     }
     shared.ensure_running(&connection);

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use crate::spool::{NewEvent, Spool};
+use super::Shared;
+use super::connections::Connection;
+use crate::spool::{NewEvent, Spool, StoredConnection};
 
 pub(crate) trait EventLog: Send + Sync {
     /// Stores every event (one per connection it is for) as durably as a
@@ -22,6 +24,42 @@ pub(crate) trait EventLog: Send + Sync {
     /// Why this host takes no events, if it takes none.
     fn refuses_ingest(&self) -> Option<&'static str> {
         None
+    }
+
+    /// A connection may have events to deliver now (it was created,
+    /// resumed or deleted, or events came): a log this host feeds its
+    /// engines from starts feeding it. One whose events reach the engines
+    /// by another way (a stream's worker) has nothing to do.
+    fn wake(&self, _shared: &Arc<Shared>, _connection: &Arc<Connection>) {}
+
+    /// The connections with events ready for delivery, which the service
+    /// then wakes (now and then: a Retry-After passed, dead letters
+    /// replayed). Empty for a log that feeds its engines by itself.
+    fn ready_connections(&self) -> BoxFuture<'_, anyhow::Result<Vec<String>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Tells the other hosts sharing this log how a connection now is.
+    /// Nothing when no other host shares it.
+    fn announce_connection<'a>(&'a self, _stored: &'a StoredConnection) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Tells the other hosts sharing this log that a connection is deleted.
+    fn announce_deleted<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Tells the other hosts sharing this log which plugin version a
+    /// connection runs; `bytes` reads that version's bytes, and is only
+    /// awaited by a log that shares them.
+    fn announce_plugin<'a>(
+        &'a self,
+        _connection: &'a str,
+        _sha256: &'a str,
+        _bytes: BoxFuture<'a, anyhow::Result<Option<Vec<u8>>>>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -47,5 +85,15 @@ impl EventLog for SpoolLog {
     fn has_pending<'a>(&'a self, connection: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
         let (spool, connection) = (self.0.clone(), connection.to_string());
         Box::pin(async move { tokio::task::spawn_blocking(move || spool.has_pending(&connection)).await? })
+    }
+
+    /// Starts the connection's feeder, which reads its rows in order.
+    fn wake(&self, shared: &Arc<Shared>, connection: &Arc<Connection>) {
+        shared.start_feeder(connection);
+    }
+
+    fn ready_connections(&self) -> BoxFuture<'_, anyhow::Result<Vec<String>>> {
+        let spool = self.0.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || spool.pending_connections()).await? })
     }
 }

@@ -113,8 +113,6 @@ pub(crate) struct Shared {
     admin_token: Option<Secret>,
     /// Each write key's rate (none: no limit).
     key_limits: Option<ingest::KeyLimits>,
-    /// Where events go instead of the spool, and this host's role there.
-    stream: Option<Arc<stream::Log>>,
     /// Where events are kept: the spool, or the stream.
     log: Arc<dyn EventLog>,
     /// Why the last write of outcomes to the spool failed, while it fails
@@ -127,43 +125,40 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Tells the other hosts on the stream how each of these connections
-    /// is now, and which version it runs (nothing without a stream). A
-    /// failure is logged: this host has the change; the others do not.
+    /// Tells the other hosts sharing the event log how each of these
+    /// connections is now, and which version it runs. A failure is logged:
+    /// this host has the change; the others do not.
     async fn announce(self: &Arc<Self>, ids: &[String]) {
-        let Some(log) = &self.stream else {
-            return;
-        };
         for id in ids {
             let Some(connection) = self.connections.get(id) else {
                 continue;
             };
             if !connection.from_flags
-                && let Err(e) = stream::connections::announce(log, &connection.stored()).await
+                && let Err(e) = self.log.announce_connection(&connection.stored()).await
             {
                 tracing::error!(connection = %id, "announcing the connection to the other hosts: {e:#}");
             }
             let sha = connection.slot.current().plugin.sha256_hex();
             let (this, key) = (self.clone(), sha.clone());
-            let bytes = tokio::task::spawn_blocking(move || this.connections.store.bytes(&key)).await;
-            let announced = match bytes {
-                Ok(Ok(Some(bytes))) => stream::plugins::announce(log, id, &sha, &bytes).await,
-                Ok(Ok(None)) => Err(anyhow::anyhow!("its bytes are not stored here")),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(e.into()),
-            };
-            if let Err(e) = announced {
+            let bytes =
+                Box::pin(async move { tokio::task::spawn_blocking(move || this.connections.store.bytes(&key)).await? });
+            if let Err(e) = self.log.announce_plugin(id, &sha, bytes).await {
                 tracing::error!(connection = %id, "announcing the swap to the other hosts: {e:#}");
             }
         }
     }
 
-    /// Starts the connection's spool feeder unless it is running (then
-    /// wakes it).
+    /// Lets a connection that may have events to deliver deliver them.
     fn ensure_running(self: &Arc<Self>, connection: &Arc<Connection>) {
-        if self.draining() || !connection.state().delivers() || self.stream.is_some() {
+        if self.draining() || !connection.state().delivers() {
             return;
         }
+        self.log.wake(self, connection);
+    }
+
+    /// Starts the connection's spool feeder unless it is running (then
+    /// wakes it).
+    fn start_feeder(self: &Arc<Self>, connection: &Arc<Connection>) {
         let mut feeder = connection.feeder.lock().unwrap();
         if connection.feeding.load(Ordering::Acquire) {
             connection.wake.notify_one();
@@ -256,7 +251,6 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
             Some(log) => log.clone() as Arc<dyn EventLog>,
             None => Arc::new(SpoolLog(config.spool.clone())),
         },
-        stream: log.clone(),
         outcomes_failing: std::sync::Mutex::new(None),
     });
     let app = Router::new()
@@ -410,11 +404,10 @@ async fn supervise(shared: Arc<Shared>) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         tick += 1;
         finish_deletions(&shared).await;
-        if !tick.is_multiple_of(5) || shared.stream.is_some() {
+        if !tick.is_multiple_of(5) {
             continue;
         }
-        let spool = shared.spool.clone();
-        let Ok(Ok(ready)) = tokio::task::spawn_blocking(move || spool.pending_connections()).await else {
+        let Ok(ready) = shared.log.ready_connections().await else {
             continue;
         };
         for id in ready {

@@ -278,6 +278,29 @@ impl super::log::EventLog for Log {
         (!self.options.role.ingests())
             .then_some("this host only delivers (--role deliver); send events to an ingest host")
     }
+
+    fn announce_connection<'a>(
+        &'a self,
+        stored: &'a crate::spool::StoredConnection,
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(connections::announce(self, stored))
+    }
+
+    fn announce_deleted<'a>(&'a self, id: &'a str) -> futures_util::future::BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(connections::announce_deleted(self, id))
+    }
+
+    fn announce_plugin<'a>(
+        &'a self,
+        connection: &'a str,
+        sha256: &'a str,
+        bytes: futures_util::future::BoxFuture<'a, anyhow::Result<Option<Vec<u8>>>>,
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let bytes = bytes.await?.context("its bytes are not stored here")?;
+            plugins::announce(self, connection, sha256, &bytes).await
+        })
+    }
 }
 
 /// Where the stream's layout is recorded, for every host to agree on.
