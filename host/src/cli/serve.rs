@@ -1,5 +1,5 @@
 //! `cdp-host serve` (its configuration layered from flags, the config file
-//! and the defaults) and `cdp-host dlq`, which works on its spool.
+//! and the defaults) and `cdp-host dlq`, which works on its dead letters.
 
 use std::io;
 use std::path::PathBuf;
@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cdp_host::serve::connections::NewConnection;
-use cdp_host::serve::stream::{Role, StreamOptions, dead};
+use cdp_host::serve::dead_letters::{DeadLetters, SpoolDeadLetters, StreamDeadLetters};
+use cdp_host::serve::stream::{Role, StreamOptions};
 use cdp_host::serve::{Defaults, FileConnection, FlagsConnection, ServeConfig};
 use cdp_host::settings::{DestinationSettings, Secret};
 use cdp_host::spool::{Durability, Spool};
@@ -206,75 +207,47 @@ fn stream_replicas(servers: &str, asked: Option<usize>) -> anyhow::Result<usize>
     Ok(replicas)
 }
 
+/// `cdp-host dlq`: one command over the dead letters of the spool, or of
+/// the stream with `--stream`.
 pub fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
-    if let Some(stream) = match &command {
-        DlqCommand::List { stream, .. } | DlqCommand::Replay { stream, .. } | DlqCommand::Purge { stream, .. } => {
-            stream.clone().filter(|s| !s.trim().is_empty())
-        }
-    } {
-        return super::tokio_runtime()?.block_on(stream_dlq(&stream, command));
-    }
-    match command {
-        DlqCommand::List {
+    let (spool, stream, partitions) = match &command {
+        DlqCommand::List { spool, stream, .. } | DlqCommand::Purge { spool, stream, .. } => (spool, stream, None),
+        DlqCommand::Replay {
             spool,
-            connection,
-            limit,
-            ..
-        } => {
-            let spool = Spool::open(&spool, Durability::ProcessCrash)?;
-            let stdout = io::stdout();
-            let mut out = stdout.lock();
-            for row in spool.dead(connection.as_deref(), limit)? {
-                serde_json::to_writer(&mut out, &row)?;
-                io::Write::write_all(&mut out, b"\n")?;
-            }
-        }
-        DlqCommand::Replay {
-            spool, connection, ids, ..
-        } => {
-            let n = Spool::open(&spool, Durability::ProcessCrash)?.replay(connection.as_deref(), &ids)?;
-            println!("{n} dead letters put back to be delivered");
-        }
-        DlqCommand::Purge {
-            spool, connection, ids, ..
-        } => {
-            let n = Spool::open(&spool, Durability::ProcessCrash)?.purge(connection.as_deref(), &ids)?;
-            println!("{n} dead letters deleted");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `dlq … --stream`: the dead letters of `serve --stream`, in `CHORD_DLQ`.
-async fn stream_dlq(servers: &str, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let numbers = |ids: &[i64]| -> anyhow::Result<Vec<u64>> {
-        ids.iter()
-            .map(|&id| u64::try_from(id).map_err(|_| anyhow::anyhow!("--id {id} is not a dead letter's id")))
-            .collect()
-    };
-    match command {
-        DlqCommand::List { connection, limit, .. } => {
-            let stdout = io::stdout();
-            let mut out = stdout.lock();
-            for letter in dead::list(servers, connection.as_deref(), limit).await? {
-                serde_json::to_writer(&mut out, &letter)?;
-                io::Write::write_all(&mut out, b"\n")?;
-            }
-        }
-        DlqCommand::Replay {
-            connection,
-            ids,
+            stream,
             partitions,
             ..
-        } => {
-            let partitions = partitions.unwrap_or(StreamOptions::DEFAULT_PARTITIONS);
-            let n = dead::replay(servers, connection.as_deref(), &numbers(&ids)?, partitions).await?;
-            println!("{n} dead letters put back to be delivered");
+        } => (spool, stream, *partitions),
+    };
+    let letters: Box<dyn DeadLetters> = match stream.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(servers) => Box::new(StreamDeadLetters {
+            servers: servers.to_string(),
+            partitions: partitions.unwrap_or(StreamOptions::DEFAULT_PARTITIONS),
+        }),
+        None => Box::new(SpoolDeadLetters(Arc::new(Spool::open(
+            spool,
+            Durability::ProcessCrash,
+        )?))),
+    };
+    super::tokio_runtime()?.block_on(async {
+        match command {
+            DlqCommand::List { connection, limit, .. } => {
+                let stdout = io::stdout();
+                let mut out = stdout.lock();
+                for letter in letters.list(connection.as_deref(), limit).await? {
+                    serde_json::to_writer(&mut out, &letter)?;
+                    io::Write::write_all(&mut out, b"\n")?;
+                }
+            }
+            DlqCommand::Replay { connection, ids, .. } => {
+                let n = letters.replay(connection.as_deref(), &ids).await?;
+                println!("{n} dead letters put back to be delivered");
+            }
+            DlqCommand::Purge { connection, ids, .. } => {
+                let n = letters.purge(connection.as_deref(), &ids).await?;
+                println!("{n} dead letters deleted");
+            }
         }
-        DlqCommand::Purge { connection, ids, .. } => {
-            let n = dead::purge(servers, connection.as_deref(), &numbers(&ids)?).await?;
-            println!("{n} dead letters deleted");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod connections;
+pub mod dead_letters;
 mod engine;
 mod ingest;
 mod log;

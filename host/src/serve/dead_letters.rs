@@ -1,0 +1,90 @@
+//! Dead letters, wherever `serve` keeps them: one interface for listing,
+//! replaying and purging them, with the spool and the stream as its two
+//! implementations. `cdp-host dlq` opens one and runs the same command on
+//! either. A letter's `id` is its row in the spool, its sequence in
+//! `CHORD_DLQ` on the stream.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+
+use super::stream::dead;
+use crate::spool::Spool;
+
+pub trait DeadLetters: Send + Sync {
+    /// The letters, oldest first, of one connection or of all, at most `limit`.
+    fn list<'a>(&'a self, connection: Option<&'a str>, limit: usize) -> BoxFuture<'a, anyhow::Result<Vec<Value>>>;
+
+    /// Puts the letters (`ids`, or else all of the connection's, or all)
+    /// back to be delivered; how many.
+    fn replay<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>>;
+
+    /// Deletes the letters (`ids`, or else all of the connection's, or
+    /// all); how many.
+    fn purge<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>>;
+}
+
+/// The spool's dead rows.
+pub struct SpoolDeadLetters(pub Arc<Spool>);
+
+impl SpoolDeadLetters {
+    /// Runs a spool call off the async threads.
+    fn blocking<'a, R: Send + 'static>(
+        &'a self,
+        call: impl FnOnce(&Spool) -> anyhow::Result<R> + Send + 'static,
+    ) -> BoxFuture<'a, anyhow::Result<R>> {
+        let spool = self.0.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || call(&spool)).await? })
+    }
+}
+
+impl DeadLetters for SpoolDeadLetters {
+    fn list<'a>(&'a self, connection: Option<&'a str>, limit: usize) -> BoxFuture<'a, anyhow::Result<Vec<Value>>> {
+        let connection = connection.map(str::to_string);
+        self.blocking(move |spool| {
+            let rows = spool.dead(connection.as_deref(), limit)?;
+            Ok(rows.iter().map(serde_json::to_value).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn replay<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>> {
+        let (connection, ids) = (connection.map(str::to_string), ids.to_vec());
+        self.blocking(move |spool| spool.replay(connection.as_deref(), &ids))
+    }
+
+    fn purge<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>> {
+        let (connection, ids) = (connection.map(str::to_string), ids.to_vec());
+        self.blocking(move |spool| spool.purge(connection.as_deref(), &ids))
+    }
+}
+
+/// The letters in the stream's `CHORD_DLQ`.
+pub struct StreamDeadLetters {
+    /// nats://HOST:PORT, comma-separated.
+    pub servers: String,
+    /// The event stream's partitions, for letters stored before a letter
+    /// kept its partition's subject.
+    pub partitions: u32,
+}
+
+/// Stream sequences: a negative id names no letter.
+fn sequences(ids: &[i64]) -> anyhow::Result<Vec<u64>> {
+    ids.iter()
+        .map(|&id| u64::try_from(id).map_err(|_| anyhow::anyhow!("--id {id} is not a dead letter's id")))
+        .collect()
+}
+
+impl DeadLetters for StreamDeadLetters {
+    fn list<'a>(&'a self, connection: Option<&'a str>, limit: usize) -> BoxFuture<'a, anyhow::Result<Vec<Value>>> {
+        Box::pin(dead::list(&self.servers, connection, limit))
+    }
+
+    fn replay<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>> {
+        Box::pin(async move { dead::replay(&self.servers, connection, &sequences(ids)?, self.partitions).await })
+    }
+
+    fn purge<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>> {
+        Box::pin(async move { dead::purge(&self.servers, connection, &sequences(ids)?).await })
+    }
+}
