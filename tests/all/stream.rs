@@ -634,8 +634,11 @@ async fn without_a_quorum_ingest_answers_503_and_acknowledges_nothing() {
     }
 }
 
+/// A connection made, paused and deleted through different workers is
+/// made, paused and deleted on all; its backlog from the pause, spread over
+/// every partition, is delivered before it is gone anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_made_through_one_worker_is_served_by_every_worker() {
+async fn a_connection_made_through_one_worker_is_served_and_deleted_by_every_worker() {
     let dir = tempdir();
     let cluster = Cluster::start(dir.join("nats"));
     let sandbox = crate::support::sandbox(unlimited()).await;
@@ -684,21 +687,27 @@ async fn a_connection_made_through_one_worker_is_served_by_every_worker() {
         }
     }
     wait_until_settled(&workers).await;
-    for (n, worker) in workers.iter().enumerate() {
-        for i in 0..20 {
-            let id = format!("shop2-{n}-{i}");
-            let event = json!({"type": "track", "event": "Order Completed", "messageId": id, "userId": id,
-                               "properties": {"email": format!("{id}@example.org")}});
-            let answer = client
-                .post(format!("{}/api/s/s2s/track", worker.url()))
-                .header("X-Write-Key", "wk_shop2")
-                .body(event.to_string())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(answer.status(), 200);
+    let send_through_each = |round: &'static str| {
+        let (client, workers) = (&client, &workers);
+        async move {
+            for (n, worker) in workers.iter().enumerate() {
+                for i in 0..20 {
+                    let id = format!("shop2-{round}-{n}-{i}");
+                    let event = json!({"type": "track", "event": "Order Completed", "messageId": id, "userId": id,
+                                       "properties": {"email": format!("{id}@example.org")}});
+                    let answer = client
+                        .post(format!("{}/api/s/s2s/track", worker.url()))
+                        .header("X-Write-Key", "wk_shop2")
+                        .body(event.to_string())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(answer.status(), 200);
+                }
+            }
         }
-    }
+    };
+    send_through_each("a").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while sandbox.events().len() < 60 {
         assert!(Instant::now() < deadline, "{} of 60 delivered", sandbox.events().len());
@@ -719,6 +728,9 @@ async fn a_connection_made_through_one_worker_is_served_by_every_worker() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // A backlog while paused, on every partition, whichever worker holds
+    // it: the deletion delivers all of it before the shop is gone anywhere.
+    send_through_each("b").await;
     let (status, body) = admin(
         reqwest::Method::DELETE,
         format!("{}/admin/connections/shop2", workers[2].url()),
@@ -726,14 +738,19 @@ async fn a_connection_made_through_one_worker_is_served_by_every_worker() {
     )
     .await;
     assert_eq!(status, 202, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     for worker in &workers {
         while state_on(worker).await.is_some() {
             assert!(Instant::now() < deadline, "not deleted here: {}", worker.log());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    assert_eq!(sandbox.events().len(), 60);
+    let delivered: std::collections::BTreeSet<String> = sandbox.events().iter().map(|e| e.unique_id.clone()).collect();
+    assert_eq!(
+        delivered.len(),
+        120,
+        "the paused shop's backlog was not all delivered before the deletion finished"
+    );
 }
 
 /// The partitions `worker` holds now, by its metrics.
