@@ -261,7 +261,7 @@ pub const HOST_EVENTS: usize = 16_384;
 /// flags, which has the host to itself (a backlog keeps up to 4,000 in
 /// flight for its batches).
 const CONNECTION_EVENTS: usize = 2_048;
-const FLAGS_CONNECTION_EVENTS: usize = 8_192;
+pub(crate) const FLAGS_CONNECTION_EVENTS: usize = 8_192;
 
 /// Events a connection's engine holds read ahead, at most, besides those
 /// in flight: its feeder's channel and its mapping queue each.

@@ -266,3 +266,264 @@ impl Engines {
         }
     }
 }
+
+/// The engine against an event log kept in memory: no spool feeder, no
+/// stream, no server but the Klaviyo stand-in on loopback. The test is the
+/// backend: it admits and hands events in, takes each outcome, and
+/// releases the event, as the spool and the stream do.
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::OnceLock;
+
+    use klaviyo_mock::{DEMO_KEY, Faults, KlaviyoMock, MockConfig};
+    use plugin_runtime::{PluginSlot, Runtime, RuntimeConfig};
+    use serde_json::json;
+
+    use super::*;
+    use crate::delivery::DeliveryConfig;
+    use crate::serve::connections::Connections;
+    use crate::serve::store::PluginStore;
+    use crate::settings::DestinationSettings;
+    use crate::spool::{Durability, Spool};
+
+    fn runtime() -> &'static Arc<Runtime> {
+        static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+        RUNTIME.get_or_init(|| {
+            Runtime::new(RuntimeConfig {
+                concurrency: 8,
+                cache_dir: Some(std::env::temp_dir().join("cdp-host-engine-tests")),
+                ..RuntimeConfig::default()
+            })
+            .unwrap()
+        })
+    }
+
+    /// One shop: its connection, delivering to its own stand-in.
+    struct Shop {
+        connection: Arc<Connection>,
+        sandbox: KlaviyoMock,
+        _connections: Connections,
+        _dir: TempDir,
+    }
+
+    /// A directory of its own, removed with it.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            use std::sync::atomic::AtomicU32;
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "cdp-host-engine-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    async fn shop(id: &str, faults: Faults) -> Shop {
+        let sandbox = KlaviyoMock::start(
+            MockConfig {
+                rate_limits: false,
+                faults,
+                ..MockConfig::default()
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        let dir = TempDir::new();
+        let spool = Arc::new(Spool::open(&dir.0.join("spool.sqlite"), Durability::ProcessCrash).unwrap());
+        let plugin = Arc::new(runtime().load(crate::bundled::KLAVIYO, "bundled").unwrap());
+        let config = DeliveryConfig {
+            base_url: Some(sandbox.url().parse().unwrap()),
+            pacing: false,
+            max_attempts: 1000,
+            backoff_base: Duration::from_millis(20),
+            backoff_cap: Duration::from_millis(500),
+            ..DeliveryConfig::default()
+        };
+        let store = PluginStore::new(runtime().clone(), spool.clone());
+        let connections = Connections::new(store, plugin.clone(), config, spool).unwrap();
+        let settings = json!({"api_key": DEMO_KEY}).as_object().unwrap().clone();
+        let settings = DestinationSettings::from_object(settings, plugin.manifest(), &[], |_| None).unwrap();
+        let slot = PluginSlot::new(plugin, crate::bundled::canary(&settings));
+        connections
+            .add_from_flags(id, &[format!("wk_{id}")], slot, settings)
+            .unwrap();
+        Shop {
+            connection: connections.get(id).unwrap(),
+            sandbox,
+            _connections: connections,
+            _dir: dir,
+        }
+    }
+
+    fn identify(person: usize, seq: usize) -> String {
+        json!({"type": "identify", "messageId": format!("p{person}-{seq}"), "userId": format!("p{person}"),
+               "traits": {"email": format!("p{person}@example.org"), "firstName": format!("v{seq}")}})
+        .to_string()
+    }
+
+    fn track(person: usize, seq: usize) -> String {
+        json!({"type": "track", "event": "Step", "messageId": format!("p{person}-{seq}"), "userId": format!("p{person}"),
+               "properties": {"email": format!("p{person}@example.org"), "seq": seq}})
+        .to_string()
+    }
+
+    /// Admits and hands in each event, in order, as a log's reader would.
+    async fn feed(engines: &Arc<Engines>, shop: &Shop, events: &[(EventId, String)]) {
+        for (id, body) in events {
+            assert!(engines.admit(&shop.connection, *id).await);
+            assert!(engines.hand(&shop.connection, *id, body.clone()));
+        }
+    }
+
+    /// Takes outcomes until `count` have come for `connection`, releasing
+    /// each; the others' are released too. Their records, by event.
+    async fn settle(
+        engines: &Engines,
+        outcomes: &mut Outcomes,
+        connection: &str,
+        count: usize,
+        within: Duration,
+    ) -> BTreeMap<EventId, EventRecord> {
+        let mut settled = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + within;
+        while settled.len() < count {
+            let next = tokio::time::timeout_at(deadline, outcomes.recv()).await;
+            let Ok(Some((from, record))) = next else {
+                panic!(
+                    "{} of {count} outcomes of {connection} within {within:?}",
+                    settled.len()
+                );
+            };
+            engines.release(&from, record.id, true);
+            if from.id == connection {
+                settled.insert(record.id, record);
+            }
+        }
+        settled
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_persons_events_arrive_in_order_through_429s_with_retry_after() {
+        let (engines, mut outcomes) = Engines::new(Arc::default());
+        let shop = shop(
+            "a",
+            Faults {
+                throttle_storm: 0.4,
+                storm_retry_after: 1,
+                ..Faults::default()
+            },
+        )
+        .await;
+        let mut events = Vec::new();
+        for seq in 0..8 {
+            for person in 0..6 {
+                let body = if seq % 4 == 0 {
+                    identify(person, seq)
+                } else {
+                    track(person, seq)
+                };
+                events.push((EventId::Line(events.len() as u64), body));
+            }
+        }
+        feed(&engines, &shop, &events).await;
+        let settled = settle(&engines, &mut outcomes, "a", events.len(), Duration::from_secs(60)).await;
+        assert!(
+            settled
+                .values()
+                .all(|r| matches!(r.outcome, EventOutcome::Delivered { .. }))
+        );
+        let throttled: u64 = shop.sandbox.stats().throttled.values().sum();
+        assert!(throttled > 0, "the stand-in throttled nothing");
+        // Per person, the tracks arrived in sequence, and the profile is
+        // the last identify's.
+        let mut last: BTreeMap<String, u64> = BTreeMap::new();
+        for event in shop.sandbox.events() {
+            let seq = event.properties["seq"].as_u64().unwrap();
+            let before = last.insert(event.profile_id.clone(), seq);
+            assert!(before.is_none_or(|b| b < seq), "{} after {before:?}", seq);
+        }
+        for profile in shop.sandbox.profiles() {
+            assert_eq!(profile.attributes.get("first_name"), Some(&json!("v4")), "{profile:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_shop_does_not_hold_up_another() {
+        let (engines, mut outcomes) = Engines::new(Arc::default());
+        let failing = shop(
+            "x",
+            Faults {
+                server_errors: 1.0,
+                ..Faults::default()
+            },
+        )
+        .await;
+        let healthy = shop("y", Faults::default()).await;
+        let backlog: Vec<_> = (0..1_500)
+            .map(|i| (EventId::Line(i), track(i as usize % 50, i as usize)))
+            .collect();
+        feed(&engines, &failing, &backlog).await;
+        let events: Vec<_> = (0..16).map(|i| (EventId::Line(i), track(i as usize, 0))).collect();
+        let started = Instant::now();
+        feed(&engines, &healthy, &events).await;
+        settle(&engines, &mut outcomes, "y", 16, Duration::from_secs(5)).await;
+        assert_eq!(healthy.sandbox.events().len(), 16);
+        // The failing shop's events are still being retried meanwhile.
+        assert!(failing.connection.in_flight.lock().unwrap().len() > 1_000);
+        eprintln!("16 events of a healthy shop delivered in {:?}", started.elapsed());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_admits_no_more_than_its_bound_and_no_event_twice() {
+        let (engines, _outcomes) = Engines::new(Arc::default());
+        let shop = shop("b", Faults::default()).await;
+        let mut admitted = 0u64;
+        while let Admit::Admitted = engines.try_admit(&shop.connection, EventId::Line(admitted)) {
+            admitted += 1;
+        }
+        assert_eq!(admitted as usize, super::super::connections::FLAGS_CONNECTION_EVENTS);
+        assert!(matches!(
+            engines.try_admit(&shop.connection, EventId::Line(0)),
+            Admit::AlreadyIn
+        ));
+        assert!(matches!(
+            engines.try_admit(&shop.connection, EventId::Line(admitted)),
+            Admit::Full
+        ));
+        engines.release(&shop.connection, EventId::Line(0), false);
+        assert!(matches!(
+            engines.try_admit(&shop.connection, EventId::Line(admitted)),
+            Admit::Admitted
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_engine_stops_and_a_new_event_starts_another() {
+        let (engines, mut outcomes) = Engines::new(Arc::default());
+        let shop = shop("c", Faults::default()).await;
+        feed(&engines, &shop, &[(EventId::Line(1), track(1, 1))]).await;
+        settle(&engines, &mut outcomes, "c", 1, Duration::from_secs(10)).await;
+        assert_eq!(engines.running(), 1);
+        let deadline = Instant::now() + IDLE + Duration::from_secs(5);
+        while engines.running() > 0 {
+            assert!(Instant::now() < deadline, "the engine did not stop when idle");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        feed(&engines, &shop, &[(EventId::Line(2), track(1, 2))]).await;
+        settle(&engines, &mut outcomes, "c", 1, Duration::from_secs(10)).await;
+        assert_eq!(shop.sandbox.events().len(), 2);
+    }
+}
