@@ -180,6 +180,9 @@ pub struct Connection {
     /// what a connection and all of them hold in memory is bounded.
     pub(super) in_flight: Mutex<HashMap<crate::mapping::EventId, super::engine::Held>>,
     /// Its events in flight, at most.
+    /// When each event handed in with a Retry-After may be sent: set by
+    /// `Engines::hand`, taken by delivery, dropped at `Engines::release`.
+    pub(super) waits: Waits,
     pub(super) held: Arc<tokio::sync::Semaphore>,
     /// Its spool feeder, run while it has work.
     pub(super) feeder: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -229,9 +232,6 @@ pub struct Connections {
     default_plugin: Arc<Plugin>,
     /// Told of Retry-After: kept on the row.
     defer: Arc<dyn Fn(crate::mapping::EventId, std::time::SystemTime) + Send + Sync>,
-    /// The waits of events handed to delivery with one (`Engines::hand`
-    /// records them; delivery takes each before the event's first request).
-    pub(super) waits: Arc<Mutex<HashMap<crate::mapping::EventId, std::time::SystemTime>>>,
     /// Serializes changes (create, update, swap, delete), so that the
     /// spool and the routes change together.
     changing: tokio::sync::Mutex<()>,
@@ -254,6 +254,9 @@ pub struct Connections {
 /// Events in flight (read from the spool, not yet finished) at most, for
 /// all connections together: with many busy connections, each one's share
 /// of memory is what this bounds, not its own limit times their number.
+/// Events' not-before times, by event.
+pub(super) type Waits = Arc<Mutex<HashMap<crate::mapping::EventId, std::time::SystemTime>>>;
+
 pub const HOST_EVENTS: usize = 16_384;
 
 /// Events in flight at most for one connection of many (room for two
@@ -313,7 +316,6 @@ impl Connections {
             approved_base_urls: RwLock::default(),
             secret_sources: RwLock::default(),
             fence: Default::default(),
-            waits: Arc::default(),
         })
     }
 
@@ -604,6 +606,9 @@ impl Connections {
         let pacer = self.budgets.of(&settings.account_hash(slot.name()));
         let defer = self.defer.clone();
         let deferred: DeferObserver = Box::new(move |id, until| defer(id, until));
+        // Retry-After waits of events handed in (`Engines::hand`), taken by
+        // delivery before each event's first request.
+        let waits: Waits = Arc::default();
         let parts = Parts {
             client: Some(self.client.clone()),
             pacer: Some(pacer),
@@ -621,7 +626,7 @@ impl Connections {
             host_interpreters: Some(self.host_interpreters.clone()),
             fence: Some(self.fence.clone()),
             not_before: Some({
-                let waits = self.waits.clone();
+                let waits = waits.clone();
                 Arc::new(move |id| waits.lock().unwrap().remove(&id))
             }),
         };
@@ -640,6 +645,7 @@ impl Connections {
             } else {
                 CONNECTION_EVENTS
             })),
+            waits,
             feeder: Mutex::default(),
             feeding: AtomicBool::new(false),
             wake: Notify::new(),

@@ -126,6 +126,7 @@ impl Engines {
     /// was never handed in), and counts it finished if it was.
     pub(crate) fn release(&self, connection: &Connection, id: EventId, finished: bool) {
         connection.in_flight.lock().unwrap().remove(&id);
+        connection.waits.lock().unwrap().remove(&id);
         if finished {
             self.metrics.finished.fetch_add(1, Ordering::Relaxed);
             connection.metrics.finished.fetch_add(1, Ordering::Relaxed);
@@ -134,9 +135,19 @@ impl Engines {
     }
 
     /// Hands an admitted event to its connection's engine, starting one if
-    /// none runs. False once the engines are closed (the service stops):
-    /// the event is then released, unsent.
-    pub(crate) fn hand(self: &Arc<Self>, connection: &Arc<Connection>, id: EventId, body: String) -> bool {
+    /// none runs; `not_before`, a recorded Retry-After, holds it (and its
+    /// person's later events) until then. False once the engines are
+    /// closed (the service stops): the event is then released, unsent.
+    pub(crate) fn hand(
+        self: &Arc<Self>,
+        connection: &Arc<Connection>,
+        id: EventId,
+        body: String,
+        not_before: Option<std::time::SystemTime>,
+    ) -> bool {
+        if let Some(until) = not_before.filter(|t| *t > std::time::SystemTime::now()) {
+            connection.waits.lock().unwrap().insert(id, until);
+        }
         let mut running = self.running.lock().unwrap();
         if self.closed.load(Ordering::Acquire) {
             drop(running);
@@ -384,7 +395,7 @@ mod tests {
     async fn feed(engines: &Arc<Engines>, shop: &Shop, events: &[(EventId, String)]) {
         for (id, body) in events {
             assert!(engines.admit(&shop.connection, *id).await);
-            assert!(engines.hand(&shop.connection, *id, body.clone()));
+            assert!(engines.hand(&shop.connection, *id, body.clone(), None));
         }
     }
 
@@ -508,6 +519,24 @@ mod tests {
             engines.try_admit(&shop.connection, EventId::Line(admitted)),
             Admit::Admitted
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_skipped_event_handed_in_with_a_wait_leaves_no_wait_behind() {
+        let (engines, mut outcomes) = Engines::new(Arc::default());
+        let shop = shop("d", Faults::default()).await;
+        let id = EventId::SpoolRow(7);
+        let no_email = json!({"type": "track", "event": "Step", "messageId": "m7", "userId": "u7"}).to_string();
+        assert!(engines.admit(&shop.connection, id).await);
+        let later = std::time::SystemTime::now() + Duration::from_secs(60);
+        assert!(engines.hand(&shop.connection, id, no_email, Some(later)));
+        let settled = settle(&engines, &mut outcomes, "d", 1, Duration::from_secs(10)).await;
+        assert!(
+            matches!(settled[&id].outcome, EventOutcome::Skipped(_)),
+            "{:?}",
+            settled[&id].outcome
+        );
+        assert!(shop.connection.waits.lock().unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -490,10 +490,7 @@ async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, read_ahead: usiz
             if !shared.engines.admit(&connection, id).await {
                 continue;
             }
-            if let Some(until) = row.not_before.filter(|t| *t > std::time::SystemTime::now()) {
-                shared.connections.waits.lock().unwrap().insert(id, until);
-            }
-            if !shared.engines.hand(&connection, id, row.body) {
+            if !shared.engines.hand(&connection, id, row.body, row.not_before) {
                 break;
             }
         }

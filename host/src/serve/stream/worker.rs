@@ -565,7 +565,7 @@ impl Worker {
             match self.shared.engines.try_admit(connection, id) {
                 Admit::Admitted => {
                     let body = String::from_utf8_lossy(&message.payload).into_owned();
-                    if !self.shared.engines.hand(connection, id, body) {
+                    if !self.shared.engines.hand(connection, id, body, None) {
                         // Shutting down: it stays unacked, for later.
                         self.forget(sequence);
                     }
@@ -609,7 +609,7 @@ impl Worker {
                     Ok(stored) => {
                         queue.pop_front();
                         let body = String::from_utf8_lossy(&stored.payload).into_owned();
-                        if !self.shared.engines.hand(&connection, id, body) {
+                        if !self.shared.engines.hand(&connection, id, body, None) {
                             self.forget(sequence);
                         }
                     }
