@@ -121,6 +121,44 @@ struct Worker {
     /// For each partition held, when its last successful renewal (or its
     /// taking) was sent: what the fence reads.
     renewed: std::sync::Mutex<HashMap<u32, tokio::time::Instant>>,
+    /// Events this worker settled lately: one that comes back (an ack
+    /// JetStream never confirmed, or lost when its consumer's leader
+    /// changed) is acked again, not delivered again behind its person's
+    /// newer events.
+    settled: std::sync::Mutex<Settled>,
+}
+
+/// The sequences of events settled here lately, oldest first, bounded in
+/// count and age.
+#[derive(Default)]
+struct Settled {
+    order: std::collections::VecDeque<(u64, tokio::time::Instant)>,
+    known: std::collections::HashSet<u64>,
+}
+
+/// How many settled events, and for how long, a worker remembers: long
+/// past `ACK_WAIT` and a consumer's rebuild, within a few MiB.
+const SETTLED_KEPT: usize = 200_000;
+const SETTLED_FOR: Duration = Duration::from_secs(600);
+
+impl Settled {
+    fn insert(&mut self, sequence: u64) {
+        let now = tokio::time::Instant::now();
+        while let Some(&(oldest, at)) = self.order.front() {
+            if self.order.len() < SETTLED_KEPT && now.duration_since(at) < SETTLED_FOR {
+                break;
+            }
+            self.order.pop_front();
+            self.known.remove(&oldest);
+        }
+        if self.known.insert(sequence) {
+            self.order.push_back((sequence, now));
+        }
+    }
+
+    fn contains(&self, sequence: u64) -> bool {
+        self.known.contains(&sequence)
+    }
 }
 
 /// A partition's events whose connection cannot take them now, by
@@ -198,6 +236,7 @@ pub(crate) async fn run(
         shared,
         pending: Default::default(),
         renewed: Default::default(),
+        settled: Default::default(),
     });
     // No event leaves this host for a partition whose lease it cannot
     // prove it still holds.
@@ -533,6 +572,15 @@ impl Worker {
                 .map(|v| v.as_str().to_string())
         };
         let connection_id = header(CONNECTION_HEADER).unwrap_or_default();
+        if self.settled.lock().unwrap().contains(sequence) {
+            // Settled here already, its ack lost: acked again, not sent again.
+            tokio::spawn(async move {
+                if let Err(e) = message.double_ack().await {
+                    tracing::debug!(sequence, "acking a settled event again: {e}");
+                }
+            });
+            return;
+        }
         {
             let mut pending = self.pending.lock().unwrap();
             if let Some(already) = pending.get_mut(&sequence) {
@@ -717,6 +765,7 @@ impl Worker {
         let (worker, connection) = (self.clone(), connection.clone());
         tokio::spawn(async move {
             worker.ack_confirmed(sequence, &connection).await;
+            worker.settled.lock().unwrap().insert(sequence);
             worker.forget(sequence);
             if let Err(e) = worker
                 .log
