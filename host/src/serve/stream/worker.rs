@@ -74,6 +74,12 @@ const PROGRESS_AFTER: Duration = Duration::from_secs(3);
 /// an unconfirmed ack is sent again before the event is left to come back.
 const ACK_CONFIRM: Duration = Duration::from_secs(2);
 const ACK_TRIES: u32 = 10;
+/// An ack not confirmed this soon closes its partition's fence: the
+/// partition is given up and read again from its oldest unacked event, so
+/// that few of its events are sent while their acks may be lost (an event
+/// whose ack is lost comes back, and another worker would send it again,
+/// behind its person's newer events).
+const ACK_SLOW: Duration = Duration::from_secs(1);
 /// Events of one partition handed out and not yet acked, at most. A
 /// connection that cannot take its events now (paused, failing, over its
 /// bound) has them parked in this room, without their bodies, so that the
@@ -137,7 +143,7 @@ struct Settled {
 }
 
 /// How many settled events, and for how long, a worker remembers: long
-/// past `ACK_WAIT` and a consumer's rebuild, within a few MiB.
+/// past `ACK_WAIT` and a consumer's rebuild, in about 8 MiB at most.
 const SETTLED_KEPT: usize = 200_000;
 const SETTLED_FOR: Duration = Duration::from_secs(600);
 
@@ -694,6 +700,17 @@ impl Worker {
             .is_some_and(|sent| sent.elapsed() < LEASE_TTL - FENCE_MARGIN)
     }
 
+    /// Stops the partition of an event whose ack went unconfirmed from
+    /// sending more: its fence closes, and the next renewal gives it up.
+    fn close_fence(&self, sequence: u64, why: &str) {
+        let Some(partition) = self.pending.lock().unwrap().get(&sequence).map(|p| p.partition) else {
+            return;
+        };
+        if self.renewed.lock().unwrap().remove(&partition).is_some() {
+            tracing::warn!(worker = %self.id, partition, "an ack went unconfirmed ({why}); the partition stops sending and is given up, to be read again from its oldest unfinished event");
+        }
+    }
+
     /// Lets go of an event read and not finished: it stays in the stream,
     /// and a new delivery of it is handed out afresh.
     fn forget(&self, sequence: u64) {
@@ -801,10 +818,14 @@ impl Worker {
             let Some(reply) = reply else {
                 return;
             };
-            match tokio::time::timeout(ACK_CONFIRM, client.request(reply, bytes::Bytes::from_static(b"+ACK"))).await {
+            let wait = if attempt == 0 { ACK_SLOW } else { ACK_CONFIRM };
+            match tokio::time::timeout(wait, client.request(reply, bytes::Bytes::from_static(b"+ACK"))).await {
                 Ok(Ok(_)) => return,
                 Ok(Err(e)) => last_error = e.to_string(),
                 Err(_) => last_error = "no confirmation in time".to_string(),
+            }
+            if attempt == 0 {
+                self.close_fence(sequence, &last_error);
             }
             tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
         }
