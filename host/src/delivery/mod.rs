@@ -116,6 +116,7 @@ pub struct Delivery {
     map_gates: Option<CallGates>,
     fence: Option<Fence>,
     not_before: Option<NotBefore>,
+    hold: Option<Hold>,
 }
 
 /// When an event may first be sent, if not at once (a Retry-After its
@@ -127,6 +128,11 @@ pub type NotBefore = Arc<dyn Fn(EventId) -> Option<std::time::SystemTime> + Send
 /// each attempt: set once (a stream worker sets it when it starts, for
 /// every connection), absent for everything else.
 pub type Fence = Arc<std::sync::OnceLock<Box<dyn Fn(EventId) -> bool + Send + Sync>>>;
+
+/// Set while no request may leave: the outcomes of those sent cannot be
+/// recorded (a full disk), and an event sent now could be sent again after
+/// a crash, behind its person's newer events. Requests wait, in order.
+pub type Hold = Arc<std::sync::atomic::AtomicBool>;
 
 /// What a delivery may share with others: the HTTP client, the budget of
 /// the account it sends to, its counters; and who is told of Retry-After.
@@ -145,6 +151,8 @@ pub struct Parts {
     pub fence: Option<Fence>,
     /// Asked before an event's first request when it may be sent.
     pub not_before: Option<NotBefore>,
+    /// While set, no request leaves (see `Hold`).
+    pub hold: Option<Hold>,
 }
 
 /// Called with an event and the time before which it must not be resent.
@@ -214,6 +222,7 @@ impl Delivery {
             map_gates: parts.map_gates,
             fence: parts.fence,
             not_before: parts.not_before,
+            hold: parts.hold,
         }))
     }
 

@@ -240,6 +240,11 @@ impl Delivery {
                     .acquire(&how.request.rate_class, &how.plugin.manifest().rate_classes)
                     .await;
             }
+            if let Some(hold) = &self.hold {
+                while hold.load(Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
             // Last, right before the request leaves: pacing may have waited.
             if !may_send() {
                 return Attempted::Fenced;

@@ -232,6 +232,9 @@ pub struct Connections {
     default_plugin: Arc<Plugin>,
     /// Told of Retry-After: kept on the row.
     defer: Arc<dyn Fn(crate::mapping::EventId, std::time::SystemTime) + Send + Sync>,
+    /// Set while outcomes cannot be recorded: every connection's requests
+    /// wait (`delivery::Hold`).
+    pub(crate) hold: crate::delivery::Hold,
     /// Serializes changes (create, update, swap, delete), so that the
     /// spool and the routes change together.
     changing: tokio::sync::Mutex<()>,
@@ -316,6 +319,7 @@ impl Connections {
             approved_base_urls: RwLock::default(),
             secret_sources: RwLock::default(),
             fence: Default::default(),
+            hold: Default::default(),
         })
     }
 
@@ -625,6 +629,7 @@ impl Connections {
             }),
             host_interpreters: Some(self.host_interpreters.clone()),
             fence: Some(self.fence.clone()),
+            hold: Some(self.hold.clone()),
             not_before: Some({
                 let waits = waits.clone();
                 Arc::new(move |id| waits.lock().unwrap().remove(&id))

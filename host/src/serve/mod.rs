@@ -574,6 +574,10 @@ fn write_outcomes(shared: &Shared, mut outcomes: engine::Outcomes) {
                 batch.len()
             );
             *shared.outcomes_failing.lock().unwrap() = Some(format!("{e:#}"));
+            // No more requests leave until outcomes can be recorded: one
+            // sent now would be sent again after a crash, behind its
+            // person's newer events.
+            shared.connections.hold.store(true, Ordering::Release);
             if closed {
                 tracing::warn!(
                     "stopping with {} outcomes unrecorded: their events stay pending",
@@ -586,6 +590,7 @@ fn write_outcomes(shared: &Shared, mut outcomes: engine::Outcomes) {
             continue;
         }
         if shared.outcomes_failing.lock().unwrap().take().is_some() {
+            shared.connections.hold.store(false, Ordering::Release);
             tracing::info!("recording outcomes works again");
         }
         wait = Duration::from_millis(100);
