@@ -175,7 +175,9 @@ struct System {
     disk: Option<SmallDisk>,
 }
 
-/// A 32 MiB tmpfs for the spool, so the nemesis can fill it. Mounting
+/// A 256 MiB tmpfs for the spool, so the nemesis can fill it (room enough
+/// that in a 30-minute run only the nemesis fills it: at 32 MiB the spool
+/// filled it itself, and delivery rightly stopped for good). Mounting
 /// needs root; without it the run says so and leaves the fault out.
 struct SmallDisk {
     path: PathBuf,
@@ -185,7 +187,7 @@ impl SmallDisk {
     fn mount(path: PathBuf) -> Option<SmallDisk> {
         std::fs::create_dir_all(&path).unwrap();
         let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
             .arg(&path)
             .stderr(Stdio::null())
             .status()
