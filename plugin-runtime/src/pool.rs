@@ -72,6 +72,13 @@ impl InstancePool {
         let started = Instant::now();
         let mut warned = false;
         loop {
+            // The count is read only once the pool is found busy (not on
+            // every call); trying again after reading it catches a slot
+            // freed in between.
+            match self.checkout(plugin, used) {
+                Err(CallError::Busy(_)) => {}
+                other => return other,
+            }
             let seen = freed.seen();
             match self.checkout(plugin, used) {
                 Err(CallError::Busy(slots)) => {

@@ -339,15 +339,8 @@ impl Delivery {
                         }
                     });
                 }
-                Attempted::GaveUp {
-                    attempts,
-                    last,
-                    response,
-                } => {
-                    let reason = format!(
-                        "gave up on a batch after {attempts} attempts over {:.1}s; the last was {last}",
-                        started.elapsed().as_secs_f64()
-                    );
+                Attempted::GaveUp { how, response } => {
+                    let reason = format!("gave up on a batch {how}");
                     return settle_rest(&mut slots, |_| reject(&reason, response.clone()));
                 }
                 Attempted::Settled(Err(reason), response) => {

@@ -61,10 +61,11 @@ pub(super) enum Attempted<T> {
     Settled(T, HttpResponse),
     /// The fence stopped it before it left.
     Fenced,
-    /// Out of attempts or time; `last` says what the last attempt met.
+    /// Out of attempts or time: `how` says how many, over how long, and
+    /// what the last attempt met ("after 3 attempts over 1.2s; the last
+    /// was HTTP 503").
     GaveUp {
-        attempts: u32,
-        last: String,
+        how: String,
         response: Option<HttpResponse>,
     },
 }
@@ -179,17 +180,7 @@ impl Delivery {
             .await;
         let (verdict, response) = match attempted {
             Attempted::Fenced => return Err(self.abandon(id, &request)),
-            Attempted::GaveUp {
-                attempts,
-                last,
-                response,
-            } => {
-                let reason = format!(
-                    "gave up after {attempts} attempts over {:.1}s; the last was {last}",
-                    started.elapsed().as_secs_f64()
-                );
-                return Err(undelivered(reason, response));
-            }
+            Attempted::GaveUp { how, response } => return Err(undelivered(format!("gave up {how}"), response)),
             Attempted::Settled(Err(reason), response) => return Err(undelivered(reason, Some(response))),
             Attempted::Settled(Ok(verdict), response) => (verdict, Some(response)),
         };
@@ -262,11 +253,11 @@ impl Delivery {
             };
             let delay = self.backoff(attempt, after_ms.map(Duration::from_millis));
             if attempt >= self.config.max_attempts || how.started.elapsed() + delay > self.config.max_retry_time {
-                return Attempted::GaveUp {
-                    attempts: attempt,
-                    last,
-                    response,
-                };
+                let how = format!(
+                    "after {attempt} attempts over {:.1}s; the last was {last}",
+                    how.started.elapsed().as_secs_f64()
+                );
+                return Attempted::GaveUp { how, response };
             }
             self.progress.retries.fetch_add(1, Ordering::Relaxed);
             retrying(after_ms, delay);
