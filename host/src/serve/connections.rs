@@ -175,14 +175,14 @@ pub struct Connection {
     pub slot: Arc<PluginSlot>,
     pub delivery: Arc<Delivery>,
     pub metrics: ConnMetrics,
-    /// Rows handed to its engine and not yet written back.
-    /// Each with the passes it holds (its connection's and the host's):
-    /// what a connection and all of them hold in memory is bounded.
+    /// Events admitted to its engine and not yet released (their outcome
+    /// recorded). Each with the passes it holds (its connection's and the
+    /// host's): what a connection and all of them hold in memory is bounded.
     pub(super) in_flight: Mutex<HashMap<crate::mapping::EventId, super::engine::Held>>,
-    /// Its events in flight, at most.
     /// When each event handed in with a Retry-After may be sent: set by
     /// `Engines::hand`, taken by delivery, dropped at `Engines::release`.
     pub(super) waits: Waits,
+    /// Its events in flight, at most.
     pub(super) held: Arc<tokio::sync::Semaphore>,
     /// Its spool feeder, run while it has work.
     pub(super) feeder: Mutex<Option<tokio::task::JoinHandle<()>>>,
