@@ -18,4 +18,5 @@ mod serve;
 #[path = "../support/spool.rs"]
 mod spool_file;
 mod stream;
+mod stream_security;
 mod support;

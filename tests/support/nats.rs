@@ -29,7 +29,7 @@ fn free_port() -> u16 {
 }
 
 /// The configs of `count` nodes on free ports (routed when more than one).
-fn layout(dir: &std::path::Path, count: usize) -> Vec<Node> {
+fn layout(dir: &std::path::Path, count: usize, extra: &str) -> Vec<Node> {
     let ports: Vec<(u16, u16)> = (0..count).map(|_| (free_port(), free_port())).collect();
     let routes: Vec<String> = ports
         .iter()
@@ -52,7 +52,7 @@ fn layout(dir: &std::path::Path, count: usize) -> Vec<Node> {
             &config,
             format!(
                 "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\n\
-                 jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{clustering}",
+                 jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{clustering}{extra}\n",
                 store.display(),
             ),
         )
@@ -79,7 +79,7 @@ fn check_installed() {
 impl Cluster {
     /// Starts three nodes in `dir` and waits until they answer.
     pub fn start(dir: PathBuf) -> Cluster {
-        Cluster::start_nodes(dir, 3)
+        Cluster::start_nodes(dir, 3, "")
     }
 
     /// One node, no cluster: a stream for tests of what `serve` does on
@@ -87,19 +87,26 @@ impl Cluster {
     /// benchmark shares this file and starts clusters only.)
     #[allow(dead_code)]
     pub fn single(dir: PathBuf) -> Cluster {
-        Cluster::start_nodes(dir, 1)
+        Cluster::start_nodes(dir, 1, "")
+    }
+
+    /// One node with more configuration (`tls { … }`, `authorization
+    /// { … }`). (Not in the benchmark.)
+    #[allow(dead_code)]
+    pub fn single_with(dir: PathBuf, extra: &str) -> Cluster {
+        Cluster::start_nodes(dir, 1, extra)
     }
 
     /// `count` nodes, routed to each other when more than one. A port
     /// picked free can be taken by another process before the node binds
     /// it (tests run side by side): then the node exits, and the whole set
     /// starts again on new ports.
-    fn start_nodes(dir: PathBuf, count: usize) -> Cluster {
+    fn start_nodes(dir: PathBuf, count: usize, extra: &str) -> Cluster {
         check_installed();
         let mut failures = Vec::new();
         for _ in 0..3 {
             let mut cluster = Cluster {
-                nodes: layout(&dir, count),
+                nodes: layout(&dir, count, extra),
                 dir: dir.clone(),
             };
             match (0..count).try_for_each(|i| cluster.try_start_node(i)) {

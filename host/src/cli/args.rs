@@ -270,6 +270,8 @@ pub struct ServeArgs {
     /// With --stream: partitions of the stream; every host must use the same [default: 16]
     #[arg(long, value_name = "N")]
     pub partitions: Option<u32>,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     /// A base URL a connection made through the admin API may send to instead of its plugin's
     /// host (repeatable; serve's own --base-url is always approved)
     #[arg(long = "approve-base-url", value_name = "URL")]
@@ -313,6 +315,10 @@ pub struct ServeFile {
     pub role: Option<cdp_host::serve::stream::Role>,
     pub stream_replicas: Option<usize>,
     pub partitions: Option<u32>,
+    /// How to reach NATS (`[nats]`: user, password_file, token_file,
+    /// nkey, creds, tls, tls_ca, tls_cert, tls_key).
+    #[serde(default)]
+    pub nats: NatsArgs,
     #[serde(default)]
     pub approved_base_urls: Vec<url::Url>,
     #[serde(default)]
@@ -366,6 +372,60 @@ impl ServeFile {
     }
 }
 
+/// How to reach NATS with --stream: credentials and TLS. Secrets are read
+/// from files or the environment, never taken on the command line (where
+/// any user of the machine can read them). In the config file, the same
+/// keys without `nats-` under `[nats]`.
+#[derive(clap::Args, serde::Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct NatsArgs {
+    /// With --stream: the NATS user; its password from --nats-password-file or $CDP_HOST_NATS_PASSWORD
+    #[arg(long = "nats-user", value_name = "NAME")]
+    pub user: Option<String>,
+    /// With --stream: a file holding the NATS user's password
+    #[arg(long = "nats-password-file", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// With --stream: a file holding a NATS token (or $CDP_HOST_NATS_TOKEN)
+    #[arg(long = "nats-token-file", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// With --stream: a file holding an NKey seed (SU…); the servers list its public key
+    #[arg(long = "nats-nkey", value_name = "FILE")]
+    pub nkey: Option<PathBuf>,
+    /// With --stream: a NATS credentials file (a user JWT and its seed, as nsc makes them)
+    #[arg(long = "nats-creds", value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+    /// With --stream: refuse servers that do not speak TLS (implied by the other --nats-tls flags)
+    #[arg(long = "nats-tls")]
+    #[serde(default)]
+    pub tls: bool,
+    /// With --stream: the CA (PEM) that signed the servers' certificates [default: the system's roots]
+    #[arg(long = "nats-tls-ca", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// With --stream: this host's certificate (PEM), for servers that verify clients; with --nats-tls-key
+    #[arg(long = "nats-tls-cert", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// With --stream: the key (PEM) of --nats-tls-cert
+    #[arg(long = "nats-tls-key", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// The flags where given, else the config file's.
+    pub fn or(self, file: NatsArgs) -> NatsArgs {
+        NatsArgs {
+            user: self.user.or(file.user),
+            password_file: self.password_file.or(file.password_file),
+            token_file: self.token_file.or(file.token_file),
+            nkey: self.nkey.or(file.nkey),
+            creds: self.creds.or(file.creds),
+            tls: self.tls || file.tls,
+            tls_ca: self.tls_ca.or(file.tls_ca),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum DlqCommand {
     /// Print the dead letters as NDJSON (event, reason, request, Klaviyo's answer).
@@ -375,6 +435,8 @@ pub enum DlqCommand {
         /// The dead letters of `serve --stream` instead: nats://HOST:PORT, comma-separated.
         #[arg(long, value_name = "URLS", env = "CDP_HOST_STREAM")]
         stream: Option<String>,
+        #[command(flatten)]
+        nats: NatsArgs,
         /// Only this connection's [default: every connection's]
         #[arg(long, value_name = "ID")]
         connection: Option<String>,
@@ -392,6 +454,8 @@ pub enum DlqCommand {
         /// The dead letters of `serve --stream` instead: nats://HOST:PORT, comma-separated.
         #[arg(long, value_name = "URLS", env = "CDP_HOST_STREAM")]
         stream: Option<String>,
+        #[command(flatten)]
+        nats: NatsArgs,
         /// Only this connection's [default: every connection's]
         #[arg(long, value_name = "ID")]
         connection: Option<String>,
@@ -406,6 +470,8 @@ pub enum DlqCommand {
         /// The dead letters of `serve --stream` instead: nats://HOST:PORT, comma-separated.
         #[arg(long, value_name = "URLS", env = "CDP_HOST_STREAM")]
         stream: Option<String>,
+        #[command(flatten)]
+        nats: NatsArgs,
         /// Only this connection's [default: every connection's]
         #[arg(long, value_name = "ID")]
         connection: Option<String>,

@@ -10,12 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use cdp_host::serve::connections::NewConnection;
 use cdp_host::serve::dead_letters::{DeadLetters, SpoolDeadLetters, StreamDeadLetters};
-use cdp_host::serve::stream::{Role, StreamOptions};
+use cdp_host::serve::stream::access::read_secret_file;
+use cdp_host::serve::stream::{NatsAccess, NatsAuth, NatsTls, Role, StreamOptions};
 use cdp_host::serve::{Defaults, FileConnection, FlagsConnection, ServeConfig};
 use cdp_host::settings::{DestinationSettings, Secret};
 use cdp_host::spool::{Durability, Spool};
 
-use super::args::{DlqCommand, RuntimeArgs, ServeArgs, ServeFile};
+use super::args::{DlqCommand, NatsArgs, RuntimeArgs, ServeArgs, ServeFile};
 
 pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let file: ServeFile = match &args.config {
@@ -151,7 +152,7 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
                 }
                 let replicas = stream_replicas(&servers, args.stream_replicas.or(file.stream_replicas))?;
                 Some(StreamOptions {
-                    servers,
+                    access: nats_access(servers, args.nats.or(file.nats))?,
                     role: args.role.or(file.role).unwrap_or(Role::Both),
                     replicas,
                     partitions,
@@ -179,6 +180,67 @@ fn admin_secret_sources(
         .map(|dir| std::fs::canonicalize(dir).with_context(|| format!("--admin-secret-dir {}", dir.display())))
         .collect::<anyhow::Result<_>>()?;
     Ok(cdp_host::serve::connections::SecretSources { env_prefixes, dirs })
+}
+
+/// How to reach NATS, from the flags (or the config file's `[nats]`) and
+/// the environment; at most one kind of credential.
+fn nats_access(servers: String, nats: NatsArgs) -> anyhow::Result<NatsAccess> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let password = match (&nats.password_file, env("CDP_HOST_NATS_PASSWORD")) {
+        (Some(file), _) => Some(read_secret_file(file, "--nats-password-file")?),
+        (None, from_env) => from_env.map(Secret::new),
+    };
+    let token = match (&nats.token_file, env("CDP_HOST_NATS_TOKEN")) {
+        (Some(file), _) => Some(read_secret_file(file, "--nats-token-file")?),
+        (None, from_env) => from_env.map(Secret::new),
+    };
+    let mut kinds = Vec::new();
+    if nats.user.is_some() {
+        kinds.push("--nats-user");
+    }
+    if token.is_some() {
+        kinds.push("--nats-token-file");
+    }
+    if nats.nkey.is_some() {
+        kinds.push("--nats-nkey");
+    }
+    if nats.creds.is_some() {
+        kinds.push("--nats-creds");
+    }
+    if kinds.len() > 1 {
+        bail!("NATS takes one kind of credential; given {}", kinds.join(" and "));
+    }
+    if password.is_some() && nats.user.is_none() {
+        bail!("a NATS password (--nats-password-file or CDP_HOST_NATS_PASSWORD) needs --nats-user");
+    }
+    let auth = if let Some(user) = nats.user {
+        let Some(password) = password else {
+            bail!("--nats-user {user:?} needs its password: --nats-password-file or CDP_HOST_NATS_PASSWORD");
+        };
+        NatsAuth::UserPassword { user, password }
+    } else if let Some(token) = token {
+        NatsAuth::Token(token)
+    } else if let Some(file) = &nats.nkey {
+        NatsAuth::NKey(read_secret_file(file, "--nats-nkey")?)
+    } else if let Some(file) = nats.creds {
+        NatsAuth::Creds(file)
+    } else {
+        NatsAuth::None
+    };
+    let client = match (nats.tls_cert, nats.tls_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => bail!("--nats-tls-cert and --nats-tls-key go together"),
+    };
+    Ok(NatsAccess {
+        servers,
+        auth,
+        tls: NatsTls {
+            required: nats.tls,
+            ca: nats.tls_ca,
+            client,
+        },
+    })
 }
 
 /// The copies JetStream keeps of each event: as asked, else three when
@@ -210,18 +272,24 @@ fn stream_replicas(servers: &str, asked: Option<usize>) -> anyhow::Result<usize>
 /// `cdp-host dlq`: one command over the dead letters of the spool, or of
 /// the stream with `--stream`.
 pub fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let (spool, stream, partitions) = match &command {
-        DlqCommand::List { spool, stream, .. } | DlqCommand::Purge { spool, stream, .. } => (spool, stream, None),
+    let (spool, stream, nats, partitions) = match &command {
+        DlqCommand::List {
+            spool, stream, nats, ..
+        }
+        | DlqCommand::Purge {
+            spool, stream, nats, ..
+        } => (spool, stream, nats, None),
         DlqCommand::Replay {
             spool,
             stream,
+            nats,
             partitions,
             ..
-        } => (spool, stream, *partitions),
+        } => (spool, stream, nats, *partitions),
     };
     let letters: Box<dyn DeadLetters> = match stream.as_deref().filter(|s| !s.trim().is_empty()) {
         Some(servers) => Box::new(StreamDeadLetters {
-            servers: servers.to_string(),
+            access: nats_access(servers.to_string(), nats.clone())?,
             partitions: partitions.unwrap_or(StreamOptions::DEFAULT_PARTITIONS),
         }),
         None => Box::new(SpoolDeadLetters(Arc::new(Spool::open(

@@ -61,8 +61,8 @@ impl DeadLetters for SpoolDeadLetters {
 
 /// The letters in the stream's `CHORD_DLQ`.
 pub struct StreamDeadLetters {
-    /// nats://HOST:PORT, comma-separated.
-    pub servers: String,
+    /// The servers, and how to reach them.
+    pub access: super::stream::NatsAccess,
     /// The event stream's partitions, for letters stored before a letter
     /// kept its partition's subject.
     pub partitions: u32,
@@ -77,14 +77,14 @@ fn sequences(ids: &[i64]) -> anyhow::Result<Vec<u64>> {
 
 impl DeadLetters for StreamDeadLetters {
     fn list<'a>(&'a self, connection: Option<&'a str>, limit: usize) -> BoxFuture<'a, anyhow::Result<Vec<Value>>> {
-        Box::pin(dead::list(&self.servers, connection, limit))
+        Box::pin(dead::list(&self.access, connection, limit))
     }
 
     fn replay<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>> {
-        Box::pin(async move { dead::replay(&self.servers, connection, &sequences(ids)?, self.partitions).await })
+        Box::pin(async move { dead::replay(&self.access, connection, &sequences(ids)?, self.partitions).await })
     }
 
     fn purge<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>> {
-        Box::pin(async move { dead::purge(&self.servers, connection, &sequences(ids)?).await })
+        Box::pin(async move { dead::purge(&self.access, connection, &sequences(ids)?).await })
     }
 }

@@ -233,7 +233,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     let log = match config.stream.clone() {
         Some(options) => {
             let log = stream::Log::connect(options.clone()).await?;
-            tracing::info!(servers = %options.servers, role = ?options.role, replicas = options.replicas, "events go through the JetStream stream");
+            tracing::info!(nats = %options.access.describe(), role = ?options.role, replicas = options.replicas, "events go through the JetStream stream");
             Some(Arc::new(log))
         }
         None => None,

@@ -49,16 +49,21 @@ pub(super) async fn store(
 }
 
 /// The letters (each with its `id`), oldest first, of one connection or all.
-pub async fn list(servers: &str, connection: Option<&str>, limit: usize) -> anyhow::Result<Vec<Value>> {
-    let js = super::context(servers).await?;
+pub async fn list(access: &super::NatsAccess, connection: Option<&str>, limit: usize) -> anyhow::Result<Vec<Value>> {
+    let js = super::context_now(access).await?;
     let letters = letters(&js, connection).await?;
     Ok(letters.into_iter().take(limit).map(|(_, letter)| letter).collect())
 }
 
 /// Publishes the letters (`ids`, or all of the connection's, or all) to
 /// their partitions again and deletes them; how many.
-pub async fn replay(servers: &str, connection: Option<&str>, ids: &[u64], partitions: u32) -> anyhow::Result<usize> {
-    let js = super::context(servers).await?;
+pub async fn replay(
+    access: &super::NatsAccess,
+    connection: Option<&str>,
+    ids: &[u64],
+    partitions: u32,
+) -> anyhow::Result<usize> {
+    let js = super::context_now(access).await?;
     let dlq = js
         .get_stream(DLQ_STREAM)
         .await
@@ -104,8 +109,8 @@ pub async fn replay(servers: &str, connection: Option<&str>, ids: &[u64], partit
 }
 
 /// Deletes the letters (`ids`, or all of the connection's, or all); how many.
-pub async fn purge(servers: &str, connection: Option<&str>, ids: &[u64]) -> anyhow::Result<usize> {
-    let js = super::context(servers).await?;
+pub async fn purge(access: &super::NatsAccess, connection: Option<&str>, ids: &[u64]) -> anyhow::Result<usize> {
+    let js = super::context_now(access).await?;
     let dlq = js
         .get_stream(DLQ_STREAM)
         .await

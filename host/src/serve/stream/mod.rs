@@ -28,6 +28,7 @@
 //! - KV bucket `chord_connections`: each connection as the spool keeps it
 //!   (write keys as hashes, secrets as their sources): `connections`.
 
+pub mod access;
 pub mod connections;
 pub mod dead;
 pub mod plugins;
@@ -35,6 +36,8 @@ mod worker;
 
 use std::time::Duration;
 
+use access::Trouble;
+pub use access::{NatsAccess, NatsAuth, NatsTls};
 use anyhow::Context;
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, HeaderValue};
@@ -81,8 +84,8 @@ impl Role {
 /// How to reach the stream and how it is laid out.
 #[derive(Clone, Debug)]
 pub struct StreamOptions {
-    /// `nats://host:port`, comma-separated.
-    pub servers: String,
+    /// The servers, and how this host proves who it is to them.
+    pub access: NatsAccess,
     pub role: Role,
     /// Copies JetStream keeps of each event (and of the KV buckets): 3 in
     /// a cluster of three, so that one node may die.
@@ -116,7 +119,7 @@ impl Log {
     /// Connects (to any of the servers; the client follows the cluster) and
     /// makes the streams and buckets if they are not there.
     pub async fn connect(options: StreamOptions) -> anyhow::Result<Log> {
-        let js = context(&options.servers).await?;
+        let (js, trouble) = context(&options.access).await?;
         let events = stream::Config {
             name: EVENTS_STREAM.to_string(),
             subjects: vec![EVENTS_SUBJECTS.to_string()],
@@ -146,11 +149,18 @@ impl Log {
             };
             match setup(&js, &[events.clone(), dlq.clone(), outcomes], options.replicas).await {
                 Ok(()) => break,
+                Err(_) if let Some(refused) = trouble.refused() => anyhow::bail!(refusal(&options.access, &refused)),
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!("JetStream is not ready yet: {e:#}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    let last = trouble.last().map(|t| format!(" (NATS: {t})")).unwrap_or_default();
+                    return Err(e.context(format!(
+                        "JetStream at {} was not ready within {SETUP_WAIT:?}{last}",
+                        options.access.describe()
+                    )));
+                }
             }
         }
         agree_on_partitions(&js, &options).await?;
@@ -366,27 +376,48 @@ async fn setup(js: &jetstream::Context, streams: &[stream::Config], replicas: us
     connections::setup(js, replicas).await
 }
 
-/// A JetStream context on the servers, with a bounded wait for each answer.
-pub async fn context(servers: &str) -> anyhow::Result<jetstream::Context> {
-    let addresses: Vec<async_nats::ServerAddr> = servers
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().with_context(|| format!("{s:?} is not a NATS server address")))
-        .collect::<anyhow::Result<_>>()?;
-    if addresses.is_empty() {
-        anyhow::bail!("--stream names no NATS server");
-    }
-    let client = async_nats::ConnectOptions::new()
-        .name(concat!("cdp-host/", env!("CARGO_PKG_VERSION")))
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(addresses)
-        .await
-        .with_context(|| format!("connecting to NATS at {servers}"))?;
+/// A JetStream context on the servers, with a bounded wait for each
+/// answer, and what went wrong last while connecting.
+pub async fn context(access: &NatsAccess) -> anyhow::Result<(jetstream::Context, Trouble)> {
+    let (client, trouble) = access.connect().await?;
     let mut js = jetstream::new(client);
     js.set_timeout(Duration::from_secs(5));
-    Ok(js)
+    Ok((js, trouble))
+}
+
+/// The same for a command that runs once (`dlq`): connected, or an error
+/// that says why not within `CONNECT_NOW`.
+pub async fn context_now(access: &NatsAccess) -> anyhow::Result<jetstream::Context> {
+    let (js, trouble) = context(access).await?;
+    let deadline = tokio::time::Instant::now() + CONNECT_NOW;
+    loop {
+        if js.client().connection_state() == async_nats::connection::State::Connected {
+            return Ok(js);
+        }
+        if let Some(refused) = trouble.refused() {
+            anyhow::bail!(refusal(access, &refused));
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "NATS at {} did not answer within {CONNECT_NOW:?} ({})",
+                access.describe(),
+                trouble.last().unwrap_or_else(|| "no error reported".to_string())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const CONNECT_NOW: Duration = Duration::from_secs(10);
+
+/// The error for servers that refused this host, with where to look.
+fn refusal(access: &NatsAccess, trouble: &str) -> String {
+    let hint = if trouble.contains("TLS") {
+        "check --nats-tls-ca (the CA that signed the servers' certificates), the client certificate if the servers ask for one, and that the servers speak TLS"
+    } else {
+        "check the credentials: --nats-user with --nats-password-file (or CDP_HOST_NATS_PASSWORD), --nats-token-file (or CDP_HOST_NATS_TOKEN), --nats-nkey or --nats-creds"
+    };
+    format!("NATS at {} refused this host ({trouble}): {hint}", access.describe())
 }
 
 /// The partition of an event: a hash of its person key, the same key
