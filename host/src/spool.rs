@@ -187,7 +187,16 @@ impl Spool {
     /// person's later events would overtake it (the fault run's checker
     /// found that). Delivery waits instead, holding the person's later
     /// events behind it.
-    pub fn pending_after(&self, connection: &str, after: i64, limit: usize) -> anyhow::Result<Vec<SpooledEvent>> {
+    /// Reads at most `limit` rows, and stops after the row that takes their
+    /// bodies to `max_bytes` (at least one row is read): a backlog of large
+    /// events is read a few at a time.
+    pub fn pending_after(
+        &self,
+        connection: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> anyhow::Result<Vec<SpooledEvent>> {
         let conn = self.conn.lock().unwrap();
         let mut query = conn.prepare_cached(
             "SELECT id, body, not_before FROM events WHERE connection = ?1 AND state = 'pending' AND id > ?2
@@ -203,7 +212,16 @@ impl Spool {
                     .map(std::time::SystemTime::from),
             })
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let (mut read, mut bytes) = (Vec::new(), 0usize);
+        for row in rows {
+            let row = row?;
+            bytes += row.body.len();
+            read.push(row);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(read)
     }
 
     /// The connections with pending events ready to deliver.
@@ -474,7 +492,7 @@ mod tests {
             })
             .collect();
         spool.append(&events).unwrap();
-        let rows = spool.pending_after(DEFAULT_CONNECTION, 0, 10).unwrap();
+        let rows = spool.pending_after(DEFAULT_CONNECTION, 0, 10, usize::MAX).unwrap();
         let outcome = outcome_json("send", None, &[]);
         for (row, state) in rows.iter().zip([State::Delivered, State::Skipped, State::Dead]) {
             spool.finish(row.id, state, &outcome, "1.0.0").unwrap();
@@ -542,7 +560,7 @@ mod tests {
             .unwrap();
         let ids = |spool: &Spool| -> Vec<String> {
             spool
-                .pending_after(DEFAULT_CONNECTION, 0, 10)
+                .pending_after(DEFAULT_CONNECTION, 0, 10, usize::MAX)
                 .unwrap()
                 .into_iter()
                 .map(|row| {
@@ -554,14 +572,14 @@ mod tests {
                 .collect()
         };
         assert_eq!(ids(&spool), ["p-v1", "q-v1", "p-v2", "nobody"]);
-        let first = spool.pending_after(DEFAULT_CONNECTION, 0, 1).unwrap()[0].id;
+        let first = spool.pending_after(DEFAULT_CONNECTION, 0, 1, usize::MAX).unwrap()[0].id;
         let until = chrono::Utc::now() + chrono::Duration::seconds(40);
         spool.defer(first, until).unwrap();
         // Still read, in order, with its wait: delivery holds it (and the
         // person's later events behind it) until then.
         assert_eq!(ids(&spool), ["p-v1", "q-v1", "p-v2", "nobody"]);
         let waits: Vec<Option<std::time::SystemTime>> = spool
-            .pending_after(DEFAULT_CONNECTION, 0, 10)
+            .pending_after(DEFAULT_CONNECTION, 0, 10, usize::MAX)
             .unwrap()
             .into_iter()
             .map(|row| row.not_before)

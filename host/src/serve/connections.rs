@@ -184,6 +184,8 @@ pub struct Connection {
     pub(super) waits: Waits,
     /// Its events in flight, at most.
     pub(super) held: Arc<tokio::sync::Semaphore>,
+    /// Their bodies' KiB, at most (`CONNECTION_BYTES`).
+    pub(super) held_bytes: Arc<tokio::sync::Semaphore>,
     /// Its spool feeder, run while it has work.
     pub(super) feeder: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(super) feeding: AtomicBool,
@@ -261,6 +263,14 @@ pub struct Connections {
 pub(super) type Waits = Arc<Mutex<HashMap<crate::mapping::EventId, std::time::SystemTime>>>;
 
 pub const HOST_EVENTS: usize = 16_384;
+
+/// Bytes of event bodies in flight at most, for all connections together,
+/// and for one: memory under a backlog of large events is bounded by these,
+/// not by the counts above (1,000 events of 1 MB were 1.65 GB of memory).
+/// An event holds its body, its mapped requests and Klaviyo's answers:
+/// about twice to three times its size.
+pub const HOST_BYTES: usize = 64 << 20;
+pub(crate) const CONNECTION_BYTES: usize = 32 << 20;
 
 /// Events in flight at most for one connection of many (room for two
 /// bulk batches of Klaviyo's 1,000 events to fill), and for the one of the
@@ -650,6 +660,7 @@ impl Connections {
             } else {
                 CONNECTION_EVENTS
             })),
+            held_bytes: Arc::new(tokio::sync::Semaphore::new(CONNECTION_BYTES / 1024)),
             waits,
             feeder: Mutex::default(),
             feeding: AtomicBool::new(false),

@@ -36,21 +36,32 @@ pub(crate) const IDLE: Duration = Duration::from_secs(10);
 /// How often an engine waiting for events looks whether it is idle.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
-/// An admitted event: its room (its connection's and the host's), and
-/// who waits for its outcome to be recorded (its person's next event).
+/// An admitted event: its room (a place among its connection's events and
+/// the host's, and its body's bytes in both), and who waits for its
+/// outcome to be recorded (its person's next event).
 pub(crate) struct Held {
-    _room: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    _room: Room,
     /// Dropped at release, which is what the waiter hears.
     settled: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// Its connection's and the host's count, then their bytes.
+type Room = [OwnedSemaphorePermit; 4];
+
 impl Held {
-    fn new(own: OwnedSemaphorePermit, host: OwnedSemaphorePermit) -> Held {
+    fn new(room: Room) -> Held {
         Held {
-            _room: (own, host),
+            _room: room,
             settled: None,
         }
     }
+}
+
+/// The permits an event of `size` bytes takes from a byte bound of
+/// `bound` bytes: one a KiB, at least one, and never more than the whole
+/// bound (an event larger than that goes alone).
+fn kib(size: usize, bound: usize) -> u32 {
+    size.div_ceil(1024).clamp(1, bound / 1024) as u32
 }
 
 /// An outcome, with the connection it belongs to.
@@ -84,6 +95,8 @@ pub(crate) struct Engines {
     serial: std::sync::atomic::AtomicU64,
     /// Events admitted across connections (`connections::HOST_EVENTS`).
     host: Arc<Semaphore>,
+    /// Their bodies' KiB (`connections::HOST_BYTES`).
+    host_bytes: Arc<Semaphore>,
     outcomes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Outcome>>>,
     metrics: Arc<Metrics>,
     closed: std::sync::atomic::AtomicBool,
@@ -100,6 +113,7 @@ impl Engines {
             running: Mutex::default(),
             serial: Default::default(),
             host: Arc::new(Semaphore::new(connections::HOST_EVENTS)),
+            host_bytes: Arc::new(Semaphore::new(connections::HOST_BYTES / 1024)),
             outcomes: Mutex::new(Some(tx)),
             metrics,
             closed: Default::default(),
@@ -108,31 +122,58 @@ impl Engines {
         (engines, rx)
     }
 
-    /// Lets an event in if its connection and the host have room for it.
-    pub(crate) fn try_admit(&self, connection: &Connection, id: EventId) -> Admit {
+    /// Lets an event of `size` bytes in if its connection and the host
+    /// have room for it.
+    pub(crate) fn try_admit(&self, connection: &Connection, id: EventId, size: usize) -> Admit {
         let mut in_flight = connection.in_flight.lock().unwrap();
         if in_flight.contains_key(&id) {
             return Admit::AlreadyIn;
         }
-        let Ok(own) = connection.held.clone().try_acquire_owned() else {
+        let room = (|| {
+            Some([
+                connection.held.clone().try_acquire_owned().ok()?,
+                self.host.clone().try_acquire_owned().ok()?,
+                connection
+                    .held_bytes
+                    .clone()
+                    .try_acquire_many_owned(kib(size, connections::CONNECTION_BYTES))
+                    .ok()?,
+                self.host_bytes
+                    .clone()
+                    .try_acquire_many_owned(kib(size, connections::HOST_BYTES))
+                    .ok()?,
+            ])
+        })();
+        let Some(room) = room else {
             return Admit::Full;
         };
-        let Ok(host) = self.host.clone().try_acquire_owned() else {
-            return Admit::Full;
-        };
-        in_flight.insert(id, Held::new(own, host));
+        in_flight.insert(id, Held::new(room));
         Admit::Admitted
     }
 
-    /// Lets an event in once its connection and the host have room for
-    /// it; false if it is in already.
-    pub(crate) async fn admit(&self, connection: &Connection, id: EventId) -> bool {
+    /// Lets an event of `size` bytes in once its connection and the host
+    /// have room for it; false if it is in already.
+    pub(crate) async fn admit(&self, connection: &Connection, id: EventId, size: usize) -> bool {
         if connection.in_flight.lock().unwrap().contains_key(&id) {
             return false;
         }
-        let own = connection.held.clone().acquire_owned().await.expect("never closed");
-        let host = self.host.clone().acquire_owned().await.expect("never closed");
-        connection.in_flight.lock().unwrap().insert(id, Held::new(own, host));
+        let closed = "never closed";
+        let room = [
+            connection.held.clone().acquire_owned().await.expect(closed),
+            self.host.clone().acquire_owned().await.expect(closed),
+            connection
+                .held_bytes
+                .clone()
+                .acquire_many_owned(kib(size, connections::CONNECTION_BYTES))
+                .await
+                .expect(closed),
+            self.host_bytes
+                .clone()
+                .acquire_many_owned(kib(size, connections::HOST_BYTES))
+                .await
+                .expect(closed),
+        ];
+        connection.in_flight.lock().unwrap().insert(id, Held::new(room));
         true
     }
 
@@ -417,7 +458,7 @@ mod tests {
     /// Admits and hands in each event, in order, as a log's reader would.
     async fn feed(engines: &Arc<Engines>, shop: &Shop, events: &[(EventId, String)]) {
         for (id, body) in events {
-            assert!(engines.admit(&shop.connection, *id).await);
+            assert!(engines.admit(&shop.connection, *id, body.len()).await);
             assert!(engines.hand(&shop.connection, *id, body.clone(), None));
         }
     }
@@ -571,21 +612,21 @@ mod tests {
         let (engines, _outcomes) = Engines::new(Arc::default());
         let shop = shop("b", Faults::default()).await;
         let mut admitted = 0u64;
-        while let Admit::Admitted = engines.try_admit(&shop.connection, EventId::Line(admitted)) {
+        while let Admit::Admitted = engines.try_admit(&shop.connection, EventId::Line(admitted), 100) {
             admitted += 1;
         }
         assert_eq!(admitted as usize, super::super::connections::FLAGS_CONNECTION_EVENTS);
         assert!(matches!(
-            engines.try_admit(&shop.connection, EventId::Line(0)),
+            engines.try_admit(&shop.connection, EventId::Line(0), 100),
             Admit::AlreadyIn
         ));
         assert!(matches!(
-            engines.try_admit(&shop.connection, EventId::Line(admitted)),
+            engines.try_admit(&shop.connection, EventId::Line(admitted), 100),
             Admit::Full
         ));
         engines.release(&shop.connection, EventId::Line(0), false);
         assert!(matches!(
-            engines.try_admit(&shop.connection, EventId::Line(admitted)),
+            engines.try_admit(&shop.connection, EventId::Line(admitted), 100),
             Admit::Admitted
         ));
     }
@@ -596,7 +637,7 @@ mod tests {
         let shop = shop("d", Faults::default()).await;
         let id = EventId::SpoolRow(7);
         let no_email = json!({"type": "track", "event": "Step", "messageId": "m7", "userId": "u7"}).to_string();
-        assert!(engines.admit(&shop.connection, id).await);
+        assert!(engines.admit(&shop.connection, id, 100).await);
         let later = std::time::SystemTime::now() + Duration::from_secs(60);
         assert!(engines.hand(&shop.connection, id, no_email, Some(later)));
         let settled = settle(&engines, &mut outcomes, "d", 1, Duration::from_secs(10)).await;

@@ -438,6 +438,9 @@ async fn finish_deletions(shared: &Arc<Shared>) {
     }
 }
 
+/// Rows a feeder reads at once stop at this many bytes of bodies.
+const READ_AHEAD_BYTES: usize = 4 << 20;
+
 /// Hands a connection's pending rows to its engine, oldest first, each once
 /// while it is in flight; a row replayed from the dead letters is picked up
 /// on the next full sweep.
@@ -460,15 +463,18 @@ async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, read_ahead: usiz
             last_sweep = tokio::time::Instant::now();
         }
         let (spool, id) = (shared.spool.clone(), connection.id.clone());
-        let rows = match tokio::task::spawn_blocking(move || spool.pending_after(&id, cursor, read_ahead)).await {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                tracing::error!(connection = %connection.id, "reading the spool: {e:#}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-            Err(_) => break,
-        };
+        let rows =
+            match tokio::task::spawn_blocking(move || spool.pending_after(&id, cursor, read_ahead, READ_AHEAD_BYTES))
+                .await
+            {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) => {
+                    tracing::error!(connection = %connection.id, "reading the spool: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(_) => break,
+            };
         if rows.is_empty() {
             let idle = connection.in_flight.lock().unwrap().is_empty();
             if !idle {
@@ -487,7 +493,7 @@ async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, read_ahead: usiz
             cursor = cursor.max(row.id);
             let id = EventId::SpoolRow(row.id);
             // Room for it in the connection's share and the host's.
-            if !shared.engines.admit(&connection, id).await {
+            if !shared.engines.admit(&connection, id, row.body.len()).await {
                 continue;
             }
             if !shared.engines.hand(&connection, id, row.body, row.not_before) {
@@ -500,7 +506,7 @@ async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, read_ahead: usiz
     // for this one to finish).
     if !shared.draining() && connection.state().delivers() {
         let (spool, id) = (shared.spool.clone(), connection.id.clone());
-        if let Ok(Ok(rows)) = tokio::task::spawn_blocking(move || spool.pending_after(&id, 0, 1)).await
+        if let Ok(Ok(rows)) = tokio::task::spawn_blocking(move || spool.pending_after(&id, 0, 1, usize::MAX)).await
             && !rows.is_empty()
         {
             shared.ensure_running(&connection);

@@ -86,6 +86,10 @@ const ACK_SLOW: Duration = Duration::from_secs(1);
 /// partition's other connections go on: only a connection with this many
 /// events parked in one partition holds that partition up.
 const MAX_ACK_PENDING: i64 = 4_096;
+/// Bytes of events one pull asks for, at most. JetStream ends a pull whose
+/// next event is larger, so this must exceed the largest event ingest
+/// takes (1 MiB, with its headers).
+const PULL_BYTES: usize = 4 << 20;
 /// How often parked events are offered again besides when room is freed
 /// (a connection resumed, one made on another host).
 const UNPARK_EVERY: Duration = Duration::from_millis(250);
@@ -173,7 +177,8 @@ impl Settled {
 /// partition's reader: its events are then read again in order.
 struct Parked {
     worker: Arc<Worker>,
-    queues: HashMap<String, VecDeque<u64>>,
+    /// Each connection's parked events: sequence and body size.
+    queues: HashMap<String, VecDeque<(u64, usize)>>,
     /// Connections this host does not have, told of once.
     unknown: HashSet<String>,
 }
@@ -187,14 +192,14 @@ impl Parked {
         self.queues.contains_key(connection)
     }
 
-    fn push(&mut self, connection: String, sequence: u64) {
-        self.queues.entry(connection).or_default().push_back(sequence);
+    fn push(&mut self, connection: String, sequence: u64, size: usize) {
+        self.queues.entry(connection).or_default().push_back((sequence, size));
     }
 }
 
 impl Drop for Parked {
     fn drop(&mut self) {
-        for sequence in self.queues.values().flatten() {
+        for (sequence, _) in self.queues.values().flatten() {
             self.worker.forget(*sequence);
         }
     }
@@ -486,6 +491,9 @@ impl Worker {
         let pulled = consumer
             .stream()
             .max_messages_per_batch(256)
+            // Large events are pulled a few at a time: what the client
+            // holds for a partition stays small.
+            .max_bytes_per_batch(PULL_BYTES)
             .expires(Duration::from_secs(5))
             .heartbeat(Duration::from_secs(1))
             .messages()
@@ -616,7 +624,7 @@ impl Worker {
             && connection.state().delivers()
         {
             let id = EventId::Stream(sequence);
-            match self.shared.engines.try_admit(connection, id) {
+            match self.shared.engines.try_admit(connection, id, message.payload.len()) {
                 Admit::Admitted => {
                     let body = String::from_utf8_lossy(&message.payload).into_owned();
                     if !self.shared.engines.hand(connection, id, body, None) {
@@ -632,7 +640,7 @@ impl Worker {
         if connection.is_none() && parked.unknown.insert(connection_id.clone()) {
             tracing::warn!(worker = %self.id, connection = %connection_id, "events for a connection this host does not have wait, parked, until it does");
         }
-        parked.push(connection_id, sequence);
+        parked.push(connection_id, sequence, message.payload.len());
     }
 
     /// Hands parked events on, in order, to the connections that can take
@@ -649,9 +657,9 @@ impl Worker {
                 continue;
             };
             let queue = parked.queues.get_mut(&connection_id).expect("listed above");
-            while let Some(&sequence) = queue.front() {
+            while let Some(&(sequence, size)) = queue.front() {
                 let id = EventId::Stream(sequence);
-                match self.shared.engines.try_admit(&connection, id) {
+                match self.shared.engines.try_admit(&connection, id, size) {
                     Admit::Full => break,
                     Admit::AlreadyIn => {
                         queue.pop_front();
