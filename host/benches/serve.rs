@@ -20,6 +20,9 @@
 //! then the other events'. `BENCH_SERVE_PLUGIN=hostile` with no poison is
 //! the run to compare against.
 //!
+//! `BENCH_SERVE_BIN=PATH` runs that build of `cdp-host` instead of this
+//! one's, so that a before and an after can be paired on the same bench.
+//!
 //! Speed is reported, never asserted. Results: BENCHMARKS.md.
 
 use std::process::{Command, Stdio};
@@ -56,9 +59,12 @@ async fn main() {
     if let Ok(deadline) = std::env::var("BENCH_SERVE_DEADLINE_MS") {
         plugin_args.extend(["--plugin-deadline-ms".into(), deadline]);
     }
+    // `BENCH_SERVE_BIN=path` runs another build of cdp-host (a before to
+    // pair against an after).
+    let binary = std::env::var("BENCH_SERVE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cdp-host").to_string());
     let (sandbox_port, serve_port) = (free_port(), free_port());
     let _sandbox = Killed(
-        Command::new(env!("CARGO_BIN_EXE_cdp-host"))
+        Command::new(&binary)
             .args(["sandbox", "--listen", &format!("127.0.0.1:{sandbox_port}")])
             .args((!limits).then_some("--no-rate-limits"))
             .stdout(Stdio::null())
@@ -67,7 +73,7 @@ async fn main() {
     );
     wait_listening(sandbox_port);
     let _serve = Killed(
-        Command::new(env!("CARGO_BIN_EXE_cdp-host"))
+        Command::new(&binary)
             .args([
                 "serve",
                 "--write-key",
