@@ -158,9 +158,10 @@ pub struct Parts {
 /// Resolves once an event's outcome is recorded where a restart reads it
 /// (a spool row written, a stream message acked), or once the event is no
 /// longer in flight at all (its sender dropped). Its person's next event
-/// waits for it, so that of each person at most one event is out and not
-/// yet recorded: a crash then sends again only that one, their newest, and
-/// never an older event behind a newer one.
+/// waits for it, so that such an event is never out and unrecorded behind
+/// a newer one of its person: a crash sends again only that one, their
+/// newest. (`serve` asks this of profile writes, whose resending would
+/// leave a profile stale.)
 pub type Settling = tokio::sync::oneshot::Receiver<()>;
 
 /// Called with an event and the time before which it must not be resent.

@@ -303,13 +303,28 @@ impl Engines {
             let (engines, connection) = (self.clone(), connection.clone());
             move |record: &EventRecord| {
                 engines.count(&connection, record);
-                // Asked before the outcome goes, so that its release
-                // cannot come first.
-                let settling = connection.in_flight.lock().unwrap().get_mut(&record.id).map(|held| {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    held.settled = Some(tx);
-                    rx
-                });
+                // A profile write (an identify) holds its person's next
+                // event until its outcome is recorded: sent again after a
+                // newer one, it would leave the profile stale. Other events
+                // are keyed by their message (Klaviyo keeps one event per
+                // unique_id), so one sent again is a no-op downstream, and
+                // holding each for a record (an ack's round trip to the
+                // stream's replicas) would cap every person's rate at one
+                // event per round trip. Asked before the outcome goes, so
+                // that its release cannot come first.
+                let profile_write = record
+                    .kind
+                    .as_deref()
+                    .is_some_and(|k| k.eq_ignore_ascii_case("identify"));
+                let settling = profile_write
+                    .then(|| {
+                        connection.in_flight.lock().unwrap().get_mut(&record.id).map(|held| {
+                            let (tx, rx) = tokio::sync::oneshot::channel();
+                            held.settled = Some(tx);
+                            rx
+                        })
+                    })
+                    .flatten();
                 // The receiver goes with the service: a send fails only if
                 // it is gone, and then the event stays unfinished, and its
                 // person's next event is not held for it.
@@ -566,7 +581,7 @@ mod tests {
     /// yet recorded (an ack unconfirmed, a row unwritten), and when that
     /// record was lost the older event was sent again behind the newer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_persons_next_event_waits_until_the_last_outcome_is_recorded() {
+    async fn a_persons_next_event_waits_until_their_last_identify_is_recorded() {
         let (engines, mut outcomes) = Engines::new(Arc::default());
         let shop = shop("e", Faults::default()).await;
         let events = [
