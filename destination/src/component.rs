@@ -6,7 +6,7 @@
 // (no batching): the fixture that proves 1.0 plugins keep working.
 #[cfg(not(feature = "contract-1-0"))]
 wit_bindgen::generate!({
-    world: "batching-destination",
+    world: "complete-destination",
     path: "../wit",
 });
 #[cfg(feature = "contract-1-0")]
@@ -107,6 +107,23 @@ fn from_wit_response(response: wit::HttpResponse) -> contract::Response {
 }
 
 /// Batching (contract 1.1): Klaviyo's bulk endpoints, see `bulk.rs`.
+#[cfg(not(feature = "contract-1-0"))]
+mod skip_codes {
+    use crate::component::exports::chord::destination::skip_codes::{Guest, SkipCode};
+
+    impl Guest for super::KlaviyoPlugin {
+        fn codes() -> Vec<SkipCode> {
+            crate::SKIP_RULES
+                .iter()
+                .map(|(code, prefix)| SkipCode {
+                    code: code.to_string(),
+                    reason_prefix: prefix.to_string(),
+                })
+                .collect()
+        }
+    }
+}
+
 #[cfg(not(feature = "contract-1-0"))]
 mod batching {
     use super::{from_wit, from_wit_response, to_wit};

@@ -18,7 +18,10 @@ pub fn map(event: &ChordEvent, settings: &Settings, warnings: &mut Vec<String>) 
     let ordering_key = identity.ordering_key();
     if ordering_key.is_none() {
         return (
-            Outcome::Skip("no email or phone number: Chord sends Klaviyo only profiles that carry one".to_string()),
+            Outcome::Skip(format!(
+                "{}: Chord sends Klaviyo only profiles that carry one",
+                crate::NO_EMAIL_OR_PHONE
+            )),
             None,
         );
     }

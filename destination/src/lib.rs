@@ -59,6 +59,32 @@ pub fn manifest() -> Manifest {
     }
 }
 
+/// The rules by which an event is skipped, each as its code (a metric's
+/// label in the host) and the beginning of its reason; every skip reason
+/// begins with one of these (a test checks that each skip of the cases
+/// has a code).
+pub const SKIP_RULES: &[(&str, &str)] = &[
+    ("no_email_or_phone", NO_EMAIL_OR_PHONE),
+    ("page_view", PAGE_VIEWS),
+    ("group_call", GROUP_CALLS),
+    ("alias_call", ALIAS_CALLS),
+    ("skip_events_setting", SKIP_EVENTS_SETTING),
+];
+
+pub(crate) const NO_EMAIL_OR_PHONE: &str = "no email or phone number";
+const PAGE_VIEWS: &str = "page views are not passed through";
+const GROUP_CALLS: &str = "group calls are not sent";
+const ALIAS_CALLS: &str = "alias calls are not sent";
+pub(crate) const SKIP_EVENTS_SETTING: &str = "listed in the skip_events setting";
+
+/// The code of a skip reason (`SKIP_RULES`), if one names it.
+pub fn skip_code(reason: &str) -> Option<&'static str> {
+    SKIP_RULES
+        .iter()
+        .find(|(_, prefix)| reason.starts_with(prefix))
+        .map(|(code, _)| *code)
+}
+
 /// Checks a settings JSON object.
 pub fn validate_settings(settings: &str) -> Result<(), Vec<SettingError>> {
     settings::parse(settings).map(|_| ())
@@ -94,15 +120,17 @@ fn map_event(settings: &str, event: &str, now_unix_ms: i64, warnings: &mut Vec<S
         Err(reason) => (Outcome::Error(reason), None),
         Ok(Kind::Track) => track::map(&event, &settings, now_unix_ms, warnings),
         Ok(Kind::Identify) => identify::map(&event, &settings, warnings),
-        Ok(Kind::Page | Kind::Screen) => (Outcome::Skip("page views are not passed through".to_string()), None),
+        Ok(Kind::Page | Kind::Screen) => (Outcome::Skip(PAGE_VIEWS.to_string()), None),
         Ok(Kind::Group) => (
-            Outcome::Skip("group calls are not sent: Klaviyo has no accounts or groups to put them in".to_string()),
+            Outcome::Skip(format!(
+                "{GROUP_CALLS}: Klaviyo has no accounts or groups to put them in"
+            )),
             None,
         ),
         Ok(Kind::Alias) => (
-            Outcome::Skip(
-                "alias calls are not sent: Klaviyo merges profiles by email and phone, not by alias".to_string(),
-            ),
+            Outcome::Skip(format!(
+                "{ALIAS_CALLS}: Klaviyo merges profiles by email and phone, not by alias"
+            )),
             None,
         ),
     }
@@ -153,4 +181,39 @@ pub fn assemble(settings: &str, class: &str, items: &[String]) -> Result<Request
 /// Judges a bulk request's (or a follow-up's) response per item.
 pub fn judge(_settings: &str, class: &str, items: &[String], request: &Request, response: &Response) -> BatchVerdict {
     bulk::judge(class, items, request, response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every rule by which an event is skipped has its code: a skip with no
+    /// code would be counted as `other` in the host's metrics.
+    #[test]
+    fn every_skip_reason_has_a_code() {
+        let settings = r#"{"skip_events": ["Ignored Event"]}"#;
+        let events = [
+            r#"{"type": "page", "messageId": "m1", "properties": {"email": "a@example.org"}}"#,
+            r#"{"type": "screen", "messageId": "m2"}"#,
+            r#"{"type": "group", "messageId": "m3", "groupId": "g"}"#,
+            r#"{"type": "alias", "messageId": "m4", "userId": "u", "previousId": "p"}"#,
+            r#"{"type": "track", "messageId": "m5", "event": "Viewed"}"#,
+            r#"{"type": "identify", "messageId": "m6", "userId": "u", "traits": {"name": "x"}}"#,
+            r#"{"type": "track", "messageId": "m7", "event": "Ignored Event", "properties": {"email": "a@example.org"}}"#,
+        ];
+        let mut codes = Vec::new();
+        for event in events {
+            let Outcome::Skip(reason) = map(settings, event, 1_700_000_000_000).outcome else {
+                panic!("{event} was not skipped");
+            };
+            codes.push(skip_code(&reason).unwrap_or_else(|| panic!("no code for {reason:?}")));
+        }
+        codes.dedup();
+        let declared: Vec<&str> = SKIP_RULES.iter().map(|(code, _)| *code).collect();
+        let mut seen = codes.clone();
+        seen.sort();
+        let mut all = declared.clone();
+        all.sort();
+        assert_eq!(seen, all, "each declared code is used by some rule");
+    }
 }

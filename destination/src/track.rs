@@ -30,16 +30,16 @@ pub fn map(
         Err(reason) => return (Outcome::Error(reason), None),
     };
     if settings.skip_events.iter().any(|skip| skip == name) {
-        return (
-            Outcome::Skip(format!("{name:?} is listed in the skip_events setting")),
-            None,
-        );
+        return (Outcome::Skip(format!("{}: {name:?}", crate::SKIP_EVENTS_SETTING)), None);
     }
     let identity = Identity::resolve(event, settings, warnings);
     let ordering_key = identity.ordering_key();
     if ordering_key.is_none() {
         return (
-            Outcome::Skip("no email or phone number: Chord sends Klaviyo only events that carry one".to_string()),
+            Outcome::Skip(format!(
+                "{}: Chord sends Klaviyo only events that carry one",
+                crate::NO_EMAIL_OR_PHONE
+            )),
             None,
         );
     }

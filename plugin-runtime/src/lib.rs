@@ -41,6 +41,17 @@ mod batching_bindings {
     });
 }
 
+/// The optional `skip-codes` interface (since 1.2), the same way.
+mod skip_codes_bindings {
+    wasmtime::component::bindgen!({
+        world: "skip-coding-destination",
+        path: "../wit",
+        with: {
+            "chord:destination/types": crate::bindings::chord::destination::types,
+        },
+    });
+}
+
 pub mod batching;
 mod cache;
 mod call_env;
@@ -70,4 +81,7 @@ pub use slot::{Canary, Loaded, PluginSlot, SwapError, now_unix_ms};
 pub const INTERFACE: &str = "chord:destination/plugin";
 /// The optional interface a batching plugin exports (since 1.1).
 pub const BATCHING_INTERFACE: &str = "chord:destination/batching";
+/// The optional interface naming a plugin's skip rules (since 1.2).
+pub const SKIP_CODES_INTERFACE: &str = "chord:destination/skip-codes";
+pub use skip_codes_bindings::exports::chord::destination::skip_codes::SkipCode;
 pub const INTERFACE_MAJOR: u64 = 1;

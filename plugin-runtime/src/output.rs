@@ -38,6 +38,55 @@ pub enum OutputError {
         count: usize,
         limit: usize,
     },
+    #[error("skip code {code:?}: {why}")]
+    BadSkipCode { code: String, why: &'static str },
+}
+
+/// Skip codes a plugin may declare, at most; each code's and prefix's
+/// length at most. They become metric labels, so the set is small and
+/// each label plain.
+pub const SKIP_CODES: usize = 32;
+const SKIP_CODE_CHARS: usize = 32;
+const SKIP_PREFIX_BYTES: usize = 200;
+
+/// A plugin's skip codes: few, each a plain label (`a`-`z`, `0`-`9`, `_`)
+/// that is not `other` (the host's own), none twice, each with a prefix of
+/// 1 to 200 bytes.
+pub(crate) fn check_skip_codes(codes: &[crate::SkipCode]) -> Result<(), OutputError> {
+    if codes.len() > SKIP_CODES {
+        return Err(OutputError::TooManyItems {
+            what: "skip codes",
+            count: codes.len(),
+            limit: SKIP_CODES,
+        });
+    }
+    for (i, code) in codes.iter().enumerate() {
+        let bad = |why| {
+            Err(OutputError::BadSkipCode {
+                code: code.code.chars().take(SKIP_CODE_CHARS).collect(),
+                why,
+            })
+        };
+        if code.code.is_empty()
+            || code.code.len() > SKIP_CODE_CHARS
+            || !code
+                .code
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return bad("a code is 1 to 32 characters of a-z, 0-9 and _");
+        }
+        if code.code == "other" {
+            return bad("`other` is the host's label for reasons no code names");
+        }
+        if codes[..i].iter().any(|c| c.code == code.code) {
+            return bad("declared twice");
+        }
+        if code.reason_prefix.is_empty() || code.reason_prefix.len() > SKIP_PREFIX_BYTES {
+            return bad("its reason prefix must be 1 to 200 bytes");
+        }
+    }
+    Ok(())
 }
 
 /// Every text of a mapping within its bound: a plugin's words reach logs,
@@ -233,4 +282,32 @@ fn check_request(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod skip_code_tests {
+    use super::*;
+    use crate::SkipCode;
+
+    fn code(code: &str, prefix: &str) -> SkipCode {
+        SkipCode {
+            code: code.to_string(),
+            reason_prefix: prefix.to_string(),
+        }
+    }
+
+    #[test]
+    fn skip_codes_are_few_plain_labels_each_once() {
+        assert!(check_skip_codes(&[code("page_view", "page views"), code("no_email_2", "no email")]).is_ok());
+        let refused = |codes: &[SkipCode]| check_skip_codes(codes).unwrap_err().to_string();
+        assert!(refused(&[code("Page View", "p")]).contains("a-z, 0-9 and _"));
+        assert!(refused(&[code("", "p")]).contains("a-z, 0-9 and _"));
+        assert!(refused(&[code(&"a".repeat(33), "p")]).contains("a-z, 0-9 and _"));
+        assert!(refused(&[code("other", "p")]).contains("host's label"));
+        assert!(refused(&[code("a", "p"), code("a", "q")]).contains("declared twice"));
+        assert!(refused(&[code("a", "")]).contains("prefix"));
+        assert!(refused(&[code("a", &"x".repeat(201))]).contains("prefix"));
+        let many: Vec<SkipCode> = (0..33).map(|i| code(&format!("c{i}"), "p")).collect();
+        assert!(refused(&many).contains("33 skip codes"));
+    }
 }

@@ -24,9 +24,10 @@ use crate::egress::EgressPolicy;
 use crate::output::{self, OutputError};
 use crate::pool::InstancePool;
 use crate::runtime::{Limits, LoadError, Runtime, SlotTicket, TICK, hex};
+use crate::skip_codes_bindings::{SkipCodingDestination, SkipCodingDestinationIndices};
 use crate::{
     BatchClass, BatchItem, BatchVerdict, DestinationManifest, HttpRequest, HttpResponse, ItemVerdict, Mapping,
-    SettingError, Verdict,
+    SettingError, SkipCode, Verdict,
 };
 
 /// Why one plugin call failed. The instance that failed is discarded.
@@ -65,6 +66,7 @@ pub(crate) struct Exports {
     pub(crate) pre: wasmtime::component::InstancePre<PluginState>,
     pub(crate) indices: DestinationIndices,
     pub(crate) batching: Option<BatchingDestinationIndices>,
+    pub(crate) skip_codes: Option<SkipCodingDestinationIndices>,
 }
 
 /// A loaded, checked plugin, ready to instantiate.
@@ -77,6 +79,8 @@ pub struct Plugin {
     manifest: DestinationManifest,
     egress: EgressPolicy,
     pool: InstancePool,
+    /// Its skip codes (`skip-codes`, since 1.2): (code, reason prefix).
+    skip_codes: Vec<SkipCode>,
 }
 
 impl fmt::Debug for Plugin {
@@ -117,6 +121,7 @@ impl Plugin {
             manifest: empty_manifest(),
             egress: EgressPolicy::new(&[]),
             pool: InstancePool::default(),
+            skip_codes: Vec::new(),
         };
         let manifest_error = |e: CallError| LoadError::Manifest {
             source_name: source_name.clone(),
@@ -125,6 +130,9 @@ impl Plugin {
         let mut instance = plugin.instance().map_err(manifest_error)?;
         plugin.manifest = instance.manifest().map_err(manifest_error)?;
         plugin.egress = EgressPolicy::new(&plugin.manifest.allowed_hosts);
+        if instance.skip_coding.is_some() {
+            plugin.skip_codes = instance.skip_codes().map_err(manifest_error)?;
+        }
         plugin.pool.add(crate::pool::Use::Mapping, instance);
         Ok(plugin)
     }
@@ -141,6 +149,21 @@ impl Plugin {
     /// Whether it exports `batching` (since 1.1).
     pub fn batches(&self) -> bool {
         self.exports.batching.is_some()
+    }
+
+    /// Its skip codes (since 1.2; none for an older plugin).
+    pub fn skip_codes(&self) -> &[SkipCode] {
+        &self.skip_codes
+    }
+
+    /// The code of one of its skip reasons, for a metric's label: the first
+    /// code whose prefix begins the reason, else `other`. Never the
+    /// reason's own text, which may quote the event.
+    pub fn skip_code(&self, reason: &str) -> &str {
+        self.skip_codes
+            .iter()
+            .find(|c| reason.starts_with(&c.reason_prefix))
+            .map_or("other", |c| c.code.as_str())
     }
 
     pub fn sha256_hex(&self) -> String {
@@ -206,10 +229,19 @@ impl Plugin {
             ),
             None => None,
         };
+        let skip_coding = match &self.exports.skip_codes {
+            Some(indices) => Some(
+                indices
+                    .load(&mut store, &instance)
+                    .map_err(|e| classify(e.into(), &store, &stderr, limits))?,
+            ),
+            None => None,
+        };
         Ok(Instance {
             store,
             bindings,
             batching,
+            skip_coding,
             stderr,
             limits: limits.clone(),
             calls: 0,
@@ -244,6 +276,7 @@ pub struct Instance {
     store: Store<PluginState>,
     bindings: Destination,
     batching: Option<BatchingDestination>,
+    skip_coding: Option<SkipCodingDestination>,
     stderr: MemoryOutputPipe,
     limits: Limits,
     calls: u32,
@@ -379,6 +412,19 @@ impl Instance {
             }
         }
         Ok(verdict)
+    }
+
+    /// The plugin's skip codes (`skip-codes.codes`), checked.
+    fn skip_codes(&mut self) -> Result<Vec<SkipCode>, CallError> {
+        let Some(coding) = self.skip_coding.take() else {
+            return Ok(Vec::new());
+        };
+        let codes = self.call(None, |_, s| coding.chord_destination_skip_codes().call_codes(s));
+        self.skip_coding = Some(coding);
+        let codes = codes?;
+        let checked = output::check_skip_codes(&codes);
+        self.refuse(checked)?;
+        Ok(codes)
     }
 
     pub fn manifest(&mut self) -> Result<DestinationManifest, CallError> {

@@ -14,7 +14,8 @@ use crate::batching_bindings::BatchingDestinationIndices;
 use crate::bindings::DestinationIndices;
 use crate::cache::ComponentCache;
 use crate::plugin::{Exports, Plugin, PluginState};
-use crate::{BATCHING_INTERFACE, INTERFACE, INTERFACE_MAJOR};
+use crate::skip_codes_bindings::SkipCodingDestinationIndices;
+use crate::{BATCHING_INTERFACE, INTERFACE, INTERFACE_MAJOR, SKIP_CODES_INTERFACE};
 
 /// Epoch tick: the granularity of call deadlines.
 pub(crate) const TICK: Duration = Duration::from_millis(10);
@@ -222,7 +223,7 @@ impl Runtime {
             found: format!("{interface} with other functions ({e:#})"),
         })?;
         // Batching is optional: only a plugin that exports it is asked.
-        let batching = match exports_batching(&self.engine, &component) {
+        let batching = match exports_optional(&self.engine, &component, BATCHING_INTERFACE) {
             false => None,
             true => Some(
                 BatchingDestinationIndices::new(&pre).map_err(|e| LoadError::Incompatible {
@@ -231,9 +232,23 @@ impl Runtime {
                 })?,
             ),
         };
+        let skip_codes = match exports_optional(&self.engine, &component, SKIP_CODES_INTERFACE) {
+            false => None,
+            true => Some(
+                SkipCodingDestinationIndices::new(&pre).map_err(|e| LoadError::Incompatible {
+                    source_name: source_name.clone(),
+                    found: format!("{SKIP_CODES_INTERFACE} with other functions ({e:#})"),
+                })?,
+            ),
+        };
         Plugin::new(
             self.clone(),
-            Exports { pre, indices, batching },
+            Exports {
+                pre,
+                indices,
+                batching,
+                skip_codes,
+            },
             source_name,
             interface,
             sha256,
@@ -317,10 +332,11 @@ fn check_header(bytes: &[u8], source_name: &str) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Whether the component exports `batching` in this host's major version.
-fn exports_batching(engine: &Engine, component: &Component) -> bool {
+/// Whether the component exports an optional interface (`batching`,
+/// `skip-codes`) in this host's major version.
+fn exports_optional(engine: &Engine, component: &Component, interface: &str) -> bool {
     component.component_type().exports(engine).any(|(name, _)| {
-        name.strip_prefix(BATCHING_INTERFACE)
+        name.strip_prefix(interface)
             .and_then(|rest| rest.strip_prefix('@'))
             .and_then(|version| version.split('.').next())
             .and_then(|major| major.parse::<u64>().ok())

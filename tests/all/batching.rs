@@ -246,6 +246,9 @@ async fn a_1_0_plugin_loads_and_delivers_unbatched() {
     let plugin = klaviyo_1_0();
     assert_eq!(plugin.interface(), "chord:destination/plugin@1.0.0");
     assert!(!plugin.batches());
+    // No skip codes before 1.2: every skip is counted as `other`.
+    assert!(plugin.skip_codes().is_empty());
+    assert_eq!(plugin.skip_code("page views are not passed through"), "other");
     let events: Vec<Value> = (0..300)
         .map(|n| track(n, &format!("shopper{}@example.org", n % 50)))
         .collect();

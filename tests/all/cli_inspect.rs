@@ -9,8 +9,24 @@ fn inspect_shows_the_manifest_interface_and_digest() {
     let output = cdp_host().args(["plugin", "inspect"]).arg(&wasm).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(report["interface"], "chord:destination/plugin@1.1.0");
+    assert_eq!(report["interface"], "chord:destination/plugin@1.2.0");
     assert_eq!(report["batching"], true);
+    let codes: Vec<&str> = report["skip_codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "no_email_or_phone",
+            "page_view",
+            "group_call",
+            "alias_call",
+            "skip_events_setting"
+        ]
+    );
     assert_eq!(report["manifest"]["name"], "klaviyo");
     assert_eq!(report["manifest"]["api_revision"], "2026-07-15");
     assert_eq!(
@@ -70,4 +86,5 @@ fn inspect_tells_a_1_0_plugin_by_its_interface_and_no_batching() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["interface"], "chord:destination/plugin@1.0.0");
     assert_eq!(report["batching"], false);
+    assert_eq!(report["skip_codes"], serde_json::json!([]));
 }

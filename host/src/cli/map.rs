@@ -46,6 +46,10 @@ pub fn inspect(runtime_args: &RuntimeArgs, file: &Path) -> anyhow::Result<ExitCo
         "file": file.display().to_string(),
         "interface": plugin.interface(),
         "batching": plugin.batches(),
+        "skip_codes": plugin.skip_codes().iter().map(|c| serde_json::json!({
+            "code": c.code,
+            "reason_prefix": c.reason_prefix,
+        })).collect::<Vec<_>>(),
         "sha256": plugin.sha256_hex(),
         "size_bytes": plugin.size(),
         "manifest": {
