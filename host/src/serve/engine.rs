@@ -342,7 +342,10 @@ impl Engines {
         match &record.outcome {
             EventOutcome::Delivered { .. } => {}
             EventOutcome::Skipped(reason) => {
-                self.metrics.skipped(reason);
+                let plugin = connection.slot.current().plugin.clone();
+                let code = plugin.skip_code(reason);
+                tracing::debug!(connection = %connection.id, event = %record.id, code, "skipped: {reason}");
+                self.metrics.skipped(code);
                 connection
                     .metrics
                     .skipped(connections::kind_label(record.kind.as_deref()));

@@ -18,29 +18,25 @@ pub struct Metrics {
     /// With `--stream`: the partitions this host's worker holds now
     /// (`None` without a stream or a worker).
     pub partitions_held: Mutex<Option<u64>>,
-    skipped_by_reason: Mutex<BTreeMap<String, u64>>,
+    skipped_by_code: Mutex<BTreeMap<String, u64>>,
 }
 
-/// Distinct skip reasons kept as label values; later ones count as `other`.
-const REASON_LABELS: usize = 16;
-/// A reason label's length, in characters.
-const REASON_LABEL_CHARS: usize = 120;
+/// Distinct skip codes kept as label values (each plugin version declares
+/// at most 32, and versions may differ); later ones count as `other`.
+const CODE_LABELS: usize = 64;
 
 impl Metrics {
-    /// Counts a skip under a bounded label: the reason's first 120
-    /// characters, for the first 16 distinct reasons, and `other` after
-    /// that. A plugin's text must not become unbounded metric series; the
-    /// full reason stays in the spool and the logs. (Reason codes declared
-    /// in the manifest would be better labels; the 1.0 contract has none.)
-    pub fn skipped(&self, reason: &str) {
-        let label: String = reason.chars().take(REASON_LABEL_CHARS).collect();
-        let mut skipped = self.skipped_by_reason.lock().unwrap();
-        let key = if skipped.contains_key(&label) || skipped.len() < REASON_LABELS {
-            label
+    /// Counts a skip under its plugin's code for the reason (`skip-codes`,
+    /// contract 1.2), never under the reason's text, which may quote the
+    /// event: the text stays in the spool, the outcomes and the logs.
+    pub fn skipped(&self, code: &str) {
+        let mut skipped = self.skipped_by_code.lock().unwrap();
+        let key = if skipped.contains_key(code) || skipped.len() < CODE_LABELS {
+            code
         } else {
-            "other".to_string()
+            "other"
         };
-        *skipped.entry(key).or_default() += 1;
+        *skipped.entry(key.to_string()).or_default() += 1;
     }
 }
 
@@ -84,10 +80,10 @@ pub fn render(
 
     let _ = writeln!(
         out,
-        "# HELP cdp_events_skipped_total Events not sent, by the plugin's reason.\n# TYPE cdp_events_skipped_total counter"
+        "# HELP cdp_events_skipped_total Events not sent, by the plugin's skip code (other: a reason no code names, or a plugin before contract 1.2).\n# TYPE cdp_events_skipped_total counter"
     );
-    for (reason, count) in metrics.skipped_by_reason.lock().unwrap().iter() {
-        let _ = writeln!(out, "cdp_events_skipped_total{{reason=\"{}\"}} {count}", escape(reason));
+    for (code, count) in metrics.skipped_by_code.lock().unwrap().iter() {
+        let _ = writeln!(out, "cdp_events_skipped_total{{code=\"{}\"}} {count}", escape(code));
     }
     let mut statuses = BTreeMap::<u16, u64>::new();
     for connection in &all {
