@@ -155,15 +155,6 @@ pub struct Parts {
     pub hold: Option<Hold>,
 }
 
-/// Resolves once an event's outcome is recorded where a restart reads it
-/// (a spool row written, a stream message acked), or once the event is no
-/// longer in flight at all (its sender dropped). Its person's next event
-/// waits for it, so that such an event is never out and unrecorded behind
-/// a newer one of its person: a crash sends again only that one, their
-/// newest. (`serve` asks this of profile writes, whose resending would
-/// leave a profile stale.)
-pub type Settling = tokio::sync::oneshot::Receiver<()>;
-
 /// Called with an event and the time before which it must not be resent.
 pub type DeferObserver = Box<dyn Fn(EventId, std::time::SystemTime) + Send + Sync>;
 
@@ -287,21 +278,15 @@ impl Delivery {
             let bytes = line?;
             Ok((EventId::Line(index as u64 + 1), line_text(&bytes).into_owned()))
         });
-        self.run_events(lines, |record| {
-            observe(record);
-            None
-        })
-        .await
+        self.run_events(lines, observe).await
     }
 
     /// Maps and delivers a stream of (id, event text), in order per person,
-    /// until the stream ends. `observe` is shown each event's record as it
-    /// completes, and may answer with when that outcome is recorded
-    /// (`Settling`): the person's next event waits until then.
+    /// until the stream ends.
     pub async fn run_events(
         self: &Arc<Self>,
         events: impl Iterator<Item = anyhow::Result<(EventId, String)>> + Send + 'static,
-        observe: impl Fn(&EventRecord) -> Option<Settling> + Send + Sync,
+        observe: impl Fn(&EventRecord) + Send + Sync,
     ) -> anyhow::Result<Report> {
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel::<(MappedEvent, String)>(256);
@@ -315,9 +300,6 @@ impl Delivery {
         // busy people take the room of everyone else.
         let mut waiting = 0usize;
         let mut running: JoinSet<(Option<String>, EventRecord)> = JoinSet::new();
-        // People whose last outcome is not recorded yet: their lanes stay,
-        // and their next events wait.
-        let mut settling = futures_util::stream::FuturesUnordered::new();
         let mut input_done = false;
         loop {
             let room = self.config.concurrency + self.batch_room.load(Ordering::Relaxed);
@@ -345,20 +327,18 @@ impl Delivery {
                     let (key, record) = done?;
                     report.count(&record);
                     self.progress.count(&record);
-                    let recorded = observe(&record);
-                    match (key, recorded) {
-                        (Some(key), Some(recorded)) => settling.push(async move {
-                            // A sender dropped unsent says the same: the
-                            // event is no longer in flight.
-                            let _ = recorded.await;
-                            key
-                        }),
-                        (Some(key), None) => self.next_in_lane(&mut lanes, &key, &mut waiting, &mut running),
-                        (None, _) => {}
+                    observe(&record);
+                    if let Some(key) = key {
+                        match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
+                            Some((mapped, raw)) => {
+                                waiting -= 1;
+                                self.spawn_event(&mut running, mapped, raw);
+                            }
+                            None => {
+                                lanes.remove(&key);
+                            }
+                        }
                     }
-                }
-                Some(key) = futures_util::StreamExt::next(&mut settling) => {
-                    self.next_in_lane(&mut lanes, &key, &mut waiting, &mut running);
                 }
                 else => break,
             }
@@ -369,26 +349,6 @@ impl Delivery {
         report.requests_sent = self.requests_sent.load(Ordering::Relaxed);
         report.elapsed = started.elapsed();
         Ok(report)
-    }
-
-    /// Sends the next event of a person whose last one is finished, or
-    /// closes their lane.
-    fn next_in_lane(
-        self: &Arc<Self>,
-        lanes: &mut HashMap<String, VecDeque<(MappedEvent, String)>>,
-        key: &str,
-        waiting: &mut usize,
-        running: &mut JoinSet<(Option<String>, EventRecord)>,
-    ) {
-        match lanes.get_mut(key).and_then(VecDeque::pop_front) {
-            Some((mapped, raw)) => {
-                *waiting -= 1;
-                self.spawn_event(running, mapped, raw);
-            }
-            None => {
-                lanes.remove(key);
-            }
-        }
     }
 
     /// Maps events on the mapping stage's workers (see `MappingStage`):

@@ -36,24 +36,17 @@ pub(crate) const IDLE: Duration = Duration::from_secs(10);
 /// How often an engine waiting for events looks whether it is idle.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
-/// An admitted event: its room (a place among its connection's events and
-/// the host's, and its body's bytes in both), and who waits for its
-/// outcome to be recorded (its person's next event).
+/// An admitted event's room: a place among its connection's events and
+/// the host's, then its body's bytes in both.
 pub(crate) struct Held {
     _room: Room,
-    /// Dropped at release, which is what the waiter hears.
-    settled: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-/// Its connection's and the host's count, then their bytes.
 type Room = [OwnedSemaphorePermit; 4];
 
 impl Held {
     fn new(room: Room) -> Held {
-        Held {
-            _room: room,
-            settled: None,
-        }
+        Held { _room: room }
     }
 }
 
@@ -303,33 +296,9 @@ impl Engines {
             let (engines, connection) = (self.clone(), connection.clone());
             move |record: &EventRecord| {
                 engines.count(&connection, record);
-                // A profile write (an identify) holds its person's next
-                // event until its outcome is recorded: sent again after a
-                // newer one, it would leave the profile stale. Other events
-                // are keyed by their message (Klaviyo keeps one event per
-                // unique_id), so one sent again is a no-op downstream, and
-                // holding each for a record (an ack's round trip to the
-                // stream's replicas) would cap every person's rate at one
-                // event per round trip. Asked before the outcome goes, so
-                // that its release cannot come first.
-                let profile_write = record
-                    .kind
-                    .as_deref()
-                    .is_some_and(|k| k.eq_ignore_ascii_case("identify"));
-                let settling = profile_write
-                    .then(|| {
-                        connection.in_flight.lock().unwrap().get_mut(&record.id).map(|held| {
-                            let (tx, rx) = tokio::sync::oneshot::channel();
-                            held.settled = Some(tx);
-                            rx
-                        })
-                    })
-                    .flatten();
                 // The receiver goes with the service: a send fails only if
-                // it is gone, and then the event stays unfinished, and its
-                // person's next event is not held for it.
-                outcomes.send((connection.clone(), record.clone())).ok()?;
-                settling
+                // it is gone, and then the event stays unfinished.
+                let _ = outcomes.send((connection.clone(), record.clone()));
             }
         };
         if let Err(e) = connection.delivery.run_events(input, observer).await {
@@ -577,52 +546,6 @@ mod tests {
         // The failing shop's events are still being retried meanwhile.
         assert!(failing.connection.in_flight.lock().unwrap().len() > 1_000);
         eprintln!("16 events of a healthy shop delivered in {:?}", started.elapsed());
-    }
-
-    /// The defect the 30-minute fault run found on both backends: a
-    /// person's next event went out while the last one's outcome was not
-    /// yet recorded (an ack unconfirmed, a row unwritten), and when that
-    /// record was lost the older event was sent again behind the newer.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_persons_next_event_waits_until_their_last_identify_is_recorded() {
-        let (engines, mut outcomes) = Engines::new(Arc::default());
-        let shop = shop("e", Faults::default()).await;
-        let events = [
-            (EventId::Line(1), identify(1, 1)),
-            (EventId::Line(2), identify(1, 2)),
-            (EventId::Line(3), identify(2, 1)),
-        ];
-        feed(&engines, &shop, &events).await;
-        // Person 1's first and person 2's come out; neither is recorded.
-        let mut first = Vec::new();
-        for _ in 0..2 {
-            let next = tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await;
-            first.push(next.expect("an outcome within 10 s").expect("open").1.id);
-        }
-        first.sort();
-        assert_eq!(first, [EventId::Line(1), EventId::Line(3)]);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            outcomes.try_recv().is_err(),
-            "person 1's second went before the first was recorded"
-        );
-        assert_eq!(shop.sandbox.profiles().len(), 2);
-        let names = || {
-            let mut names: Vec<_> = shop
-                .sandbox
-                .profiles()
-                .iter()
-                .map(|p| p.attributes["first_name"].clone())
-                .collect();
-            names.sort_by_key(|n| n.to_string());
-            names
-        };
-        assert_eq!(names(), [json!("v1"), json!("v1")]);
-        // Recorded: the second goes.
-        engines.release(&shop.connection, EventId::Line(1), true);
-        let settled = settle(&engines, &mut outcomes, "e", 1, Duration::from_secs(10)).await;
-        assert!(settled.contains_key(&EventId::Line(2)));
-        assert_eq!(names(), [json!("v1"), json!("v2")]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
