@@ -198,6 +198,17 @@ async fn wait_for(what: &str, within: Duration, host: &Host, mut done: impl Asyn
     started.elapsed()
 }
 
+/// A Klaviyo that answers every request with a 5xx.
+fn failing_every_request() -> MockConfig {
+    MockConfig {
+        faults: Faults {
+            server_errors: 1.0,
+            ..Faults::default()
+        },
+        ..unlimited()
+    }
+}
+
 fn unlimited() -> MockConfig {
     MockConfig {
         rate_limits: false,
@@ -210,14 +221,7 @@ fn unlimited() -> MockConfig {
 /// events are delivered all the same, at once.
 async fn a_failing_shop_does_not_hold_up_another(backend: Backend) {
     let dir = tempdir();
-    let failing = crate::support::sandbox(MockConfig {
-        faults: Faults {
-            server_errors: 1.0,
-            ..Faults::default()
-        },
-        ..unlimited()
-    })
-    .await;
+    let failing = crate::support::sandbox(failing_every_request()).await;
     let healthy = crate::support::sandbox(unlimited()).await;
     let host = Host::start(
         backend,
@@ -361,14 +365,7 @@ async fn deleting_a_shop_delivers_its_backlog_first(backend: Backend) {
 async fn a_backlog_of_large_events_holds_memory_bounded_in_bytes(backend: Backend) {
     const EVENTS: usize = 200;
     let dir = tempdir();
-    let failing = crate::support::sandbox(MockConfig {
-        faults: Faults {
-            server_errors: 1.0,
-            ..Faults::default()
-        },
-        ..unlimited()
-    })
-    .await;
+    let failing = crate::support::sandbox(failing_every_request()).await;
     let host = Host::start(backend, &dir, &shop("big", &failing));
     let client = reqwest::Client::new();
     let blob = "x".repeat(99_000);

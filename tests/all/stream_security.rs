@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use klaviyo_mock::{DEMO_KEY, KlaviyoMock, MockConfig};
 
 use crate::cli_map::tempdir;
-use crate::nats::Cluster;
+use crate::nats::{Cluster, free_port};
 use crate::serve::{WRITE_KEY, post_track};
 use crate::support::cdp_host;
 
@@ -40,14 +40,6 @@ fn certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::write(&paths.1, cert.pem()).unwrap();
     std::fs::write(&paths.2, key.serialize_pem()).unwrap();
     paths
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `serve --stream` with `extra` flags, its stderr in `log`.

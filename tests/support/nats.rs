@@ -20,7 +20,8 @@ struct Node {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
+/// A loopback port free now (another process may take it before use).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -38,17 +38,7 @@ const IDLE_CHECK: Duration = Duration::from_millis(500);
 
 /// An admitted event's room: a place among its connection's events and
 /// the host's, then its body's bytes in both.
-pub(crate) struct Held {
-    _room: Room,
-}
-
-type Room = [OwnedSemaphorePermit; 4];
-
-impl Held {
-    fn new(room: Room) -> Held {
-        Held { _room: room }
-    }
-}
+pub(crate) type Held = [OwnedSemaphorePermit; 4];
 
 /// The permits an event of `size` bytes takes from a byte bound of
 /// `bound` bytes: one a KiB, at least one, and never more than the whole
@@ -140,7 +130,7 @@ impl Engines {
         let Some(room) = room else {
             return Admit::Full;
         };
-        in_flight.insert(id, Held::new(room));
+        in_flight.insert(id, room);
         Admit::Admitted
     }
 
@@ -166,7 +156,7 @@ impl Engines {
                 .await
                 .expect(closed),
         ];
-        connection.in_flight.lock().unwrap().insert(id, Held::new(room));
+        connection.in_flight.lock().unwrap().insert(id, room);
         true
     }
 
@@ -311,8 +301,8 @@ impl Engines {
         match &record.outcome {
             EventOutcome::Delivered { .. } => {}
             EventOutcome::Skipped(reason) => {
-                let plugin = connection.slot.current().plugin.clone();
-                let code = plugin.skip_code(reason);
+                let current = connection.slot.current();
+                let code = current.plugin.skip_code(reason);
                 tracing::debug!(connection = %connection.id, event = %record.id, code, "skipped: {reason}");
                 self.metrics.skipped(code);
                 connection
