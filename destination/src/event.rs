@@ -1,9 +1,11 @@
 //! Read-only access to a Chord (Jitsu/Segment-shaped) event: where each
 //! field lives, and nothing about Klaviyo.
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::fmt;
 
+use json_scan::{Scanner, Shape};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -28,8 +30,10 @@ pub enum Kind {
 /// an absent field read the same.
 ///
 /// `properties`, often most of an event's bytes and nearly always passed on
-/// as they are, is kept as the text it was sent as; it is built as a tree
-/// only when something needs the whole of it.
+/// as they are, is kept as the text it was sent as, with each top-level
+/// member's text and shape found in the same pass that reads the event
+/// (`json_scan`); it is built as a tree only when something needs the whole
+/// of it.
 pub struct ChordEvent<'a> {
     /// The event as received, for the content hash of an event without a
     /// `messageId`.
@@ -37,8 +41,26 @@ pub struct ChordEvent<'a> {
     fields: Fields<'a>,
     /// `properties` as a tree, built on first use.
     properties: OnceCell<Option<Value>>,
-    /// `properties`' top-level members, found on first use.
-    property_index: OnceCell<Vec<(String, &'a RawValue)>>,
+    /// `properties`' top-level members: found while the event is read, or
+    /// on first use when serde_json read it.
+    members: OnceCell<Members<'a>>,
+}
+
+/// One top-level member of `properties`, as sent.
+pub struct Member<'a> {
+    pub key: Cow<'a, str>,
+    pub text: &'a str,
+    /// What the value holds at most, for Klaviyo's limits.
+    pub shape: Shape,
+}
+
+/// `properties`' members, or why serde_json would not read them.
+pub struct Members<'a> {
+    pub members: Vec<Member<'a>>,
+    /// serde_json's words when the text holds something it will not read (a
+    /// lone UTF-16 surrogate in an escape, a number out of range), which
+    /// only reading finds.
+    pub unreadable: Option<String>,
 }
 
 #[derive(Default)]
@@ -50,7 +72,7 @@ struct Fields<'a> {
     anonymous_id: Option<Value>,
     timestamp: Option<Value>,
     /// Only when it is an object.
-    properties: Option<&'a RawValue>,
+    properties: Option<&'a str>,
     traits: Option<Value>,
     request_ip: Option<Value>,
     context: Context,
@@ -70,16 +92,77 @@ struct Context {
 impl<'a> ChordEvent<'a> {
     /// Parses event JSON; the reason names what is wrong.
     pub fn parse(text: &'a str) -> Result<ChordEvent<'a>, String> {
+        if let Some(event) = Self::scan(text) {
+            return Ok(event);
+        }
+        // What the scan leaves to serde_json: text that is not an event
+        // object, that is not JSON (serde_json's words say where), or that
+        // holds what only serde_json decides (see `scan`).
         match serde_json::from_str::<ObjectOr<Fields>>(text) {
             Ok(ObjectOr::Object(fields)) => Ok(ChordEvent {
                 text,
                 fields,
                 properties: OnceCell::new(),
-                property_index: OnceCell::new(),
+                members: OnceCell::new(),
             }),
             Ok(ObjectOr::Other(kind)) => Err(format!("the event is a JSON {kind}, not an object")),
             Err(e) => Err(format!("the event is not valid JSON: {e}")),
         }
+    }
+
+    /// The event read in one pass: the fields the mapping reads parsed from
+    /// their own text, `properties`' members found and measured, the rest
+    /// skipped. `None` when serde_json must decide: the text is not an
+    /// object or not JSON, or it holds a lone surrogate or a number out of
+    /// range anywhere (serde_json refuses some of those and not others,
+    /// depending on where they are), or it nests 128 deep.
+    fn scan(text: &'a str) -> Option<ChordEvent<'a>> {
+        let mut scanner = Scanner::new(text).strict(true);
+        let mut fields = Fields::default();
+        let mut members = None;
+        scanner
+            .object(|key, scanner| {
+                match &*key {
+                    "type" => fields.kind = read(scanner)?,
+                    "event" => fields.name = read(scanner)?,
+                    "messageId" => fields.message_id = read(scanner)?,
+                    "userId" => fields.user_id = read(scanner)?,
+                    "anonymousId" => fields.anonymous_id = read(scanner)?,
+                    "timestamp" => fields.timestamp = read(scanner)?,
+                    "traits" => fields.traits = read(scanner)?,
+                    "requestIp" => fields.request_ip = read(scanner)?,
+                    "properties" if scanner.peek() == Some(b'{') => {
+                        let start = scanner.offset();
+                        members = Some(scan_members(scanner)?);
+                        fields.properties = Some(scanner.since(start));
+                    }
+                    "properties" => {
+                        scanner.value()?;
+                        members = None;
+                        fields.properties = None;
+                    }
+                    "context" => fields.context = read_context(scanner)?,
+                    _ => {
+                        scanner.value()?;
+                    }
+                }
+                Ok(())
+            })
+            .ok()?;
+        scanner.end().ok()?;
+        if scanner.unreadable().is_some() {
+            return None;
+        }
+        let members = members.map(|members| Members {
+            members,
+            unreadable: None,
+        });
+        Some(ChordEvent {
+            text,
+            fields,
+            properties: OnceCell::new(),
+            members: members.map_or_else(OnceCell::new, OnceCell::from),
+        })
     }
 
     /// The whole event as a JSON tree (built on demand: only the content
@@ -141,8 +224,20 @@ impl<'a> ChordEvent<'a> {
     }
 
     /// `properties` as sent, when it is an object.
-    pub fn properties_raw(&self) -> Option<&'a RawValue> {
+    pub fn properties_text(&self) -> Option<&'a str> {
         self.fields.properties
+    }
+
+    /// `properties`' top-level members as sent, each with its shape, in the
+    /// order sent (none when `properties` is not an object).
+    pub fn members(&self) -> &Members<'a> {
+        self.members.get_or_init(|| match self.fields.properties {
+            Some(text) => members_of(text),
+            None => Members {
+                members: Vec::new(),
+                unreadable: None,
+            },
+        })
     }
 
     /// `properties` as a tree (built on first use).
@@ -150,7 +245,7 @@ impl<'a> ChordEvent<'a> {
         self.properties
             .get_or_init(|| {
                 let raw = self.fields.properties?;
-                serde_json::from_str(raw.get()).ok()
+                serde_json::from_str(raw).ok()
             })
             .as_ref()
             .and_then(Value::as_object)
@@ -162,12 +257,8 @@ impl<'a> ChordEvent<'a> {
         if let Some(tree) = self.properties.get() {
             return tree.as_ref()?.get(key).filter(|v| !v.is_null()).cloned();
         }
-        let index = self.property_index.get_or_init(|| match self.fields.properties {
-            Some(raw) => serde_json::from_str::<Members<'a>>(raw.get()).map_or_else(|_| Vec::new(), |m| m.0),
-            None => Vec::new(),
-        });
-        let (_, raw) = index.iter().rev().find(|(name, _)| name == key)?;
-        serde_json::from_str::<Value>(raw.get()).ok().filter(|v| !v.is_null())
+        let member = self.members().members.iter().rev().find(|m| m.key == key)?;
+        serde_json::from_str::<Value>(member.text).ok().filter(|v| !v.is_null())
     }
 
     /// The members of `properties` named `keys`, as a small object.
@@ -213,29 +304,6 @@ impl<'a> ChordEvent<'a> {
 enum ObjectOr<T> {
     Object(T),
     Other(&'static str),
-}
-
-/// An object's top-level members, each kept as the text it was sent as.
-struct Members<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'de> Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MembersVisitor;
-        impl<'de> Visitor<'de> for MembersVisitor {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
-                let mut members = Vec::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    members.push((key, map.next_value::<&'de RawValue>()?));
-                }
-                Ok(Members(members))
-            }
-        }
-        deserializer.deserialize_map(MembersVisitor)
-    }
 }
 
 /// Reads an object's members into a struct, skipping unread keys unbuilt.
@@ -320,11 +388,112 @@ fn value<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<Value>, A::Error>
 
 /// `properties` as sent, when it is an object. Capturing it checks its
 /// syntax; the few things only a full read finds (a lone UTF-16 surrogate
-/// in an escape, a number out of range) are found when the mapping reads
-/// it (`limits::raw_fits`).
-fn raw_object<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<&'de RawValue>, A::Error> {
-    let raw = map.next_value::<&'de RawValue>()?;
-    Ok(raw.get().starts_with('{').then_some(raw))
+/// in an escape, a number out of range) are found when its members are
+/// (`members_of`).
+fn raw_object<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<&'de str>, A::Error> {
+    let raw = map.next_value::<&'de RawValue>()?.get();
+    Ok(raw.starts_with('{').then_some(raw))
+}
+
+/// A field the mapping reads, parsed from its own text once the scanner has
+/// found where it ends; `null` reads as absent.
+fn read(scanner: &mut Scanner<'_>) -> Result<Option<Value>, json_scan::Error> {
+    scanner.peek();
+    let start = scanner.offset();
+    scanner.value()?;
+    let value = serde_json::from_str::<Value>(scanner.since(start)).map_err(|_| json_scan::Error { offset: start })?;
+    Ok(Some(value).filter(|v| !v.is_null()))
+}
+
+/// The parts of `context` the mapping reads; anything but an object reads
+/// as none of them.
+fn read_context(scanner: &mut Scanner<'_>) -> Result<Context, json_scan::Error> {
+    let mut context = Context::default();
+    if scanner.peek() != Some(b'{') {
+        scanner.value()?;
+        return Ok(context);
+    }
+    scanner.object(|key, scanner| {
+        match &*key {
+            "traits" => context.traits = read(scanner)?,
+            "locale" => context.locale = read(scanner)?,
+            "timezone" => context.timezone = read(scanner)?,
+            "ip" => context.ip = read(scanner)?,
+            "geo" => context.geo = read(scanner)?,
+            "location" => context.location = read(scanner)?,
+            _ => {
+                scanner.value()?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(context)
+}
+
+/// The members of the object the scanner is at, each measured.
+fn scan_members<'a>(scanner: &mut Scanner<'a>) -> Result<Vec<Member<'a>>, json_scan::Error> {
+    let mut members = Vec::new();
+    scanner.take_shape(0);
+    scanner.object(|key, scanner| {
+        scanner.peek();
+        let start = scanner.offset();
+        let depth = scanner.value()?;
+        members.push(Member {
+            key,
+            text: scanner.since(start),
+            shape: scanner.take_shape(depth),
+        });
+        Ok(())
+    })?;
+    Ok(members)
+}
+
+/// The members of `properties` captured by serde_json (the event took its
+/// path): scanned again on their own, noting what serde_json will not read.
+fn members_of(text: &str) -> Members<'_> {
+    let mut scanner = Scanner::new(text).strict(true);
+    let members = scan_members(&mut scanner);
+    let unreadable = match (&members, scanner.unreadable()) {
+        (Ok(_), None) => None,
+        // serde_json says why, as it says it for the whole event.
+        _ => Some(match serde_json::from_str::<Value>(text) {
+            Err(e) => e.to_string(),
+            Ok(_) => format!("nested deeper than {} levels", json_scan::MAX_DEPTH - 1),
+        }),
+    };
+    // Text nested deeper than the scanner goes: its members as serde_json
+    // captures them (it does not limit what it skips), so that the email a
+    // shop put in `properties` is still found; the event is refused anyway.
+    let members =
+        members.unwrap_or_else(|_| serde_json::from_str::<Captured>(text).map_or_else(|_| Vec::new(), |c| c.0));
+    Members { members, unreadable }
+}
+
+/// An object's top-level members as serde_json captures them, unmeasured.
+struct Captured<'a>(Vec<Member<'a>>);
+
+impl<'de> Deserialize<'de> for Captured<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CapturedVisitor;
+        impl<'de> Visitor<'de> for CapturedVisitor {
+            type Value = Captured<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Captured<'de>, A::Error> {
+                let mut members = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    members.push(Member {
+                        key: Cow::Owned(key),
+                        text: map.next_value::<&'de RawValue>()?.get(),
+                        shape: Shape::default(),
+                    });
+                }
+                Ok(Captured(members))
+            }
+        }
+        deserializer.deserialize_map(CapturedVisitor)
+    }
 }
 
 impl<'de> ReadObject<'de> for Fields<'de> {

@@ -3,12 +3,9 @@
 //! objects nested too deep kept as JSON text, properties beyond the count
 //! dropped. Each change is reported as a warning naming the field.
 
-use std::borrow::Cow;
-
-use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use crate::event::Member;
 use crate::klaviyo::limits;
 
 /// Warnings for one kind of change are collapsed after this many.
@@ -95,7 +92,7 @@ pub fn fit_event_properties(mut properties: Map<String, Value>, changes: &mut Ch
 
 /// Whether event properties are within every limit already, so that
 /// `fit_event_properties` would change nothing: the plain statement of
-/// what `raw_fits` decides on text, which the tests hold it to.
+/// what `members_fit` decides on text, which the tests hold it to.
 #[cfg(test)]
 pub fn fits(properties: &Map<String, Value>) -> bool {
     fn value_fits(value: &Value, depth: usize) -> bool {
@@ -110,136 +107,25 @@ pub fn fits(properties: &Map<String, Value>) -> bool {
     properties.len() <= limits::EVENT_PROPERTIES && properties.values().all(|v| value_fits(v, 1))
 }
 
-/// The same judgement as `fits`, made on the properties as sent, without
-/// building them: a scan that allocates nothing but the top-level keys.
-/// A large event (a 200 KB product list) then costs a read, not a tree
-/// built, walked and printed again. A repeated top-level key, which a
+/// The same judgement as `fits`, made on the properties as sent, from
+/// what one scan of them found (`ChordEvent::members`), without building
+/// them: a large event (a 200 KB product list) then costs a read, not a
+/// tree built, walked and printed again. A repeated top-level key, which a
 /// tree would have collapsed, counts as not fitting, so that event takes
-/// the tree path and is sent exactly as before. `Err` when the text is not
-/// valid JSON.
-pub fn raw_fits(properties: &RawValue) -> Result<bool, serde_json::Error> {
-    let mut deserializer = serde_json::Deserializer::from_str(properties.get());
-    FitsTop.deserialize(&mut deserializer)
-}
-
-/// The top-level properties object.
-struct FitsTop;
-
-impl<'de> DeserializeSeed<'de> for FitsTop {
-    type Value = bool;
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FitsTop {
-    type Value = bool;
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
-        let mut keys: Vec<Cow<'de, str>> = Vec::new();
-        let mut fits = true;
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            if fits {
-                fits = keys.len() < limits::EVENT_PROPERTIES && !keys.contains(&key.0);
-                keys.push(key.0);
-            }
-            fits = if fits {
-                map.next_value_seed(Fits { depth: 1 })?
-            } else {
-                map.next_value::<IgnoredAny>()?;
-                false
-            };
-        }
-        Ok(fits)
-    }
-}
-
-/// An object key, borrowed unless it holds escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a key")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, key: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(key)))
-            }
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(key.to_string())))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
-
-/// A value held by an object at nesting level `depth`.
-struct Fits {
-    depth: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for Fits {
-    type Value = bool;
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Fits {
-    type Value = bool;
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<bool, E> {
-        Ok(text.len() <= limits::STRING_BYTES)
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<bool, E> {
-        Ok(true)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<bool, E> {
-        Ok(true)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<bool, E> {
-        Ok(true)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<bool, E> {
-        Ok(true)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
-        Ok(true)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
-        let mut fits = true;
-        let mut items = 0;
-        loop {
-            let item = if fits {
-                seq.next_element_seed(Fits { depth: self.depth })?
-            } else {
-                seq.next_element::<IgnoredAny>()?.map(|_| false)
-            };
-            let Some(item_fits) = item else { break };
-            items += 1;
-            fits = item_fits && items <= limits::ARRAY_ITEMS;
-        }
-        Ok(fits)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
-        let mut fits = self.depth < limits::NESTING_DEPTH;
-        while map.next_key::<IgnoredAny>()?.is_some() {
-            fits = if fits {
-                map.next_value_seed(Fits { depth: self.depth + 1 })?
-            } else {
-                map.next_value::<IgnoredAny>()?;
-                false
-            };
-        }
-        Ok(fits)
-    }
+/// the tree path and is sent exactly as before.
+pub fn members_fit(members: &[Member<'_>]) -> bool {
+    members.len() <= limits::EVENT_PROPERTIES
+        && members.iter().all(|m| {
+            // Top-level values sit at depth 1; an object at depth d fits
+            // while d < NESTING_DEPTH.
+            m.shape.longest_string <= limits::STRING_BYTES
+                && m.shape.most_items <= limits::ARRAY_ITEMS
+                && m.shape.object_depth < limits::NESTING_DEPTH
+        })
+        && members
+            .iter()
+            .enumerate()
+            .all(|(i, m)| members[..i].iter().all(|earlier| earlier.key != m.key))
 }
 
 /// An object whose values fit the string, array and depth limits. `depth`
@@ -318,6 +204,7 @@ pub fn json_size(value: &impl serde::Serialize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::ChordEvent;
     use serde_json::json;
 
     fn fit(properties: Value) -> (Value, Vec<String>) {
@@ -368,16 +255,34 @@ mod tests {
         assert_eq!(warnings.len(), 1);
     }
 
+    /// `members_fit` on properties as an event carries them, through the
+    /// one scan that reads the event (or serde_json's path, when that
+    /// decides); `Err` when serde_json would not read them.
+    fn scanned_fits(properties: &str) -> Result<bool, String> {
+        let text = format!(r#"{{"type": "track", "properties": {properties}}}"#);
+        let event = ChordEvent::parse(&text).unwrap();
+        let members = event.members();
+        match &members.unreadable {
+            Some(why) => Err(why.clone()),
+            None => Ok(members_fit(&members.members)),
+        }
+    }
+
     #[test]
-    fn raw_fits_sends_repeated_keys_and_bad_text_down_the_tree_path() {
-        let raw = |text: &str| RawValue::from_string(text.to_string()).unwrap();
-        assert!(!raw_fits(&raw(r#"{"a": 1, "a": 2}"#)).unwrap(), "a repeated key");
+    fn repeated_keys_and_unreadable_text_take_the_tree_path() {
+        assert!(!scanned_fits(r#"{"a": 1, "a": 2}"#).unwrap(), "a repeated key");
         assert!(
-            raw_fits(&raw(r#"{"a\u0062": {"a": 1}, "ab2": [1]}"#)).unwrap(),
+            !scanned_fits(r#"{"ab": 1, "a\u0062": 2}"#).unwrap(),
+            "a key repeated with an escape"
+        );
+        assert!(
+            scanned_fits(r#"{"a\u0062": {"a": 1}, "ab2": [1]}"#).unwrap(),
             "escaped keys"
         );
-        assert!(raw_fits(&raw(r#"{"s": "\ud800"}"#)).is_err(), "a lone surrogate");
-        assert!(raw_fits(&raw(r#"{"n": 1e999}"#)).is_err(), "a number out of range");
+        let surrogate = scanned_fits(r#"{"s": "\ud800"}"#).unwrap_err();
+        assert!(surrogate.contains("escape"), "a lone surrogate: {surrogate}");
+        let range = scanned_fits(r#"{"n": 1e999}"#).unwrap_err();
+        assert!(range.contains("out of range"), "a number out of range: {range}");
     }
 
     #[test]
@@ -390,7 +295,9 @@ mod tests {
         for _ in 0..8 {
             nine = json!({ "n": nine });
         }
+        let ten = json!({ "n": nine });
         let many: Map<String, Value> = (0..401).map(|i| (format!("p{i:03}"), json!(i))).collect();
+        let exactly: Map<String, Value> = (0..400).map(|i| (format!("p{i:03}"), json!(i))).collect();
         for (properties, fitting) in [
             (
                 json!({"a": "x", "n": 1.5, "list": [1, {"b": [true]}], "o": {"p": null}}),
@@ -401,12 +308,24 @@ mod tests {
             (json!({"note": "x".repeat(limits::STRING_BYTES + 1)}), false),
             (json!({"ids": vec![1; limits::ARRAY_ITEMS + 1]}), false),
             (Value::Object(many), false),
+            (Value::Object(exactly), true),
+            (json!({"note": "x".repeat(limits::STRING_BYTES)}), true),
+            // Escapes count as what they decode to.
+            (json!({"note": "\n".repeat(limits::STRING_BYTES)}), true),
+            (json!({"note": "é".repeat(limits::STRING_BYTES / 2 + 1)}), false),
+            (json!({"ids": vec![1; limits::ARRAY_ITEMS]}), true),
+            // Arrays do not count as nesting; objects in them do.
+            (json!({"ids": [[ten]]}), false),
+            (json!({"ids": [[nine]]}), true),
         ] {
             let map = properties.as_object().unwrap();
             let (fitted, warnings) = fit(properties.clone());
             assert_eq!(fits(map), fitting, "{properties:.80}");
-            let raw = RawValue::from_string(properties.to_string()).unwrap();
-            assert_eq!(raw_fits(&raw).unwrap(), fitting, "raw: {properties:.80}");
+            assert_eq!(
+                scanned_fits(&properties.to_string()),
+                Ok(fitting),
+                "as sent: {properties:.80}"
+            );
             assert_eq!(warnings.is_empty() && fitted == properties, fitting, "{properties:.80}");
         }
     }

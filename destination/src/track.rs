@@ -2,7 +2,6 @@
 //! own name, and optionally one `Ordered Product` per item of an order.
 
 use serde::Serialize;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -10,7 +9,7 @@ use crate::contract::{Outcome, Request};
 use crate::event::ChordEvent;
 use crate::identity::Identity;
 use crate::klaviyo::{self, limits};
-use crate::limits::{Changes, fit_event_properties, fit_object, json_size, raw_fits};
+use crate::limits::{Changes, fit_event_properties, fit_object, json_size, members_fit};
 use crate::profile::{self, Scope};
 use crate::request::{self, Resource};
 use crate::settings::Settings;
@@ -60,16 +59,17 @@ pub fn map(
     let mut changes = Changes::default();
     // Nearly every event's properties fit as sent, and then are passed on
     // as the very text they came in, never built into a tree.
-    let fitting = match event.properties_raw().map(raw_fits) {
-        None => Ok(true),
-        Some(Ok(fitting)) => Ok(fitting),
-        Some(Err(e)) => Err(format!("the event's properties are not valid JSON: {e}")),
-    };
-    let properties = match (fitting, event.properties_raw()) {
-        (Err(reason), _) => return (Outcome::Error(reason), ordering_key),
-        (Ok(true), Some(raw)) => Properties::AsSent(raw),
-        (Ok(true), None) => Properties::Fitted(Map::new()),
-        (Ok(false), _) => {
+    let members = event.members();
+    if let Some(why) = &members.unreadable {
+        return (
+            Outcome::Error(format!("the event's properties are not valid JSON: {why}")),
+            ordering_key,
+        );
+    }
+    let properties = match event.properties_text() {
+        Some(text) if members_fit(&members.members) => Properties::AsSent(text),
+        None => Properties::Fitted(Map::new()),
+        Some(_) => {
             let original = event.properties().cloned().unwrap_or_default();
             Properties::Fitted(fit_event_properties(original, &mut changes))
         }
@@ -200,11 +200,13 @@ fn event_profile(
     Ok(attributes)
 }
 
-/// The `attributes` of a Create Event body. It is serialised straight from
-/// borrowed parts: building it as a JSON tree first, then dropping it, cost
-/// as much as all the rest of a small event's mapping.
+/// The `attributes` of a Create Event body but its `properties`
+/// (`event_body` writes those). It is serialised straight from borrowed
+/// parts: building it as a JSON tree first, then dropping it, cost as much
+/// as all the rest of a small event's mapping.
 #[derive(Serialize)]
 struct EventAttributes<'a> {
+    #[serde(skip)]
     properties: &'a Properties<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     time: Option<&'a str>,
@@ -218,10 +220,9 @@ struct EventAttributes<'a> {
 }
 
 /// Event properties: as sent, or fitted into Klaviyo's limits.
-#[derive(Serialize)]
-#[serde(untagged)]
 enum Properties<'a> {
-    AsSent(&'a RawValue),
+    /// The text of a JSON object, exactly as the event carried it.
+    AsSent(&'a str),
     Fitted(Map<String, Value>),
 }
 
@@ -231,13 +232,42 @@ struct Metric<'a> {
 }
 
 fn event_request(attributes: &EventAttributes<'_>, settings: &Settings) -> Request {
-    request::post(
+    request::post_text(
         klaviyo::EVENTS_PATH,
-        &Resource::document("event", attributes),
+        event_body(attributes),
         attributes.unique_id.to_string(),
         &klaviyo::EVENTS_RATE,
         settings,
     )
+}
+
+/// The Create Event body, `{"data":{"type":"event","attributes":{...}}}`,
+/// with `properties` first. serde_json writes all of it but the
+/// properties; properties as sent go in as their text, which the scan that
+/// read the event has already checked, so a 200 KB product list is copied
+/// once, not parsed again.
+fn event_body(attributes: &EventAttributes<'_>) -> String {
+    const OPEN: &str = r#"{"data":{"type":"event","attributes":{"#;
+    let rest = serde_json::to_string(&Resource::document("event", attributes)).expect("event attributes serialize");
+    // The attributes always hold `unique_id`, so a comma follows properties.
+    let rest = rest
+        .strip_prefix(OPEN)
+        .expect("a resource document opens with its type");
+    let fitted;
+    let properties = match attributes.properties {
+        Properties::AsSent(text) => *text,
+        Properties::Fitted(map) => {
+            fitted = serde_json::to_string(map).expect("a JSON map serializes");
+            &fitted
+        }
+    };
+    let mut body = String::with_capacity(OPEN.len() + 16 + properties.len() + rest.len());
+    body.push_str(OPEN);
+    body.push_str(r#""properties":"#);
+    body.push_str(properties);
+    body.push(',');
+    body.push_str(rest);
+    body
 }
 
 fn number(value: &Value) -> Option<f64> {
