@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
+use json_scan::Scanner;
 use plugin_runtime::{
     BatchItem, CallError, HttpRequest, Loaded, Mapping, Outcome, Plugin, PluginSlot, Use, now_unix_ms,
 };
@@ -269,6 +270,9 @@ pub(crate) struct Envelope {
 impl Envelope {
     /// The envelope of an event object, or why the text is not one.
     pub(crate) fn read(id: EventId, text: &str) -> Result<Envelope, String> {
+        if let Some(envelope) = Envelope::scan(text) {
+            return Ok(envelope);
+        }
         if text.trim().is_empty() {
             return Err(format!("{id} is empty"));
         }
@@ -284,6 +288,109 @@ impl Envelope {
                 Err(e) => Err(format!("{id} is not JSON: {e}")),
             },
         }
+    }
+
+    /// The envelope read in one pass of `json_scan`: the few values it
+    /// needs parsed from their own text, everything else skipped. `None`
+    /// leaves the text to serde_json (whose reading stays the definition):
+    /// text that is not an object or not JSON, that holds a lone surrogate
+    /// or a number out of range, that repeats one of the fields read, or
+    /// whose `context` is not an object.
+    fn scan(text: &str) -> Option<Envelope> {
+        /// One value, read by the same function serde_json's path uses.
+        fn parse<T>(
+            scanner: &mut Scanner<'_>,
+            read: impl FnOnce(Value) -> serde_json::Result<T>,
+        ) -> Result<T, json_scan::Error> {
+            scanner.peek();
+            let start = scanner.offset();
+            scanner.value()?;
+            serde_json::from_str(scanner.since(start))
+                .and_then(read)
+                .map_err(|_| json_scan::Error { offset: start })
+        }
+        /// `Email`: the first `email` member of an object.
+        fn email(scanner: &mut Scanner<'_>) -> Result<Email, json_scan::Error> {
+            if scanner.peek() != Some(b'{') {
+                scanner.value()?;
+                return Ok(Email(None));
+            }
+            let mut email = Email(None);
+            scanner.object(|key, scanner| {
+                if key == "email" && email.0.is_none() {
+                    email = Email(match parse(scanner, Ok)? {
+                        Value::String(text) if !text.trim().is_empty() => Some(text),
+                        _ => None,
+                    });
+                } else {
+                    scanner.value()?;
+                }
+                Ok(())
+            })?;
+            Ok(email)
+        }
+        let refused = json_scan::Error { offset: 0 };
+        let mut scanner = Scanner::new(text).strict(true);
+        let mut envelope = Envelope::default();
+        let mut seen = [false; 7];
+        let mut once = |field: usize| match std::mem::replace(&mut seen[field], true) {
+            false => Ok(()),
+            true => Err(refused),
+        };
+        scanner
+            .object(|key, scanner| {
+                match &*key {
+                    "messageId" => {
+                        once(0)?;
+                        envelope.message_id = parse(scanner, message_id)?;
+                    }
+                    "type" => {
+                        once(1)?;
+                        envelope.kind = parse(scanner, kind)?;
+                    }
+                    "userId" => {
+                        once(2)?;
+                        envelope.user_id = parse(scanner, id_text)?;
+                    }
+                    "anonymousId" => {
+                        once(3)?;
+                        envelope.anonymous_id = parse(scanner, id_text)?;
+                    }
+                    "traits" => {
+                        once(4)?;
+                        envelope.traits = email(scanner)?;
+                    }
+                    "properties" => {
+                        once(5)?;
+                        envelope.properties = email(scanner)?;
+                    }
+                    "context" => {
+                        once(6)?;
+                        if scanner.peek() != Some(b'{') {
+                            return Err(refused);
+                        }
+                        let mut traits_seen = false;
+                        scanner.object(|key, scanner| {
+                            if key == "traits" {
+                                if std::mem::replace(&mut traits_seen, true) {
+                                    return Err(refused);
+                                }
+                                envelope.context.traits = email(scanner)?;
+                            } else {
+                                scanner.value()?;
+                            }
+                            Ok(())
+                        })?;
+                    }
+                    _ => {
+                        scanner.value()?;
+                    }
+                }
+                Ok(())
+            })
+            .ok()?;
+        scanner.end().ok()?;
+        scanner.unreadable().is_none().then_some(envelope)
     }
 
     /// Who the event is about, as the host can tell without the plugin:
@@ -316,7 +423,10 @@ impl Envelope {
 /// The person key (`Envelope::person_key`) of an event's text; none for
 /// text that is not an event object or names no person.
 pub fn person_key(text: &str) -> Option<String> {
-    serde_json::from_str::<Envelope>(text).ok()?.person_key()
+    match Envelope::scan(text) {
+        Some(envelope) => envelope.person_key(),
+        None => serde_json::from_str::<Envelope>(text).ok()?.person_key(),
+    }
 }
 
 /// The person key of an event already parsed.
@@ -469,7 +579,54 @@ pub fn kind_of(value: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::person_key;
+    use super::{Envelope, EventId, person_key};
+
+    /// The one-pass read and serde_json's read give the same envelope, or
+    /// the one-pass read leaves the text to serde_json.
+    #[test]
+    fn the_scanned_envelope_is_the_one_serde_json_reads() {
+        let seen = |envelope: Envelope| {
+            (
+                envelope.message_id.clone(),
+                envelope.kind.clone(),
+                envelope.person_key(),
+            )
+        };
+        let by_serde = |text: &str| match serde_json::from_str::<Envelope>(text) {
+            Ok(envelope) if text.trim_start().starts_with('{') => seen(envelope),
+            _ => seen(Envelope::default()),
+        };
+        let mut scanned = 0;
+        for text in [
+            r#"{"type":"track","messageId":12.5,"userId":"","anonymousId":7,"properties":{"email":"  ","email":"l@x.co"}}"#,
+            r#"{"type":"track","properties":{"email":5,"email":"l@x.co"}}"#,
+            r#"{"type":7,"messageId":null,"traits":"str","context":{"traits":{"email":"C@x.co"},"page":{}}}"#,
+            r#"{"messageId":"m\u00e9","type":"tr\u0061ck","\u0075serId":"u"}"#,
+            r#" {"context":{"traits":[1],"ip":"1.2.3.4"},"properties":{"a":{"email":"deep@x.co"}}} "#,
+            r#"{"type":"track","type":"identify","userId":"u"}"#,
+            r#"{"context":{"traits":{},"traits":{"email":"e@x.co"}}}"#,
+            r#"{"context":[],"userId":"u"}"#,
+            r#"{"context":["a"],"userId":"u"}"#,
+            r#"{"userId":"u","junk":"\ud800"}"#,
+            r#"{"userId":"\ud800"}"#,
+            r#"{"userId":"u","n":1e999}"#,
+            r#"{"userId":"u"} x"#,
+            r#"[{"userId":"u"}]"#,
+            "",
+        ] {
+            match Envelope::scan(text) {
+                Some(envelope) => {
+                    scanned += 1;
+                    assert_eq!(seen(envelope), by_serde(text), "{text}");
+                }
+                None => {
+                    // serde_json's path decides, as it did before the scan.
+                    let _ = Envelope::read(EventId::Line(1), text);
+                }
+            }
+        }
+        assert_eq!(scanned, 5, "the plain events are read in one pass");
+    }
 
     #[test]
     fn the_person_key_prefers_user_then_anonymous_then_email() {
