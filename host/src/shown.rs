@@ -3,7 +3,9 @@
 //! JSON. A body is bytes to the host: it is checked to be JSON and copied
 //! out as it is, never parsed into a tree and printed again.
 
-use serde::Serialize;
+use std::io::Write;
+
+use serde::{Serialize, Serializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -20,10 +22,10 @@ pub struct ShownRequest {
 }
 
 /// A body: JSON, embedded as it was sent, or else text.
-#[derive(Clone, Debug, Serialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum ShownBody {
-    Json(Box<RawValue>),
+    /// Text that `json_scan` found to be one JSON value.
+    Json(String),
     Text(String),
 }
 
@@ -33,14 +35,53 @@ impl ShownBody {
             return ShownBody::Text(body);
         }
         // Validating without building a tree; the text is kept as it is.
-        match serde_json::from_str::<&RawValue>(&body) {
-            Ok(_) => ShownBody::Json(RawValue::from_string(body).expect("just validated")),
+        match json_scan::validate(&body) {
+            Ok(()) => ShownBody::Json(body),
+            // What the scanner refuses and serde_json accepts (nesting past
+            // 128) is still JSON.
+            Err(_) if serde_json::from_str::<&RawValue>(&body).is_ok() => ShownBody::Json(body),
             Err(_) => ShownBody::Text(body),
+        }
+    }
+
+    /// The body as a JSON value, written out as it is.
+    pub fn write_json(&self, out: &mut impl Write) -> std::io::Result<()> {
+        match self {
+            ShownBody::Json(text) => out.write_all(text.trim_matches([' ', '\n', '\t', '\r']).as_bytes()),
+            ShownBody::Text(text) => Ok(serde_json::to_writer(out, text)?),
+        }
+    }
+}
+
+impl Serialize for ShownBody {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // serde_json embeds JSON text only as a `RawValue`, which checks
+            // it again; `write_json` is the fast way, for `map`.
+            ShownBody::Json(text) => match serde_json::from_str::<&RawValue>(text) {
+                Ok(raw) => raw.serialize(serializer),
+                Err(_) => serializer.serialize_str(text),
+            },
+            ShownBody::Text(text) => serializer.serialize_str(text),
         }
     }
 }
 
 impl ShownRequest {
+    /// The request as `serde_json` writes it, with the body copied out as
+    /// it is instead of checked again.
+    pub fn write_json(&self, out: &mut impl Write) -> std::io::Result<()> {
+        out.write_all(br#"{"method":"#)?;
+        serde_json::to_writer(&mut *out, &self.method)?;
+        out.write_all(br#","url":"#)?;
+        serde_json::to_writer(&mut *out, &self.url)?;
+        out.write_all(br#","headers":"#)?;
+        serde_json::to_writer(&mut *out, &self.headers)?;
+        out.write_all(br#","body":"#)?;
+        self.body.write_json(out)?;
+        out.write_all(b"}")
+    }
+
     pub fn new(request: &HttpRequest, settings: &DestinationSettings) -> ShownRequest {
         ShownRequest::from_owned(request.clone(), settings)
     }
