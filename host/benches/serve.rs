@@ -23,6 +23,10 @@
 //! `BENCH_SERVE_BIN=PATH` runs that build of `cdp-host` instead of this
 //! one's, so that a before and an after can be paired on the same bench.
 //!
+//! Also reported: the CPU time the serve process used from the first post
+//! until every outcome was written, per event (its own user + system time,
+//! from `/proc`).
+//!
 //! Speed is reported, never asserted. Results: BENCHMARKS.md.
 
 use std::process::{Command, Stdio};
@@ -108,6 +112,7 @@ async fn main() {
             mix.insert(n, ("track".into(), poison.to_string()));
         }
     }
+    let cpu_before = common::process_cpu(_serve.0.id());
     let started = Instant::now();
     let mix_len = mix.len();
     let ok = common::post_at_rate(&[serve_port], mix, rate, WRITE_KEY).await;
@@ -122,6 +127,7 @@ async fn main() {
         assert!(Instant::now() < deadline, "events did not drain");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let serve_cpu = common::process_cpu(_serve.0.id()) - cpu_before;
     let mut latencies = spool_file::latencies_ms_except(&spool, "poison-");
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
@@ -137,6 +143,11 @@ async fn main() {
         at(0.99),
         latencies.last().copied().unwrap_or(0.0),
         latencies.len()
+    );
+    println!(
+        "serve process CPU from the first post to the last outcome: {:.2} s, {:.1} µs per event",
+        serve_cpu.as_secs_f64(),
+        serve_cpu.as_secs_f64() * 1e6 / mix_len as f64
     );
     if limits {
         // The steady rate: from the end of the warm-up (20 s) until 95% of
