@@ -166,13 +166,19 @@ impl Spool {
 
     /// Stores events in one transaction; returns once it is committed.
     pub fn append(&self, events: &[NewEvent]) -> anyhow::Result<()> {
+        self.append_groups(std::iter::once(events))
+    }
+
+    /// Stores several senders' events, in the order given, in one
+    /// transaction: one commit for all (group commit).
+    pub fn append_groups<'e>(&self, groups: impl IntoIterator<Item = &'e [NewEvent]>) -> anyhow::Result<()> {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction()?;
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO events (connection, message_id, received_at, body, person) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
-            for e in events {
+            for e in groups.into_iter().flatten() {
                 insert.execute(params![e.connection, e.message_id, e.received_at, e.body, e.person])?;
             }
         }

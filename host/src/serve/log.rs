@@ -63,27 +63,84 @@ pub(crate) trait EventLog: Send + Sync {
     }
 }
 
-/// The spool as an event log: rows in one SQLite transaction.
-pub(crate) struct SpoolLog(pub Arc<Spool>);
+/// The spool as an event log. Appends go through one writer thread that
+/// commits whatever has queued up meanwhile in one transaction (group
+/// commit): under load, one commit serves many requests instead of one
+/// each, and no request waits for a blocking-pool thread of its own. Each
+/// sender is still answered only once its own events are committed.
+pub(crate) struct SpoolLog {
+    spool: Arc<Spool>,
+    appends: std::sync::mpsc::Sender<Append>,
+}
+
+/// One sender's events, and where to say whether they were committed.
+struct Append {
+    events: Vec<NewEvent>,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// What one commit takes at most, of appends already waiting.
+const GROUP_EVENTS: usize = 1_000;
+const GROUP_BYTES: usize = 8 << 20;
+
+impl SpoolLog {
+    pub(crate) fn new(spool: Arc<Spool>) -> anyhow::Result<SpoolLog> {
+        let (appends, queued) = std::sync::mpsc::channel::<Append>();
+        let writer = spool.clone();
+        // Ends when the log is dropped (its sender with it).
+        std::thread::Builder::new()
+            .name("spool-append".into())
+            .spawn(move || append_in_groups(&writer, &queued))?;
+        Ok(SpoolLog { spool, appends })
+    }
+}
+
+/// The writer thread: waits for an append, takes those queued behind it,
+/// commits them together, answers each.
+fn append_in_groups(spool: &Spool, queued: &std::sync::mpsc::Receiver<Append>) {
+    while let Ok(first) = queued.recv() {
+        let (mut events, mut bytes) = (first.events.len(), size(&first.events));
+        let mut group = vec![first];
+        while events < GROUP_EVENTS && bytes < GROUP_BYTES {
+            let Ok(next) = queued.try_recv() else { break };
+            events += next.events.len();
+            bytes += size(&next.events);
+            group.push(next);
+        }
+        let result = spool.append_groups(group.iter().map(|a| &a.events[..])).map_err(|e| {
+            tracing::error!("the spool could not store {events} events: {e:#}");
+            e.to_string()
+        });
+        for append in group {
+            let _ = append.done.send(result.clone());
+        }
+    }
+}
+
+fn size(events: &[NewEvent]) -> usize {
+    events.iter().map(|e| e.body.len()).sum()
+}
 
 impl EventLog for SpoolLog {
     fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, anyhow::Result<()>> {
-        let spool = self.0.clone();
         Box::pin(async move {
-            let count = events.len();
-            match tokio::task::spawn_blocking(move || spool.append(&events)).await {
+            let (done, committed) = tokio::sync::oneshot::channel();
+            let sent = self.appends.send(Append { events, done });
+            if sent.is_err() {
+                anyhow::bail!("the spool's writer has stopped; nothing was stored, send again later");
+            }
+            match committed.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => {
-                    tracing::error!("the spool could not store {count} events: {e:#}");
                     anyhow::bail!("the spool cannot store events right now ({e}); nothing was stored, send again later")
                 }
-                Err(e) => anyhow::bail!("storing failed: {e}"),
+                Err(_) => anyhow::bail!("storing failed: the spool's writer stopped"),
             }
         })
     }
 
     fn has_pending<'a>(&'a self, connection: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
-        let (spool, connection) = (self.0.clone(), connection.to_string());
+        let (spool, connection) = (self.spool.clone(), connection.to_string());
         Box::pin(async move { tokio::task::spawn_blocking(move || spool.has_pending(&connection)).await? })
     }
 
@@ -93,7 +150,7 @@ impl EventLog for SpoolLog {
     }
 
     fn ready_connections(&self) -> BoxFuture<'_, anyhow::Result<Vec<String>>> {
-        let spool = self.0.clone();
+        let spool = self.spool.clone();
         Box::pin(async move { tokio::task::spawn_blocking(move || spool.pending_connections()).await? })
     }
 }

@@ -250,7 +250,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         key_limits: ingest::KeyLimits::new(config.ingest_rate),
         log: match &log {
             Some(log) => log.clone() as Arc<dyn EventLog>,
-            None => Arc::new(SpoolLog(config.spool.clone())),
+            None => Arc::new(SpoolLog::new(config.spool.clone())?),
         },
         outcomes_failing: std::sync::Mutex::new(None),
     });
