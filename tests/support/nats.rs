@@ -118,8 +118,9 @@ impl Cluster {
         panic!("nats-server did not start: {failures:#?}");
     }
 
-    /// `nats://…` of every node, comma-separated, as `--stream` takes it.
-    /// The process ids of the nodes that are running.
+    /// The process ids of the nodes that are running. (Only in the
+    /// benchmark, which reads their CPU time.)
+    #[allow(dead_code)]
     pub fn pids(&self) -> Vec<u32> {
         self.nodes
             .iter()
@@ -127,6 +128,7 @@ impl Cluster {
             .collect()
     }
 
+    /// `nats://…` of every node, comma-separated, as `--stream` takes it.
     pub fn urls(&self) -> String {
         self.nodes
             .iter()
