@@ -23,6 +23,7 @@
 //!   its deadline: the healthy connections' ingest-to-outcome p50/p99 in
 //!   both runs, and the ratio.
 //!
+//! `BENCH_CONNECTIONS_BIN=PATH` runs that build of `cdp-host` as `serve`.
 //! Speed is reported, never asserted. Results: BENCHMARKS.md.
 
 use std::collections::BTreeMap;
@@ -74,7 +75,10 @@ fn config(dir: &Path, entries: &[(String, String, String, &str)], plugin: Option
 fn serve(config: &Path, spool: &Path, extra: &[&str]) -> (Killed, String, Duration) {
     let port = free_port();
     let started = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_cdp-host"))
+    // `BENCH_CONNECTIONS_BIN=path` runs another build of cdp-host as
+    // `serve` (a before to pair with an after); the sandbox stays this one.
+    let binary = std::env::var("BENCH_CONNECTIONS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cdp-host").to_string());
+    let child = Command::new(binary)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
         .arg(config)
         .arg("--spool")

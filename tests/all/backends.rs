@@ -149,8 +149,8 @@ impl Host {
             .sum()
     }
 
-    /// Its threads now, and those of them that belong to delivery engines
-    /// (the mapping stage's, named `mapping-*`), by their names (Linux).
+    /// Its threads now, and those of them that map events (the mapping
+    /// pool's, named `mapping-*`), by their names (Linux).
     fn threads(&self) -> (usize, usize) {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
             return (0, 0);
@@ -159,8 +159,8 @@ impl Host {
             .flatten()
             .map(|task| std::fs::read_to_string(task.path().join("comm")).unwrap_or_default())
             .collect();
-        let engines = names.iter().filter(|name| name.starts_with("mapping")).count();
-        (names.len(), engines)
+        let mapping = names.iter().filter(|name| name.starts_with("mapping")).count();
+        (names.len(), mapping)
     }
 }
 
@@ -294,17 +294,21 @@ async fn a_paused_shop_holds_its_events_in_order_and_no_one_elses(backend: Backe
     );
 }
 
-/// Twenty shops with one event each: once delivered, and idle for the
-/// engine's idle time, no engine runs and none of their threads is left.
-/// (Counted by name: the runtime's own pool of blocking threads comes and
-/// goes on a timer of its own.)
+/// Twenty shops with one event each: their events are mapped on the
+/// host's one mapping pool (a worker per core, however many shops are
+/// busy), and once delivered and idle for the engine's idle time, no
+/// engine runs and no thread was added for them. (Counted by name: the
+/// runtime's own pool of blocking threads comes and goes on a timer of its
+/// own.)
 async fn idle_connections_hold_no_engines(backend: Backend) {
     let dir = tempdir();
     let sandbox = crate::support::sandbox(unlimited()).await;
     let ids: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
     let config: String = ids.iter().map(|id| shop(id, &sandbox)).collect();
     let host = Host::start(backend, &dir, &config);
-    let (before, _) = host.threads();
+    let (before, pool) = host.threads();
+    let cores = std::thread::available_parallelism().map_or(2, usize::from).max(2);
+    assert_eq!(pool, cores, "the mapping pool: a worker per core, from the start");
     for id in &ids {
         host.send(&format!("wk_{id}"), &[track(id, 0, 0)]).await;
     }
@@ -312,20 +316,15 @@ async fn idle_connections_hold_no_engines(backend: Backend) {
         sandbox.events().len() == 20
     })
     .await;
-    let (busy, busy_engines) = host.threads();
-    assert!(
-        busy_engines > 0,
-        "no engine thread while the engines run: the count sees nothing"
-    );
-    let took = wait_for(
-        "every engine stopped, its threads gone",
-        Duration::from_secs(30),
-        &host,
-        async || host.metric("cdp_engines_running").await == 0.0 && host.threads().1 == 0,
-    )
+    let (busy, busy_mapping) = host.threads();
+    assert_eq!(busy_mapping, cores, "twenty busy shops share the pool's workers");
+    let took = wait_for("every engine stopped", Duration::from_secs(30), &host, async || {
+        host.metric("cdp_engines_running").await == 0.0
+    })
     .await;
+    assert_eq!(host.threads().1, cores, "no mapping thread added or left for the shops");
     eprintln!(
-        "{backend:?}: threads before events {before}, while delivering {busy} ({busy_engines} of engines), {} once idle ({took:?} after delivery)",
+        "{backend:?}: threads before events {before}, while delivering {busy} ({busy_mapping} mapping), {} once idle ({took:?} after delivery)",
         host.threads().0
     );
 }

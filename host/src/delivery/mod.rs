@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use plugin_runtime::PluginSlot;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -32,7 +31,8 @@ pub use pacing::{Budgets, Pacer};
 pub use stats::{BUCKETS, Histogram, Progress};
 
 use crate::mapping::{
-    CallGates, EventId, EventMapper, MappedEvent, MappedOutcome, MappingStage, StageConfig, line_text,
+    CallGates, EventId, EventMapper, MappedEvent, MappedOutcome, MappingPool, Prepared, Stage, StageConfig, StageInput,
+    line_text,
 };
 use crate::settings::{DestinationSettings, SettingsCell};
 use crate::shown::ShownRequest;
@@ -61,7 +61,8 @@ pub struct DeliveryConfig {
     /// Times an event is mapped again after the plugin itself failed
     /// (trap, deadline) before it is dead-lettered as poison.
     pub poison_attempts: u32,
-    /// Threads mapping events (see `MappingStage`).
+    /// Events of this delivery mapped at once (see `Stage`); also the
+    /// workers of the pool made for it when it shares none (`Parts`).
     pub mapping_workers: usize,
     /// Send every request the plugin can batch in a batch, even at a
     /// trickle (a backfill); otherwise batches form only under a backlog.
@@ -117,6 +118,7 @@ pub struct Delivery {
     fence: Option<Fence>,
     not_before: Option<NotBefore>,
     hold: Option<Hold>,
+    mapping_pool: Option<Arc<MappingPool>>,
 }
 
 /// When an event may first be sent, if not at once (a Retry-After its
@@ -153,6 +155,9 @@ pub struct Parts {
     pub not_before: Option<NotBefore>,
     /// While set, no request leaves (see `Hold`).
     pub hold: Option<Hold>,
+    /// The workers that map its events, shared with other deliveries;
+    /// without one, each run makes a pool of `mapping_workers` of its own.
+    pub mapping_pool: Option<Arc<MappingPool>>,
 }
 
 /// Called with an event and the time before which it must not be resent.
@@ -223,6 +228,7 @@ impl Delivery {
             fence: parts.fence,
             not_before: parts.not_before,
             hold: parts.hold,
+            mapping_pool: parts.mapping_pool,
         }))
     }
 
@@ -288,10 +294,77 @@ impl Delivery {
         events: impl Iterator<Item = anyhow::Result<(EventId, String)>> + Send + 'static,
         observe: impl Fn(&EventRecord) + Send + Sync,
     ) -> anyhow::Result<Report> {
-        let started = Instant::now();
-        let (tx, mut rx) = mpsc::channel::<(MappedEvent, String)>(256);
-        let mapper = self.mapping_stage(events, tx);
+        let (input, stage) = self.stage()?;
+        // The input may block (a file, a pipe): it is read on a thread of
+        // its own, which waits while the stage has too much unfinished.
+        let (done, read) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("mapping-reader".into())
+            .spawn(move || {
+                for event in events {
+                    match event {
+                        Ok((id, text)) => {
+                            if !input.push_waiting(Prepared::new(id, text)) {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            input.fail();
+                            let _ = done.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                drop(input);
+                let _ = done.send(Ok(()));
+            })
+            .map_err(|e| anyhow::anyhow!("starting the mapping reader: {e}"))?;
+        let report = self.deliver_stage(stage, observe).await?;
+        read.await
+            .map_err(|_| anyhow::anyhow!("the mapping reader ended without a word"))??;
+        Ok(report)
+    }
 
+    /// A stage that maps this delivery's events (see `Stage`): on the pool
+    /// it shares, or on one of its own. What is pushed into the input is
+    /// delivered by `deliver_stage`.
+    pub fn stage(self: &Arc<Self>) -> anyhow::Result<(StageInput, Stage)> {
+        let mut mapper = EventMapper::with_cell(self.slot.clone(), self.settings.clone());
+        if let Some(gates) = &self.map_gates {
+            mapper = mapper.with_gates(gates.clone());
+        }
+        // Batches form only when delivery is paced (or told to batch
+        // always); otherwise asking the plugin is wasted work.
+        if self.config.pacing || self.config.batch_always {
+            mapper = mapper.with_batch_items();
+        }
+        let pool = match &self.mapping_pool {
+            Some(pool) => pool.clone(),
+            None => MappingPool::new(self.config.mapping_workers)
+                .map_err(|e| anyhow::anyhow!("starting the mapping workers: {e}"))?,
+        };
+        let progress = self.progress.clone();
+        Ok(Stage::new(
+            mapper,
+            StageConfig {
+                parallel: self.config.mapping_workers,
+                poison_attempts: self.config.poison_attempts,
+                max_queued: self.config.mapping_queue,
+                ..StageConfig::default()
+            },
+            pool,
+            move |took| progress.map_seconds.observe(took),
+        ))
+    }
+
+    /// Delivers what `stage` maps, in order per person, until its input
+    /// ends (or it stops).
+    pub async fn deliver_stage(
+        self: &Arc<Self>,
+        stage: Stage,
+        observe: impl Fn(&EventRecord) + Send + Sync,
+    ) -> anyhow::Result<Report> {
+        let started = Instant::now();
         let mut report = Report::default();
         let mut lanes: HashMap<String, VecDeque<(MappedEvent, String)>> = HashMap::new();
         // Events waiting in a lane behind their person's event in flight:
@@ -304,7 +377,7 @@ impl Delivery {
         loop {
             let room = self.config.concurrency + self.batch_room.load(Ordering::Relaxed);
             tokio::select! {
-                job = rx.recv(), if !input_done && running.len() < room && waiting < 8 * room => {
+                job = stage.next(), if !input_done && running.len() < room && waiting < 8 * room => {
                     let Some((mapped, raw)) = job else {
                         input_done = true;
                         continue;
@@ -343,60 +416,9 @@ impl Delivery {
                 else => break,
             }
         }
-        mapper
-            .await
-            .map_err(|_| anyhow::anyhow!("the mapping stage ended without a word"))??;
         report.requests_sent = self.requests_sent.load(Ordering::Relaxed);
         report.elapsed = started.elapsed();
         Ok(report)
-    }
-
-    /// Maps events on the mapping stage's workers (see `MappingStage`):
-    /// in input order, except that an event the plugin is stuck on is
-    /// overtaken by other people's events rather than holding them up.
-    fn mapping_stage(
-        self: &Arc<Self>,
-        events: impl Iterator<Item = anyhow::Result<(EventId, String)>> + Send + 'static,
-        tx: mpsc::Sender<(MappedEvent, String)>,
-    ) -> tokio::sync::oneshot::Receiver<anyhow::Result<()>> {
-        let mut mapper = EventMapper::with_cell(self.slot.clone(), self.settings.clone());
-        if let Some(gates) = &self.map_gates {
-            mapper = mapper.with_gates(gates.clone());
-        }
-        // Batches form only when delivery is paced (or told to batch
-        // always); otherwise asking the plugin is wasted work.
-        if self.config.pacing || self.config.batch_always {
-            mapper = mapper.with_batch_items();
-        }
-        let stage = MappingStage::new(
-            mapper,
-            StageConfig {
-                workers: self.config.mapping_workers,
-                poison_attempts: self.config.poison_attempts,
-                max_queued: self.config.mapping_queue,
-                ..StageConfig::default()
-            },
-        );
-        let progress = self.progress.clone();
-        // Its own thread, not the runtime's blocking pool: the stage lives
-        // as long as its input, and many deliveries at once (one per busy
-        // connection) must not use up the pool the spool reads need.
-        let (done, result) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("mapping-reader".into())
-            .spawn(move || {
-                let _ = done.send(stage.run(
-                    events,
-                    |mapped, text| tx.blocking_send((mapped, text)).is_ok(),
-                    |took| progress.map_seconds.observe(took),
-                ));
-            });
-        if let Err(e) = spawned {
-            let (done, failed) = tokio::sync::oneshot::channel();
-            let _ = done.send(Err(anyhow::anyhow!("starting the mapping stage: {e}")));
-            return failed;
-        }
-        result
     }
 
     fn spawn_event(

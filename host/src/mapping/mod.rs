@@ -8,7 +8,7 @@
 
 mod stage;
 
-pub use stage::{MappingStage, StageConfig};
+pub use stage::{MappingPool, Prepared, Stage, StageActivity, StageConfig, StageInput};
 
 use std::borrow::Cow;
 use std::fmt;

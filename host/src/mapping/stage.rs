@@ -1,36 +1,49 @@
-//! Maps a stream of events on several workers, so that one event the plugin
-//! is stuck on (a loop running into its deadline, and the re-maps after it)
-//! holds up only the events of the same person, not the whole stream.
+//! Maps streams of events on one pool of workers, so that many streams (one
+//! per busy connection) share a worker per core instead of each having
+//! threads of its own, and one event the plugin is stuck on (a loop running
+//! into its deadline, and the re-maps after it) holds up only the events of
+//! the same person, not its stream or the others.
 //!
-//! - Events with the same person key (`Envelope::person_key`) are mapped one
-//!   at a time, in the order they came; the others in parallel.
-//! - Mapped events leave in input order, so that delivery sees them as they
-//!   came, with one exception: an event still unmapped `overtake_after` after
-//!   it started (or, waiting behind its own person's stuck event, after it
-//!   arrived) is overtaken by the events behind it, and leaves when it is
-//!   done. Order between two events can then change only if they have
-//!   different person keys.
+//! - A `MappingPool` is a fixed set of workers. Each stream (`Stage`) with
+//!   an event ready to map waits in the pool's queue; a worker takes the
+//!   stage at the front, maps one of its events, and puts it at the back if
+//!   it has more: the stages are served in turn.
+//! - Within a stage, events with the same person key
+//!   (`Envelope::person_key`) are mapped one at a time, in the order they
+//!   came; the others in parallel, up to the stage's `parallel`.
+//! - Mapped events leave in input order (`Stage::next`), so that delivery
+//!   sees them as they came, with one exception: an event still unmapped
+//!   `overtake_after` after it started (or, waiting behind its own person's
+//!   stuck event, after it arrived) is overtaken by the events behind it,
+//!   and leaves when it is done. Order between two events can then change
+//!   only if they have different person keys. A stuck event has a worker
+//!   added to the pool in its place while it lasts, and its stage may map
+//!   one more event at once.
 //! - An event whose mapping failed in the plugin itself is mapped again on
 //!   the same worker, each time with a fresh instance, `poison_attempts`
 //!   times in all; the other workers go on meanwhile.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{Envelope, EventId, EventMapper, MappedEvent, MappedOutcome};
 
-/// How the stage runs.
+/// How a stage runs.
 #[derive(Clone, Debug)]
 pub struct StageConfig {
-    /// Mapping threads.
-    pub workers: usize,
+    /// Events of this stage mapped at once, at most (one more for each
+    /// event stuck in the plugin).
+    pub parallel: usize,
     /// Attempts to map an event whose mapping failed in the plugin.
     pub poison_attempts: u32,
     /// How long an unfinished event may hold up the ones behind it.
     pub overtake_after: Duration,
-    /// Events read but not yet handed on: bounds memory, and makes a slow
-    /// consumer slow the input down.
+    /// Events pushed with `StageInput::push_waiting` wait while this many
+    /// are unfinished: bounds memory, and makes a slow consumer slow the
+    /// input down. (`push` does not wait: its caller bounds what it hands
+    /// in, as `serve`'s engines do.)
     pub max_queued: usize,
 }
 
@@ -48,7 +61,7 @@ impl StageConfig {
 impl Default for StageConfig {
     fn default() -> Self {
         StageConfig {
-            workers: StageConfig::default_workers(),
+            parallel: StageConfig::default_workers(),
             poison_attempts: 3,
             overtake_after: Duration::from_millis(100),
             max_queued: 1024,
@@ -59,35 +72,147 @@ impl Default for StageConfig {
 /// Workers added at most, each for an event stuck in the plugin.
 const MAX_EXTRA_WORKERS: usize = 16;
 
-/// The workers, the order they hand events on in, and where they go.
-pub struct MappingStage {
-    mapper: EventMapper,
-    config: StageConfig,
-    state: Mutex<State>,
-    /// Workers wait here for an event to map (one is woken per event: on
-    /// two cores, waking every thread for every event cost more CPU than
-    /// the mapping).
+/// A fixed set of mapping workers, shared by every stage made on it. The
+/// workers end when the pool is dropped (after the map each is in).
+pub struct MappingPool {
+    shared: Arc<Pool>,
+}
+
+struct Pool {
+    state: Mutex<PoolState>,
+    /// Workers wait here for a stage with work (one is woken per stage
+    /// queued: on two cores, waking every thread for every event cost more
+    /// CPU than the mapping).
     work: Condvar,
-    /// The sequencer waits here for a mapped event.
-    progress: Condvar,
-    /// The reader waits here for room.
-    room: Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Stages with an event to map, each at most once (`State::scheduled`).
+    ready: VecDeque<Arc<StageShared>>,
+    closed: bool,
+    /// Workers added for stuck events, still running.
+    extra_workers: usize,
+    /// Events stuck in the plugin now, across stages: as many extra
+    /// workers as these are kept.
+    stuck: usize,
+}
+
+impl MappingPool {
+    /// A pool of `workers` threads (at least one).
+    pub fn new(workers: usize) -> std::io::Result<Arc<MappingPool>> {
+        let shared = Arc::new(Pool {
+            state: Mutex::default(),
+            work: Condvar::new(),
+        });
+        for n in 0..workers.max(1) {
+            let pool = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("mapping-{n}"))
+                .spawn(move || pool.work(false))?;
+        }
+        Ok(Arc::new(MappingPool { shared }))
+    }
+}
+
+impl Drop for MappingPool {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.work.notify_all();
+    }
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().expect("a mapping worker panicked")
+    }
+
+    /// Puts a stage in line for a worker.
+    fn schedule(&self, stage: Arc<StageShared>) {
+        self.lock().ready.push_back(stage);
+        self.work.notify_one();
+    }
+
+    /// An event was found stuck: a worker is added in its place.
+    fn stuck(self: &Arc<Self>) {
+        let mut state = self.lock();
+        state.stuck += 1;
+        if state.extra_workers >= MAX_EXTRA_WORKERS || state.closed {
+            return;
+        }
+        let pool = self.clone();
+        let added = std::thread::Builder::new()
+            .name("mapping-extra".into())
+            .spawn(move || pool.work(true));
+        match added {
+            Ok(_) => state.extra_workers += 1,
+            Err(e) => tracing::warn!("could not add a mapping worker for a stuck event: {e}"),
+        }
+    }
+
+    /// A stuck event is done: an extra worker may no longer be needed.
+    fn unstuck(&self) {
+        self.lock().stuck -= 1;
+        self.work.notify_all();
+    }
+
+    /// One worker: the stage at the front of the line, one event of it, in
+    /// turn. An `extra` one ends as soon as it is no longer needed.
+    fn work(&self, extra: bool) {
+        loop {
+            let stage = {
+                let mut state = self.lock();
+                loop {
+                    if extra && (state.closed || state.extra_workers > state.stuck) {
+                        state.extra_workers -= 1;
+                        return;
+                    }
+                    if let Some(stage) = state.ready.pop_front() {
+                        break stage;
+                    }
+                    if state.closed {
+                        return;
+                    }
+                    state = self.work.wait(state).expect("a mapping worker panicked");
+                }
+            };
+            stage.map_one(self);
+        }
+    }
 }
 
 /// An event read and not yet started.
 struct Queued {
     seq: u64,
+    event: Prepared,
+}
+
+/// An event ready to go into a stage: its envelope is read by whoever
+/// pushes it, outside the stage's lock.
+pub struct Prepared(Box<Read>);
+
+struct Read {
     key: Option<String>,
     id: EventId,
     text: String,
     envelope: Result<Envelope, String>,
 }
 
-/// What a worker keeps of an event while it is mapped.
-struct Taken {
-    seq: u64,
-    key: Option<String>,
-    text: String,
+impl Prepared {
+    pub fn new(id: EventId, text: String) -> Prepared {
+        let envelope = Envelope::read(id, &text);
+        let key = envelope.as_ref().ok().and_then(Envelope::person_key);
+        Prepared(Box::new(Read {
+            key,
+            id,
+            text,
+            envelope,
+        }))
+    }
+
+    fn key(&self) -> Option<&String> {
+        self.0.key.as_ref()
+    }
 }
 
 /// An event read and not yet handed on, in input order.
@@ -109,13 +234,15 @@ struct State {
     /// Overtaken and now done: handed on next.
     late: VecDeque<(MappedEvent, String)>,
     next_seq: u64,
+    /// Events being mapped now.
+    mapping: usize,
+    /// In the pool's line (or being served by a worker that will put it
+    /// back if it has more).
+    scheduled: bool,
     input_done: bool,
-    /// The consumer has gone: stop.
+    /// The consumer has gone, or the input failed: stop.
     stopped: bool,
-    /// Workers added for stuck events, still running.
-    extra_workers: usize,
-    /// Events overtaken while the plugin was still mapping them, not done:
-    /// as many extra workers as these are kept.
+    /// Events overtaken while the plugin was still mapping them, not done.
     stuck: HashSet<u64>,
 }
 
@@ -125,177 +252,259 @@ impl State {
     }
 }
 
-impl MappingStage {
-    pub fn new(mapper: EventMapper, config: StageConfig) -> MappingStage {
-        MappingStage {
+struct StageShared {
+    mapper: EventMapper,
+    config: StageConfig,
+    pool: Arc<Pool>,
+    /// Kept alive while the stage is (a pool made for it alone ends with it).
+    _pool: Arc<MappingPool>,
+    timed: Box<dyn Fn(Duration) + Send + Sync>,
+    state: Mutex<State>,
+    /// Events pushed so far.
+    pushed: AtomicU64,
+    /// The consumer waits here for a mapped event.
+    ready: tokio::sync::Notify,
+    /// `push_waiting` waits here for room.
+    room: Condvar,
+}
+
+/// One stream of events on a pool: its consumer's side. Dropping it stops
+/// the stage (what is unmapped is left).
+pub struct Stage {
+    shared: Arc<StageShared>,
+}
+
+/// Where a stage's events go in. Dropping it ends the input: the stage
+/// ends once everything pushed has been handed on.
+pub struct StageInput {
+    shared: Arc<StageShared>,
+}
+
+/// Tells how many events a stage was given, for one who watches it idle.
+#[derive(Clone)]
+pub struct StageActivity {
+    shared: Arc<StageShared>,
+}
+
+impl StageActivity {
+    pub fn pushed(&self) -> u64 {
+        self.shared.pushed.load(Ordering::Acquire)
+    }
+}
+
+impl Stage {
+    /// A stage mapping with `mapper` on `pool`; `timed` is told how long
+    /// each mapping took.
+    pub fn new(
+        mapper: EventMapper,
+        config: StageConfig,
+        pool: Arc<MappingPool>,
+        timed: impl Fn(Duration) + Send + Sync + 'static,
+    ) -> (StageInput, Stage) {
+        let shared = Arc::new(StageShared {
             mapper,
             config,
-            state: Mutex::new(State::default()),
-            work: Condvar::new(),
-            progress: Condvar::new(),
+            pool: pool.shared.clone(),
+            _pool: pool,
+            timed: Box::new(timed),
+            state: Mutex::default(),
+            pushed: AtomicU64::new(0),
+            ready: tokio::sync::Notify::new(),
             room: Condvar::new(),
+        });
+        (StageInput { shared: shared.clone() }, Stage { shared })
+    }
+
+    pub fn activity(&self) -> StageActivity {
+        StageActivity {
+            shared: self.shared.clone(),
         }
     }
 
-    /// Maps every event of `events`, handing each to `emit` with its text;
-    /// `timed` is told how long each mapping took. Returns at the end of the
-    /// input, when `emit` says the consumer has gone (false), or at the
-    /// first input error.
-    pub fn run(
-        &self,
-        events: impl Iterator<Item = anyhow::Result<(EventId, String)>>,
-        emit: impl FnMut(MappedEvent, String) -> bool + Send,
-        timed: impl Fn(Duration) + Sync,
-    ) -> anyhow::Result<()> {
-        std::thread::scope(|scope| {
-            let timed = &timed;
-            for n in 0..self.config.workers.max(1) {
-                std::thread::Builder::new()
-                    .name(format!("mapping-{n}"))
-                    .spawn_scoped(scope, move || self.work(timed, false))
-                    .expect("spawning a mapping worker");
-            }
-            // A stuck event gets a worker added in its place, for as long as
-            // there is work for it: few threads for ordinary traffic (each
-            // one more costs latency on a busy machine), and no stall when
-            // a plugin loops.
-            // (Called with the state locked: a thread that cannot be made
-            // is only logged, and its count stays taken.)
-            let add_worker = move || {
-                let added = std::thread::Builder::new()
-                    .name("mapping-extra".into())
-                    .spawn_scoped(scope, move || self.work(timed, true));
-                if let Err(e) = added {
-                    tracing::warn!("could not add a mapping worker for a stuck event: {e}");
+    /// The next event in order (see the module's text), once it is mapped;
+    /// None at the end of the input, or when the stage stopped. Nothing is
+    /// lost if the future is dropped before it is ready.
+    pub async fn next(&self) -> Option<(MappedEvent, String)> {
+        loop {
+            let notified = self.shared.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.shared.take_next() {
+                Next::Event(event) => return Some(event),
+                Next::End => return None,
+                Next::WaitAtMost(wait) => {
+                    let _ = tokio::time::timeout(wait.max(Duration::from_millis(1)), notified).await;
                 }
-            };
-            let sequencer = std::thread::Builder::new()
-                .name("mapping-order".into())
-                .spawn_scoped(scope, move || self.hand_on(emit, add_worker))
-                .expect("spawning the mapping sequencer");
-            let read = self.read(events);
-            let mut state = self.lock();
-            state.input_done = true;
-            if read.is_err() {
-                state.stopped = true;
             }
-            drop(state);
-            self.wake_all();
-            sequencer.join().expect("the mapping sequencer panicked");
-            read
-        })
+        }
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        self.shared.stop();
+    }
+}
+
+impl StageInput {
+    /// Puts an event in, without waiting for room; gives it back if the
+    /// stage has stopped.
+    pub fn push(&self, event: Prepared) -> Result<(), Prepared> {
+        let state = self.shared.lock();
+        self.shared.push_locked(state, event)
     }
 
+    /// Puts an event in once fewer than `max_queued` are unfinished; false
+    /// if the stage has stopped.
+    pub fn push_waiting(&self, event: Prepared) -> bool {
+        let mut state = self.shared.lock();
+        while state.unfinished() >= self.shared.config.max_queued && !state.stopped {
+            state = self.shared.room.wait(state).expect("a mapping worker panicked");
+        }
+        self.shared.push_locked(state, event).is_ok()
+    }
+
+    /// The input failed: the stage stops, handing on nothing more.
+    pub fn fail(self) {
+        self.shared.stop();
+    }
+}
+
+impl Drop for StageInput {
+    fn drop(&mut self) {
+        self.shared.lock().input_done = true;
+        self.shared.ready.notify_one();
+    }
+}
+
+/// What the consumer finds.
+enum Next {
+    Event((MappedEvent, String)),
+    End,
+    /// Nothing yet; look again when told, or after this long (an event may
+    /// be overtaken then).
+    WaitAtMost(Duration),
+}
+
+impl StageShared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("a mapping thread panicked")
+        self.state.lock().expect("a mapping worker panicked")
     }
 
-    /// At the end of the input, or when the stage stops: everyone looks.
-    fn wake_all(&self) {
-        self.work.notify_all();
-        self.progress.notify_all();
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.ready.notify_one();
         self.room.notify_all();
     }
 
-    /// Reads the input into the queue, waiting while too much is unfinished.
-    fn read(&self, events: impl Iterator<Item = anyhow::Result<(EventId, String)>>) -> anyhow::Result<()> {
-        for event in events {
-            let (id, text) = event?;
-            let envelope = Envelope::read(id, &text);
-            let key = envelope.as_ref().ok().and_then(Envelope::person_key);
-            let mut state = self.lock();
-            while state.unfinished() >= self.config.max_queued && !state.stopped {
-                state = self.room.wait(state).expect("a mapping thread panicked");
-            }
-            if state.stopped {
-                return Ok(());
-            }
-            let seq = state.next_seq;
-            state.next_seq += 1;
-            state.slots.insert(
-                seq,
-                Slot::Waiting {
-                    since: Instant::now(),
-                    key: key.clone(),
-                },
-            );
-            state.queue.push_back(Queued {
-                seq,
-                key,
-                id,
-                text,
-                envelope,
-            });
+    /// The events this stage may map at once now.
+    fn limit(&self, state: &State) -> usize {
+        self.config.parallel.max(1) + state.stuck.len()
+    }
+
+    /// Whether a worker would find an event of this stage to map now.
+    fn has_work(&self, state: &State) -> bool {
+        !state.stopped
+            && state.mapping < self.limit(state)
+            && state
+                .queue
+                .iter()
+                .any(|q| q.event.key().is_none_or(|key| !state.busy.contains(key)))
+    }
+
+    /// Puts this stage in the pool's line if it has work and is not there.
+    fn schedule_if_needed(self: &Arc<Self>, mut state: MutexGuard<'_, State>) {
+        if state.scheduled || !self.has_work(&state) {
+            return;
+        }
+        state.scheduled = true;
+        drop(state);
+        self.pool.schedule(self.clone());
+    }
+
+    fn push_locked(self: &Arc<Self>, mut state: MutexGuard<'_, State>, event: Prepared) -> Result<(), Prepared> {
+        if state.stopped || state.input_done {
+            return Err(event);
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.slots.insert(
+            seq,
+            Slot::Waiting {
+                since: Instant::now(),
+                key: event.key().cloned(),
+            },
+        );
+        let free = event.key().is_none_or(|key| !state.busy.contains(key));
+        state.queue.push_back(Queued { seq, event });
+        self.pushed.fetch_add(1, Ordering::Release);
+        if free && !state.scheduled && !state.stopped && state.mapping < self.limit(&state) {
+            state.scheduled = true;
             drop(state);
-            self.work.notify_one();
+            self.pool.schedule(self.clone());
         }
         Ok(())
     }
 
-    /// One worker: the first queued event whose person is not being mapped.
-    /// An `extra` one ends as soon as there is nothing for it.
-    fn work(&self, timed: &(impl Fn(Duration) + Sync), extra: bool) {
+    /// On a worker: maps the first queued event whose person is not being
+    /// mapped, then puts the stage back in line if it has more.
+    fn map_one(self: &Arc<Self>, pool: &Pool) {
         let mut state = self.lock();
-        loop {
-            if state.stopped || (extra && state.extra_workers > state.stuck.len()) {
-                if extra {
-                    state.extra_workers -= 1;
-                }
+        let limit = self.limit(&state);
+        let free = state
+            .queue
+            .iter()
+            .position(|q| q.event.key().is_none_or(|key| !state.busy.contains(key)));
+        let index = match free {
+            Some(index) if !state.stopped && state.mapping < limit => index,
+            _ => {
+                state.scheduled = false;
                 return;
             }
-            let free = state
-                .queue
-                .iter()
-                .position(|q| q.key.as_ref().is_none_or(|key| !state.busy.contains(key)));
-            let Some(index) = free else {
-                if state.input_done && state.queue.is_empty() {
-                    if extra {
-                        state.extra_workers -= 1;
-                    }
-                    return;
-                }
-                state = self.work.wait(state).expect("a mapping thread panicked");
-                continue;
-            };
-            let job = state.queue.remove(index).expect("found above");
-            if let Some(key) = &job.key {
-                state.busy.insert(key.clone());
-            }
-            if let Some(slot) = state.slots.get_mut(&job.seq) {
-                *slot = Slot::Mapping { since: Instant::now() };
-            }
+        };
+        let job = state.queue.remove(index).expect("found above");
+        if let Some(key) = job.event.key() {
+            state.busy.insert(key.clone());
+        }
+        if let Some(slot) = state.slots.get_mut(&job.seq) {
+            *slot = Slot::Mapping { since: Instant::now() };
+        }
+        state.mapping += 1;
+        // More for another worker: back in line now, behind the others.
+        if self.has_work(&state) {
             drop(state);
+            pool.schedule(self.clone());
+        } else {
+            state.scheduled = false;
+            drop(state);
+        }
 
-            let Queued {
-                seq,
-                key,
-                id,
-                text,
-                envelope,
-            } = job;
-            let started = Instant::now();
-            let mapped = self.map(id, &text, envelope);
-            timed(started.elapsed());
-            let job = Taken { seq, key, text };
+        let seq = job.seq;
+        let Read {
+            key,
+            id,
+            text,
+            envelope,
+        } = *job.event.0;
+        let started = Instant::now();
+        let mapped = self.map(id, &text, envelope);
+        (self.timed)(started.elapsed());
 
-            state = self.lock();
-            if let Some(key) = &job.key {
-                state.busy.remove(key);
-            }
-            if state.stuck.remove(&job.seq) {
-                // An extra worker may no longer be needed.
-                self.work.notify_all();
-            }
-            if state.overtaken.remove(&job.seq) {
-                state.late.push_back((mapped, job.text));
-            } else {
-                state.slots.insert(job.seq, Slot::Done(Box::new((mapped, job.text))));
-            }
-            self.progress.notify_one();
-            // An event of this person may have been waiting for the key.
-            if job.key.is_some() && !state.queue.is_empty() {
-                self.work.notify_one();
-            }
+        let mut state = self.lock();
+        state.mapping -= 1;
+        if let Some(key) = &key {
+            state.busy.remove(key);
+        }
+        let was_stuck = state.stuck.remove(&seq);
+        if state.overtaken.remove(&seq) {
+            state.late.push_back((mapped, text));
+        } else {
+            state.slots.insert(seq, Slot::Done(Box::new((mapped, text))));
+        }
+        self.ready.notify_one();
+        self.schedule_if_needed(state);
+        if was_stuck {
+            pool.unstuck();
         }
     }
 
@@ -317,75 +526,214 @@ impl MappingStage {
         mapped
     }
 
-    /// Hands mapped events on in input order, letting the ones behind an
-    /// event that takes too long overtake it.
-    fn hand_on(&self, mut emit: impl FnMut(MappedEvent, String) -> bool, add_worker: impl Fn()) {
+    /// The next event to hand on, in input order, letting the ones behind
+    /// an event that takes too long overtake it.
+    fn take_next(self: &Arc<Self>) -> Next {
         let overtake_after = self.config.overtake_after;
         let mut state = self.lock();
-        loop {
-            let fields = &mut *state;
-            let mut out: Vec<(MappedEvent, String)> = fields.late.drain(..).collect();
-            let mut wake_in = overtake_after;
-            while let Some(entry) = fields.slots.first_entry() {
-                let held_since = match entry.get() {
-                    Slot::Done(_) => None,
-                    Slot::Mapping { since } => Some(*since),
-                    // Waiting for a worker is not being stuck; waiting
-                    // behind the same person's stuck event is.
-                    Slot::Waiting { since, key } => match key {
-                        Some(key) if fields.busy.contains(key) => Some(*since),
-                        _ => break,
-                    },
-                };
-                match held_since {
-                    None => {
-                        let Slot::Done(done) = entry.remove() else {
-                            unreachable!()
-                        };
-                        out.push(*done);
-                    }
-                    Some(since) if since.elapsed() >= overtake_after => {
-                        let seq = *entry.key();
-                        let stuck = matches!(entry.remove(), Slot::Mapping { .. });
-                        fields.overtaken.insert(seq);
-                        if stuck {
-                            fields.stuck.insert(seq);
-                            if fields.extra_workers < MAX_EXTRA_WORKERS {
-                                fields.extra_workers += 1;
-                                add_worker();
-                            }
-                        }
-                    }
-                    Some(since) => {
-                        wake_in = overtake_after.saturating_sub(since.elapsed());
-                        break;
-                    }
-                }
-            }
-            if !out.is_empty() {
-                drop(state);
-                self.room.notify_one();
-                for (mapped, text) in out {
-                    if !emit(mapped, text) {
-                        self.lock().stopped = true;
-                        self.wake_all();
-                        return;
-                    }
-                }
-                state = self.lock();
-                continue;
-            }
-            if state.stopped || (state.input_done && state.unfinished() == 0) {
-                state.stopped = true;
-                drop(state);
-                self.wake_all();
-                return;
-            }
-            state = self
-                .progress
-                .wait_timeout(state, wake_in.max(Duration::from_millis(1)))
-                .expect("a mapping thread panicked")
-                .0;
+        if state.stopped {
+            return Next::End;
         }
+        if let Some(event) = state.late.pop_front() {
+            drop(state);
+            self.room.notify_one();
+            return Next::Event(event);
+        }
+        let mut newly_stuck = 0;
+        let mut wait = overtake_after;
+        let fields = &mut *state;
+        let mut found = None;
+        while let Some(entry) = fields.slots.first_entry() {
+            let held_since = match entry.get() {
+                Slot::Done(_) => None,
+                Slot::Mapping { since } => Some(*since),
+                // Waiting for a worker is not being stuck; waiting behind
+                // the same person's stuck event is.
+                Slot::Waiting { since, key } => match key {
+                    Some(key) if fields.busy.contains(key) => Some(*since),
+                    _ => break,
+                },
+            };
+            match held_since {
+                None => {
+                    let Slot::Done(done) = entry.remove() else {
+                        unreachable!()
+                    };
+                    found = Some(*done);
+                    break;
+                }
+                Some(since) if since.elapsed() >= overtake_after => {
+                    let seq = *entry.key();
+                    let stuck = matches!(entry.remove(), Slot::Mapping { .. });
+                    fields.overtaken.insert(seq);
+                    if stuck {
+                        fields.stuck.insert(seq);
+                        newly_stuck += 1;
+                    }
+                }
+                Some(since) => {
+                    wait = overtake_after.saturating_sub(since.elapsed());
+                    break;
+                }
+            }
+        }
+        let end = found.is_none() && state.input_done && state.unfinished() == 0;
+        if newly_stuck > 0 {
+            // Counted in the pool before the lock goes, so that the worker
+            // finishing one cannot take it off first.
+            for _ in 0..newly_stuck {
+                self.pool.stuck();
+            }
+            // The stage may map one more at once for each: whatever waited
+            // for room in it goes to the line.
+            self.schedule_if_needed(state);
+        } else {
+            drop(state);
+        }
+        match found {
+            Some(event) => {
+                self.room.notify_one();
+                Next::Event(event)
+            }
+            None if end => Next::End,
+            None => Next::WaitAtMost(wait),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+    use std::sync::atomic::AtomicUsize;
+
+    use plugin_runtime::{PluginSlot, Runtime, RuntimeConfig};
+    use serde_json::json;
+
+    use super::*;
+    use crate::settings::DestinationSettings;
+
+    fn mapper() -> EventMapper {
+        static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+        let runtime = RUNTIME.get_or_init(|| {
+            Runtime::new(RuntimeConfig {
+                concurrency: 8,
+                cache_dir: Some(std::env::temp_dir().join("cdp-host-stage-tests")),
+                ..RuntimeConfig::default()
+            })
+            .unwrap()
+        });
+        let plugin = Arc::new(runtime.load(crate::bundled::KLAVIYO, "bundled").unwrap());
+        let settings = json!({"api_key": "pk_test"}).as_object().unwrap().clone();
+        let settings = DestinationSettings::from_object(settings, plugin.manifest(), &[], |_| None).unwrap();
+        let slot = PluginSlot::new(plugin, crate::bundled::canary(&settings));
+        EventMapper::new(slot, settings)
+    }
+
+    /// A sendable track of one of seven people.
+    fn event(n: u64) -> Prepared {
+        let text = json!({
+            "type": "track",
+            "event": "Order Completed",
+            "messageId": format!("m{n}"),
+            "userId": format!("u{}", n % 7),
+            "context": {"traits": {"email": format!("u{}@example.com", n % 7)}},
+            "properties": {"order_id": format!("o{n}"), "total": 42},
+        });
+        Prepared::new(EventId::Line(n), text.to_string())
+    }
+
+    fn stage(pool: &Arc<MappingPool>, parallel: usize, mapped: Arc<AtomicUsize>) -> (StageInput, Stage) {
+        let config = StageConfig {
+            parallel,
+            ..StageConfig::default()
+        };
+        Stage::new(mapper(), config, pool.clone(), move |_| {
+            mapped.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_leave_in_the_order_they_came_and_the_stage_ends_with_its_input() {
+        let pool = MappingPool::new(2).unwrap();
+        let (input, stage) = stage(&pool, 2, Arc::default());
+        for n in 0..300 {
+            input.push(event(n)).ok().unwrap();
+        }
+        drop(input);
+        let mut seen = Vec::new();
+        while let Some((mapped, text)) = stage.next().await {
+            assert!(text.contains(&format!("\"m{}\"", mapped.id.number())), "{text}");
+            seen.push(mapped.id.number());
+        }
+        assert_eq!(seen, (0..300).collect::<Vec<_>>());
+    }
+
+    /// Two streams on one pool of two workers: the one with a long backlog
+    /// and room to use both workers does not keep the other's single event
+    /// waiting behind it; the pool serves the stages in turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stage_with_a_backlog_does_not_hold_up_another_on_the_same_pool() {
+        let pool = MappingPool::new(2).unwrap();
+        let busy_mapped = Arc::new(AtomicUsize::new(0));
+        let (busy_input, busy) = stage(&pool, 2, busy_mapped.clone());
+        // What the backlog's count was when the other stage's event was
+        // mapped (its `timed` is called on the worker, right after).
+        let seen_then = Arc::new(AtomicUsize::new(0));
+        let (quiet_input, quiet) = {
+            let (busy_mapped, seen_then) = (busy_mapped.clone(), seen_then.clone());
+            Stage::new(mapper(), StageConfig::default(), pool.clone(), move |_| {
+                seen_then.store(busy_mapped.load(Ordering::Relaxed), Ordering::Relaxed);
+            })
+        };
+        // Each stage's first event also makes its plugin instance: out of
+        // the way before the race.
+        quiet_input.push(event(0)).ok().unwrap();
+        quiet.next().await.unwrap();
+        busy_input.push(event(0)).ok().unwrap();
+        busy.next().await.unwrap();
+        let backlog: Vec<Prepared> = (1..2_000).map(event).collect();
+        let single = event(1);
+        for event in backlog {
+            busy_input.push(event).ok().unwrap();
+        }
+        let at_push = busy_mapped.load(Ordering::Relaxed);
+        quiet_input.push(single).ok().unwrap();
+        let (mapped, _) = quiet.next().await.unwrap();
+        assert_eq!(mapped.id, EventId::Line(1));
+        let meanwhile = seen_then.load(Ordering::Relaxed) - at_push;
+        assert!(
+            at_push < 1_900 && meanwhile < 10,
+            "{meanwhile} of the backlog were mapped while the other stage's one waited ({at_push} before it came)"
+        );
+        drop((busy_input, quiet_input));
+        let mut rest = 0;
+        while busy.next().await.is_some() {
+            rest += 1;
+        }
+        assert_eq!(rest, 1_999);
+        assert!(quiet.next().await.is_none());
+    }
+
+    /// A stage whose consumer has gone takes nothing more, and the pool's
+    /// workers go on serving the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_stage_stops_and_the_pool_serves_the_rest() {
+        let pool = MappingPool::new(2).unwrap();
+        let (gone_input, gone) = stage(&pool, 2, Arc::default());
+        for n in 0..500 {
+            gone_input.push(event(n)).ok().unwrap();
+        }
+        drop(gone);
+        assert!(gone_input.push(event(500)).is_err());
+        let (input, stage) = stage(&pool, 1, Arc::default());
+        input.push(event(7)).ok().unwrap();
+        drop(input);
+        assert_eq!(stage.next().await.unwrap().0.id, EventId::Line(7));
+        assert!(stage.next().await.is_none());
+    }
+
+    #[test]
+    fn the_default_stage_maps_on_every_core() {
+        assert_eq!(StageConfig::default().parallel, StageConfig::default_workers());
     }
 }

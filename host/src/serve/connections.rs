@@ -29,7 +29,7 @@ use plugin_runtime::{Canary, Plugin, PluginSlot};
 
 use super::store::PluginStore;
 use crate::delivery::{Budgets, DeferObserver, Delivery, DeliveryConfig, Parts, Progress};
-use crate::mapping::{CallGate, CallGates};
+use crate::mapping::{CallGate, CallGates, MappingPool, StageConfig};
 use crate::settings::DestinationSettings;
 use crate::spool::{Spool, StoredConnection};
 
@@ -254,6 +254,8 @@ pub struct Connections {
     /// Whether an event may still be sent from this host: set by a
     /// stream worker (its lease fence), shared by every connection.
     pub fence: crate::delivery::Fence,
+    /// The workers that map every connection's events, in turn.
+    mapping_pool: Arc<MappingPool>,
 }
 
 /// Events in flight (read from the spool, not yet finished) at most, for
@@ -278,10 +280,6 @@ pub(crate) const CONNECTION_BYTES: usize = 32 << 20;
 /// flight for its batches).
 const CONNECTION_EVENTS: usize = 2_048;
 pub(crate) const FLAGS_CONNECTION_EVENTS: usize = 8_192;
-
-/// Events a connection's engine holds read ahead, at most, besides those
-/// in flight: its feeder's channel and its mapping queue each.
-pub const CONNECTION_QUEUE: usize = 128;
 
 /// Plugin calls in progress at once, host-wide: two per core. Each one
 /// holds an instance, so this also bounds the mapping instances (and their
@@ -330,6 +328,7 @@ impl Connections {
             secret_sources: RwLock::default(),
             fence: Default::default(),
             hold: Default::default(),
+            mapping_pool: MappingPool::new(StageConfig::default_workers()).context("starting the mapping workers")?,
         })
     }
 
@@ -608,14 +607,11 @@ impl Connections {
             config.base_url = spec.base_url.clone();
         }
         if !from_flags {
-            // One mapping thread per busy connection (and one more per
-            // event stuck in the plugin): with many connections, the
-            // threads are many already, and one core's worth of mapping
-            // is far more than one shop's Klaviyo budget.
+            // One event of a connection of many mapped at a time (and one
+            // more per event stuck in the plugin): one core's worth of
+            // mapping is far more than one shop's Klaviyo budget, and the
+            // pool's other workers stay free for the other shops.
             config.mapping_workers = 1;
-            // And a shallower queue: what a thousand connections hold in
-            // memory at once is a thousand queues.
-            config.mapping_queue = CONNECTION_QUEUE;
         }
         let pacer = self.budgets.of(&settings.account_hash(slot.name()));
         let defer = self.defer.clone();
@@ -640,6 +636,7 @@ impl Connections {
             host_interpreters: Some(self.host_interpreters.clone()),
             fence: Some(self.fence.clone()),
             hold: Some(self.hold.clone()),
+            mapping_pool: Some(self.mapping_pool.clone()),
             not_before: Some({
                 let waits = waits.clone();
                 Arc::new(move |id| waits.lock().unwrap().remove(&id))

@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,11 +25,12 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::connections::{self, Connection};
 use super::metrics::Metrics;
 use crate::delivery::{EventOutcome, EventRecord};
-use crate::mapping::EventId;
+use crate::mapping::{EventId, Prepared, Stage, StageInput};
 
 /// A connection's engine stops after this long with nothing handed in
-/// and nothing in flight (and starts again at its next event): idle
-/// connections hold no threads.
+/// and nothing in flight (and starts again at its next event). An engine
+/// holds no thread of its own in any case: its events are mapped on the
+/// host's mapping pool and delivered on the async runtime.
 pub(crate) const IDLE: Duration = Duration::from_secs(10);
 
 /// How often an engine waiting for events looks whether it is idle.
@@ -66,7 +66,7 @@ pub(crate) enum Admit {
 
 struct Running {
     connection: Arc<Connection>,
-    events: Sender<(EventId, String)>,
+    events: StageInput,
     task: tokio::task::JoinHandle<()>,
     /// Tells this engine from a later one of the same connection.
     serial: u64,
@@ -186,34 +186,45 @@ impl Engines {
         if let Some(until) = not_before.filter(|t| *t > std::time::SystemTime::now()) {
             connection.waits.lock().unwrap().insert(id, until);
         }
+        // The envelope is read here, outside the engines' lock.
+        let mut event = Prepared::new(id, body);
         let mut running = self.running.lock().unwrap();
         if self.closed.load(Ordering::Acquire) {
             drop(running);
             self.release(connection, id, false);
             return false;
         }
-        let mut event = (id, body);
         if let Some(engine) = running.get(&connection.id)
             && Arc::ptr_eq(&engine.connection, connection)
         {
-            match engine.events.send(event) {
+            match engine.events.push(event) {
                 Ok(()) => return true,
-                // Its engine stopped (idle) an instant ago.
-                Err(std::sync::mpsc::SendError(back)) => event = back,
+                // Its delivery ended an instant ago (an error).
+                Err(back) => event = back,
             }
         }
-        // A new engine: after the last one of this id (deleted and made
-        // anew, or stopped when idle) has finished what it had.
+        // A new engine: it delivers after the last one of this id (deleted
+        // and made anew, or stopped when idle) has finished what it had.
         let last = running.remove(&connection.id).map(|r| r.task);
-        let (tx, rx) = std::sync::mpsc::channel();
-        tx.send(event).expect("the receiver is here");
+        let (input, stage) = match connection.delivery.stage() {
+            Ok(stage) => stage,
+            Err(e) => {
+                drop(running);
+                tracing::error!(connection = %connection.id, "could not start its engine: {e:#}");
+                self.release(connection, id, false);
+                return false;
+            }
+        };
+        if input.push(event).is_err() {
+            unreachable!("a new stage takes events");
+        }
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        let task = tokio::spawn(self.clone().run(connection.clone(), rx, serial, last));
+        let task = tokio::spawn(self.clone().run(connection.clone(), stage, serial, last));
         running.insert(
             connection.id.clone(),
             Running {
                 connection: connection.clone(),
-                events: tx,
+                events: input,
                 task,
                 serial,
             },
@@ -241,7 +252,7 @@ impl Engines {
     async fn run(
         self: Arc<Self>,
         connection: Arc<Connection>,
-        events: Receiver<(EventId, String)>,
+        stage: Stage,
         serial: u64,
         last: Option<tokio::task::JoinHandle<()>>,
     ) {
@@ -251,37 +262,7 @@ impl Engines {
         let Some(outcomes) = self.outcomes.lock().unwrap().clone() else {
             return;
         };
-        let input = {
-            let (engines, connection) = (self.clone(), connection.clone());
-            let mut last_event = Instant::now();
-            std::iter::from_fn(move || {
-                loop {
-                    match events.recv_timeout(IDLE_CHECK) {
-                        Ok(event) => {
-                            last_event = Instant::now();
-                            return Some(Ok(event));
-                        }
-                        Err(RecvTimeoutError::Disconnected) => return None,
-                        Err(RecvTimeoutError::Timeout) => {
-                            if last_event.elapsed() < IDLE || !connection.in_flight.lock().unwrap().is_empty() {
-                                continue;
-                            }
-                            // Idle: stop, unless an event was handed in
-                            // meanwhile (handing in takes this lock too).
-                            let mut running = engines.running.lock().unwrap();
-                            if let Ok(event) = events.try_recv() {
-                                last_event = Instant::now();
-                                return Some(Ok(event));
-                            }
-                            if running.get(&connection.id).is_some_and(|r| r.serial == serial) {
-                                running.remove(&connection.id);
-                            }
-                            return None;
-                        }
-                    }
-                }
-            })
-        };
+        let activity = stage.activity();
         let observer = {
             let (engines, connection) = (self.clone(), connection.clone());
             move |record: &EventRecord| {
@@ -291,7 +272,37 @@ impl Engines {
                 let _ = outcomes.send((connection.clone(), record.clone()));
             }
         };
-        if let Err(e) = connection.delivery.run_events(input, observer).await {
+        let delivery = connection.delivery.clone();
+        let delivered = delivery.deliver_stage(stage, observer);
+        tokio::pin!(delivered);
+        let mut seen = activity.pushed();
+        let mut last_event = Instant::now();
+        let result = loop {
+            tokio::select! {
+                result = &mut delivered => break result,
+                _ = tokio::time::sleep(IDLE_CHECK) => {
+                    let pushed = activity.pushed();
+                    if pushed != seen {
+                        (seen, last_event) = (pushed, Instant::now());
+                        continue;
+                    }
+                    if last_event.elapsed() < IDLE || !connection.in_flight.lock().unwrap().is_empty() {
+                        continue;
+                    }
+                    // Idle: stop, unless an event was handed in meanwhile
+                    // (handing in takes this lock too). Its input goes with
+                    // its entry, and delivery ends once all is done.
+                    let mut running = self.running.lock().unwrap();
+                    if activity.pushed() != seen {
+                        continue;
+                    }
+                    if running.get(&connection.id).is_some_and(|r| r.serial == serial) {
+                        running.remove(&connection.id);
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
             tracing::error!(connection = %connection.id, "delivery ended with an error: {e:#}");
         }
     }
