@@ -2,16 +2,14 @@
 //! with it (by `build.rs`), used when no `--plugin` is given, and the
 //! example Chord events and settings the demo sends.
 
-use plugin_runtime::Canary;
+use cdp_core::settings::SecretDefaults;
 
-use crate::settings::{DestinationSettings, SecretDefaults};
+/// The example events and the canary they make live with the service,
+/// which checks every version with them.
+pub use cdp_service::canary::{EXAMPLE_EVENTS, canary};
 
 /// The Klaviyo destination plugin, a WebAssembly component.
 pub const KLAVIYO: &[u8] = include_bytes!(env!("KLAVIYO_COMPONENT"));
-
-/// Example Chord events: the demo sends them, and every plugin version
-/// must map them all without a plugin failure (its canary).
-pub const EXAMPLE_EVENTS: &str = include_str!("../../examples/events.ndjson");
 
 /// The bundled plugin's one secret default: its `api_key` may come from
 /// `$KLAVIYO_API_KEY` when the settings name no source. Any other plugin's
@@ -20,12 +18,3 @@ pub const SECRET_DEFAULTS: SecretDefaults<'static> = &[("api_key", "KLAVIYO_API_
 
 /// The settings the example events are sent with.
 pub const EXAMPLE_SETTINGS: &str = include_str!("../../examples/settings.json");
-
-/// The canary a version must pass to serve with `settings`: the example
-/// events, mapped without a plugin failure.
-pub fn canary(settings: &DestinationSettings) -> Canary {
-    Canary {
-        settings_json: settings.public_json().to_string(),
-        golden_events: std::borrow::Cow::Borrowed(EXAMPLE_EVENTS),
-    }
-}

@@ -1,27 +1,16 @@
-//! The reference host for Chord CDP destination plugins, as a library under
-//! the `cdp-host` binary. The plugin runtime (loading, sandboxing, pooling,
-//! swapping) is the `plugin-runtime` crate; this crate is what a host does
-//! with it. An event flows down this list, and no module imports one above
-//! it:
+//! The reference host for Chord CDP destination plugins: the `cdp-host`
+//! binary (its command line in `cli/`) and what ships in it (`bundled`).
+//! The work is done by three crates, each using only the ones before it,
+//! as the compiler holds:
 //!
-//! 1. `settings`: the operator's settings for a destination, secrets apart.
-//! 2. `mapping`: an event through the plugin's `map-event` into requests.
-//! 3. `shown`: a request as a person may see it, secrets masked.
-//! 4. `dry_run`: `cdp-host map`, the mapped requests printed.
-//! 5. `delivery`: requests sent, answers judged by the plugin's `interpret`,
-//!    verdicts carried out; every event ends delivered, skipped or with a
-//!    dead letter (a value, handed back in its record).
-//! 6. `spool` and `serve`: the service; events durable before they are
-//!    acknowledged, and delivered from the spool.
+//! 1. `plugin-runtime`: loading, sandboxing, pooling and swapping plugins.
+//! 2. `cdp-core`: the library that maps and delivers (`settings`,
+//!    `mapping`, `shown`, `dry_run`, `delivery`).
+//! 3. `cdp-service`: the service (`spool`, `serve`, `canary`).
 //!
-//! `bundled` holds what ships inside the binary: the Klaviyo plugin and the
-//! example events and settings.
+//! Their modules are re-exported here under the names they always had.
 
 pub mod bundled;
-pub mod delivery;
-pub mod dry_run;
-pub mod mapping;
-pub mod serve;
-pub mod settings;
-pub mod shown;
-pub mod spool;
+
+pub use cdp_core::{delivery, dry_run, mapping, settings, shown};
+pub use cdp_service::{serve, spool};

@@ -24,8 +24,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::connections::{self, Connection};
 use super::metrics::Metrics;
-use crate::delivery::{EventOutcome, EventRecord};
-use crate::mapping::{EventId, Prepared, Stage, StageInput};
+use cdp_core::delivery::{EventOutcome, EventRecord};
+use cdp_core::mapping::{EventId, Prepared, Stage, StageInput};
 
 /// A connection's engine stops after this long with nothing handed in
 /// and nothing in flight (and starts again at its next event). An engine
@@ -344,11 +344,11 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::delivery::DeliveryConfig;
     use crate::serve::connections::Connections;
     use crate::serve::store::PluginStore;
-    use crate::settings::DestinationSettings;
     use crate::spool::{Durability, Spool};
+    use cdp_core::delivery::DeliveryConfig;
+    use cdp_core::settings::DestinationSettings;
 
     fn runtime() -> &'static Arc<Runtime> {
         static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
@@ -406,7 +406,11 @@ mod tests {
         .unwrap();
         let dir = TempDir::new();
         let spool = Arc::new(Spool::open(&dir.0.join("spool.sqlite"), Durability::ProcessCrash).unwrap());
-        let plugin = Arc::new(runtime().load(crate::bundled::KLAVIYO, "bundled").unwrap());
+        let plugin = Arc::new(
+            runtime()
+                .load(&std::fs::read(plugin_fixtures::KLAVIYO).unwrap(), "bundled")
+                .unwrap(),
+        );
         let config = DeliveryConfig {
             base_url: Some(sandbox.url().parse().unwrap()),
             pacing: false,
@@ -419,7 +423,7 @@ mod tests {
         let connections = Connections::new(store, plugin.clone(), config, spool).unwrap();
         let settings = json!({"api_key": DEMO_KEY}).as_object().unwrap().clone();
         let settings = DestinationSettings::from_object(settings, plugin.manifest(), &[], |_| None).unwrap();
-        let slot = PluginSlot::new(plugin, crate::bundled::canary(&settings));
+        let slot = PluginSlot::new(plugin, crate::canary::canary(&settings));
         connections
             .add_from_flags(id, &[format!("wk_{id}")], slot, settings)
             .unwrap();

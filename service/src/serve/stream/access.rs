@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::rustls;
 
-use crate::settings::Secret;
+use cdp_core::settings::Secret;
 
 /// The servers, and how this host proves who it is to them.
 #[derive(Clone, Debug, Default)]

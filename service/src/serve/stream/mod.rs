@@ -424,7 +424,7 @@ fn refusal(access: &NatsAccess, trouble: &str) -> String {
 /// that keeps one person's events in order while mapping
 /// (`mapping::person_key`). Events with none share partition 0.
 pub fn partition_of(body: &str, partitions: u32) -> u32 {
-    partition_of_person(crate::mapping::person_key(body).as_deref(), partitions)
+    partition_of_person(cdp_core::mapping::person_key(body).as_deref(), partitions)
 }
 
 /// The partition of a person key.

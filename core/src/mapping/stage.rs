@@ -622,10 +622,18 @@ mod tests {
             })
             .unwrap()
         });
-        let plugin = Arc::new(runtime.load(crate::bundled::KLAVIYO, "bundled").unwrap());
+        let plugin = Arc::new(
+            runtime
+                .load(&std::fs::read(plugin_fixtures::KLAVIYO).unwrap(), "bundled")
+                .unwrap(),
+        );
         let settings = json!({"api_key": "pk_test"}).as_object().unwrap().clone();
         let settings = DestinationSettings::from_object(settings, plugin.manifest(), &[], |_| None).unwrap();
-        let slot = PluginSlot::new(plugin, crate::bundled::canary(&settings));
+        let canary = plugin_runtime::Canary {
+            settings_json: settings.public_json().to_string(),
+            golden_events: "".into(),
+        };
+        let slot = PluginSlot::new(plugin, canary);
         EventMapper::new(slot, settings)
     }
 

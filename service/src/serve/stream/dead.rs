@@ -9,7 +9,7 @@ use async_nats::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 
 use super::{CONNECTION_HEADER, DLQ_STREAM, DLQ_SUBJECT, EVENTS_STREAM, Log, RECEIVED_AT_HEADER};
-use crate::delivery::{DeadLetter, EventRecord};
+use cdp_core::delivery::{DeadLetter, EventRecord};
 
 /// Stores a dead letter, waiting for the stream to confirm it.
 pub(super) async fn store(

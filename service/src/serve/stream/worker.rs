@@ -45,8 +45,8 @@ use super::super::engine::{Admit, Outcomes};
 use super::{
     CONNECTION_HEADER, EVENTS_STREAM, LEASES_BUCKET, Log, OUTCOMES_SUBJECT, RECEIVED_AT_HEADER, WORKERS_BUCKET,
 };
-use crate::delivery::{EventOutcome, EventRecord};
-use crate::mapping::EventId;
+use cdp_core::delivery::{EventOutcome, EventRecord};
+use cdp_core::mapping::EventId;
 
 /// A lease or heartbeat not renewed for this long is gone.
 pub(super) const LEASE_TTL: Duration = Duration::from_secs(8);

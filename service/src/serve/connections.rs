@@ -28,10 +28,10 @@ use tokio::sync::Notify;
 use plugin_runtime::{Canary, Plugin, PluginSlot};
 
 use super::store::PluginStore;
-use crate::delivery::{Budgets, DeferObserver, Delivery, DeliveryConfig, Parts, Progress};
-use crate::mapping::{CallGate, CallGates, MappingPool, StageConfig};
-use crate::settings::DestinationSettings;
 use crate::spool::{Spool, StoredConnection};
+use cdp_core::delivery::{Budgets, DeferObserver, Delivery, DeliveryConfig, Parts, Progress};
+use cdp_core::mapping::{CallGate, CallGates, MappingPool, StageConfig};
+use cdp_core::settings::DestinationSettings;
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,7 +178,7 @@ pub struct Connection {
     /// Events admitted to its engine and not yet released (their outcome
     /// recorded). Each with the passes it holds (its connection's and the
     /// host's): what a connection and all of them hold in memory is bounded.
-    pub(super) in_flight: Mutex<HashMap<crate::mapping::EventId, super::engine::Held>>,
+    pub(super) in_flight: Mutex<HashMap<cdp_core::mapping::EventId, super::engine::Held>>,
     /// When each event handed in with a Retry-After may be sent: set by
     /// `Engines::hand`, taken by delivery, dropped at `Engines::release`.
     pub(super) waits: Waits,
@@ -233,10 +233,10 @@ pub struct Connections {
     /// The version a connection gets when it names none.
     default_plugin: Arc<Plugin>,
     /// Told of Retry-After: kept on the row.
-    defer: Arc<dyn Fn(crate::mapping::EventId, std::time::SystemTime) + Send + Sync>,
+    defer: Arc<dyn Fn(cdp_core::mapping::EventId, std::time::SystemTime) + Send + Sync>,
     /// Set while outcomes cannot be recorded: every connection's requests
     /// wait (`delivery::Hold`).
-    pub(crate) hold: crate::delivery::Hold,
+    pub(crate) hold: cdp_core::delivery::Hold,
     /// Serializes changes (create, update, swap, delete), so that the
     /// spool and the routes change together.
     changing: tokio::sync::Mutex<()>,
@@ -253,7 +253,7 @@ pub struct Connections {
     secret_sources: RwLock<SecretSources>,
     /// Whether an event may still be sent from this host: set by a
     /// stream worker (its lease fence), shared by every connection.
-    pub fence: crate::delivery::Fence,
+    pub fence: cdp_core::delivery::Fence,
     /// The workers that map every connection's events, in turn.
     mapping_pool: Arc<MappingPool>,
 }
@@ -262,7 +262,7 @@ pub struct Connections {
 /// all connections together: with many busy connections, each one's share
 /// of memory is what this bounds, not its own limit times their number.
 /// Events' not-before times, by event.
-pub(super) type Waits = Arc<Mutex<HashMap<crate::mapping::EventId, std::time::SystemTime>>>;
+pub(super) type Waits = Arc<Mutex<HashMap<cdp_core::mapping::EventId, std::time::SystemTime>>>;
 
 pub const HOST_EVENTS: usize = 16_384;
 
@@ -314,7 +314,7 @@ impl Connections {
             spool,
             default_plugin,
             defer: Arc::new(move |id, until: std::time::SystemTime| {
-                if let crate::mapping::EventId::SpoolRow(row) = id
+                if let cdp_core::mapping::EventId::SpoolRow(row) = id
                     && let Err(e) = defer_spool.defer(row, until.into())
                 {
                     tracing::warn!("recording the Retry-After of event {row}: {e:#}");
@@ -577,7 +577,7 @@ impl Connections {
         check_id(id)?;
         let plugin = self.store.get(&spec.plugin)?;
         let settings = resolve(id, &spec.settings, &plugin)?;
-        let slot = PluginSlot::sharing(plugin.clone(), crate::bundled::canary(&settings));
+        let slot = PluginSlot::sharing(plugin.clone(), crate::canary::canary(&settings));
         let tried = (plugin.sha256_hex(), settings.public_json().to_string());
         let golden = canary && !self.canaried.lock().unwrap().contains(&tried);
         check_settings(&plugin, &settings, golden)?;
@@ -642,7 +642,7 @@ impl Connections {
                 Arc::new(move |id| waits.lock().unwrap().remove(&id))
             }),
         };
-        let delivery = Delivery::build(slot.clone(), crate::settings::cell(settings), config, parts)
+        let delivery = Delivery::build(slot.clone(), cdp_core::settings::cell(settings), config, parts)
             .with_context(|| format!("connection {id}"))?;
         Ok(Arc::new(Connection {
             id: id.to_string(),
@@ -909,7 +909,7 @@ fn resolve(id: &str, settings: &Map<String, Value>, plugin: &Plugin) -> anyhow::
 fn check_settings(plugin: &Arc<Plugin>, settings: &DestinationSettings, canary: bool) -> anyhow::Result<()> {
     let canary_run = Canary {
         settings_json: settings.public_json().to_string(),
-        golden_events: std::borrow::Cow::Borrowed(if canary { crate::bundled::EXAMPLE_EVENTS } else { "" }),
+        golden_events: std::borrow::Cow::Borrowed(if canary { crate::canary::EXAMPLE_EVENTS } else { "" }),
     };
     // On a pooled instance: a thousand connections checked at start must
     // not leave a thousand instances behind.

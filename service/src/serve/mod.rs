@@ -31,10 +31,10 @@ use axum::routing::{get, post};
 
 use plugin_runtime::{Plugin, PluginSlot};
 
-use crate::delivery::{EventOutcome, EventRecord};
-use crate::mapping::EventId;
-use crate::settings::{DestinationSettings, Secret};
 use crate::spool::{DEFAULT_CONNECTION, Finished, Spool, State as RowState, outcome_json};
+use cdp_core::delivery::{EventOutcome, EventRecord};
+use cdp_core::mapping::EventId;
+use cdp_core::settings::{DestinationSettings, Secret};
 use connections::{Connection, Connections, NewConnection};
 use engine::Engines;
 use log::{EventLog, SpoolLog};
@@ -79,7 +79,7 @@ pub struct ServeConfig {
     /// connection with that id (after that, the spool's copy, changed
     /// through the admin API, is the one served).
     pub file_connections: Vec<FileConnection>,
-    pub delivery: crate::delivery::DeliveryConfig,
+    pub delivery: cdp_core::delivery::DeliveryConfig,
     /// Delivered and skipped rows are deleted after this long.
     pub retention: Duration,
     /// How long SIGTERM waits for in-flight deliveries.

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use super::Counter;
 use super::connections::Connections;
-use crate::delivery::{Histogram, Progress};
+use cdp_core::delivery::{Histogram, Progress};
 
 #[derive(Default)]
 pub struct Metrics {

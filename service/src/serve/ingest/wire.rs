@@ -186,7 +186,7 @@ fn complete(value: Value, kind: Option<&str>, received_at: &str) -> Result<Recei
     let Value::Object(mut event) = value else {
         return Err(format!(
             "the body must be a JSON object (an event), not a JSON {}",
-            crate::mapping::kind_of(&value)
+            cdp_core::mapping::kind_of(&value)
         ));
     };
     if let Some(kind) = kind {
@@ -196,7 +196,7 @@ fn complete(value: Value, kind: Option<&str>, received_at: &str) -> Result<Recei
     let message_id = message_id(&mut event)?;
     event.insert("receivedAt".into(), json!(received_at));
     let event = Value::Object(event);
-    let person = crate::mapping::person_key_of(&event);
+    let person = cdp_core::mapping::person_key_of(&event);
     // Written out again, an event can grow (`1e9` is written
     // `1000000000.0`): the limit holds for what is stored, too.
     let text = event.to_string();
