@@ -49,6 +49,7 @@ on_both_backends!(
     idle_connections_hold_no_engines,
     deleting_a_shop_delivers_its_backlog_first,
     a_backlog_of_large_events_holds_memory_bounded_in_bytes,
+    dead_letters_read_the_same_and_are_replayed_and_purged,
 );
 
 /// `serve` on a backend, with the connections of `config` (TOML).
@@ -133,6 +134,28 @@ impl Host {
             .await
             .unwrap();
         (answer.status().as_u16(), answer.text().await.unwrap())
+    }
+
+    /// `cdp-host dlq ARGS` on this host's log; its output, which must be
+    /// a success.
+    fn dlq(&self, args: &[&str]) -> String {
+        let mut command = cdp_host();
+        command.arg("dlq").args(args);
+        match &self._nats {
+            None => command.arg("--spool").arg(self.dir.join("spool.sqlite")),
+            Some(nats) => command.args(["--stream", &nats.urls()]),
+        };
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// The dead letters `dlq list` prints.
+    fn letters(&self) -> Vec<Value> {
+        self.dlq(&["list"])
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
     }
 
     /// A metric's value, summed over its series.
@@ -410,4 +433,75 @@ async fn a_backlog_of_large_events_holds_memory_bounded_in_bytes(backend: Backen
         peak < 300,
         "{backend:?}: peak RSS {peak} MiB with {EVENTS} events of 1 MB"
     );
+}
+
+/// Events Klaviyo refuses (a 400 no retry can mend) become dead letters,
+/// which read the same from either log: connection, message id, version,
+/// reason, the request with its key masked, Klaviyo's answer, the event.
+/// One replayed once Klaviyo takes it is delivered; the rest are purged.
+async fn dead_letters_read_the_same_and_are_replayed_and_purged(backend: Backend) {
+    let dir = tempdir();
+    let refusing = MockConfig {
+        faults: Faults {
+            invalid_marker: Some("refused-here".into()),
+            ..Faults::default()
+        },
+        ..unlimited()
+    };
+    let sandbox = crate::support::sandbox(refusing).await;
+    let host = Host::start(backend, &dir, &shop("a", &sandbox));
+    let refused = |person| {
+        let mut event = track("a", person, 0);
+        event["properties"]["note"] = json!("refused-here");
+        event
+    };
+    host.send("wk_a", &[refused(0), refused(1), track("a", 2, 0)]).await;
+    wait_for("two dead letters", Duration::from_secs(60), &host, async || {
+        host.letters().len() == 2
+    })
+    .await;
+    let letters = host.letters();
+    for letter in &letters {
+        assert_eq!(letter["connection"], "a", "{letter}");
+        assert!(letter["message_id"].as_str().unwrap().starts_with("a-"), "{letter}");
+        assert_eq!(letter["event"]["messageId"], letter["message_id"], "{letter}");
+        assert!(
+            letter["plugin_version"].as_str().unwrap().starts_with("klaviyo@"),
+            "{letter}"
+        );
+        assert!(!letter["reason"].as_str().unwrap().is_empty(), "{letter}");
+        assert_eq!(letter["response"]["status"], 400, "{letter}");
+        assert!(
+            letter["request"]["url"].as_str().unwrap().ends_with("/api/events"),
+            "{letter}"
+        );
+        assert!(!letter.to_string().contains(DEMO_KEY), "the key in {letter}");
+    }
+    assert_eq!(sandbox.events().len(), 1, "the one Klaviyo took");
+
+    // Klaviyo takes it now: one letter replayed is delivered, and leaves
+    // the list; the other is purged.
+    sandbox.set_faults(Faults::default());
+    let first = letters[0]["id"].to_string();
+    assert!(host.dlq(&["replay", "--id", &first]).starts_with("1 dead letters"));
+    wait_for(
+        "the replayed letter delivered",
+        Duration::from_secs(60),
+        &host,
+        async || sandbox.events().len() == 2,
+    )
+    .await;
+    assert!(
+        sandbox
+            .events()
+            .iter()
+            .any(|e| Some(e.unique_id.as_str()) == letters[0]["message_id"].as_str()),
+        "{:?}",
+        sandbox.events()
+    );
+    let left = host.letters();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["message_id"], letters[1]["message_id"]);
+    assert!(host.dlq(&["purge"]).starts_with("1 dead letters"));
+    assert!(host.letters().is_empty());
 }

@@ -351,63 +351,6 @@ async fn an_event_the_spool_cannot_store_is_answered_503_and_not_acknowledged() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_can_be_listed_replayed_and_purged() {
-    let sandbox = crate::support::sandbox(MockConfig::default()).await;
-    let spool = spool_path();
-    let serve = Serve::start(&spool, &sandbox.url(), "pk_wrong_key");
-    let client = reqwest::Client::new();
-    for id in ["d1", "d2"] {
-        assert_eq!(post_track(&client, &serve.url, id).await, 200);
-    }
-    let listed = || {
-        let output = cdp_host()
-            .args(["dlq", "list", "--spool"])
-            .arg(&spool)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .collect::<Vec<_>>()
-    };
-    wait_for("two dead letters", || listed().len() == 2).await;
-    let letter = &listed()[0];
-    assert!(
-        letter["outcome"]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("api_key setting"),
-        "{letter}"
-    );
-    assert_eq!(letter["outcome"]["response"]["status"], 401);
-    assert_eq!(letter["plugin_version"], "klaviyo@1.0.0");
-    assert!(
-        !letter.to_string().contains("pk_wrong_key"),
-        "the key leaked into the spool"
-    );
-    serve.kill9();
-
-    // The operator fixes the key, restarts, and re-drives one letter.
-    let serve = Serve::start(&spool, &sandbox.url(), DEMO_KEY);
-    let id = letter["id"].as_i64().unwrap().to_string();
-    let replayed = cdp_host()
-        .args(["dlq", "replay", "--id", &id, "--spool"])
-        .arg(&spool)
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&replayed.stdout).contains("1 dead letters put back"));
-    wait_for("the replayed event", || sandbox.events().len() == 1).await;
-    let purged = cdp_host()
-        .args(["dlq", "purge", "--spool"])
-        .arg(&spool)
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&purged.stdout).contains("1 dead letters deleted"));
-    assert!(listed().is_empty());
-    serve.kill9();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_serve_at_random_moments_loses_and_duplicates_nothing() {
     // Crash safety, not pacing, is under test: no rate limits on either side.
     let unlimited = MockConfig {

@@ -3,14 +3,20 @@
 //! implementations. `cdp-host dlq` opens one and runs the same command on
 //! either. A letter's `id` is its row in the spool, its sequence in
 //! `CHORD_DLQ` on the stream.
+//!
+//! A letter reads the same from either: `id`, `connection`, `message_id`,
+//! `plugin_version`, `reason`, `request` (its key masked), `response`
+//! (Klaviyo's answer, when there was one) and `event`. The spool adds when
+//! the event was received (`received_at`) and its `warnings`; the stream,
+//! the `subject` its event came from (its partition) and when it died (`at`).
 
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::stream::dead;
-use crate::spool::Spool;
+use crate::spool::{DeadRow, Spool};
 
 pub trait DeadLetters: Send + Sync {
     /// The letters, oldest first, of one connection or of all, at most `limit`.
@@ -44,7 +50,7 @@ impl DeadLetters for SpoolDeadLetters {
         let connection = connection.map(str::to_string);
         self.blocking(move |spool| {
             let rows = spool.dead(connection.as_deref(), limit)?;
-            Ok(rows.iter().map(serde_json::to_value).collect::<Result<_, _>>()?)
+            Ok(rows.into_iter().map(letter_of_row).collect())
         })
     }
 
@@ -57,6 +63,29 @@ impl DeadLetters for SpoolDeadLetters {
         let (connection, ids) = (connection.map(str::to_string), ids.to_vec());
         self.blocking(move |spool| spool.purge(connection.as_deref(), &ids))
     }
+}
+
+/// A spool row as a letter: the outcome's parts at the top, as the stream
+/// keeps them.
+fn letter_of_row(row: DeadRow) -> Value {
+    let mut outcome = match row.outcome {
+        Value::Object(outcome) => outcome,
+        _ => Map::new(),
+    };
+    let mut take = |key: &str| outcome.remove(key).unwrap_or(Value::Null);
+    let (reason, request, response, warnings) = (take("reason"), take("request"), take("response"), take("warnings"));
+    serde_json::json!({
+        "id": row.id,
+        "connection": row.connection,
+        "message_id": row.message_id,
+        "received_at": row.received_at,
+        "plugin_version": row.plugin_version,
+        "reason": reason,
+        "request": request,
+        "response": response,
+        "warnings": warnings,
+        "event": row.event,
+    })
 }
 
 /// The letters in the stream's `CHORD_DLQ`.
