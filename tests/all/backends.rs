@@ -50,6 +50,7 @@ on_both_backends!(
     deleting_a_shop_delivers_its_backlog_first,
     a_backlog_of_large_events_holds_memory_bounded_in_bytes,
     dead_letters_read_the_same_and_are_replayed_and_purged,
+    a_swap_under_traffic_reaches_its_shop_alone_and_loses_nothing,
 );
 
 /// `serve` on a backend, with the connections of `config` (TOML).
@@ -127,13 +128,35 @@ impl Host {
     }
 
     async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, String) {
+        self.admin_with(method, path, Vec::new()).await
+    }
+
+    async fn admin_with(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, String) {
         let answer = reqwest::Client::new()
             .request(method, format!("{}{path}", self.url))
             .bearer_auth(ADMIN)
+            .header("content-type", "application/json")
+            .body(body)
             .send()
             .await
             .unwrap();
         (answer.status().as_u16(), answer.text().await.unwrap())
+    }
+
+    /// Each connection's plugin version, from the admin API.
+    async fn versions(&self) -> std::collections::BTreeMap<String, String> {
+        let (status, listed) = self.admin(reqwest::Method::GET, "/admin/connections").await;
+        assert_eq!(status, 200, "{listed}");
+        let listed: Value = serde_json::from_str(&listed).unwrap();
+        listed["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let version = c["plugin"]["version"].as_str().unwrap().to_string();
+                (c["id"].as_str().unwrap().to_string(), version)
+            })
+            .collect()
     }
 
     /// `cdp-host dlq ARGS` on this host's log; its output, which must be
@@ -504,4 +527,62 @@ async fn dead_letters_read_the_same_and_are_replayed_and_purged(backend: Backend
     assert_eq!(left[0]["message_id"], letters[1]["message_id"]);
     assert!(host.dlq(&["purge"]).starts_with("1 dead letters"));
     assert!(host.letters().is_empty());
+}
+
+/// A new plugin version put on one shop while both shops' events flow:
+/// every event of both is delivered once, each person's in order; only
+/// that shop runs the new version, and a rollback brings the old one back.
+async fn a_swap_under_traffic_reaches_its_shop_alone_and_loses_nothing(backend: Backend) {
+    let dir = tempdir();
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let host = Host::start(
+        backend,
+        &dir,
+        &format!("{}{}", shop("a", &sandbox), shop("b", &sandbox)),
+    );
+    let (status, stored) = host
+        .admin_with(
+            reqwest::Method::PUT,
+            "/admin/plugins",
+            std::fs::read(plugin_fixtures::KLAVIYO_V2).unwrap(),
+        )
+        .await;
+    assert_eq!(status, 200, "{stored}");
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    let sha = stored["stored"]["sha256"].as_str().unwrap().to_string();
+    for round in 0..10 {
+        if round == 5 {
+            let swap = json!({ "sha256": sha }).to_string().into_bytes();
+            let (status, body) = host
+                .admin_with(reqwest::Method::POST, "/admin/connections/a/plugin", swap)
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        for id in ["a", "b"] {
+            let events: Vec<Value> = (0..20)
+                .map(|person| track(id, person % 4, round * 5 + person / 4))
+                .collect();
+            host.send(&format!("wk_{id}"), &events).await;
+        }
+    }
+    wait_for("400 events delivered", Duration::from_secs(60), &host, async || {
+        sandbox.events().len() >= 400
+    })
+    .await;
+    let mut seen = std::collections::BTreeMap::<String, Vec<i64>>::new();
+    for event in sandbox.events() {
+        let person = event.unique_id.rsplit_once('-').unwrap().0.to_string();
+        seen.entry(person)
+            .or_default()
+            .push(event.properties["seq"].as_i64().unwrap());
+    }
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    for (person, order) in &seen {
+        assert_eq!(order, &(0..50).collect::<Vec<_>>(), "{person}: once each, in order");
+    }
+    let versions = host.versions().await;
+    assert_eq!((versions["a"].as_str(), versions["b"].as_str()), ("1.0.0+v2", "1.0.0"));
+    let (status, body) = host.admin(reqwest::Method::POST, "/admin/connections/a/rollback").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(host.versions().await["a"], "1.0.0");
 }
