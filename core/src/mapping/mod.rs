@@ -155,6 +155,12 @@ impl EventMapper {
         self
     }
 
+    /// The plugin calls this mapper may have in progress at once (its own
+    /// gate), if it is bounded.
+    pub fn max_calls(&self) -> Option<usize> {
+        self.gates.as_ref().map(|gates| gates.own.max)
+    }
+
     /// Also asks a batching plugin (1.1) what each request is as a batch
     /// item, on the same instance right after mapping.
     pub fn with_batch_items(mut self) -> EventMapper {

@@ -397,9 +397,14 @@ impl StageShared {
         self.room.notify_all();
     }
 
-    /// The events this stage may map at once now.
+    /// The events this stage may map at once now: one more for each stuck
+    /// in the plugin, but never more than its mapper's own gate lets call
+    /// at once. A worker is the pool's, shared by every stage: one that
+    /// waited at a connection's gate (behind that connection's event
+    /// looping into its deadline) would hold up every other connection.
     fn limit(&self, state: &State) -> usize {
-        self.config.parallel.max(1) + state.stuck.len()
+        let wanted = self.config.parallel.max(1) + state.stuck.len();
+        wanted.min(self.mapper.max_calls().unwrap_or(usize::MAX))
     }
 
     /// Whether a worker would find an event of this stage to map now.
@@ -738,6 +743,83 @@ mod tests {
         drop(input);
         assert_eq!(stage.next().await.unwrap().0.id, EventId::Line(7));
         assert!(stage.next().await.is_none());
+    }
+
+    /// A connection whose event makes the plugin loop, with a backlog of
+    /// other people's events, holds its own share of calls (one) and no
+    /// more of the pool's workers: another connection's event is mapped at
+    /// once, not after the loop. (A worker once waited at the looping
+    /// connection's gate for each of its events; the workers added for
+    /// stuck events went the same way, until none was left.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_looping_in_its_plugin_leaves_the_pool_to_the_others() {
+        use crate::mapping::{CallGate, CallGates};
+        let runtime = Runtime::new(RuntimeConfig {
+            concurrency: 32,
+            limits: plugin_runtime::Limits {
+                deadline: Duration::from_millis(3_000),
+                ..plugin_runtime::Limits::default()
+            },
+            cache_dir: Some(std::env::temp_dir().join("cdp-host-stage-tests")),
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let hostile = Arc::new(
+            runtime
+                .load(&std::fs::read(plugin_fixtures::HOSTILE).unwrap(), "hostile")
+                .unwrap(),
+        );
+        let settings = DestinationSettings::from_object(Default::default(), hostile.manifest(), &[], |_| None).unwrap();
+        let canary = plugin_runtime::Canary {
+            settings_json: settings.public_json().to_string(),
+            golden_events: "".into(),
+        };
+        let host = CallGate::new(64);
+        let mapper = |own| {
+            EventMapper::new(PluginSlot::new(hostile.clone(), canary.clone()), settings.clone()).with_gates(CallGates {
+                own: CallGate::new(own),
+                host: host.clone(),
+            })
+        };
+        // One attempt: the loop holds its call for the whole deadline.
+        let config = StageConfig {
+            parallel: 1,
+            poison_attempts: 1,
+            ..StageConfig::default()
+        };
+        let pool = MappingPool::new(2).unwrap();
+        let (victim_input, victim) = Stage::new(mapper(1), config.clone(), pool.clone(), |_| {});
+        let (other_input, other) = Stage::new(mapper(1), config, pool.clone(), |_| {});
+        let event = |n: u64, extra: serde_json::Value| {
+            let mut event =
+                json!({"type": "track", "event": "Viewed", "messageId": format!("m{n}"), "userId": format!("p{n}")});
+            event
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            Prepared::new(EventId::Line(n), event.to_string())
+        };
+        victim_input.push(event(0, json!({"misbehave": "loop"}))).ok().unwrap();
+        for n in 1..40 {
+            victim_input.push(event(n, json!({}))).ok().unwrap();
+        }
+        drop(victim_input);
+        // The victim's consumer, as its engine runs it: it finds the loop
+        // stuck, which is when more may be asked of the pool.
+        let drained = tokio::spawn(async move { while victim.next().await.is_some() {} });
+        // Well into the loop's deadline: long enough for every worker the
+        // pool may add to have been taken, had the victim been let.
+        tokio::time::sleep(Duration::from_millis(2_200)).await;
+        let started = Instant::now();
+        other_input.push(event(100, json!({}))).ok().unwrap();
+        let (mapped, _) = other.next().await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(mapped.id, EventId::Line(100));
+        assert!(
+            took < Duration::from_millis(500),
+            "the other connection's event waited {took:?}"
+        );
+        drained.await.unwrap();
     }
 
     #[test]
