@@ -8,7 +8,7 @@
 
 #![no_main]
 
-use cdp_host::serve::wire::{self, MAX_BATCH_BYTES, MAX_EVENT_BYTES, Received};
+use cdp_service::serve::wire::{self, MAX_BATCH_BYTES, MAX_EVENT_BYTES, Received};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
