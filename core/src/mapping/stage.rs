@@ -18,7 +18,8 @@
 //!   and leaves when it is done. Order between two events can then change
 //!   only if they have different person keys. A stuck event has a worker
 //!   added to the pool in its place while it lasts, and its stage may map
-//!   one more event at once.
+//!   one more event at once, within what its connection's own gate lets
+//!   call (so a stage never holds a worker waiting at that gate).
 //! - An event whose mapping failed in the plugin itself is mapped again on
 //!   the same worker, each time with a fresh instance, `poison_attempts`
 //!   times in all; the other workers go on meanwhile.
