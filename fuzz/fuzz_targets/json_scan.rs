@@ -15,6 +15,12 @@ use serde_json::value::RawValue;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
+    // serde_json with its `raw_value` feature takes an object whose key is
+    // this token for its own private marker, and then refuses valid JSON
+    // (found by this target): no verdict of its to compare with there.
+    if text.contains("$serde_json::private::RawValue") {
+        return;
+    }
     let skipped = serde_json::from_str::<&RawValue>(text).is_ok();
     match validate(text) {
         Ok(()) => assert!(skipped, "the scanner accepts what serde_json refuses: {text:?}"),
