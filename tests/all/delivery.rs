@@ -371,3 +371,76 @@ async fn every_outcome_is_reported_once_per_event() {
     lines.sort();
     assert_eq!(lines, (1..=32).collect::<Vec<i64>>());
 }
+
+/// With traces on (as the console asks), each record carries the event,
+/// every request with its key masked, and the answer it settled on; a
+/// refused request's answer too. Off, none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traced_delivery_keeps_each_request_masked_with_its_answer() {
+    let sandbox = crate::support::sandbox(MockConfig {
+        rate_limits: false,
+        faults: Faults {
+            invalid_marker: Some("refuse-me".into()),
+            ..Faults::default()
+        },
+        ..MockConfig::default()
+    })
+    .await;
+    let plugin = klaviyo();
+    let mut settings = serde_json::Map::new();
+    settings.insert("api_key".into(), DEMO_KEY.into());
+    let settings = DestinationSettings::from_object(settings, plugin.manifest(), &[], |_| None).unwrap();
+    let events = [
+        json!({"type": "identify", "messageId": "t-id", "userId": "u1", "traits": {"email": "a@example.org"}}),
+        json!({"type": "track", "event": "Order Completed", "messageId": "t-order", "userId": "u1",
+               "properties": {"email": "a@example.org", "total": 42}}),
+        json!({"type": "track", "event": "Order Completed", "messageId": "t-refused", "userId": "u1",
+               "properties": {"email": "a@example.org", "note": "refuse-me"}}),
+        json!({"type": "page", "messageId": "t-page", "userId": "u1"}),
+    ];
+    let input = events.iter().map(Value::to_string).collect::<Vec<_>>().join("\n") + "\n";
+    for trace in [true, false] {
+        let config = DeliveryConfig {
+            base_url: Some(sandbox.url().parse().unwrap()),
+            max_attempts: 2,
+            trace,
+            ..DeliveryConfig::default()
+        };
+        let delivery = Delivery::new(
+            crate::support::slot(plugin.clone(), &settings),
+            settings.clone(),
+            config,
+        )
+        .unwrap();
+        let records = std::sync::Mutex::new(BTreeMap::new());
+        delivery
+            .run(std::io::Cursor::new(input.clone().into_bytes()), |record| {
+                records
+                    .lock()
+                    .unwrap()
+                    .insert(record.message_id.clone().unwrap(), record.clone());
+            })
+            .await
+            .unwrap();
+        let records = records.into_inner().unwrap();
+        if !trace {
+            assert!(records.values().all(|r| r.trace.is_none()));
+            continue;
+        }
+        let order = records["t-order"].trace.as_ref().expect("a trace");
+        assert!(order.event.contains("\"t-order\""));
+        assert_eq!(order.person.as_deref(), Some("u\"u1\""));
+        assert_eq!(order.requests.len(), 1);
+        let shown = serde_json::to_string(&order.requests[0].request).unwrap();
+        assert!(
+            shown.contains("Klaviyo-API-Key ***") && !shown.contains(DEMO_KEY),
+            "{shown}"
+        );
+        assert_eq!(order.requests[0].response.as_ref().map(|r| r.status), Some(202));
+        let refused = records["t-refused"].trace.as_ref().expect("a trace");
+        assert!(matches!(records["t-refused"].outcome, EventOutcome::DeadLettered(_)));
+        assert_eq!(refused.requests[0].response.as_ref().map(|r| r.status), Some(400));
+        let page = records["t-page"].trace.as_ref().expect("a skipped event's trace");
+        assert!(page.requests.is_empty() && page.event.contains("t-page"));
+    }
+}

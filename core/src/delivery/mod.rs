@@ -26,7 +26,7 @@ use plugin_runtime::PluginSlot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-pub use outcome::{DeadLetter, EventOutcome, EventRecord, Report};
+pub use outcome::{DeadLetter, EventOutcome, EventRecord, Report, Trace, TracedRequest};
 pub use pacing::{Budgets, Pacer};
 pub use stats::{BUCKETS, Histogram, Progress};
 
@@ -70,6 +70,10 @@ pub struct DeliveryConfig {
     /// Events read and not yet mapped and handed on, at most: memory per
     /// delivery, which matters when many run at once (`StageConfig`).
     pub mapping_queue: usize,
+    /// Keep each event's trace on its record (`EventRecord::trace`): the
+    /// event, the requests shown with their keys masked, the answers. It
+    /// costs a copy of each request; off unless something shows them.
+    pub trace: bool,
 }
 
 impl Default for DeliveryConfig {
@@ -87,6 +91,7 @@ impl Default for DeliveryConfig {
             mapping_workers: StageConfig::default_workers(),
             batch_always: false,
             mapping_queue: StageConfig::default().max_queued,
+            trace: false,
         }
     }
 }
@@ -437,7 +442,7 @@ impl Delivery {
 
     /// Delivers one mapped event; `raw` is its text as received, kept for
     /// its dead letter.
-    async fn deliver_event(self: &Arc<Self>, mapped: MappedEvent, raw: String) -> EventRecord {
+    async fn deliver_event(self: &Arc<Self>, mapped: MappedEvent, mut raw: String) -> EventRecord {
         let settings = self.settings.load_full();
         let mut record = EventRecord {
             id: mapped.id,
@@ -447,13 +452,24 @@ impl Delivery {
             warnings: mapped.warnings.iter().map(|w| settings.scrub(w)).collect(),
             retries: 0,
             plugin_version: format!("{}@{}", mapped.plugin.manifest().name, mapped.plugin.manifest().version),
+            trace: None,
         };
+        let mut trace = self.config.trace.then(|| {
+            Box::new(Trace {
+                person: mapped.person.clone(),
+                ..Trace::default()
+            })
+        });
         let plugin = mapped.plugin.clone();
         record.outcome = match mapped.outcome {
             MappedOutcome::Skip(reason) => EventOutcome::Skipped(reason),
             MappedOutcome::Error(reason) => EventOutcome::DeadLettered(DeadLetter {
                 reason: settings.scrub(&reason),
-                event: raw,
+                event: if trace.is_some() {
+                    raw.clone()
+                } else {
+                    std::mem::take(&mut raw)
+                },
                 request: None,
                 response: None,
             }),
@@ -471,27 +487,52 @@ impl Delivery {
                 let mut items = mapped.batch_items.into_iter();
                 for request in requests {
                     let item = items.next().flatten();
-                    if let Err(undelivered) = self
+                    let shown = trace.as_ref().map(|_| ShownRequest::new(&request, &settings));
+                    let batched = item.is_some();
+                    let delivered = self
                         .deliver_request(record.id, &plugin, request, item, &mut record.retries)
-                        .await
-                    {
+                        .await;
+                    if let (Some(trace), Some(request)) = (trace.as_mut(), shown) {
+                        let response = match &delivered {
+                            Ok(response) => response.clone(),
+                            Err(undelivered) => undelivered.response.clone(),
+                        };
+                        let batched = batched && response.is_none() && delivered.is_ok();
+                        trace.requests.push(TracedRequest {
+                            request,
+                            response,
+                            batched,
+                        });
+                    }
+                    if let Err(undelivered) = delivered {
                         failed = Some(undelivered);
                         break;
                     }
                 }
                 self.progress.delivery_seconds.observe(started.elapsed());
+                if let Some(trace) = trace.as_mut() {
+                    trace.sending = started.elapsed();
+                }
                 match failed {
                     None => EventOutcome::Delivered { requests: count },
                     Some(undelivered) if undelivered.abandoned => EventOutcome::Abandoned(undelivered.reason),
                     Some(undelivered) => EventOutcome::DeadLettered(DeadLetter {
                         reason: settings.scrub(&undelivered.reason),
-                        event: raw,
+                        event: if trace.is_some() {
+                            raw.clone()
+                        } else {
+                            std::mem::take(&mut raw)
+                        },
                         request: Some(ShownRequest::new(&undelivered.request, &settings)),
                         response: undelivered.response,
                     }),
                 }
             }
         };
+        if let Some(mut trace) = trace {
+            trace.event = raw;
+            record.trace = Some(Arc::new(*trace));
+        }
         record
     }
 }

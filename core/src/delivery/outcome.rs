@@ -70,6 +70,36 @@ pub struct EventRecord {
     pub retries: u64,
     /// `name@version` of the plugin that mapped the event.
     pub plugin_version: String,
+    /// What its delivery looked like, when the delivery keeps traces
+    /// (`DeliveryConfig::trace`): for an operator's view of recent events.
+    pub trace: Option<std::sync::Arc<Trace>>,
+}
+
+/// An event's delivery as an operator may see it: the event, each request
+/// the plugin made (its key masked) with the answer to it, and how long
+/// the sending took. Secrets are masked in all of it.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    /// The event as received.
+    pub event: String,
+    /// Whom it is about, by the host's person key (`u"…"` a userId,
+    /// `a"…"` an anonymousId, `e"…"` an email); none if it names nobody.
+    pub person: Option<String>,
+    pub requests: Vec<TracedRequest>,
+    /// From the first request leaving to the last answer judged, retries
+    /// and waits included; zero when nothing was sent.
+    pub sending: Duration,
+}
+
+/// One request of a trace, and the destination's answer to it.
+#[derive(Debug, Clone)]
+pub struct TracedRequest {
+    pub request: ShownRequest,
+    /// The answer the request settled on; none when it went in a bulk
+    /// request (whose answer covers many events) or never got one.
+    pub response: Option<HttpResponse>,
+    /// It went in a bulk request with other events.
+    pub batched: bool,
 }
 
 /// The totals of a run.

@@ -73,7 +73,9 @@ pub(super) enum Attempted<T> {
 impl Delivery {
     /// Sends one request until the plugin judges it delivered, or it ends
     /// undelivered; in a batch when `item` says how and the moment is
-    /// right (see `batch`).
+    /// right (see `batch`). Delivered alone, the destination's answer to
+    /// it (to its last replacement, if the plugin replaced it); none when it
+    /// went in a batch.
     pub(super) async fn deliver_request(
         self: &Arc<Self>,
         id: EventId,
@@ -81,7 +83,7 @@ impl Delivery {
         request: HttpRequest,
         item: Option<BatchItem>,
         retries: &mut u64,
-    ) -> Result<(), Undelivered> {
+    ) -> Result<Option<HttpResponse>, Undelivered> {
         let request = Arc::new(request);
         let route = match item {
             Some(item) => self.route(id, plugin, &request, item).await,
@@ -90,7 +92,7 @@ impl Delivery {
         let paced = matches!(route, Route::AloneNow);
         if let Route::Batched(outcome) = route {
             match outcome.await {
-                Ok(ItemOutcome::Delivered) => return Ok(()),
+                Ok(ItemOutcome::Delivered) => return Ok(None),
                 Ok(ItemOutcome::Rejected { reason, response }) => {
                     return Err(Undelivered {
                         reason,
@@ -125,7 +127,7 @@ impl Delivery {
         replacement: bool,
         paced: bool,
         retries: &mut u64,
-    ) -> Result<(), Undelivered> {
+    ) -> Result<Option<HttpResponse>, Undelivered> {
         // Shared, not copied, with the HTTP client and the plugin's
         // interpret call: a body can be megabytes.
         let undelivered = |reason: String, response: Option<HttpResponse>| Undelivered {
@@ -185,7 +187,7 @@ impl Delivery {
             Attempted::Settled(Ok(verdict), response) => (verdict, Some(response)),
         };
         match verdict {
-            Verdict::Delivered => Ok(()),
+            Verdict::Delivered => Ok(response),
             Verdict::Rejected(reason) => Err(undelivered(reason, response)),
             Verdict::Replace(requests) => {
                 if replacement {
@@ -200,10 +202,11 @@ impl Delivery {
                         response,
                     ));
                 }
+                let mut last = response;
                 for replacement in requests {
-                    Box::pin(self.send_alone(id, plugin, Arc::new(replacement), true, false, retries)).await?;
+                    last = Box::pin(self.send_alone(id, plugin, Arc::new(replacement), true, false, retries)).await?;
                 }
-                Ok(())
+                Ok(last)
             }
             Verdict::Retry(_) => unreachable!("a retry is judged inside the attempt loop"),
         }

@@ -71,6 +71,9 @@ pub struct MappedEvent {
     pub outcome: MappedOutcome,
     pub warnings: Vec<String>,
     pub ordering_key: Option<String>,
+    /// Whom the event is about, by the host's one person key
+    /// (`Envelope::person_key`); set by the mapping stage.
+    pub person: Option<String>,
     /// The plugin call itself failed (trap, deadline, bad output), as
     /// opposed to the plugin judging the event unmappable.
     pub plugin_failed: bool,
@@ -184,6 +187,7 @@ impl EventMapper {
             outcome: MappedOutcome::Error(String::new()),
             warnings: Vec::new(),
             ordering_key: None,
+            person: None,
             plugin_failed: false,
             batch_items: Vec::new(),
         };

@@ -493,7 +493,7 @@ impl StageShared {
             envelope,
         } = *job.event.0;
         let started = Instant::now();
-        let mapped = self.map(id, &text, envelope);
+        let mut mapped = self.map(id, &text, envelope);
         (self.timed)(started.elapsed());
 
         let mut state = self.lock();
@@ -501,6 +501,7 @@ impl StageShared {
         if let Some(key) = &key {
             state.busy.remove(key);
         }
+        mapped.person = key;
         let was_stuck = state.stuck.remove(&seq);
         if state.overtaken.remove(&seq) {
             state.late.push_back((mapped, text));
