@@ -233,7 +233,7 @@ struct State {
     /// Overtaken and still being mapped (or waiting).
     overtaken: HashSet<u64>,
     /// Overtaken and now done: handed on next.
-    late: VecDeque<(MappedEvent, String)>,
+    late: VecDeque<Box<(MappedEvent, String)>>,
     next_seq: u64,
     /// Events being mapped now.
     mapping: usize,
@@ -331,7 +331,7 @@ impl Stage {
             tokio::pin!(notified);
             notified.as_mut().enable();
             match self.shared.take_next() {
-                Next::Event(event) => return Some(event),
+                Next::Event(event) => return Some(*event),
                 Next::End => return None,
                 Next::WaitAtMost(wait) => {
                     let _ = tokio::time::timeout(wait.max(Duration::from_millis(1)), notified).await;
@@ -380,7 +380,7 @@ impl Drop for StageInput {
 
 /// What the consumer finds.
 enum Next {
-    Event((MappedEvent, String)),
+    Event(Box<(MappedEvent, String)>),
     End,
     /// Nothing yet; look again when told, or after this long (an event may
     /// be overtaken then).
@@ -504,7 +504,7 @@ impl StageShared {
         mapped.person = key;
         let was_stuck = state.stuck.remove(&seq);
         if state.overtaken.remove(&seq) {
-            state.late.push_back((mapped, text));
+            state.late.push_back(Box::new((mapped, text)));
         } else {
             state.slots.insert(seq, Slot::Done(Box::new((mapped, text))));
         }
@@ -566,7 +566,7 @@ impl StageShared {
                     let Slot::Done(done) = entry.remove() else {
                         unreachable!()
                     };
-                    found = Some(*done);
+                    found = Some(done);
                     break;
                 }
                 Some(since) if since.elapsed() >= overtake_after => {
