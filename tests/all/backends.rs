@@ -51,6 +51,7 @@ on_both_backends!(
     a_backlog_of_large_events_holds_memory_bounded_in_bytes,
     dead_letters_read_the_same_and_are_replayed_and_purged,
     a_swap_under_traffic_reaches_its_shop_alone_and_loses_nothing,
+    the_console_shows_each_event_and_replays_its_dead_letters,
 );
 
 /// `serve` on a backend, with the connections of `config` (TOML).
@@ -585,4 +586,146 @@ async fn a_swap_under_traffic_reaches_its_shop_alone_and_loses_nothing(backend: 
     let (status, body) = host.admin(reqwest::Method::POST, "/admin/connections/a/rollback").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(host.versions().await["a"], "1.0.0");
+}
+
+/// A signed-in console session: its cookie, and the CSRF token its pages
+/// carry.
+struct ConsoleSession {
+    client: reqwest::Client,
+    url: String,
+    cookie: String,
+}
+
+impl ConsoleSession {
+    async fn sign_in(host: &Host) -> ConsoleSession {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let answer = client
+            .post(format!("{}/console/login", host.url))
+            .form(&[("token", ADMIN)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 303);
+        let set = answer.headers()["set-cookie"].to_str().unwrap().to_string();
+        assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+        let cookie = set.split(';').next().unwrap().to_string();
+        ConsoleSession {
+            client,
+            url: host.url.clone(),
+            cookie,
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let answer = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> u16 {
+        let answer = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .header("cookie", &self.cookie)
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        answer.status().as_u16()
+    }
+}
+
+/// The CSRF token a console page carries in its forms.
+fn csrf(page: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let at = page.find(marker).expect("a form with a CSRF token") + marker.len();
+    page[at..at + 64].to_string()
+}
+
+/// The console (over plain HTTP here; its browser test is `console`):
+/// counts, one event's masked request and Klaviyo's answer, a dead letter
+/// listed and replayed through it, the same on either backend.
+async fn the_console_shows_each_event_and_replays_its_dead_letters(backend: Backend) {
+    let dir = tempdir();
+    let refusing = MockConfig {
+        faults: Faults {
+            invalid_marker: Some("refused-here".into()),
+            ..Faults::default()
+        },
+        ..unlimited()
+    };
+    let sandbox = crate::support::sandbox(refusing).await;
+    let host = Host::start(backend, &dir, &shop("a", &sandbox));
+    let mut refused = track("a", 9, 0);
+    refused["properties"]["note"] = json!("refused-here");
+    host.send("wk_a", &[track("a", 1, 0), track("a", 2, 0), track("a", 3, 0), refused])
+        .await;
+    let console = ConsoleSession::sign_in(&host).await;
+    wait_for("the counts", Duration::from_secs(60), &host, async || {
+        let (_, live) = console.get("/console/live.json").await;
+        let live: Value = serde_json::from_str(&live).unwrap();
+        live["connections"]["a"]["delivered"] == 3 && live["connections"]["a"]["dead_lettered"] == 1
+    })
+    .await;
+
+    let (status, page) = console.get("/console/connections/a?q=a-2-0").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("data-message-id=\"a-2-0\""), "{page}");
+    assert!(
+        !page.contains("data-message-id=\"a-1-0\""),
+        "the search shows only that event"
+    );
+    assert!(
+        page.contains("Klaviyo-API-Key ***") && page.contains("Answer: HTTP 202"),
+        "{page}"
+    );
+    let (_, by_person) = console.get("/console/connections/a?q=a-p3@example.org").await;
+    assert!(by_person.contains("data-message-id=\"a-3-0\""), "by email");
+    let (_, dead) = console.get("/console/connections/a?outcome=dead-lettered").await;
+    assert!(dead.contains("data-message-id=\"a-9-0\"") && !dead.contains("a-2-0"));
+
+    let (status, letters) = console.get("/console/dead-letters?connection=a").await;
+    assert_eq!(status, 200);
+    assert!(letters.contains("a-9-0") && letters.contains("HTTP 400"), "{letters}");
+    for page in [&page, &letters] {
+        assert!(!page.contains(DEMO_KEY), "the key reached the console");
+    }
+    let id = host.letters()[0]["id"].to_string();
+    let token = csrf(&letters);
+    // Without the session's token, or unconfirmed, nothing happens.
+    let form = |csrf: &'static str| [("csrf", csrf), ("confirm", "yes")];
+    assert_eq!(console.post("/console/dead-letters/replay", &form("forged")).await, 403);
+    let unconfirmed = [("csrf", token.as_str()), ("id", id.as_str())];
+    assert_eq!(console.post("/console/dead-letters/replay", &unconfirmed).await, 400);
+    assert_eq!(host.letters().len(), 1);
+
+    sandbox.set_faults(Faults::default());
+    let replay = [("csrf", token.as_str()), ("id", id.as_str()), ("confirm", "yes")];
+    assert_eq!(console.post("/console/dead-letters/replay", &replay).await, 303);
+    wait_for(
+        "the replayed letter delivered",
+        Duration::from_secs(60),
+        &host,
+        async || sandbox.events().iter().any(|e| e.unique_id == "a-9-0"),
+    )
+    .await;
+    assert!(host.letters().is_empty());
+    wait_for(
+        "the replay in the console",
+        Duration::from_secs(30),
+        &host,
+        async || {
+            let (_, page) = console.get("/console/connections/a?q=a-9-0&outcome=delivered").await;
+            page.contains("data-message-id=\"a-9-0\"")
+        },
+    )
+    .await;
 }

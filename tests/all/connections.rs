@@ -17,7 +17,7 @@ use crate::cli_map::tempdir;
 use crate::serve::{post, track, wait_for};
 use crate::support::cdp_host;
 
-const ADMIN: &str = "admin_connections_token";
+pub(crate) const ADMIN: &str = "admin_connections_token";
 const SCOPES: &[&str] = &[
     "events:write",
     "profiles:write",
@@ -27,7 +27,7 @@ const SCOPES: &[&str] = &[
 ];
 
 /// A sandbox that knows only `keys`.
-async fn shop_sandbox(keys: &[&str], configure: impl FnOnce(&mut MockConfig)) -> KlaviyoMock {
+pub(crate) async fn shop_sandbox(keys: &[&str], configure: impl FnOnce(&mut MockConfig)) -> KlaviyoMock {
     let mut config = MockConfig {
         keys: keys.iter().map(|k| ApiKey::new(k, SCOPES)).collect(),
         rate_limits: false,
@@ -37,13 +37,13 @@ async fn shop_sandbox(keys: &[&str], configure: impl FnOnce(&mut MockConfig)) ->
     crate::support::sandbox(config).await
 }
 
-struct Service {
+pub(crate) struct Service {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Service {
-    fn start(config: &Path, spool: &Path, env: &[(&str, &str)]) -> Service {
+    pub(crate) fn start(config: &Path, spool: &Path, env: &[(&str, &str)]) -> Service {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -114,7 +114,7 @@ async fn store_plugin(client: &reqwest::Client, url: &str, file: &str) -> String
     stored["stored"]["sha256"].as_str().unwrap().to_string()
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path

@@ -7,6 +7,7 @@ mod cli_inspect;
 mod cli_map;
 mod cli_send;
 mod connections;
+mod console;
 mod delivery;
 mod faults;
 mod hostile;

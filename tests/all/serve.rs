@@ -882,3 +882,30 @@ async fn a_write_key_over_its_rate_gets_429_with_retry_after_and_stores_nothing(
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The console is behind the admin token: without one it is off, as the
+/// admin API is; `--no-console` turns it off with a token too. Either way
+/// nothing of it answers but a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_off_without_an_admin_token_or_with_no_console() {
+    let sandbox = crate::support::sandbox(MockConfig::default()).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for extra in [&[][..], &["--admin-token", "console-test-token", "--no-console"][..]] {
+        let serve = Serve::start_with(&spool_path(), &sandbox.url(), DEMO_KEY, extra);
+        for path in ["/console/", "/console/login", "/console/live.json"] {
+            let answer = client.get(format!("{}{path}", serve.url)).send().await.unwrap();
+            assert_eq!(answer.status(), 404, "{path} with {extra:?}");
+        }
+        let login = client
+            .post(format!("{}/console/login", serve.url))
+            .form(&[("token", "console-test-token")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(login.status(), 404, "a login with {extra:?}");
+        assert!(login.headers().get("set-cookie").is_none());
+    }
+}

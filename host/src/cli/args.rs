@@ -288,6 +288,16 @@ pub struct ServeArgs {
     /// whole batch); over it ingest answers 429 with Retry-After. 0 turns the limit off [default: 5000]
     #[arg(long, value_name = "EVENTS")]
     pub ingest_rate: Option<u32>,
+    /// Serve no operator console (it is at /console/ when an admin token is set)
+    #[arg(long)]
+    pub no_console: bool,
+    /// Recent events the console keeps for each connection, in memory [default: 32]
+    #[arg(long, value_name = "EVENTS")]
+    pub console_ring: Option<usize>,
+    /// Whether the console keeps event bodies (the event, the requests with keys masked, the
+    /// answers) or only what became of each event, for privacy [default: on]
+    #[arg(long, value_name = "on|off")]
+    pub console_bodies: Option<OnOff>,
 }
 
 /// The `serve` configuration file; every key optional, each named like
@@ -326,6 +336,10 @@ pub struct ServeFile {
     #[serde(default)]
     pub admin_secret_dirs: Vec<PathBuf>,
     pub ingest_rate: Option<u32>,
+    #[serde(default)]
+    pub no_console: bool,
+    pub console_ring: Option<usize>,
+    pub console_bodies: Option<OnOff>,
     /// Shops, each with its own write keys, plugin, settings and secrets
     /// (`[[connections]]`).
     #[serde(default)]
@@ -488,4 +502,12 @@ pub enum PluginCommand {
         #[arg(value_name = "FILE.wasm")]
         file: PathBuf,
     },
+}
+
+/// A switch given as `on` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
 }

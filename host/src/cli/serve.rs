@@ -16,7 +16,8 @@ use cdp_host::serve::{Defaults, FileConnection, FlagsConnection, ServeConfig};
 use cdp_host::settings::{DestinationSettings, Secret};
 use cdp_host::spool::{Durability, Spool};
 
-use super::args::{DlqCommand, NatsArgs, RuntimeArgs, ServeArgs, ServeFile};
+use super::args::{DlqCommand, NatsArgs, OnOff, RuntimeArgs, ServeArgs, ServeFile};
+use cdp_host::serve::console::ConsoleOptions;
 
 pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let file: ServeFile = match &args.config {
@@ -126,6 +127,11 @@ pub fn serve(runtime_args: &RuntimeArgs, args: ServeArgs) -> anyhow::Result<Exit
             .map(Secret::new),
         plugin_dir: args.plugin_dir.or(file.plugin_dir),
         ingest_rate: args.ingest_rate.or(file.ingest_rate).unwrap_or(Defaults::INGEST_RATE),
+        console: (!(args.no_console || file.no_console)).then(|| ConsoleOptions {
+            ring: args.console_ring.or(file.console_ring).unwrap_or(ConsoleOptions::RING),
+            bodies: args.console_bodies.or(file.console_bodies) != Some(OnOff::Off),
+            body_budget: ConsoleOptions::BODY_BUDGET,
+        }),
         approved_base_urls: args
             .approved_base_urls
             .into_iter()

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::connections::{self, Connection};
+use super::console::Recorder;
 use super::metrics::Metrics;
 use cdp_core::delivery::{EventOutcome, EventRecord};
 use cdp_core::mapping::{EventId, Prepared, Stage, StageInput};
@@ -85,12 +86,14 @@ pub(crate) struct Engines {
     closed: std::sync::atomic::AtomicBool,
     /// Told whenever an event is released (room freed).
     pub(crate) room: Notify,
+    /// Keeps each connection's recent delivery for the console, when on.
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl Engines {
     /// The engines, and where their outcomes come out (for the backend
     /// that settles them).
-    pub(crate) fn new(metrics: Arc<Metrics>) -> (Arc<Engines>, Outcomes) {
+    pub(crate) fn new(metrics: Arc<Metrics>, recorder: Option<Arc<Recorder>>) -> (Arc<Engines>, Outcomes) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let engines = Arc::new(Engines {
             running: Mutex::default(),
@@ -101,6 +104,7 @@ impl Engines {
             metrics,
             closed: Default::default(),
             room: Notify::new(),
+            recorder,
         });
         (engines, rx)
     }
@@ -186,6 +190,9 @@ impl Engines {
         if let Some(until) = not_before.filter(|t| *t > std::time::SystemTime::now()) {
             connection.waits.lock().unwrap().insert(id, until);
         }
+        if let Some(recorder) = &self.recorder {
+            recorder.handed(&recorder.activity(&connection.id), id);
+        }
         // The envelope is read here, outside the engines' lock.
         let mut event = Prepared::new(id, body);
         let mut running = self.running.lock().unwrap();
@@ -263,10 +270,15 @@ impl Engines {
             return;
         };
         let activity = stage.activity();
+        let recent = self.recorder.as_ref().map(|r| (r.clone(), r.activity(&connection.id)));
         let observer = {
             let (engines, connection) = (self.clone(), connection.clone());
             move |record: &EventRecord| {
                 engines.count(&connection, record);
+                if let Some((recorder, activity)) = &recent {
+                    let throttled = connection.delivery.progress.statuses.lock().unwrap().get(&429).copied();
+                    recorder.record(activity, record, throttled.unwrap_or(0));
+                }
                 // The receiver goes with the service: a send fails only if
                 // it is gone, and then the event stays unfinished.
                 let _ = outcomes.send((connection.clone(), record.clone()));
@@ -484,7 +496,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_persons_events_arrive_in_order_through_429s_with_retry_after() {
-        let (engines, mut outcomes) = Engines::new(Arc::default());
+        let (engines, mut outcomes) = Engines::new(Arc::default(), None);
         let shop = shop(
             "a",
             Faults {
@@ -529,7 +541,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_shop_does_not_hold_up_another() {
-        let (engines, mut outcomes) = Engines::new(Arc::default());
+        let (engines, mut outcomes) = Engines::new(Arc::default(), None);
         let failing = shop(
             "x",
             Faults {
@@ -555,7 +567,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_admits_no_more_than_its_bound_and_no_event_twice() {
-        let (engines, _outcomes) = Engines::new(Arc::default());
+        let (engines, _outcomes) = Engines::new(Arc::default(), None);
         let shop = shop("b", Faults::default()).await;
         let mut admitted = 0u64;
         while let Admit::Admitted = engines.try_admit(&shop.connection, EventId::Line(admitted), 100) {
@@ -579,7 +591,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_skipped_event_handed_in_with_a_wait_leaves_no_wait_behind() {
-        let (engines, mut outcomes) = Engines::new(Arc::default());
+        let (engines, mut outcomes) = Engines::new(Arc::default(), None);
         let shop = shop("d", Faults::default()).await;
         let id = EventId::SpoolRow(7);
         let no_email = json!({"type": "track", "event": "Step", "messageId": "m7", "userId": "u7"}).to_string();
@@ -597,7 +609,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_engine_stops_and_a_new_event_starts_another() {
-        let (engines, mut outcomes) = Engines::new(Arc::default());
+        let (engines, mut outcomes) = Engines::new(Arc::default(), None);
         let shop = shop("c", Faults::default()).await;
         feed(&engines, &shop, &[(EventId::Line(1), track(1, 1))]).await;
         settle(&engines, &mut outcomes, "c", 1, Duration::from_secs(10)).await;

@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod connections;
+pub mod console;
 pub mod dead_letters;
 mod engine;
 mod ingest;
@@ -101,6 +102,9 @@ pub struct ServeConfig {
     pub admin_secret_sources: connections::SecretSources,
     /// Events a second each write key may send; 0 for no limit.
     pub ingest_rate: u32,
+    /// The operator console at `/console/` (with an admin token), and what
+    /// it keeps; none for no console.
+    pub console: Option<console::ConsoleOptions>,
 }
 
 /// What the HTTP handlers and the engines share.
@@ -119,6 +123,12 @@ pub(crate) struct Shared {
     /// Why the last write of outcomes to the spool failed, while it fails
     /// (`/healthz` says so).
     outcomes_failing: std::sync::Mutex<Option<String>>,
+    /// The console, when on.
+    console: Option<console::Console>,
+    /// The dead letters, wherever the log keeps them.
+    dead: Box<dyn dead_letters::DeadLetters>,
+    /// Whether events go through the stream (for what the console says).
+    stream_mode: bool,
 }
 
 impl Shared {
@@ -201,6 +211,8 @@ pub fn connections(config: &ServeConfig, runtime: Arc<plugin_runtime::Runtime>) 
 
 /// Serves until SIGTERM or Ctrl-C, then drains and returns.
 pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
+    // The console shows each event's requests and answers: delivery keeps them.
+    config.delivery.trace = config.console.is_some();
     let runtime = config.plugin.runtime().clone();
     let connections = tokio::task::block_in_place(|| connections(&config, runtime))?;
     for FileConnection { new, plugin } in std::mem::take(&mut config.file_connections) {
@@ -239,7 +251,18 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         None => None,
     };
     let metrics = Arc::new(metrics::Metrics::default());
-    let (engines, written) = Engines::new(metrics.clone());
+    let recorder = config
+        .console
+        .clone()
+        .map(|options| Arc::new(console::Recorder::new(options)));
+    let (engines, written) = Engines::new(metrics.clone(), recorder.clone());
+    let dead: Box<dyn dead_letters::DeadLetters> = match &config.stream {
+        Some(options) => Box::new(dead_letters::StreamDeadLetters {
+            access: options.access.clone(),
+            partitions: options.partitions,
+        }),
+        None => Box::new(dead_letters::SpoolDeadLetters(config.spool.clone())),
+    };
     let shared = Arc::new(Shared {
         spool: config.spool.clone(),
         connections,
@@ -253,8 +276,15 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
             None => Arc::new(SpoolLog::new(config.spool.clone())?),
         },
         outcomes_failing: std::sync::Mutex::new(None),
+        console: recorder.map(console::Console::new),
+        dead,
+        stream_mode: config.stream.is_some(),
     });
-    let app = Router::new()
+    let mut app = Router::new();
+    if shared.console.is_some() {
+        app = app.merge(console::routes());
+    }
+    let app = app
         .route("/api/s/s2s/{kind}", post(ingest::s2s))
         .route("/v1/batch", post(ingest::segment_batch))
         .route("/v1/{kind}", post(ingest::segment_single))

@@ -1,0 +1,528 @@
+//! What the console shows of each connection's recent delivery, kept in
+//! memory on this host: per minute of the last hour, the events delivered,
+//! skipped, dead-lettered and retried and the 429s met; the time each of
+//! the last events took from being handed to the engine to its outcome;
+//! and a ring of the last events with their traces (the event, the
+//! requests with their keys masked, the answers).
+//!
+//! Bounded: `ConsoleOptions::ring` events a connection, and their traces
+//! within `body_budget` bytes for the whole host. A connection keeps
+//! traces within an even share of the budget (the budget divided by the
+//! connections with activity, when it records) and within what the others
+//! leave of it; its older events lose their traces first, and one larger
+//! than its share keeps none. Nothing is written anywhere: a restart
+//! starts empty.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use cdp_core::delivery::{EventOutcome, EventRecord, Trace};
+use cdp_core::mapping::EventId;
+
+/// How much the console keeps.
+#[derive(Clone, Debug)]
+pub struct ConsoleOptions {
+    /// Recent events kept a connection.
+    pub ring: usize,
+    /// Keep the events' bodies (the event, the requests, the answers);
+    /// without, only what became of each (for privacy).
+    pub bodies: bool,
+    /// Bytes of bodies kept on this host, across connections.
+    pub body_budget: usize,
+}
+
+impl ConsoleOptions {
+    pub const RING: usize = 32;
+    pub const BODY_BUDGET: usize = 8 << 20;
+}
+
+impl Default for ConsoleOptions {
+    fn default() -> Self {
+        ConsoleOptions {
+            ring: Self::RING,
+            bodies: true,
+            body_budget: Self::BODY_BUDGET,
+        }
+    }
+}
+
+/// One minute's counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Minute {
+    /// Minutes since the Unix epoch; 0 for a slot never used.
+    pub at: u32,
+    pub delivered: u32,
+    pub skipped: u32,
+    pub dead_lettered: u32,
+    pub retried: u32,
+    pub throttled: u32,
+}
+
+/// What became of an event, as the console names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    Skipped(String),
+    DeadLettered(String),
+    /// Left for another host (a stream lease lost).
+    Abandoned(String),
+}
+
+impl Verdict {
+    pub fn word(&self) -> &'static str {
+        match self {
+            Verdict::Delivered => "delivered",
+            Verdict::Skipped(_) => "skipped",
+            Verdict::DeadLettered(_) => "dead-lettered",
+            Verdict::Abandoned(_) => "left to another host",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Verdict::Delivered => None,
+            Verdict::Skipped(r) | Verdict::DeadLettered(r) | Verdict::Abandoned(r) => Some(r),
+        }
+    }
+}
+
+/// One recent event.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Counts the connection's entries from 1: the live tail asks for
+    /// those after the last it has.
+    pub serial: u64,
+    pub finished: SystemTime,
+    pub event_id: String,
+    pub message_id: Option<String>,
+    pub kind: Option<String>,
+    pub verdict: Verdict,
+    pub plugin_version: String,
+    pub retries: u64,
+    pub warnings: Vec<String>,
+    /// From handed to the engine to its outcome.
+    pub took: Option<Duration>,
+    /// Whom it is about (`Trace::person`).
+    pub person: Option<String>,
+    /// The statuses of the answers its requests settled on.
+    pub statuses: Vec<u16>,
+    /// Its trace, while kept (see the module's bounds).
+    pub trace: Option<Arc<Trace>>,
+    /// Why there is no trace, when there is none.
+    pub no_trace: Option<&'static str>,
+}
+
+/// The latencies kept a connection, for its p50 and p99.
+const LATENCIES: usize = 256;
+
+#[derive(Default)]
+struct Inner {
+    minutes: Vec<Minute>,
+    latencies: Vec<u32>,
+    next_latency: usize,
+    recent: VecDeque<Entry>,
+    /// When each event in the engine was handed in.
+    handed: HashMap<EventId, Instant>,
+    body_bytes: usize,
+    serial: u64,
+    /// The connection's 429s counted when last looked.
+    throttled_seen: u64,
+}
+
+/// One connection's recent delivery.
+#[derive(Default)]
+pub struct Activity {
+    inner: Mutex<Inner>,
+}
+
+/// The activity of every connection on this host.
+pub struct Recorder {
+    pub options: ConsoleOptions,
+    by_connection: RwLock<HashMap<String, Arc<Activity>>>,
+    /// Bytes of traces kept, across connections.
+    body_bytes: AtomicUsize,
+}
+
+/// The minute `at` falls in, since the epoch.
+fn minute_of(at: SystemTime) -> u32 {
+    (at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() / 60) as u32
+}
+
+/// What a trace holds in memory, about.
+fn trace_size(trace: &Trace) -> usize {
+    let requests: usize = trace
+        .requests
+        .iter()
+        .map(|r| {
+            let body = match &r.request.body {
+                cdp_core::shown::ShownBody::Json(t) | cdp_core::shown::ShownBody::Text(t) => t.len(),
+            };
+            let headers: usize = r
+                .request
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.to_string().len() + 32)
+                .sum();
+            let answer = r.response.as_ref().map_or(0, |a| a.body.len() + 64);
+            body + headers + answer + r.request.url.len() + 96
+        })
+        .sum();
+    trace.event.len() + requests + 96
+}
+
+impl Recorder {
+    pub fn new(options: ConsoleOptions) -> Recorder {
+        Recorder {
+            options,
+            by_connection: RwLock::default(),
+            body_bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// A connection's activity, made at its first use.
+    pub fn activity(&self, connection: &str) -> Arc<Activity> {
+        if let Some(activity) = self.by_connection.read().unwrap().get(connection) {
+            return activity.clone();
+        }
+        self.by_connection
+            .write()
+            .unwrap()
+            .entry(connection.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// A connection's activity, if it has any.
+    pub fn get(&self, connection: &str) -> Option<Arc<Activity>> {
+        self.by_connection.read().unwrap().get(connection).cloned()
+    }
+
+    /// Forgets a deleted connection's activity.
+    pub fn forget(&self, connection: &str) {
+        if let Some(gone) = self.by_connection.write().unwrap().remove(connection) {
+            let bytes = gone.inner.lock().unwrap().body_bytes;
+            self.body_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes of traces kept on this host.
+    pub fn body_bytes(&self) -> usize {
+        self.body_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A connection's share of the body budget.
+    fn share(&self) -> usize {
+        let connections = self.by_connection.read().unwrap().len().max(1);
+        self.options.body_budget / connections
+    }
+
+    /// Notes that an event was handed to its connection's engine.
+    pub fn handed(&self, activity: &Activity, id: EventId) {
+        let mut inner = activity.inner.lock().unwrap();
+        // Events released unfinished (the service stopping) leave theirs
+        // behind; bounded all the same.
+        if inner.handed.len() >= 1 << 16 {
+            inner.handed.clear();
+        }
+        inner.handed.insert(id, Instant::now());
+    }
+
+    /// Records an outcome. `throttled` is the connection's count of 429
+    /// answers so far (its delivery counts them, retries included).
+    pub fn record(&self, activity: &Activity, record: &EventRecord, throttled: u64) {
+        let now = SystemTime::now();
+        let share = self.share();
+        let mut inner = activity.inner.lock().unwrap();
+        let inner = &mut *inner;
+        let took = inner.handed.remove(&record.id).map(|at| at.elapsed());
+
+        // The minute's counts.
+        if inner.minutes.is_empty() {
+            inner.minutes = vec![Minute::default(); 60];
+            inner.throttled_seen = throttled;
+        }
+        let at = minute_of(now);
+        let slot = &mut inner.minutes[at as usize % 60];
+        if slot.at != at {
+            *slot = Minute {
+                at,
+                ..Minute::default()
+            };
+        }
+        let verdict = match &record.outcome {
+            EventOutcome::Delivered { .. } => {
+                slot.delivered += 1;
+                Verdict::Delivered
+            }
+            EventOutcome::Skipped(reason) => {
+                slot.skipped += 1;
+                Verdict::Skipped(reason.clone())
+            }
+            EventOutcome::DeadLettered(letter) => {
+                slot.dead_lettered += 1;
+                Verdict::DeadLettered(letter.reason.clone())
+            }
+            EventOutcome::Abandoned(reason) => Verdict::Abandoned(reason.clone()),
+        };
+        slot.retried += record.retries as u32;
+        slot.throttled += throttled.saturating_sub(inner.throttled_seen) as u32;
+        inner.throttled_seen = inner.throttled_seen.max(throttled);
+        if let (Some(took), EventOutcome::Delivered { .. }) = (took, &record.outcome) {
+            let ms = took.as_millis().min(u32::MAX as u128) as u32;
+            if inner.latencies.len() < LATENCIES {
+                inner.latencies.push(ms);
+            } else {
+                inner.latencies[inner.next_latency] = ms;
+            }
+            inner.next_latency = (inner.next_latency + 1) % LATENCIES;
+        }
+
+        // The event itself.
+        if self.options.ring == 0 {
+            return;
+        }
+        let (mut trace, mut no_trace) = (None, None);
+        let (mut person, mut statuses) = (None, Vec::new());
+        if let Some(t) = &record.trace {
+            person = t.person.clone();
+            statuses = t
+                .requests
+                .iter()
+                .filter_map(|r| r.response.as_ref().map(|a| a.status))
+                .collect();
+            if !self.options.bodies {
+                no_trace = Some("bodies are not kept (--console-bodies off)");
+            } else if trace_size(t) > share {
+                no_trace = Some("too large to keep within this connection's share of the console's memory");
+            } else {
+                trace = Some(t.clone());
+            }
+        }
+        inner.serial += 1;
+        let entry = Entry {
+            serial: inner.serial,
+            finished: now,
+            event_id: record.id.to_string(),
+            message_id: record.message_id.clone(),
+            kind: record.kind.clone(),
+            verdict,
+            plugin_version: record.plugin_version.clone(),
+            retries: record.retries,
+            warnings: record.warnings.clone(),
+            took,
+            person,
+            statuses,
+            trace,
+            no_trace,
+        };
+        let added = entry.trace.as_deref().map_or(0, trace_size);
+        inner.recent.push_back(entry);
+        inner.body_bytes += added;
+        let mut freed = 0;
+        while inner.recent.len() > self.options.ring {
+            let old = inner.recent.pop_front().expect("longer than the ring");
+            freed += old.trace.as_deref().map_or(0, trace_size);
+        }
+        // Over its share, or the host over its budget: its oldest lose
+        // their traces first.
+        let mut kept = inner.body_bytes - freed;
+        let others = self
+            .body_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(inner.body_bytes - added);
+        for old in inner.recent.iter_mut() {
+            if kept <= share && others + kept <= self.options.body_budget {
+                break;
+            }
+            if let Some(t) = old.trace.take() {
+                let size = trace_size(&t);
+                kept -= size;
+                freed += size;
+                old.no_trace = Some("dropped to keep the console's memory bounded");
+            }
+        }
+        inner.body_bytes = kept;
+        if added >= freed {
+            self.body_bytes.fetch_add(added - freed, Ordering::Relaxed);
+        } else {
+            self.body_bytes.fetch_sub(freed - added, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the overview shows of a connection.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// The last 60 minutes, oldest first (this minute last).
+    pub minutes: Vec<Minute>,
+    pub p50_ms: Option<u32>,
+    pub p99_ms: Option<u32>,
+    /// Events in its engine now.
+    pub in_engine: usize,
+}
+
+impl Activity {
+    pub fn summary(&self) -> Summary {
+        let inner = self.inner.lock().unwrap();
+        let now = minute_of(SystemTime::now());
+        let minutes = (0..60u32)
+            .rev()
+            .map(|ago| {
+                let at = now.saturating_sub(ago);
+                match inner.minutes.get(at as usize % 60) {
+                    Some(m) if m.at == at => *m,
+                    _ => Minute {
+                        at,
+                        ..Minute::default()
+                    },
+                }
+            })
+            .collect();
+        let mut sorted = inner.latencies.clone();
+        sorted.sort_unstable();
+        let pick = |q: f64| (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * q).round() as usize]);
+        Summary {
+            minutes,
+            p50_ms: pick(0.5),
+            p99_ms: pick(0.99),
+            in_engine: inner.handed.len(),
+        }
+    }
+
+    /// The recent events after `after` (by serial) that `keep` accepts,
+    /// newest first.
+    pub fn recent(&self, after: u64, keep: impl Fn(&Entry) -> bool) -> Vec<Entry> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .recent
+            .iter()
+            .rev()
+            .take_while(|e| e.serial > after)
+            .filter(|e| keep(e))
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdp_core::delivery::TracedRequest;
+    use cdp_core::shown::ShownRequest;
+
+    fn record(row: i64, outcome: EventOutcome, body: usize) -> EventRecord {
+        let request = ShownRequest {
+            method: "POST".into(),
+            url: "https://a.klaviyo.com/api/events".into(),
+            headers: serde_json::Map::new(),
+            body: cdp_core::shown::ShownBody::Json(format!("{{\"pad\":\"{}\"}}", "x".repeat(body))),
+        };
+        EventRecord {
+            id: EventId::SpoolRow(row),
+            message_id: Some(format!("m{row}")),
+            kind: Some("track".into()),
+            outcome,
+            warnings: vec![],
+            retries: 1,
+            plugin_version: "klaviyo@1.0.0".into(),
+            trace: Some(Arc::new(Trace {
+                event: "{}".into(),
+                person: Some(format!("e\"p{row}@example.org\"")),
+                requests: vec![TracedRequest {
+                    request,
+                    response: Some(plugin_runtime::HttpResponse {
+                        status: 202,
+                        headers: vec![],
+                        body: String::new(),
+                    }),
+                    batched: false,
+                }],
+                sending: Duration::from_millis(3),
+            })),
+        }
+    }
+
+    #[test]
+    fn keeps_the_ring_and_counts_the_minute() {
+        let recorder = Recorder::new(ConsoleOptions {
+            ring: 4,
+            ..ConsoleOptions::default()
+        });
+        let shop = recorder.activity("shop");
+        for row in 1..=10 {
+            recorder.handed(&shop, EventId::SpoolRow(row));
+            let outcome = if row % 5 == 0 {
+                EventOutcome::Skipped("no email".into())
+            } else {
+                EventOutcome::Delivered { requests: 1 }
+            };
+            recorder.record(&shop, &record(row, outcome, 100), row as u64);
+        }
+        let recent = shop.recent(0, |_| true);
+        assert_eq!(recent.iter().map(|e| e.serial).collect::<Vec<_>>(), [10, 9, 8, 7]);
+        assert_eq!(recent[0].verdict, Verdict::Skipped("no email".into()));
+        assert_eq!(recent[1].statuses, [202]);
+        assert!(recent.iter().all(|e| e.trace.is_some() && e.took.is_some()));
+        assert_eq!(shop.recent(8, |_| true).len(), 2, "the tail after serial 8");
+        let summary = shop.summary();
+        let now = summary.minutes.last().unwrap();
+        // A minute may turn during the test; the counts go to both.
+        let all = |f: fn(&Minute) -> u32| summary.minutes.iter().map(f).sum::<u32>();
+        assert_eq!(
+            (all(|m| m.delivered), all(|m| m.skipped), all(|m| m.retried)),
+            (8, 2, 10)
+        );
+        assert_eq!(all(|m| m.throttled), 9, "429s counted from the first record on");
+        assert!(now.at > 0);
+        assert!(summary.p50_ms.is_some() && summary.p99_ms.is_some());
+        assert_eq!(summary.in_engine, 0);
+    }
+
+    #[test]
+    fn traces_stay_within_the_budget_oldest_dropped_first() {
+        let recorder = Recorder::new(ConsoleOptions {
+            ring: 100,
+            bodies: true,
+            body_budget: 20_000,
+        });
+        let (a, b) = (recorder.activity("a"), recorder.activity("b"));
+        let c = recorder.activity("c");
+        // Alone a while: all of the budget is its to use.
+        recorder.record(&c, &record(1, EventOutcome::Delivered { requests: 1 }, 15_000), 0);
+        for row in 1..=50 {
+            recorder.record(&a, &record(row, EventOutcome::Delivered { requests: 1 }, 1_000), 0);
+        }
+        // Three connections: 6,666 bytes each, and what c leaves.
+        recorder.record(&b, &record(1, EventOutcome::Delivered { requests: 1 }, 30_000), 0);
+        let kept = a.recent(0, |e| e.trace.is_some());
+        assert!(!kept.is_empty() && kept.len() < 6, "{} kept", kept.len());
+        assert_eq!(kept[0].serial, 50, "the newest keep theirs");
+        assert!(recorder.body_bytes() <= 20_000, "{}", recorder.body_bytes());
+        let big = &b.recent(0, |_| true)[0];
+        assert!(big.trace.is_none() && big.no_trace.is_some(), "larger than its share");
+        assert_eq!(
+            a.recent(0, |_| true).len(),
+            50,
+            "what became of each is kept all the same"
+        );
+        recorder.forget("a");
+        recorder.forget("c");
+        assert_eq!(recorder.body_bytes(), 0);
+    }
+
+    #[test]
+    fn without_bodies_keeps_what_became_of_each_and_no_trace() {
+        let recorder = Recorder::new(ConsoleOptions {
+            bodies: false,
+            ..ConsoleOptions::default()
+        });
+        let shop = recorder.activity("shop");
+        recorder.record(&shop, &record(1, EventOutcome::Delivered { requests: 1 }, 10), 0);
+        let entry = &shop.recent(0, |_| true)[0];
+        assert!(entry.trace.is_none());
+        assert_eq!(entry.person.as_deref(), Some("e\"p1@example.org\""));
+        assert_eq!(recorder.body_bytes(), 0);
+    }
+}
