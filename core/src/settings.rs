@@ -184,6 +184,9 @@ impl DestinationSettings {
     }
 
     fn render(&self, value: &str, render: Render) -> anyhow::Result<String> {
+        if render == Render::Redacted {
+            return redact(value);
+        }
         template::render(value, |name| match render {
             Render::Redacted => Ok("***"),
             Render::Send => match self.secrets.get(name) {
@@ -201,6 +204,25 @@ impl DestinationSettings {
         }
         text
     }
+}
+
+/// A request's headers with every secret masked. No settings are needed:
+/// a plugin's headers only name secrets (as templates), never hold them.
+pub fn redacted_headers(request: &HttpRequest) -> anyhow::Result<Vec<Header>> {
+    request
+        .headers
+        .iter()
+        .map(|h| {
+            Ok(Header {
+                name: h.name.to_ascii_lowercase(),
+                value: redact(&h.value)?,
+            })
+        })
+        .collect()
+}
+
+fn redact(value: &str) -> anyhow::Result<String> {
+    template::render(value, |_| Ok("***"))
 }
 
 /// The largest secret file read: a key is tens of bytes.

@@ -86,6 +86,22 @@ impl ShownRequest {
         ShownRequest::from_owned(request.clone(), settings)
     }
 
+    /// A request shown with its secrets masked, which needs no settings
+    /// (see `settings::redacted_headers`).
+    pub fn redacted(request: &HttpRequest) -> ShownRequest {
+        let headers = crate::settings::redacted_headers(request)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| (h.name, Value::String(h.value)))
+            .collect();
+        ShownRequest {
+            method: request.method.clone(),
+            url: request.url.clone(),
+            headers,
+            body: ShownBody::new(request.body.clone()),
+        }
+    }
+
     /// The same, taking the request's strings rather than copying them.
     pub fn from_owned(request: HttpRequest, settings: &DestinationSettings) -> ShownRequest {
         let headers = settings

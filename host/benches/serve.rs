@@ -20,6 +20,10 @@
 //! then the other events'. `BENCH_SERVE_PLUGIN=hostile` with no poison is
 //! the run to compare against.
 //!
+//! `BENCH_SERVE_ARGS="--admin-token T"` adds flags to `serve` (split at
+//! spaces): with an admin token the operator console is on, and with
+//! `--no-console` as well it is off, the pair that prices the console.
+//!
 //! `BENCH_SERVE_BIN=PATH` runs that build of `cdp-host` instead of this
 //! one's, so that a before and an after can be paired on the same bench.
 //!
@@ -90,6 +94,7 @@ async fn main() {
             .args(["--ingest-rate", "0"])
             .args((!limits).then_some("--no-pacing"))
             .args(&plugin_args)
+            .args(std::env::var("BENCH_SERVE_ARGS").unwrap_or_default().split_whitespace())
             .arg("--spool")
             .arg(&spool)
             .env("KLAVIYO_API_KEY", "pk_sandbox_demo")

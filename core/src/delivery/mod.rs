@@ -487,24 +487,28 @@ impl Delivery {
                 let mut items = mapped.batch_items.into_iter();
                 for request in requests {
                     let item = items.next().flatten();
-                    let shown = trace.as_ref().map(|_| ShownRequest::new(&request, &settings));
+                    let request = Arc::new(request);
+                    let shown = trace.as_ref().map(|_| request.clone());
                     let batched = item.is_some();
                     let delivered = self
                         .deliver_request(record.id, &plugin, request, item, &mut record.retries)
                         .await;
+                    let (undelivered, response) = match delivered {
+                        Ok(response) => (None, response),
+                        // Copied only for a trace; the dead letter keeps it.
+                        Err(undelivered) => {
+                            let response = shown.as_ref().and(undelivered.response.clone());
+                            (Some(undelivered), response)
+                        }
+                    };
                     if let (Some(trace), Some(request)) = (trace.as_mut(), shown) {
-                        let response = match &delivered {
-                            Ok(response) => response.clone(),
-                            Err(undelivered) => undelivered.response.clone(),
-                        };
-                        let batched = batched && response.is_none() && delivered.is_ok();
                         trace.requests.push(TracedRequest {
                             request,
+                            batched: batched && response.is_none() && undelivered.is_none(),
                             response,
-                            batched,
                         });
                     }
-                    if let Err(undelivered) = delivered {
+                    if let Some(undelivered) = undelivered {
                         failed = Some(undelivered);
                         break;
                     }

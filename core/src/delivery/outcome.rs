@@ -94,7 +94,9 @@ pub struct Trace {
 /// One request of a trace, and the destination's answer to it.
 #[derive(Debug, Clone)]
 pub struct TracedRequest {
-    pub request: ShownRequest,
+    /// As the plugin made it, shared with delivery (not copied): its
+    /// headers name secrets, never hold them; show it with `shown`.
+    pub request: std::sync::Arc<plugin_runtime::HttpRequest>,
     /// The answer the request settled on; none when it went in a bulk
     /// request (whose answer covers many events) or never got one.
     pub response: Option<HttpResponse>,
@@ -154,5 +156,12 @@ impl Report {
             text.push_str(&format!("\n  skipped {count}: {reason}"));
         }
         text
+    }
+}
+
+impl TracedRequest {
+    /// The request as a person may see it: secrets masked.
+    pub fn shown(&self) -> ShownRequest {
+        ShownRequest::redacted(&self.request)
     }
 }

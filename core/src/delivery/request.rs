@@ -80,11 +80,10 @@ impl Delivery {
         self: &Arc<Self>,
         id: EventId,
         plugin: &Arc<Plugin>,
-        request: HttpRequest,
+        request: Arc<HttpRequest>,
         item: Option<BatchItem>,
         retries: &mut u64,
     ) -> Result<Option<HttpResponse>, Undelivered> {
-        let request = Arc::new(request);
         let route = match item {
             Some(item) => self.route(id, plugin, &request, item).await,
             None => Route::Alone,

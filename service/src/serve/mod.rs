@@ -211,7 +211,12 @@ pub fn connections(config: &ServeConfig, runtime: Arc<plugin_runtime::Runtime>) 
 
 /// Serves until SIGTERM or Ctrl-C, then drains and returns.
 pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
-    // The console shows each event's requests and answers: delivery keeps them.
+    // The console is behind the admin token: without one, there is none,
+    // and nothing is kept for it. It shows each event's requests and
+    // answers: delivery keeps them.
+    if config.admin_token.is_none() {
+        config.console = None;
+    }
     config.delivery.trace = config.console.is_some();
     let runtime = config.plugin.runtime().clone();
     let connections = tokio::task::block_in_place(|| connections(&config, runtime))?;

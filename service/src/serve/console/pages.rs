@@ -284,11 +284,11 @@ fn entry_row(e: &Entry) -> Markup {
     html! {
         tr class={ "event " (class) } data-serial=(e.serial) data-message-id=[e.message_id.as_deref()] {
             td { (when(e.finished)) }
-            td { (e.kind.as_deref().unwrap_or("?")) }
+            td { (e.kind) }
             td class="mono" { (e.message_id.as_deref().unwrap_or("–")) }
             td class="verdict" { (e.verdict.word()) @if let Some(r) = e.verdict.reason() { ": " (r) } }
-            td { (e.statuses.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")) }
-            td { (e.took.map_or_else(|| "–".to_string(), |t| format!("{} ms", t.as_millis()))) }
+            td { (e.statuses.iter().filter(|s| **s != 0).map(u16::to_string).collect::<Vec<_>>().join(", ")) }
+            td { (e.took_ms.map_or_else(|| "–".to_string(), |t| format!("{t} ms"))) }
             td { (e.plugin_version) }
             td {
                 details {
@@ -297,13 +297,14 @@ fn entry_row(e: &Entry) -> Markup {
                         h4 { "Event" }
                         pre class="event-body" { (pretty(&trace.event)) }
                         @for (i, r) in trace.requests.iter().enumerate() {
-                            h4 { "Request " (i + 1) ": " (r.request.method) " " (r.request.url) }
+                            @let shown = r.shown();
+                            h4 { "Request " (i + 1) ": " (shown.method) " " (shown.url) }
                             pre class="request" {
-                                @for (name, value) in &r.request.headers {
+                                @for (name, value) in &shown.headers {
                                     (name) ": " (value.as_str().unwrap_or_default()) "\n"
                                 }
                                 "\n"
-                                @match &r.request.body { ShownBody::Json(t) | ShownBody::Text(t) => (pretty(t)) }
+                                @match &shown.body { ShownBody::Json(t) | ShownBody::Text(t) => (pretty(t)) }
                             }
                             @if let Some(answer) = &r.response {
                                 h4 { "Answer: HTTP " (answer.status) }

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use cdp_core::delivery::{EventOutcome, EventRecord, Trace};
 use cdp_core::mapping::EventId;
@@ -35,7 +35,7 @@ pub struct ConsoleOptions {
 
 impl ConsoleOptions {
     pub const RING: usize = 32;
-    pub const BODY_BUDGET: usize = 8 << 20;
+    pub const BODY_BUDGET: usize = 6 << 20;
 }
 
 impl Default for ConsoleOptions {
@@ -64,10 +64,10 @@ pub struct Minute {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Delivered,
-    Skipped(String),
-    DeadLettered(String),
+    Skipped(Box<str>),
+    DeadLettered(Box<str>),
     /// Left for another host (a stream lease lost).
-    Abandoned(String),
+    Abandoned(Box<str>),
 }
 
 impl Verdict {
@@ -88,26 +88,28 @@ impl Verdict {
     }
 }
 
-/// One recent event.
+/// One recent event, kept small: a thousand connections keep 32 each.
 #[derive(Clone, Debug)]
 pub struct Entry {
     /// Counts the connection's entries from 1: the live tail asks for
     /// those after the last it has.
     pub serial: u64,
     pub finished: SystemTime,
-    pub event_id: String,
-    pub message_id: Option<String>,
-    pub kind: Option<String>,
+    pub event_id: EventId,
+    pub message_id: Option<Box<str>>,
+    /// The event's type (`track`, `identify`, …; `other`).
+    pub kind: &'static str,
     pub verdict: Verdict,
-    pub plugin_version: String,
-    pub retries: u64,
-    pub warnings: Vec<String>,
-    /// From handed to the engine to its outcome.
-    pub took: Option<Duration>,
+    /// Shared by the entries of one version.
+    pub plugin_version: Arc<str>,
+    pub retries: u32,
+    pub warnings: Box<[String]>,
+    /// Milliseconds from handed to the engine to its outcome.
+    pub took_ms: Option<u32>,
     /// Whom it is about (`Trace::person`).
-    pub person: Option<String>,
-    /// The statuses of the answers its requests settled on.
-    pub statuses: Vec<u16>,
+    pub person: Option<Box<str>>,
+    /// The statuses of the answers its requests settled on (0: none).
+    pub statuses: [u16; 4],
     /// Its trace, while kept (see the module's bounds).
     pub trace: Option<Arc<Trace>>,
     /// Why there is no trace, when there is none.
@@ -115,7 +117,7 @@ pub struct Entry {
 }
 
 /// The latencies kept a connection, for its p50 and p99.
-const LATENCIES: usize = 256;
+const LATENCIES: usize = 128;
 
 #[derive(Default)]
 struct Inner {
@@ -129,6 +131,8 @@ struct Inner {
     serial: u64,
     /// The connection's 429s counted when last looked.
     throttled_seen: u64,
+    /// The last plugin version recorded, shared by its entries.
+    version: Option<Arc<str>>,
 }
 
 /// One connection's recent delivery.
@@ -150,23 +154,17 @@ fn minute_of(at: SystemTime) -> u32 {
     (at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() / 60) as u32
 }
 
-/// What a trace holds in memory, about.
+/// What a trace holds in memory, about (the requests are shared with no
+/// one once delivered, so they count too).
 fn trace_size(trace: &Trace) -> usize {
     let requests: usize = trace
         .requests
         .iter()
         .map(|r| {
-            let body = match &r.request.body {
-                cdp_core::shown::ShownBody::Json(t) | cdp_core::shown::ShownBody::Text(t) => t.len(),
-            };
-            let headers: usize = r
-                .request
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.to_string().len() + 32)
-                .sum();
+            let request = &r.request;
+            let headers: usize = request.headers.iter().map(|h| h.name.len() + h.value.len() + 48).sum();
             let answer = r.response.as_ref().map_or(0, |a| a.body.len() + 64);
-            body + headers + answer + r.request.url.len() + 96
+            request.body.len() + request.url.len() + headers + answer + 160
         })
         .sum();
     trace.event.len() + requests + 96
@@ -258,13 +256,13 @@ impl Recorder {
             }
             EventOutcome::Skipped(reason) => {
                 slot.skipped += 1;
-                Verdict::Skipped(reason.clone())
+                Verdict::Skipped(reason.as_str().into())
             }
             EventOutcome::DeadLettered(letter) => {
                 slot.dead_lettered += 1;
-                Verdict::DeadLettered(letter.reason.clone())
+                Verdict::DeadLettered(letter.reason.as_str().into())
             }
-            EventOutcome::Abandoned(reason) => Verdict::Abandoned(reason.clone()),
+            EventOutcome::Abandoned(reason) => Verdict::Abandoned(reason.as_str().into()),
         };
         slot.retried += record.retries as u32;
         slot.throttled += throttled.saturating_sub(inner.throttled_seen) as u32;
@@ -284,14 +282,12 @@ impl Recorder {
             return;
         }
         let (mut trace, mut no_trace) = (None, None);
-        let (mut person, mut statuses) = (None, Vec::new());
+        let (mut person, mut statuses) = (None, [0u16; 4]);
         if let Some(t) = &record.trace {
-            person = t.person.clone();
-            statuses = t
-                .requests
-                .iter()
-                .filter_map(|r| r.response.as_ref().map(|a| a.status))
-                .collect();
+            person = t.person.as_deref().map(Box::from);
+            for (status, request) in statuses.iter_mut().zip(&t.requests) {
+                *status = request.response.as_ref().map_or(0, |a| a.status);
+            }
             if !self.options.bodies {
                 no_trace = Some("bodies are not kept (--console-bodies off)");
             } else if trace_size(t) > share {
@@ -301,17 +297,25 @@ impl Recorder {
             }
         }
         inner.serial += 1;
+        let plugin_version = match &inner.version {
+            Some(v) if **v == *record.plugin_version => v.clone(),
+            _ => {
+                let v: Arc<str> = record.plugin_version.as_str().into();
+                inner.version = Some(v.clone());
+                v
+            }
+        };
         let entry = Entry {
             serial: inner.serial,
             finished: now,
-            event_id: record.id.to_string(),
-            message_id: record.message_id.clone(),
-            kind: record.kind.clone(),
+            event_id: record.id,
+            message_id: record.message_id.as_deref().map(Box::from),
+            kind: crate::serve::connections::kind_label(record.kind.as_deref()),
             verdict,
-            plugin_version: record.plugin_version.clone(),
-            retries: record.retries,
-            warnings: record.warnings.clone(),
-            took,
+            plugin_version,
+            retries: record.retries.min(u32::MAX as u64) as u32,
+            warnings: record.warnings.clone().into_boxed_slice(),
+            took_ms: took.map(|t| t.as_millis().min(u32::MAX as u128) as u32),
             person,
             statuses,
             trace,
@@ -408,16 +412,19 @@ impl Activity {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use cdp_core::delivery::TracedRequest;
-    use cdp_core::shown::ShownRequest;
 
     fn record(row: i64, outcome: EventOutcome, body: usize) -> EventRecord {
-        let request = ShownRequest {
+        let request = plugin_runtime::HttpRequest {
             method: "POST".into(),
             url: "https://a.klaviyo.com/api/events".into(),
-            headers: serde_json::Map::new(),
-            body: cdp_core::shown::ShownBody::Json(format!("{{\"pad\":\"{}\"}}", "x".repeat(body))),
+            headers: vec![],
+            body: format!("{{\"pad\":\"{}\"}}", "x".repeat(body)),
+            rate_class: "events".into(),
+            idempotency_key: None,
         };
         EventRecord {
             id: EventId::SpoolRow(row),
@@ -431,7 +438,7 @@ mod tests {
                 event: "{}".into(),
                 person: Some(format!("e\"p{row}@example.org\"")),
                 requests: vec![TracedRequest {
-                    request,
+                    request: Arc::new(request),
                     response: Some(plugin_runtime::HttpResponse {
                         status: 202,
                         headers: vec![],
@@ -463,8 +470,8 @@ mod tests {
         let recent = shop.recent(0, |_| true);
         assert_eq!(recent.iter().map(|e| e.serial).collect::<Vec<_>>(), [10, 9, 8, 7]);
         assert_eq!(recent[0].verdict, Verdict::Skipped("no email".into()));
-        assert_eq!(recent[1].statuses, [202]);
-        assert!(recent.iter().all(|e| e.trace.is_some() && e.took.is_some()));
+        assert_eq!(recent[1].statuses, [202, 0, 0, 0]);
+        assert!(recent.iter().all(|e| e.trace.is_some() && e.took_ms.is_some()));
         assert_eq!(shop.recent(8, |_| true).len(), 2, "the tail after serial 8");
         let summary = shop.summary();
         let now = summary.minutes.last().unwrap();
@@ -523,6 +530,10 @@ mod tests {
         let entry = &shop.recent(0, |_| true)[0];
         assert!(entry.trace.is_none());
         assert_eq!(entry.person.as_deref(), Some("e\"p1@example.org\""));
+        assert!(Arc::ptr_eq(
+            &entry.plugin_version,
+            &shop.recent(0, |_| true)[0].plugin_version
+        ));
         assert_eq!(recorder.body_bytes(), 0);
     }
 }
