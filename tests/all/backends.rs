@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::cli_map::tempdir;
 use crate::nats::Cluster;
-use crate::support::cdp_host;
+use crate::support::{ConsoleSession, cdp_host};
 
 const ADMIN: &str = "admin-token-for-the-backend-tests";
 
@@ -588,68 +588,6 @@ async fn a_swap_under_traffic_reaches_its_shop_alone_and_loses_nothing(backend: 
     assert_eq!(host.versions().await["a"], "1.0.0");
 }
 
-/// A signed-in console session: its cookie, and the CSRF token its pages
-/// carry.
-struct ConsoleSession {
-    client: reqwest::Client,
-    url: String,
-    cookie: String,
-}
-
-impl ConsoleSession {
-    async fn sign_in(host: &Host) -> ConsoleSession {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
-        let answer = client
-            .post(format!("{}/console/login", host.url))
-            .form(&[("token", ADMIN)])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 303);
-        let set = answer.headers()["set-cookie"].to_str().unwrap().to_string();
-        assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
-        let cookie = set.split(';').next().unwrap().to_string();
-        ConsoleSession {
-            client,
-            url: host.url.clone(),
-            cookie,
-        }
-    }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        let answer = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .header("cookie", &self.cookie)
-            .send()
-            .await
-            .unwrap();
-        (answer.status().as_u16(), answer.text().await.unwrap())
-    }
-
-    async fn post(&self, path: &str, form: &[(&str, &str)]) -> u16 {
-        let answer = self
-            .client
-            .post(format!("{}{path}", self.url))
-            .header("cookie", &self.cookie)
-            .form(form)
-            .send()
-            .await
-            .unwrap();
-        answer.status().as_u16()
-    }
-}
-
-/// The CSRF token a console page carries in its forms.
-fn csrf(page: &str) -> String {
-    let marker = "name=\"csrf\" value=\"";
-    let at = page.find(marker).expect("a form with a CSRF token") + marker.len();
-    page[at..at + 64].to_string()
-}
-
 /// The console (over plain HTTP here; its browser test is `console`):
 /// counts, one event's masked request and Klaviyo's answer, a dead letter
 /// listed and replayed through it, the same on either backend.
@@ -668,7 +606,7 @@ async fn the_console_shows_each_event_and_replays_its_dead_letters(backend: Back
     refused["properties"]["note"] = json!("refused-here");
     host.send("wk_a", &[track("a", 1, 0), track("a", 2, 0), track("a", 3, 0), refused])
         .await;
-    let console = ConsoleSession::sign_in(&host).await;
+    let console = ConsoleSession::sign_in(&host.url, ADMIN).await;
     wait_for("the counts", Duration::from_secs(60), &host, async || {
         let (_, live) = console.get("/console/live.json").await;
         let live: Value = serde_json::from_str(&live).unwrap();
@@ -699,7 +637,7 @@ async fn the_console_shows_each_event_and_replays_its_dead_letters(backend: Back
         assert!(!page.contains(DEMO_KEY), "the key reached the console");
     }
     let id = host.letters()[0]["id"].to_string();
-    let token = csrf(&letters);
+    let token = crate::support::csrf(&letters);
     // Without the session's token, or unconfirmed, nothing happens.
     let form = |csrf: &'static str| [("csrf", csrf), ("confirm", "yes")];
     assert_eq!(console.post("/console/dead-letters/replay", &form("forged")).await, 403);

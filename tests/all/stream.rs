@@ -576,6 +576,48 @@ async fn a_swap_through_any_worker_reaches_every_worker() {
     assert!(mapped.iter().all(|&n| n > 0), "a worker mapped nothing: {mapped:?}");
 }
 
+/// A shop's events are delivered by whichever host holds their partition:
+/// each host's console counts them all, from the outcome records the
+/// others publish, and lists the others' without their requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hosts_console_counts_what_every_host_delivered() {
+    let dir = tempdir();
+    let cluster = Cluster::start(dir.join("nats"));
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let workers = start_admin_workers(&dir, &cluster, &sandbox);
+    wait_until_settled(&workers).await;
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    send_people(workers.iter().map(Worker::url).collect(), 0..40, 1, acked.clone()).await;
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    let total = (acked.tracks.len() + acked.identifies) as u64;
+    assert_all_delivered_once(&sandbox, &acked, &workers).await;
+    for worker in &workers {
+        let console = crate::support::ConsoleSession::sign_in(&worker.url(), ADMIN).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, live) = console.get("/console/live.json").await;
+            let live: serde_json::Value = serde_json::from_str(&live).unwrap();
+            let shop = &live["connections"]["default"];
+            let finished = ["delivered", "skipped", "dead_lettered"]
+                .iter()
+                .map(|k| shop[k].as_u64().unwrap())
+                .sum::<u64>();
+            if finished == total {
+                let elsewhere = shop["by_other_hosts"].as_u64().unwrap();
+                assert!(elsewhere > 0 && elsewhere < total, "{shop}: every host delivers some");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{shop}: {finished} of {total} counted");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (_, page) = console.get("/console/connections/default").await;
+        assert!(
+            page.contains("finished by another host"),
+            "the others' events are listed"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_quorum_ingest_answers_503_and_acknowledges_nothing() {
     let dir = tempdir();

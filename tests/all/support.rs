@@ -114,3 +114,64 @@ pub fn assert_each_profile_arrived_before_its_events(sandbox: &KlaviyoMock) -> u
     }
     imported.len()
 }
+
+/// A signed-in session of `serve`'s operator console, over plain HTTP.
+pub struct ConsoleSession {
+    client: reqwest::Client,
+    url: String,
+    cookie: String,
+}
+
+impl ConsoleSession {
+    pub async fn sign_in(url: &str, token: &str) -> ConsoleSession {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let answer = client
+            .post(format!("{url}/console/login"))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 303);
+        let set = answer.headers()["set-cookie"].to_str().unwrap().to_string();
+        assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+        let cookie = set.split(';').next().unwrap().to_string();
+        ConsoleSession {
+            client,
+            url: url.to_string(),
+            cookie,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let answer = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    }
+
+    pub async fn post(&self, path: &str, form: &[(&str, &str)]) -> u16 {
+        let answer = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .header("cookie", &self.cookie)
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        answer.status().as_u16()
+    }
+}
+
+/// The CSRF token a console page carries in its forms.
+pub fn csrf(page: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let at = page.find(marker).expect("a form with a CSRF token") + marker.len();
+    page[at..at + 64].to_string()
+}

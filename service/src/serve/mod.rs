@@ -129,6 +129,9 @@ pub(crate) struct Shared {
     dead: Box<dyn dead_letters::DeadLetters>,
     /// Whether events go through the stream (for what the console says).
     stream_mode: bool,
+    /// This host among those sharing a stream (its worker's id, in the
+    /// outcome records it publishes).
+    host_id: String,
 }
 
 impl Shared {
@@ -284,6 +287,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         console: recorder.map(console::Console::new),
         dead,
         stream_mode: config.stream.is_some(),
+        host_id: format!("w{}", uuid::Uuid::new_v4().simple()),
     });
     let mut app = Router::new();
     if shared.console.is_some() {
@@ -346,6 +350,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
             Some((
                 tokio::spawn(stream::plugins::follow(log.clone(), shared.clone())),
                 tokio::spawn(stream::connections::follow(log.clone(), shared.clone())),
+                tokio::spawn(stream::outcomes::follow(log.clone(), shared.clone())),
             ))
         }
         None => None,
@@ -384,9 +389,10 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     }
     supervisor.abort();
     pruner.abort();
-    if let Some((versions, connections)) = follower {
+    if let Some((versions, connections, outcomes)) = follower {
         versions.abort();
         connections.abort();
+        outcomes.abort();
     }
     if let Some(watcher) = watcher {
         watcher.abort();

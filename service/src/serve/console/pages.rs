@@ -86,6 +86,8 @@ pub(super) struct Row {
     pub delivered: u64,
     pub skipped: u64,
     pub dead_lettered: u64,
+    /// Of those, finished by other hosts (on the stream).
+    pub elsewhere: u64,
     pub retried: u64,
     pub throttled: u64,
 }
@@ -109,9 +111,10 @@ pub(super) fn rows(shared: &Shared, backlog: &BTreeMap<String, u64>) -> Vec<Row>
                     .get(&connection.id)
                     .copied()
                     .or((!shared.stream_mode).then_some(0)),
-                delivered: progress.delivered.load(Ordering::Relaxed),
-                skipped: connection.metrics.skipped_by_code().values().sum(),
-                dead_lettered: progress.dead_lettered.load(Ordering::Relaxed),
+                delivered: summary.totals.delivered,
+                skipped: summary.totals.skipped,
+                dead_lettered: summary.totals.dead_lettered,
+                elsewhere: summary.totals.elsewhere,
                 retried: progress.retries.load(Ordering::Relaxed),
                 throttled: progress.statuses.lock().unwrap().get(&429).copied().unwrap_or(0),
                 summary,
@@ -138,6 +141,7 @@ pub(super) fn live_json(rows: &[Row]) -> Value {
                 "delivered": row.delivered,
                 "skipped": row.skipped,
                 "dead_lettered": row.dead_lettered,
+                "by_other_hosts": row.elsewhere,
                 "retried": row.retried,
                 "throttled": row.throttled,
                 "delivered_now": now.delivered,
@@ -195,7 +199,7 @@ pub(super) fn overview(csrf: &str, rows: &[Row], stream: bool) -> Markup {
         html! {
             p class="note" {
                 "Counts since this host started; the chart is the last hour, a minute a point (delivered, and dead-lettered in red). "
-                @if stream { "On the stream, each host shows what its own engines delivered; the backlog is in JetStream." }
+                @if stream { "On the stream, the counts are every host's (from the outcome records they publish since this host started); retries, 429s and times are this host's own; the backlog is in JetStream." }
                 " Updates itself every two seconds."
             }
             table id="connections" {

@@ -5,6 +5,11 @@
 //! and a ring of the last events with their traces (the event, the
 //! requests with their keys masked, the answers).
 //!
+//! The engine records what this host delivers. On the stream, the
+//! outcomes other hosts publish are recorded too (`record_elsewhere`):
+//! counted alike, listed without a trace (it stays on the host that sent
+//! the requests).
+//!
 //! Bounded: `ConsoleOptions::ring` events a connection, and their traces
 //! within `body_budget` bytes for the whole host. A connection keeps
 //! traces within an even share of the budget (the budget divided by the
@@ -116,6 +121,26 @@ pub struct Entry {
     pub no_trace: Option<&'static str>,
 }
 
+/// An outcome another host recorded (on the stream).
+#[derive(Clone, Debug)]
+pub struct Elsewhere {
+    pub message_id: Option<String>,
+    pub verdict: Verdict,
+    pub plugin_version: String,
+    /// The host that delivered it.
+    pub host: String,
+}
+
+/// Events finished since this host started, by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub delivered: u64,
+    pub skipped: u64,
+    pub dead_lettered: u64,
+    /// Of those, finished by other hosts (on the stream).
+    pub elsewhere: u64,
+}
+
 /// The latencies kept a connection, for its p50 and p99.
 const LATENCIES: usize = 128;
 
@@ -133,6 +158,62 @@ struct Inner {
     throttled_seen: u64,
     /// The last plugin version recorded, shared by its entries.
     version: Option<Arc<str>>,
+    totals: Totals,
+}
+
+impl Inner {
+    /// This minute's counts, and the totals, for one more outcome.
+    fn count(&mut self, now: SystemTime, verdict: &Verdict, retries: u64) -> &mut Minute {
+        if self.minutes.is_empty() {
+            self.minutes = vec![Minute::default(); 60];
+        }
+        match verdict {
+            Verdict::Delivered => self.totals.delivered += 1,
+            Verdict::Skipped(_) => self.totals.skipped += 1,
+            Verdict::DeadLettered(_) => self.totals.dead_lettered += 1,
+            Verdict::Abandoned(_) => {}
+        }
+        let at = minute_of(now);
+        let slot = &mut self.minutes[at as usize % 60];
+        if slot.at != at {
+            *slot = Minute {
+                at,
+                ..Minute::default()
+            };
+        }
+        match verdict {
+            Verdict::Delivered => slot.delivered += 1,
+            Verdict::Skipped(_) => slot.skipped += 1,
+            Verdict::DeadLettered(_) => slot.dead_lettered += 1,
+            Verdict::Abandoned(_) => {}
+        }
+        slot.retried += retries as u32;
+        slot
+    }
+
+    /// The plugin version, shared with the entries before it when the same.
+    fn version(&mut self, version: &str) -> Arc<str> {
+        match &self.version {
+            Some(v) if **v == *version => v.clone(),
+            _ => {
+                let v: Arc<str> = version.into();
+                self.version = Some(v.clone());
+                v
+            }
+        }
+    }
+
+    /// Adds an entry, dropping the oldest past the ring; the bytes of the
+    /// traces dropped.
+    fn push(&mut self, entry: Entry, ring: usize) -> usize {
+        self.recent.push_back(entry);
+        let mut freed = 0;
+        while self.recent.len() > ring {
+            let old = self.recent.pop_front().expect("longer than the ring");
+            freed += old.trace.as_deref().map_or(0, trace_size);
+        }
+        freed
+    }
 }
 
 /// One connection's recent delivery.
@@ -236,37 +317,19 @@ impl Recorder {
         let inner = &mut *inner;
         let took = inner.handed.remove(&record.id).map(|at| at.elapsed());
 
-        // The minute's counts.
-        if inner.minutes.is_empty() {
-            inner.minutes = vec![Minute::default(); 60];
-            inner.throttled_seen = throttled;
-        }
-        let at = minute_of(now);
-        let slot = &mut inner.minutes[at as usize % 60];
-        if slot.at != at {
-            *slot = Minute {
-                at,
-                ..Minute::default()
-            };
-        }
         let verdict = match &record.outcome {
-            EventOutcome::Delivered { .. } => {
-                slot.delivered += 1;
-                Verdict::Delivered
-            }
-            EventOutcome::Skipped(reason) => {
-                slot.skipped += 1;
-                Verdict::Skipped(reason.as_str().into())
-            }
-            EventOutcome::DeadLettered(letter) => {
-                slot.dead_lettered += 1;
-                Verdict::DeadLettered(letter.reason.as_str().into())
-            }
+            EventOutcome::Delivered { .. } => Verdict::Delivered,
+            EventOutcome::Skipped(reason) => Verdict::Skipped(reason.as_str().into()),
+            EventOutcome::DeadLettered(letter) => Verdict::DeadLettered(letter.reason.as_str().into()),
             EventOutcome::Abandoned(reason) => Verdict::Abandoned(reason.as_str().into()),
         };
-        slot.retried += record.retries as u32;
-        slot.throttled += throttled.saturating_sub(inner.throttled_seen) as u32;
-        inner.throttled_seen = inner.throttled_seen.max(throttled);
+        if inner.minutes.is_empty() {
+            inner.throttled_seen = throttled;
+        }
+        let seen = inner.throttled_seen;
+        let slot = inner.count(now, &verdict, record.retries);
+        slot.throttled += throttled.saturating_sub(seen) as u32;
+        inner.throttled_seen = seen.max(throttled);
         if let (Some(took), EventOutcome::Delivered { .. }) = (took, &record.outcome) {
             let ms = took.as_millis().min(u32::MAX as u128) as u32;
             if inner.latencies.len() < LATENCIES {
@@ -297,14 +360,7 @@ impl Recorder {
             }
         }
         inner.serial += 1;
-        let plugin_version = match &inner.version {
-            Some(v) if **v == *record.plugin_version => v.clone(),
-            _ => {
-                let v: Arc<str> = record.plugin_version.as_str().into();
-                inner.version = Some(v.clone());
-                v
-            }
-        };
+        let plugin_version = inner.version(&record.plugin_version);
         let entry = Entry {
             serial: inner.serial,
             finished: now,
@@ -322,13 +378,8 @@ impl Recorder {
             no_trace,
         };
         let added = entry.trace.as_deref().map_or(0, trace_size);
-        inner.recent.push_back(entry);
         inner.body_bytes += added;
-        let mut freed = 0;
-        while inner.recent.len() > self.options.ring {
-            let old = inner.recent.pop_front().expect("longer than the ring");
-            freed += old.trace.as_deref().map_or(0, trace_size);
-        }
+        let mut freed = inner.push(entry, self.options.ring);
         // Over its share, or the host over its budget: its oldest lose
         // their traces first.
         let mut kept = inner.body_bytes - freed;
@@ -356,6 +407,41 @@ impl Recorder {
     }
 }
 
+impl Recorder {
+    /// Records an outcome another host published (on the stream): counted
+    /// as this host's are, listed without a trace.
+    pub fn record_elsewhere(&self, activity: &Activity, outcome: Elsewhere) {
+        let now = SystemTime::now();
+        let mut inner = activity.inner.lock().unwrap();
+        inner.count(now, &outcome.verdict, 0);
+        inner.totals.elsewhere += 1;
+        if self.options.ring == 0 {
+            return;
+        }
+        inner.serial += 1;
+        let plugin_version = inner.version(&outcome.plugin_version);
+        let entry = Entry {
+            serial: inner.serial,
+            finished: now,
+            event_id: EventId::Stream(0),
+            message_id: outcome.message_id.as_deref().map(Box::from),
+            kind: "other",
+            verdict: outcome.verdict,
+            plugin_version,
+            retries: 0,
+            warnings: Box::default(),
+            took_ms: None,
+            person: None,
+            statuses: [0; 4],
+            trace: None,
+            no_trace: Some("finished by another host; its requests and answers are in that host's console"),
+        };
+        let freed = inner.push(entry, self.options.ring);
+        inner.body_bytes -= freed;
+        self.body_bytes.fetch_sub(freed, Ordering::Relaxed);
+    }
+}
+
 /// What the overview shows of a connection.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
@@ -365,6 +451,7 @@ pub struct Summary {
     pub p99_ms: Option<u32>,
     /// Events in its engine now.
     pub in_engine: usize,
+    pub totals: Totals,
 }
 
 impl Activity {
@@ -392,6 +479,7 @@ impl Activity {
             p50_ms: pick(0.5),
             p99_ms: pick(0.99),
             in_engine: inner.handed.len(),
+            totals: inner.totals,
         }
     }
 
@@ -535,5 +623,35 @@ mod tests {
             &shop.recent(0, |_| true)[0].plugin_version
         ));
         assert_eq!(recorder.body_bytes(), 0);
+    }
+
+    #[test]
+    fn another_hosts_outcomes_are_counted_and_listed_without_a_trace() {
+        let recorder = Recorder::new(ConsoleOptions::default());
+        let shop = recorder.activity("shop");
+        recorder.record(&shop, &record(1, EventOutcome::Delivered { requests: 1 }, 10), 0);
+        recorder.record_elsewhere(
+            &shop,
+            Elsewhere {
+                message_id: Some("m-b".into()),
+                verdict: Verdict::DeadLettered("HTTP 400".into()),
+                plugin_version: "klaviyo@1.0.0".into(),
+                host: "wB".into(),
+            },
+        );
+        let totals = shop.summary().totals;
+        assert_eq!(
+            totals,
+            Totals {
+                delivered: 1,
+                skipped: 0,
+                dead_lettered: 1,
+                elsewhere: 1
+            }
+        );
+        let recent = shop.recent(0, |_| true);
+        assert_eq!(recent[0].message_id.as_deref(), Some("m-b"));
+        assert!(recent[0].trace.is_none() && recent[0].no_trace.is_some());
+        assert!(recent[1].trace.is_some());
     }
 }

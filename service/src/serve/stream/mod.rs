@@ -31,6 +31,7 @@
 pub mod access;
 pub mod connections;
 pub mod dead;
+pub(crate) mod outcomes;
 pub mod plugins;
 mod worker;
 

@@ -239,7 +239,7 @@ pub(crate) async fn run(
         }
     };
     let worker = Arc::new(Worker {
-        id: format!("w{}", uuid::Uuid::new_v4().simple()),
+        id: shared.host_id.clone(),
         leases,
         workers,
         events,
