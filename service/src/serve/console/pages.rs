@@ -133,7 +133,7 @@ fn last_minutes(summary: &Summary) -> (Minute, Minute) {
 pub(super) fn live_json(rows: &[Row]) -> Value {
     let mut out = serde_json::Map::new();
     for row in rows {
-        let (now, _) = last_minutes(&row.summary);
+        let (_, last) = last_minutes(&row.summary);
         out.insert(
             row.connection.id.clone(),
             json!({
@@ -144,7 +144,11 @@ pub(super) fn live_json(rows: &[Row]) -> Value {
                 "by_other_hosts": row.elsewhere,
                 "retried": row.retried,
                 "throttled": row.throttled,
-                "delivered_now": now.delivered,
+                "delivered_last_minute": last.delivered,
+                "skipped_last_minute": last.skipped,
+                "dead_lettered_last_minute": last.dead_lettered,
+                "retried_last_minute": last.retried,
+                "throttled_last_minute": last.throttled,
                 "backlog": row.backlog,
                 "p50_ms": row.summary.p50_ms,
                 "p99_ms": row.summary.p99_ms,
@@ -198,13 +202,13 @@ pub(super) fn overview(csrf: &str, rows: &[Row], stream: bool) -> Markup {
         Some(csrf),
         html! {
             p class="note" {
-                "Counts since this host started; the chart is the last hour, a minute a point (delivered, and dead-lettered in red). "
+                "Counts since this host started, and (below each) in the last full minute; the chart is the last hour, a minute a point (delivered, and dead-lettered in red). "
                 @if stream { "On the stream, the counts are every host's (from the outcome records they publish since this host started); retries, 429s and times are this host's own; the backlog is in JetStream." }
                 " Updates itself every two seconds."
             }
             table id="connections" {
                 thead { tr {
-                    th { "Connection" } th { "State" } th { "Plugin" } th { "Delivered" } th { "This minute" }
+                    th { "Connection" } th { "State" } th { "Plugin" } th { "Delivered" }
                     th { "Skipped" } th { "Dead-lettered" } th { "Retried" } th { "429s" } th { "Backlog" }
                     th { "p50" } th { "p99" } th { "Last hour" }
                 } }
@@ -212,17 +216,24 @@ pub(super) fn overview(csrf: &str, rows: &[Row], stream: bool) -> Markup {
                     @for row in rows {
                         @let id = &row.connection.id;
                         @let current = row.connection.slot.current();
-                        @let (now, _) = last_minutes(&row.summary);
+                        @let (_, last) = last_minutes(&row.summary);
                         tr data-connection=(id) {
                             td { a href={ "/console/connections/" (urlencode(id)) } { (id) } }
                             td data-live="state" { (row.connection.state().as_str()) }
                             td { (current.plugin.manifest().name) "@" (current.plugin.manifest().version) }
-                            td data-live="delivered" { (row.delivered) }
-                            td data-live="delivered_now" { (now.delivered) }
-                            td data-live="skipped" { (row.skipped) }
-                            td data-live="dead_lettered" { (row.dead_lettered) }
-                            td data-live="retried" { (row.retried) }
-                            td data-live="throttled" { (row.throttled) }
+                            @for (key, total, minute) in [
+                                ("delivered", row.delivered, last.delivered),
+                                ("skipped", row.skipped, last.skipped),
+                                ("dead_lettered", row.dead_lettered, last.dead_lettered),
+                                ("retried", row.retried, last.retried),
+                                ("throttled", row.throttled, last.throttled),
+                            ] {
+                                td {
+                                    span data-live=(key) { (total) }
+                                    br;
+                                    small class="note" { span data-live={ (key) "_last_minute" } { (minute) } "/min" }
+                                }
+                            }
                             td data-live="backlog" { (row.backlog.map_or_else(|| "–".to_string(), |b| b.to_string())) }
                             td data-live="p50_ms" { (ms(row.summary.p50_ms)) }
                             td data-live="p99_ms" { (ms(row.summary.p99_ms)) }
