@@ -470,8 +470,11 @@ async fn finish_deletions(shared: &Arc<Shared>) {
     for connection in shared.connections.draining_idle() {
         match shared.log.has_pending(&connection.id).await {
             Ok(false) => {
-                let (this, connection) = (shared.clone(), connection.clone());
-                let _ = tokio::task::spawn_blocking(move || this.connections.remove_deleted(&connection)).await;
+                let (this, gone) = (shared.clone(), connection.clone());
+                let _ = tokio::task::spawn_blocking(move || this.connections.remove_deleted(&gone)).await;
+                if let Some(console) = &shared.console {
+                    console.recorder.forget(&connection.id);
+                }
             }
             Ok(true) => {}
             Err(e) => tracing::warn!(connection = %connection.id, "checking for pending events: {e:#}"),
