@@ -296,14 +296,11 @@ async fn backlog(shared: &Arc<Shared>) -> std::collections::BTreeMap<String, u64
         return Default::default();
     }
     let spool = shared.spool.clone();
-    tokio::task::spawn_blocking(move || spool.counts())
+    tokio::task::spawn_blocking(move || spool.pending_by_connection())
         .await
         .ok()
         .and_then(Result::ok)
         .unwrap_or_default()
-        .into_iter()
-        .map(|(id, counts)| (id, counts.pending))
-        .collect()
 }
 
 async fn overview(operator: Operator, State(shared): State<Arc<Shared>>) -> Response {
