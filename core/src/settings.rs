@@ -171,16 +171,7 @@ impl DestinationSettings {
 
     /// A request's headers with secrets filled in or masked.
     pub fn render_headers(&self, request: &HttpRequest, render: Render) -> anyhow::Result<Vec<Header>> {
-        request
-            .headers
-            .iter()
-            .map(|h| {
-                Ok(Header {
-                    name: h.name.to_ascii_lowercase(),
-                    value: self.render(&h.value, render)?,
-                })
-            })
-            .collect()
+        headers_with(request, |value| self.render(value, render))
     }
 
     fn render(&self, value: &str, render: Render) -> anyhow::Result<String> {
@@ -209,13 +200,18 @@ impl DestinationSettings {
 /// A request's headers with every secret masked. No settings are needed:
 /// a plugin's headers only name secrets (as templates), never hold them.
 pub fn redacted_headers(request: &HttpRequest) -> anyhow::Result<Vec<Header>> {
+    headers_with(request, redact)
+}
+
+/// A request's headers, names in lower case, values as `render` makes them.
+fn headers_with(request: &HttpRequest, render: impl Fn(&str) -> anyhow::Result<String>) -> anyhow::Result<Vec<Header>> {
     request
         .headers
         .iter()
         .map(|h| {
             Ok(Header {
                 name: h.name.to_ascii_lowercase(),
-                value: redact(&h.value)?,
+                value: render(&h.value)?,
             })
         })
         .collect()

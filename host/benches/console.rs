@@ -25,7 +25,7 @@ use cdp_host::bundled;
 use cdp_host::delivery::{EventOutcome, EventRecord, Trace, TracedRequest};
 use cdp_host::mapping::EventId;
 use cdp_host::serve::console::{ConsoleOptions, Recorder};
-use plugin_runtime::{HttpRequest, HttpResponse, Outcome, Runtime, RuntimeConfig};
+use plugin_runtime::{HttpRequest, HttpResponse, Outcome};
 
 mod common;
 
@@ -69,12 +69,7 @@ struct Mapped {
 }
 
 fn main() {
-    let runtime = Runtime::new(RuntimeConfig {
-        concurrency: 2,
-        cache_dir: std::env::temp_dir().join("cdp-host-bench-cache").into(),
-        ..RuntimeConfig::default()
-    })
-    .expect("runtime");
+    let runtime = common::runtime(2);
     let plugin = runtime.load(bundled::KLAVIYO, "bundled klaviyo").expect("plugin");
     let mut instance = plugin.instance().expect("instance");
     let mut map = |text: String| {

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use cdp_host::bundled::{self, EXAMPLE_EVENTS};
 use cdp_host::mapping::{EventId, EventMapper};
 use cdp_host::settings::DestinationSettings;
-use plugin_runtime::{PluginSlot, Runtime, RuntimeConfig};
+use plugin_runtime::PluginSlot;
+
+mod common;
 
 const SWAPS: usize = 20;
 const BETWEEN_SWAPS: Duration = Duration::from_millis(300);
@@ -44,12 +46,7 @@ struct Swap {
 }
 
 fn main() {
-    let runtime = Runtime::new(RuntimeConfig {
-        concurrency: 2,
-        cache_dir: std::env::temp_dir().join("cdp-host-bench-cache").into(),
-        ..RuntimeConfig::default()
-    })
-    .expect("runtime");
+    let runtime = common::runtime(2);
     let v1 = Arc::new(runtime.load(bundled::KLAVIYO, "klaviyo v1").expect("v1"));
     let v2_bytes = std::fs::read(plugin_fixtures::KLAVIYO_V2).expect("the v2 fixture component");
     let settings = serde_json::json!({"default_country": "US"});

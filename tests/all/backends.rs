@@ -256,6 +256,19 @@ fn failing_every_request() -> MockConfig {
     }
 }
 
+/// A sandbox that refuses (a 400) any event carrying "refused-here",
+/// until its faults are cleared.
+async fn refusing_sandbox() -> KlaviyoMock {
+    crate::support::sandbox(MockConfig {
+        faults: Faults {
+            invalid_marker: Some("refused-here".into()),
+            ..Faults::default()
+        },
+        ..unlimited()
+    })
+    .await
+}
+
 fn unlimited() -> MockConfig {
     MockConfig {
         rate_limits: false,
@@ -465,14 +478,7 @@ async fn a_backlog_of_large_events_holds_memory_bounded_in_bytes(backend: Backen
 /// One replayed once Klaviyo takes it is delivered; the rest are purged.
 async fn dead_letters_read_the_same_and_are_replayed_and_purged(backend: Backend) {
     let dir = tempdir();
-    let refusing = MockConfig {
-        faults: Faults {
-            invalid_marker: Some("refused-here".into()),
-            ..Faults::default()
-        },
-        ..unlimited()
-    };
-    let sandbox = crate::support::sandbox(refusing).await;
+    let sandbox = refusing_sandbox().await;
     let host = Host::start(backend, &dir, &shop("a", &sandbox));
     let refused = |person| {
         let mut event = track("a", person, 0);
@@ -593,14 +599,7 @@ async fn a_swap_under_traffic_reaches_its_shop_alone_and_loses_nothing(backend: 
 /// listed and replayed through it, the same on either backend.
 async fn the_console_shows_each_event_and_replays_its_dead_letters(backend: Backend) {
     let dir = tempdir();
-    let refusing = MockConfig {
-        faults: Faults {
-            invalid_marker: Some("refused-here".into()),
-            ..Faults::default()
-        },
-        ..unlimited()
-    };
-    let sandbox = crate::support::sandbox(refusing).await;
+    let sandbox = refusing_sandbox().await;
     let host = Host::start(backend, &dir, &shop("a", &sandbox));
     let mut refused = track("a", 9, 0);
     refused["properties"]["note"] = json!("refused-here");

@@ -131,3 +131,14 @@ pub async fn post_at_rate(ports: &[u16], mix: Vec<(String, String)>, rate: u64, 
     }
     ok
 }
+
+/// A plugin runtime for a bench: `concurrency` instances, the compile
+/// cache the benches share.
+pub fn runtime(concurrency: u32) -> std::sync::Arc<plugin_runtime::Runtime> {
+    plugin_runtime::Runtime::new(plugin_runtime::RuntimeConfig {
+        concurrency,
+        cache_dir: std::env::temp_dir().join("cdp-host-bench-cache").into(),
+        ..plugin_runtime::RuntimeConfig::default()
+    })
+    .expect("runtime")
+}

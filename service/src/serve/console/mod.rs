@@ -176,6 +176,30 @@ impl Operator {
     }
 }
 
+/// A change a signed-in operator asked for: its form, which carried the
+/// session's CSRF token. Every change handler takes one, so none can
+/// forget the check.
+pub(super) struct Change(HashMap<String, String>);
+
+impl axum::extract::FromRequest<Arc<Shared>> for Change {
+    type Rejection = Response;
+
+    async fn from_request(request: axum::extract::Request, shared: &Arc<Shared>) -> Result<Change, Response> {
+        let (mut parts, body) = request.into_parts();
+        let operator = Operator::from_request_parts(&mut parts, shared)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let request = axum::extract::Request::from_parts(parts, body);
+        let Form(form) = Form::<HashMap<String, String>>::from_request(request, shared)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        match operator.refuse(&form) {
+            Some(refused) => Err(refused),
+            None => Ok(Change(form)),
+        }
+    }
+}
+
 /// The session cookie's value, if the request has one.
 fn cookie(headers: &HeaderMap) -> Option<String> {
     headers
@@ -249,15 +273,7 @@ async fn login(State(shared): State<Arc<Shared>>, Form(form): Form<HashMap<Strin
     response
 }
 
-async fn logout(
-    operator: Operator,
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Form(form): Form<HashMap<String, String>>,
-) -> Response {
-    if let Some(refused) = operator.refuse(&form) {
-        return refused;
-    }
+async fn logout(State(shared): State<Arc<Shared>>, headers: HeaderMap, _: Change) -> Response {
     if let (Some(console), Some(id)) = (&shared.console, cookie(&headers)) {
         console.close(&id);
     }
@@ -270,21 +286,16 @@ async fn logout(
 }
 
 async fn script() -> Response {
-    let mut response = (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        include_str!("console.js"),
-    )
-        .into_response();
-    secure(response.headers_mut());
-    response
+    asset("text/javascript; charset=utf-8", include_str!("console.js"))
 }
 
 async fn style() -> Response {
-    let mut response = (
-        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
-        include_str!("console.css"),
-    )
-        .into_response();
+    asset("text/css; charset=utf-8", include_str!("console.css"))
+}
+
+/// One of the console's own files, with its headers.
+fn asset(content_type: &'static str, text: &'static str) -> Response {
+    let mut response = ([(header::CONTENT_TYPE, content_type)], text).into_response();
     secure(response.headers_mut());
     response
 }
@@ -374,15 +385,7 @@ fn done(result: anyhow::Result<()>, to: &str, refused_status: StatusCode) -> Res
     }
 }
 
-async fn set_state(
-    operator: Operator,
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Response {
-    if let Some(refused) = operator.refuse(&form) {
-        return refused;
-    }
+async fn set_state(State(shared): State<Arc<Shared>>, Path(id): Path<String>, Change(form): Change) -> Response {
     let state = match form.get("state").map(String::as_str) {
         Some("paused") => ConnState::Paused,
         Some("active") => ConnState::Active,
@@ -409,15 +412,7 @@ async fn set_state(
     )
 }
 
-async fn swap(
-    operator: Operator,
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Response {
-    if let Some(refused) = operator.refuse(&form) {
-        return refused;
-    }
+async fn swap(State(shared): State<Arc<Shared>>, Path(id): Path<String>, Change(form): Change) -> Response {
     let sha = form.get("sha256").cloned().unwrap_or_default();
     let result = async {
         let this = shared.clone();
@@ -431,15 +426,7 @@ async fn swap(
     done(result, "/console/plugins", StatusCode::UNPROCESSABLE_ENTITY)
 }
 
-async fn rollback(
-    operator: Operator,
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Response {
-    if let Some(refused) = operator.refuse(&form) {
-        return refused;
-    }
+async fn rollback(State(shared): State<Arc<Shared>>, Path(id): Path<String>, _: Change) -> Response {
     let result = async {
         let loaded = shared.connections.rollback(&id).await?;
         tracing::info!(connection = %id, plugin = %loaded.plugin, "rolled back in the console");
@@ -451,12 +438,16 @@ async fn rollback(
 }
 
 #[derive(serde::Deserialize, Default)]
-pub(super) struct Letters {
+pub(super) struct LettersOf {
     #[serde(default)]
     pub connection: String,
 }
 
-async fn dead_letters(operator: Operator, State(shared): State<Arc<Shared>>, Query(which): Query<Letters>) -> Response {
+async fn dead_letters(
+    operator: Operator,
+    State(shared): State<Arc<Shared>>,
+    Query(which): Query<LettersOf>,
+) -> Response {
     let connection = Some(which.connection.as_str()).filter(|c| !c.is_empty());
     match shared.dead.list(connection, 200).await {
         Ok(letters) => guarded(
@@ -487,43 +478,40 @@ fn named(form: &HashMap<String, String>) -> Result<(Option<String>, Vec<i64>), S
     Ok((connection, ids))
 }
 
-async fn replay(
-    operator: Operator,
-    State(shared): State<Arc<Shared>>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Response {
-    if let Some(refused) = operator.refuse(&form) {
-        return refused;
-    }
-    let back = back_to_letters(&form);
-    let (connection, ids) = match named(&form) {
-        Ok(named) => named,
-        Err(e) => return done(Err(anyhow::anyhow!(e)), &back, StatusCode::BAD_REQUEST),
-    };
-    let result = shared.dead.replay(connection.as_deref(), &ids).await.map(|n| {
-        tracing::info!(replayed = n, connection = ?connection, "dead letters replayed in the console");
-        for c in shared.connections.all() {
-            shared.ensure_running(&c);
-        }
-    });
-    done(result, &back, StatusCode::INTERNAL_SERVER_ERROR)
+async fn replay(State(shared): State<Arc<Shared>>, Change(form): Change) -> Response {
+    on_letters(shared, form, Letters::Replay).await
 }
 
-async fn purge(
-    operator: Operator,
-    State(shared): State<Arc<Shared>>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Response {
-    if let Some(refused) = operator.refuse(&form) {
-        return refused;
-    }
+async fn purge(State(shared): State<Arc<Shared>>, Change(form): Change) -> Response {
+    on_letters(shared, form, Letters::Purge).await
+}
+
+/// What a dead-letter form asks.
+#[derive(Clone, Copy, Debug)]
+enum Letters {
+    Replay,
+    Purge,
+}
+
+/// Replays or purges the letters a confirmed form names, then back to
+/// the list.
+async fn on_letters(shared: Arc<Shared>, form: HashMap<String, String>, what: Letters) -> Response {
     let back = back_to_letters(&form);
     let (connection, ids) = match named(&form) {
         Ok(named) => named,
         Err(e) => return done(Err(anyhow::anyhow!(e)), &back, StatusCode::BAD_REQUEST),
     };
-    let result = shared.dead.purge(connection.as_deref(), &ids).await.map(|n| {
-        tracing::info!(purged = n, connection = ?connection, "dead letters purged in the console");
+    let result = match what {
+        Letters::Replay => shared.dead.replay(connection.as_deref(), &ids).await,
+        Letters::Purge => shared.dead.purge(connection.as_deref(), &ids).await,
+    };
+    let result = result.map(|n| {
+        tracing::info!(letters = n, connection = ?connection, "dead letters: {what:?} in the console");
+        if let Letters::Replay = what {
+            for c in shared.connections.all() {
+                shared.ensure_running(&c);
+            }
+        }
     });
     done(result, &back, StatusCode::INTERNAL_SERVER_ERROR)
 }
