@@ -51,6 +51,8 @@ pub struct SpooledEvent {
     pub body: String,
     /// Not to be sent before this (a Retry-After kept across a restart).
     pub not_before: Option<std::time::SystemTime>,
+    /// When ingest received it (RFC 3339), as stored.
+    pub received_at: String,
 }
 
 /// An event to store for one connection.
@@ -205,7 +207,7 @@ impl Spool {
     ) -> anyhow::Result<Vec<SpooledEvent>> {
         let conn = self.conn.lock().unwrap();
         let mut query = conn.prepare_cached(
-            "SELECT id, body, not_before FROM events WHERE connection = ?1 AND state = 'pending' AND id > ?2
+            "SELECT id, body, not_before, received_at FROM events WHERE connection = ?1 AND state = 'pending' AND id > ?2
                  ORDER BY id LIMIT ?3",
         )?;
         let rows = query.query_map(params![connection, after, limit as i64], |row| {
@@ -216,6 +218,7 @@ impl Spool {
                 not_before: not_before
                     .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
                     .map(std::time::SystemTime::from),
+                received_at: row.get(3)?,
             })
         })?;
         let (mut read, mut bytes) = (Vec::new(), 0usize);

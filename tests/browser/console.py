@@ -22,6 +22,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.webdriver.support.ui import WebDriverWait
 
 url, token, shots, v2, v2_sha, impostor_sha = sys.argv[1:7]
 os.makedirs(shots, exist_ok=True)
@@ -67,6 +69,13 @@ def wait(what, check, seconds=20):
         time.sleep(0.2)
 
 
+def submit(button):
+    """Clicks a button that sends its form, and waits for the answer's
+    page: going elsewhere before it came would cancel the request."""
+    button.click()
+    WebDriverWait(driver, 30).until(staleness_of(button))
+
+
 def shot(name):
     driver.save_screenshot(os.path.join(shots, name + ".png"))
 
@@ -97,11 +106,11 @@ try:
     driver.get(url + "/console/")
     assert driver.current_url.endswith("/console/login"), driver.current_url
     driver.find_element(By.ID, "token").send_keys("not-the-token")
-    driver.find_element(By.ID, "sign-in").click()
+    submit(driver.find_element(By.ID, "sign-in"))
     assert "not the admin token" in driver.page_source
     shot("login")
     driver.find_element(By.ID, "token").send_keys(token)
-    driver.find_element(By.ID, "sign-in").click()
+    submit(driver.find_element(By.ID, "sign-in"))
     wait("the overview", lambda: driver.find_elements(By.ID, "connections"))
     cookie = driver.get_cookie("cdp_console")
     assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
@@ -137,7 +146,7 @@ try:
     driver.get(url + "/console/connections/shop-a")
     search = driver.find_element(By.NAME, "q")
     search.send_keys(f"find-me-{run}")
-    search.submit()
+    submit(driver.find_element(By.CSS_SELECTOR, "#search button"))
     row = wait(
         "the event found by messageId",
         lambda: driver.find_element(By.CSS_SELECTOR, f'tr[data-message-id="find-me-{run}"]'),
@@ -183,7 +192,7 @@ try:
     # Unconfirmed, the browser does not send it (the box is required);
     # ticked, it goes.
     letter.find_element(By.CSS_SELECTOR, "form[action$='/replay'] input[name=confirm]").click()
-    letter.find_element(By.CSS_SELECTOR, "button.replay").click()
+    submit(letter.find_element(By.CSS_SELECTOR, "button.replay"))
     wait("the letter gone", lambda: not letter_listed())
 
     def delivered_after_replay():
@@ -198,7 +207,7 @@ try:
         driver.get(url + "/console/plugins")
         row = driver.find_element(By.CSS_SELECTOR, f'#serving tr[data-connection="{shop}"]')
         row.find_element(By.CSS_SELECTOR, f'option[value="{sha}"]').click()
-        row.find_element(By.CSS_SELECTOR, "button.swap").click()
+        submit(row.find_element(By.CSS_SELECTOR, "button.swap"))
 
     serving = lambda shop: driver.find_element(By.CSS_SELECTOR, f'#serving tr[data-connection="{shop}"] td.serving').text
     driver.get(url + "/console/plugins")
@@ -213,7 +222,7 @@ try:
     shot("plugin-refused")
     driver.get(url + "/console/plugins")
     assert impostor_sha[:12] not in serving("shop-b"), "the refused version serves"
-    driver.find_element(By.CSS_SELECTOR, '#serving tr[data-connection="shop-a"] button.rollback').click()
+    submit(driver.find_element(By.CSS_SELECTOR, '#serving tr[data-connection="shop-a"] button.rollback'))
     wait("shop-a rolled back", lambda: not serving("shop-a").startswith(v2))
 
     # A change without the session's CSRF token is refused; a request
@@ -232,7 +241,7 @@ try:
 
     # Signing out ends the session.
     driver.get(url + "/console/")
-    driver.find_element(By.CSS_SELECTOR, "form[action='/console/logout'] button").click()
+    submit(driver.find_element(By.CSS_SELECTOR, "form[action='/console/logout'] button"))
     wait("the login page", lambda: driver.current_url.endswith("/console/login"))
     driver.get(url + "/console/")
     assert driver.current_url.endswith("/console/login")

@@ -178,7 +178,9 @@ impl Engines {
 
     /// Hands an admitted event to its connection's engine, starting one if
     /// none runs; `not_before`, a recorded Retry-After, holds it (and its
-    /// person's later events) until then. False once the engines are
+    /// person's later events) until then. `received_at` (RFC 3339), when
+    /// the log kept it, is when ingest took it: the console times the
+    /// event's delivery from then. False once the engines are
     /// closed (the service stops): the event is then released, unsent.
     pub(crate) fn hand(
         self: &Arc<Self>,
@@ -186,12 +188,13 @@ impl Engines {
         id: EventId,
         body: String,
         not_before: Option<std::time::SystemTime>,
+        received_at: Option<&str>,
     ) -> bool {
         if let Some(until) = not_before.filter(|t| *t > std::time::SystemTime::now()) {
             connection.waits.lock().unwrap().insert(id, until);
         }
         if let Some(recorder) = &self.recorder {
-            recorder.handed(&recorder.activity(&connection.id), id);
+            recorder.handed(&recorder.activity(&connection.id), id, received_at);
         }
         // The envelope is read here, outside the engines' lock.
         let mut event = Prepared::new(id, body);
@@ -463,7 +466,7 @@ mod tests {
     async fn feed(engines: &Arc<Engines>, shop: &Shop, events: &[(EventId, String)]) {
         for (id, body) in events {
             assert!(engines.admit(&shop.connection, *id, body.len()).await);
-            assert!(engines.hand(&shop.connection, *id, body.clone(), None));
+            assert!(engines.hand(&shop.connection, *id, body.clone(), None, None));
         }
     }
 
@@ -597,7 +600,7 @@ mod tests {
         let no_email = json!({"type": "track", "event": "Step", "messageId": "m7", "userId": "u7"}).to_string();
         assert!(engines.admit(&shop.connection, id, 100).await);
         let later = std::time::SystemTime::now() + Duration::from_secs(60);
-        assert!(engines.hand(&shop.connection, id, no_email, Some(later)));
+        assert!(engines.hand(&shop.connection, id, no_email, Some(later), None));
         let settled = settle(&engines, &mut outcomes, "d", 1, Duration::from_secs(10)).await;
         assert!(
             matches!(settled[&id].outcome, EventOutcome::Skipped(_)),

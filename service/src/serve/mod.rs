@@ -540,7 +540,10 @@ async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, read_ahead: usiz
             if !shared.engines.admit(&connection, id, row.body.len()).await {
                 continue;
             }
-            if !shared.engines.hand(&connection, id, row.body, row.not_before) {
+            if !shared
+                .engines
+                .hand(&connection, id, row.body, row.not_before, Some(&row.received_at))
+            {
                 break;
             }
         }

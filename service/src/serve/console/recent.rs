@@ -1,7 +1,7 @@
 //! What the console shows of each connection's recent delivery, kept in
 //! memory on this host: per minute of the last hour, the events delivered,
 //! skipped, dead-lettered and retried and the 429s met; the time each of
-//! the last events took from being handed to the engine to its outcome;
+//! the last events took from being received to its outcome;
 //! and a ring of the last events with their traces (the event, the
 //! requests with their keys masked, the answers).
 //!
@@ -21,7 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use cdp_core::delivery::{EventOutcome, EventRecord, Trace};
 use cdp_core::mapping::EventId;
@@ -109,7 +109,8 @@ pub struct Entry {
     pub plugin_version: Arc<str>,
     pub retries: u32,
     pub warnings: Box<[String]>,
-    /// Milliseconds from handed to the engine to its outcome.
+    /// Milliseconds from received by ingest to its outcome (from handed to
+    /// the engine, when the log kept no time).
     pub took_ms: Option<u32>,
     /// Whom it is about (`Trace::person`).
     pub person: Option<Box<str>>,
@@ -150,8 +151,9 @@ struct Inner {
     latencies: Vec<u32>,
     next_latency: usize,
     recent: VecDeque<Entry>,
-    /// When each event in the engine was handed in.
-    handed: HashMap<EventId, Instant>,
+    /// When each event in the engine was received (or, if its log kept no
+    /// time, handed in).
+    handed: HashMap<EventId, SystemTime>,
     body_bytes: usize,
     serial: u64,
     /// The connection's 429s counted when last looked.
@@ -297,15 +299,20 @@ impl Recorder {
         self.options.body_budget / connections
     }
 
-    /// Notes that an event was handed to its connection's engine.
-    pub fn handed(&self, activity: &Activity, id: EventId) {
+    /// Notes that an event was handed to its connection's engine; it was
+    /// received at `received_at` (RFC 3339), if the log kept that.
+    pub fn handed(&self, activity: &Activity, id: EventId, received_at: Option<&str>) {
+        let since = received_at
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(SystemTime::from)
+            .unwrap_or_else(SystemTime::now);
         let mut inner = activity.inner.lock().unwrap();
         // Events released unfinished (the service stopping) leave theirs
         // behind; bounded all the same.
         if inner.handed.len() >= 1 << 16 {
             inner.handed.clear();
         }
-        inner.handed.insert(id, Instant::now());
+        inner.handed.insert(id, since);
     }
 
     /// Records an outcome. `throttled` is the connection's count of 429
@@ -315,7 +322,10 @@ impl Recorder {
         let share = self.share();
         let mut inner = activity.inner.lock().unwrap();
         let inner = &mut *inner;
-        let took = inner.handed.remove(&record.id).map(|at| at.elapsed());
+        let took = inner
+            .handed
+            .remove(&record.id)
+            .map(|since| now.duration_since(since).unwrap_or_default());
 
         let verdict = match &record.outcome {
             EventOutcome::Delivered { .. } => Verdict::Delivered,
@@ -547,7 +557,7 @@ mod tests {
         });
         let shop = recorder.activity("shop");
         for row in 1..=10 {
-            recorder.handed(&shop, EventId::SpoolRow(row));
+            recorder.handed(&shop, EventId::SpoolRow(row), None);
             let outcome = if row % 5 == 0 {
                 EventOutcome::Skipped("no email".into())
             } else {
@@ -653,5 +663,23 @@ mod tests {
         assert_eq!(recent[0].message_id.as_deref(), Some("m-b"));
         assert!(recent[0].trace.is_none() && recent[0].no_trace.is_some());
         assert!(recent[1].trace.is_some());
+    }
+
+    #[test]
+    fn time_to_delivery_counts_from_when_ingest_received_the_event() {
+        let recorder = Recorder::new(ConsoleOptions::default());
+        let shop = recorder.activity("shop");
+        let received = chrono::Utc::now() - chrono::Duration::seconds(3);
+        let received = received.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        recorder.handed(&shop, EventId::SpoolRow(1), Some(&received));
+        recorder.handed(&shop, EventId::SpoolRow(2), Some("not a time"));
+        for row in [1, 2] {
+            recorder.record(&shop, &record(row, EventOutcome::Delivered { requests: 1 }, 10), 0);
+        }
+        let recent = shop.recent(0, |_| true);
+        let took = |serial: u64| recent.iter().find(|e| e.serial == serial).unwrap().took_ms.unwrap();
+        assert!((3_000..10_000).contains(&took(1)), "{}", took(1));
+        assert!(took(2) < 1_000, "unreadable: from the hand-in");
+        assert!(shop.summary().p99_ms.unwrap() >= 3_000);
     }
 }

@@ -595,6 +595,7 @@ impl Worker {
             });
             return;
         }
+        let received_at = header(RECEIVED_AT_HEADER);
         {
             let mut pending = self.pending.lock().unwrap();
             if let Some(already) = pending.get_mut(&sequence) {
@@ -611,7 +612,7 @@ impl Worker {
                 Pending {
                     reply: message.reply.clone(),
                     subject: message.subject.to_string(),
-                    received_at: header(RECEIVED_AT_HEADER),
+                    received_at: received_at.clone(),
                     in_flight: in_flight.clone(),
                     partition,
                     signalled: tokio::time::Instant::now(),
@@ -627,7 +628,11 @@ impl Worker {
             match self.shared.engines.try_admit(connection, id, message.payload.len()) {
                 Admit::Admitted => {
                     let body = String::from_utf8_lossy(&message.payload).into_owned();
-                    if !self.shared.engines.hand(connection, id, body, None) {
+                    if !self
+                        .shared
+                        .engines
+                        .hand(connection, id, body, None, received_at.as_deref())
+                    {
                         // Shutting down: it stays unacked, for later.
                         self.forget(sequence);
                     }
@@ -671,7 +676,17 @@ impl Worker {
                     Ok(stored) => {
                         queue.pop_front();
                         let body = String::from_utf8_lossy(&stored.payload).into_owned();
-                        if !self.shared.engines.hand(&connection, id, body, None) {
+                        let received_at = self
+                            .pending
+                            .lock()
+                            .unwrap()
+                            .get(&sequence)
+                            .and_then(|p| p.received_at.clone());
+                        if !self
+                            .shared
+                            .engines
+                            .hand(&connection, id, body, None, received_at.as_deref())
+                        {
                             self.forget(sequence);
                         }
                     }
