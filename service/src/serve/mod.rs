@@ -600,6 +600,11 @@ const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(5);
 /// that time, so their events are not sent again, and `/healthz` says
 /// why. Only when the service stops with the write still failing are the
 /// rows left pending, to be delivered again (idempotently) after restart.
+/// How long the outcome writer waits for more outcomes when it has few.
+const GATHER: Duration = Duration::from_millis(2);
+/// Fewer outcomes than this are worth waiting for more.
+const GATHER_BELOW: usize = 32;
+
 fn write_outcomes(shared: &Shared, mut outcomes: engine::Outcomes) {
     let mut batch: Vec<(Arc<Connection>, Finished)> = Vec::new();
     let mut wait = Duration::from_millis(100);
@@ -609,6 +614,12 @@ fn write_outcomes(shared: &Shared, mut outcomes: engine::Outcomes) {
                 Some(outcome) => take(shared, &mut batch, outcome),
                 None => return,
             }
+        }
+        // A moment for more to come: a commit writes every page it
+        // touched, so outcomes written one or two at a time under a steady
+        // flow wrote each page of rows many times over.
+        if batch.len() < GATHER_BELOW {
+            std::thread::sleep(GATHER);
         }
         let mut closed = false;
         while batch.len() < 256 || shared.outcomes_failing.lock().unwrap().is_some() {
