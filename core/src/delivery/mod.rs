@@ -71,8 +71,8 @@ pub struct DeliveryConfig {
     /// delivery, which matters when many run at once (`StageConfig`).
     pub mapping_queue: usize,
     /// Keep each event's trace on its record (`EventRecord::trace`): the
-    /// event, the requests shown with their keys masked, the answers. It
-    /// costs a copy of each request; off unless something shows them.
+    /// event, the requests it sent (shared, not copied; masked when shown)
+    /// and the answers. Off unless something shows them.
     pub trace: bool,
 }
 
@@ -454,22 +454,21 @@ impl Delivery {
             plugin_version: format!("{}@{}", mapped.plugin.manifest().name, mapped.plugin.manifest().version),
             trace: None,
         };
-        let mut trace = self.config.trace.then(|| {
-            Box::new(Trace {
-                person: mapped.person.clone(),
-                ..Trace::default()
-            })
+        let mut trace = self.config.trace.then(|| Trace {
+            person: mapped.person.clone(),
+            ..Trace::default()
         });
+        // The event's text for a dead letter: moved there, unless the trace
+        // keeps it too.
+        let letter_text = |raw: &mut String, traced: bool| {
+            if traced { raw.clone() } else { std::mem::take(raw) }
+        };
         let plugin = mapped.plugin.clone();
         record.outcome = match mapped.outcome {
             MappedOutcome::Skip(reason) => EventOutcome::Skipped(reason),
             MappedOutcome::Error(reason) => EventOutcome::DeadLettered(DeadLetter {
                 reason: settings.scrub(&reason),
-                event: if trace.is_some() {
-                    raw.clone()
-                } else {
-                    std::mem::take(&mut raw)
-                },
+                event: letter_text(&mut raw, trace.is_some()),
                 request: None,
                 response: None,
             }),
@@ -522,11 +521,7 @@ impl Delivery {
                     Some(undelivered) if undelivered.abandoned => EventOutcome::Abandoned(undelivered.reason),
                     Some(undelivered) => EventOutcome::DeadLettered(DeadLetter {
                         reason: settings.scrub(&undelivered.reason),
-                        event: if trace.is_some() {
-                            raw.clone()
-                        } else {
-                            std::mem::take(&mut raw)
-                        },
+                        event: letter_text(&mut raw, trace.is_some()),
                         request: Some(ShownRequest::new(&undelivered.request, &settings)),
                         response: undelivered.response,
                     }),
@@ -535,7 +530,7 @@ impl Delivery {
         };
         if let Some(mut trace) = trace {
             trace.event = raw;
-            record.trace = Some(Arc::new(*trace));
+            record.trace = Some(Arc::new(trace));
         }
         record
     }
