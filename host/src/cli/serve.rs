@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cdp_host::serve::connections::NewConnection;
-use cdp_host::serve::dead_letters::{DeadLetters, SpoolDeadLetters, StreamDeadLetters};
+use cdp_host::serve::dead_letters::{DeadLetters, RowDeadLetters, StreamDeadLetters};
 use cdp_host::serve::stream::access::read_secret_file;
 use cdp_host::serve::stream::{NatsAccess, NatsAuth, NatsTls, Role, StreamOptions};
 use cdp_host::serve::{Defaults, FileConnection, FlagsConnection, ServeConfig};
@@ -298,10 +298,7 @@ pub fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
             access: nats_access(servers.to_string(), nats.clone())?,
             partitions: partitions.unwrap_or(StreamOptions::DEFAULT_PARTITIONS),
         }),
-        None => Box::new(SpoolDeadLetters(Arc::new(Spool::open(
-            spool,
-            Durability::ProcessCrash,
-        )?))),
+        None => Box::new(RowDeadLetters(Arc::new(Spool::open(spool, Durability::ProcessCrash)?))),
     };
     super::tokio_runtime()?.block_on(async {
         match command {

@@ -387,14 +387,10 @@ pub async fn rollback_one(_: Admin, State(shared): State<Arc<Shared>>, Path(id):
     Ok(answer(StatusCode::OK, json!({"id": id, "active": describe(&loaded)})))
 }
 
-/// Each connection's events in the spool, by state (none if it cannot say).
+/// Each connection's events kept on this host, by state (none if it
+/// cannot say).
 async fn counts(shared: &Arc<Shared>) -> std::collections::BTreeMap<String, crate::spool::Counts> {
-    let spool = shared.spool.clone();
-    tokio::task::spawn_blocking(move || spool.counts())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default()
+    shared.log.counts().await
 }
 
 /// A stored plugin version by SHA-256 (loaded, or loaded from the spool).

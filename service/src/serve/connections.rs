@@ -232,8 +232,10 @@ pub struct Connections {
     spool: Arc<Spool>,
     /// The version a connection gets when it names none.
     default_plugin: Arc<Plugin>,
-    /// Told of Retry-After: kept on the row.
-    defer: Arc<dyn Fn(cdp_core::mapping::EventId, std::time::SystemTime) + Send + Sync>,
+    /// Told of each Retry-After, by the event log that keeps it (on the
+    /// event's row), once the log has started; none for a log that keeps
+    /// none.
+    pub(crate) defer: Arc<std::sync::OnceLock<Defer>>,
     /// Set while outcomes cannot be recorded: every connection's requests
     /// wait (`delivery::Hold`).
     pub(crate) hold: cdp_core::delivery::Hold,
@@ -288,6 +290,9 @@ fn host_calls() -> usize {
     2 * std::thread::available_parallelism().map_or(2, usize::from)
 }
 
+/// Records a Retry-After where the event is kept.
+pub(crate) type Defer = Box<dyn Fn(cdp_core::mapping::EventId, std::time::SystemTime) + Send + Sync>;
+
 impl Connections {
     pub fn new(
         store: PluginStore,
@@ -303,7 +308,6 @@ impl Connections {
             concurrency: base.concurrency * 16,
             ..base.clone()
         })?;
-        let defer_spool = spool.clone();
         Ok(Connections {
             by_id: RwLock::default(),
             routes: ArcSwap::default(),
@@ -313,13 +317,7 @@ impl Connections {
             base,
             spool,
             default_plugin,
-            defer: Arc::new(move |id, until: std::time::SystemTime| {
-                if let cdp_core::mapping::EventId::SpoolRow(row) = id
-                    && let Err(e) = defer_spool.defer(row, until.into())
-                {
-                    tracing::warn!("recording the Retry-After of event {row}: {e:#}");
-                }
-            }),
+            defer: Default::default(),
             changing: tokio::sync::Mutex::new(()),
             host_gate: CallGate::new(host_calls()),
             host_interpreters: Arc::new(tokio::sync::Semaphore::new(host_calls())),
@@ -615,7 +613,11 @@ impl Connections {
         }
         let pacer = self.budgets.of(&settings.account_hash(slot.name()));
         let defer = self.defer.clone();
-        let deferred: DeferObserver = Box::new(move |id, until| defer(id, until));
+        let deferred: DeferObserver = Box::new(move |id, until| {
+            if let Some(defer) = defer.get() {
+                defer(id, until)
+            }
+        });
         // Retry-After waits of events handed in (`Engines::hand`), taken by
         // delivery before each event's first request.
         let waits: Waits = Arc::default();

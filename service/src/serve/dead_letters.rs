@@ -1,7 +1,7 @@
 //! Dead letters, wherever `serve` keeps them: one interface for listing,
-//! replaying and purging them, with the spool and the stream as its two
-//! implementations. `cdp-host dlq` opens one and runs the same command on
-//! either. A letter's `id` is its row in the spool, its sequence in
+//! replaying and purging them, with a log's rows (the spool's) and the
+//! stream as its two implementations. `cdp-host dlq` opens one and runs
+//! the same command on either. A letter's `id` is its row in the spool, its sequence in
 //! `CHORD_DLQ` on the stream.
 //!
 //! A letter reads the same from either: `id`, `connection`, `message_id`,
@@ -15,8 +15,9 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
+use super::log::rows::Rows;
 use super::stream::dead;
-use crate::spool::{DeadRow, Spool};
+use crate::spool::DeadRow;
 
 pub trait DeadLetters: Send + Sync {
     /// The letters, oldest first, of one connection or of all, at most `limit`.
@@ -31,21 +32,22 @@ pub trait DeadLetters: Send + Sync {
     fn purge<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>>;
 }
 
-/// The spool's dead rows.
-pub struct SpoolDeadLetters(pub Arc<Spool>);
+/// The dead rows of a log of rows (the spool's, `cdp-host dlq` reads
+/// them).
+pub struct RowDeadLetters<R: Rows>(pub Arc<R>);
 
-impl SpoolDeadLetters {
-    /// Runs a spool call off the async threads.
-    fn blocking<'a, R: Send + 'static>(
+impl<R: Rows> RowDeadLetters<R> {
+    /// Runs a call on the rows off the async threads.
+    fn blocking<'a, T: Send + 'static>(
         &'a self,
-        call: impl FnOnce(&Spool) -> anyhow::Result<R> + Send + 'static,
-    ) -> BoxFuture<'a, anyhow::Result<R>> {
-        let spool = self.0.clone();
-        Box::pin(async move { tokio::task::spawn_blocking(move || call(&spool)).await? })
+        call: impl FnOnce(&R) -> anyhow::Result<T> + Send + 'static,
+    ) -> BoxFuture<'a, anyhow::Result<T>> {
+        let rows = self.0.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || call(&rows)).await? })
     }
 }
 
-impl DeadLetters for SpoolDeadLetters {
+impl<R: Rows> DeadLetters for RowDeadLetters<R> {
     fn list<'a>(&'a self, connection: Option<&'a str>, limit: usize) -> BoxFuture<'a, anyhow::Result<Vec<Value>>> {
         let connection = connection.map(str::to_string);
         self.blocking(move |spool| {

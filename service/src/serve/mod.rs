@@ -32,13 +32,12 @@ use axum::routing::{get, post};
 
 use plugin_runtime::{Plugin, PluginSlot};
 
-use crate::spool::{DEFAULT_CONNECTION, Finished, Spool, State as RowState, outcome_json};
-use cdp_core::delivery::{EventOutcome, EventRecord};
-use cdp_core::mapping::EventId;
+use crate::spool::{DEFAULT_CONNECTION, Spool};
 use cdp_core::settings::{DestinationSettings, Secret};
 use connections::{Connection, Connections, NewConnection};
 use engine::Engines;
-use log::{EventLog, SpoolLog};
+use log::EventLog;
+use log::rows::RowLog;
 
 /// `serve`'s defaults, each defined once (the command line shows them).
 pub struct Defaults;
@@ -109,7 +108,6 @@ pub struct ServeConfig {
 
 /// What the HTTP handlers and the engines share.
 pub(crate) struct Shared {
-    spool: Arc<Spool>,
     connections: Connections,
     draining: AtomicBool,
     metrics: Arc<metrics::Metrics>,
@@ -127,8 +125,6 @@ pub(crate) struct Shared {
     console: Option<console::Console>,
     /// The dead letters, wherever the log keeps them.
     dead: Box<dyn dead_letters::DeadLetters>,
-    /// Whether events go through the stream (for what the console says).
-    stream_mode: bool,
     /// This host among those sharing a stream (its worker's id, in the
     /// outcome records it publishes).
     host_id: String,
@@ -168,25 +164,6 @@ impl Shared {
             return;
         }
         self.log.wake(self, connection);
-    }
-
-    /// Starts the connection's spool feeder unless it is running (then
-    /// wakes it).
-    fn start_feeder(self: &Arc<Self>, connection: &Arc<Connection>) {
-        let mut feeder = connection.feeder.lock().unwrap();
-        if connection.feeding.load(Ordering::Acquire) {
-            connection.wake.notify_one();
-            return;
-        }
-        connection.feeding.store(true, Ordering::Release);
-        let last = feeder.take();
-        let (shared, connection) = (self.clone(), connection.clone());
-        *feeder = Some(tokio::spawn(async move {
-            if let Some(last) = last {
-                let _ = last.await;
-            }
-            feed(shared, connection, 256).await;
-        }));
     }
 }
 
@@ -250,13 +227,13 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
             "serve has no connection: give write keys (--write-key, write_keys in the config, or $CDP_HOST_WRITE_KEYS), [[connections]] in the config, or an admin token to create them through the admin API"
         );
     }
-    let log = match config.stream.clone() {
+    let log: Arc<dyn EventLog> = match config.stream.clone() {
         Some(options) => {
             let log = stream::Log::connect(options.clone()).await?;
             tracing::info!(nats = %options.access.describe(), role = ?options.role, replicas = options.replicas, "events go through the JetStream stream");
-            Some(Arc::new(log))
+            Arc::new(log)
         }
-        None => None,
+        None => Arc::new(RowLog::new(config.spool.clone())?),
     };
     let metrics = Arc::new(metrics::Metrics::default());
     let recorder = config
@@ -264,29 +241,17 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         .clone()
         .map(|options| Arc::new(console::Recorder::new(options)));
     let (engines, written) = Engines::new(metrics.clone(), recorder.clone());
-    let dead: Box<dyn dead_letters::DeadLetters> = match &config.stream {
-        Some(options) => Box::new(dead_letters::StreamDeadLetters {
-            access: options.access.clone(),
-            partitions: options.partitions,
-        }),
-        None => Box::new(dead_letters::SpoolDeadLetters(config.spool.clone())),
-    };
     let shared = Arc::new(Shared {
-        spool: config.spool.clone(),
         connections,
         draining: AtomicBool::new(false),
         metrics,
         engines,
         admin_token: config.admin_token.clone(),
         key_limits: ingest::KeyLimits::new(config.ingest_rate),
-        log: match &log {
-            Some(log) => log.clone() as Arc<dyn EventLog>,
-            None => Arc::new(SpoolLog::new(config.spool.clone())?),
-        },
+        dead: log.dead_letters(),
+        log: log.clone(),
         outcomes_failing: std::sync::Mutex::new(None),
         console: recorder.map(console::Console::new),
-        dead,
-        stream_mode: config.stream.is_some(),
         host_id: format!("w{}", uuid::Uuid::new_v4().simple()),
     });
     let mut app = Router::new();
@@ -327,48 +292,10 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
 
     // Outcomes are settled where the events are kept: written to their
     // rows, or acked on the stream by this host's worker.
-    let (writer, written) = match &log {
-        None => {
-            let writer = std::thread::Builder::new().name("outcome-writer".into()).spawn({
-                let shared = shared.clone();
-                move || write_outcomes(&shared, written)
-            })?;
-            (Some(writer), None)
-        }
-        Some(_) => (None, Some(written)),
-    };
+    let started = log.clone().start(&shared, written, config.shutdown_grace).await?;
     for connection in shared.connections.all() {
         shared.ensure_running(&connection);
     }
-    // Every host on the stream runs the versions the stream names, and
-    // follows the swaps made through any of them.
-    let follower = match &log {
-        Some(log) => {
-            if let Err(e) = stream::plugins::catch_up(log, &shared).await {
-                tracing::warn!("reading the active plugin versions: {e:#}");
-            }
-            Some((
-                tokio::spawn(stream::plugins::follow(log.clone(), shared.clone())),
-                tokio::spawn(stream::connections::follow(log.clone(), shared.clone())),
-                tokio::spawn(stream::outcomes::follow(log.clone(), shared.clone())),
-            ))
-        }
-        None => None,
-    };
-    let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);
-    let worker = log
-        .as_ref()
-        .filter(|log| log.options.role.delivers())
-        .zip(written)
-        .map(|(log, outcomes)| {
-            tokio::spawn(stream::run_worker(
-                log.clone(),
-                shared.clone(),
-                worker_stop,
-                config.shutdown_grace,
-                outcomes,
-            ))
-        });
     let supervisor = tokio::spawn(supervise(shared.clone()));
     let pruner = tokio::spawn(prune(config.spool.clone(), config.retention));
     let watcher = config
@@ -379,21 +306,9 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
     axum::serve(listener, app).with_graceful_shutdown(stop).await?;
     tracing::info!("stopping intake; finishing deliveries in flight");
     shared.draining.store(true, Ordering::Relaxed);
-    let _ = stop_worker.send(true);
-    if let Some(worker) = worker {
-        match worker.await {
-            Ok(Err(e)) => tracing::error!("the delivery worker: {e:#}"),
-            Err(e) => tracing::error!("the delivery worker: {e}"),
-            Ok(Ok(())) => {}
-        }
-    }
+    started.stop.await;
     supervisor.abort();
     pruner.abort();
-    if let Some((versions, connections, outcomes)) = follower {
-        versions.abort();
-        connections.abort();
-        outcomes.abort();
-    }
     if let Some(watcher) = watcher {
         watcher.abort();
     }
@@ -414,14 +329,12 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
             let _ = task.await;
         }
     };
-    // The engines are done (or out of time): the writer records what it
-    // was given, then ends.
+    // The engines are done (or out of time): the log settles what it was
+    // given.
     let stopped = tokio::time::timeout(config.shutdown_grace, all_stopped).await;
     match stopped {
         Ok(()) => {
-            if let Some(writer) = writer {
-                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-            }
+            started.finish.await;
             tracing::info!(
                 "stopped after finishing {} events",
                 shared.metrics.finished.load(Ordering::Relaxed)
@@ -479,206 +392,6 @@ async fn finish_deletions(shared: &Arc<Shared>) {
             Ok(true) => {}
             Err(e) => tracing::warn!(connection = %connection.id, "checking for pending events: {e:#}"),
         }
-    }
-}
-
-/// Rows a feeder reads at once stop at this many bytes of bodies.
-const READ_AHEAD_BYTES: usize = 4 << 20;
-
-/// Hands a connection's pending rows to its engine, oldest first, each once
-/// while it is in flight; a row replayed from the dead letters is picked up
-/// on the next full sweep.
-async fn feed(shared: Arc<Shared>, connection: Arc<Connection>, read_ahead: usize) {
-    let mut cursor = 0i64;
-    let mut last_sweep = tokio::time::Instant::now();
-    let mut last_work = tokio::time::Instant::now();
-    loop {
-        if shared.draining() || !connection.state().delivers() {
-            break;
-        }
-        // Deleted (and perhaps made anew under the same id): this engine
-        // is no longer the connection's.
-        let current = shared.connections.get(&connection.id);
-        if !current.is_some_and(|c| Arc::ptr_eq(&c, &connection)) {
-            break;
-        }
-        if last_sweep.elapsed() > Duration::from_secs(5) {
-            cursor = 0;
-            last_sweep = tokio::time::Instant::now();
-        }
-        let (spool, id) = (shared.spool.clone(), connection.id.clone());
-        let rows =
-            match tokio::task::spawn_blocking(move || spool.pending_after(&id, cursor, read_ahead, READ_AHEAD_BYTES))
-                .await
-            {
-                Ok(Ok(rows)) => rows,
-                Ok(Err(e)) => {
-                    tracing::error!(connection = %connection.id, "reading the spool: {e:#}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-                Err(_) => break,
-            };
-        if rows.is_empty() {
-            let idle = connection.in_flight.lock().unwrap().is_empty();
-            if !idle {
-                last_work = tokio::time::Instant::now();
-            } else if last_work.elapsed() > engine::IDLE && cursor == 0 {
-                break;
-            }
-            tokio::select! {
-                _ = connection.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
-            continue;
-        }
-        last_work = tokio::time::Instant::now();
-        for row in rows {
-            cursor = cursor.max(row.id);
-            let id = EventId::SpoolRow(row.id);
-            // Room for it in the connection's share and the host's.
-            if !shared.engines.admit(&connection, id, row.body.len()).await {
-                continue;
-            }
-            if !shared
-                .engines
-                .hand(&connection, id, row.body, row.not_before, Some(&row.received_at))
-            {
-                break;
-            }
-        }
-    }
-    connection.feeding.store(false, Ordering::Release);
-    // Events stored after the last look start a new engine (which waits
-    // for this one to finish).
-    if !shared.draining() && connection.state().delivers() {
-        let (spool, id) = (shared.spool.clone(), connection.id.clone());
-        if let Ok(Ok(rows)) = tokio::task::spawn_blocking(move || spool.pending_after(&id, 0, 1, usize::MAX)).await
-            && !rows.is_empty()
-        {
-            shared.ensure_running(&connection);
-        }
-    }
-}
-
-/// An event's outcome as its row records it; none for an event dropped
-/// unsent (its row stays pending).
-fn finished(record: &EventRecord) -> Option<Finished> {
-    let id = record.id.number();
-    let (state, outcome) = match &record.outcome {
-        EventOutcome::Abandoned(_) => return None,
-        EventOutcome::Delivered { .. } => (RowState::Delivered, outcome_json("delivered", None, &record.warnings)),
-        EventOutcome::Skipped(reason) => (
-            RowState::Skipped,
-            outcome_json("skipped", Some(reason), &record.warnings),
-        ),
-        EventOutcome::DeadLettered(letter) => {
-            let mut outcome = outcome_json("dead", Some(&letter.reason), &record.warnings);
-            outcome["request"] = letter.request_json();
-            outcome["response"] = letter.response_json();
-            (RowState::Dead, outcome)
-        }
-    };
-    Some(Finished {
-        id,
-        state,
-        outcome,
-        plugin_version: record.plugin_version.clone(),
-    })
-}
-
-/// How long the writer waits before it tries a failed write of outcomes
-/// again, at most.
-const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Writes outcomes to their rows, as many per transaction as have come
-/// in, and only then lets the feeders see those rows again (a row not yet
-/// written stays in flight, so it is not handed out twice).
-///
-/// A write that fails (a full disk) is tried again, with the outcomes
-/// that came meanwhile, until it succeeds: its rows stay in flight all
-/// that time, so their events are not sent again, and `/healthz` says
-/// why. Only when the service stops with the write still failing are the
-/// rows left pending, to be delivered again (idempotently) after restart.
-/// How long the outcome writer waits for more outcomes when it has few.
-const GATHER: Duration = Duration::from_millis(2);
-/// Fewer outcomes than this are worth waiting for more.
-const GATHER_BELOW: usize = 32;
-
-fn write_outcomes(shared: &Shared, mut outcomes: engine::Outcomes) {
-    let mut batch: Vec<(Arc<Connection>, Finished)> = Vec::new();
-    let mut wait = Duration::from_millis(100);
-    loop {
-        if batch.is_empty() {
-            match outcomes.blocking_recv() {
-                Some(outcome) => take(shared, &mut batch, outcome),
-                None => return,
-            }
-        }
-        // A moment for more to come: a commit writes every page it
-        // touched, so outcomes written one or two at a time under a steady
-        // flow wrote each page of rows many times over.
-        if batch.len() < GATHER_BELOW {
-            std::thread::sleep(GATHER);
-        }
-        let mut closed = false;
-        while batch.len() < 256 || shared.outcomes_failing.lock().unwrap().is_some() {
-            match outcomes.try_recv() {
-                Ok(outcome) => take(shared, &mut batch, outcome),
-                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
-                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        if let Err(e) = shared.spool.finish_all(batch.iter().map(|(_, f)| f)) {
-            tracing::error!(
-                "recording the outcomes of {} events: {e:#}; their events wait, and the write is tried again",
-                batch.len()
-            );
-            *shared.outcomes_failing.lock().unwrap() = Some(format!("{e:#}"));
-            // No more requests leave until outcomes can be recorded: one
-            // sent now would be sent again after a crash, behind its
-            // person's newer events.
-            shared.connections.hold.store(true, Ordering::Release);
-            if closed {
-                tracing::warn!(
-                    "stopping with {} outcomes unrecorded: their events stay pending",
-                    batch.len()
-                );
-                return;
-            }
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(OUTCOME_RETRY_MAX);
-            continue;
-        }
-        if shared.outcomes_failing.lock().unwrap().take().is_some() {
-            shared.connections.hold.store(false, Ordering::Release);
-            tracing::info!("recording outcomes works again");
-        }
-        wait = Duration::from_millis(100);
-        for (connection, finished) in batch.drain(..) {
-            shared
-                .engines
-                .release(&connection, EventId::SpoolRow(finished.id), true);
-        }
-        if closed {
-            return;
-        }
-    }
-}
-
-/// Adds an outcome to the batch to write; an event dropped unsent is let
-/// go at once, its row left pending.
-fn take(
-    shared: &Shared,
-    batch: &mut Vec<(Arc<Connection>, Finished)>,
-    (connection, record): (Arc<Connection>, EventRecord),
-) {
-    match finished(&record) {
-        Some(finished) => batch.push((connection, finished)),
-        None => shared.engines.release(&connection, record.id, false),
     }
 }
 
@@ -741,10 +454,7 @@ async fn prune(spool: Arc<Spool>, retention: Duration) {
 }
 
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> String {
-    let spool = shared.spool.clone();
-    let depths = tokio::task::spawn_blocking(move || spool.pending_by_connection().unwrap_or_default())
-        .await
-        .unwrap_or_default();
+    let depths = shared.log.backlog().await.unwrap_or_default();
     metrics::render(&shared.metrics, &shared.connections, &depths, shared.engines.running())
 }
 

@@ -300,33 +300,25 @@ fn asset(content_type: &'static str, text: &'static str) -> Response {
     response
 }
 
-/// Each connection's pending events in the spool (none on the stream,
-/// whose backlog is in JetStream).
-async fn backlog(shared: &Arc<Shared>) -> std::collections::BTreeMap<String, u64> {
-    if shared.stream_mode {
-        return Default::default();
-    }
-    let spool = shared.spool.clone();
-    tokio::task::spawn_blocking(move || spool.pending_by_connection())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default()
+/// Each connection's unfinished events, when the log counts them (the
+/// spool does; the stream's backlog is in JetStream).
+async fn backlog(shared: &Arc<Shared>) -> Option<std::collections::BTreeMap<String, u64>> {
+    shared.log.backlog().await
 }
 
 async fn overview(operator: Operator, State(shared): State<Arc<Shared>>) -> Response {
     let backlog = backlog(&shared).await;
-    let rows = pages::rows(&shared, &backlog);
+    let rows = pages::rows(&shared, backlog.as_ref());
     guarded(
         StatusCode::OK,
-        pages::overview(&operator.csrf, &rows, shared.stream_mode),
+        pages::overview(&operator.csrf, &rows, shared.log.shared_by_hosts()),
     )
 }
 
 /// The overview's figures, for the page to update itself.
 async fn live(_: Operator, State(shared): State<Arc<Shared>>) -> Response {
     let backlog = backlog(&shared).await;
-    let rows = pages::rows(&shared, &backlog);
+    let rows = pages::rows(&shared, backlog.as_ref());
     let mut response = axum::Json(pages::live_json(&rows)).into_response();
     secure(response.headers_mut());
     response

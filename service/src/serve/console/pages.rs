@@ -92,7 +92,7 @@ pub(super) struct Row {
     pub throttled: u64,
 }
 
-pub(super) fn rows(shared: &Shared, backlog: &BTreeMap<String, u64>) -> Vec<Row> {
+pub(super) fn rows(shared: &Shared, backlog: Option<&BTreeMap<String, u64>>) -> Vec<Row> {
     let console = shared.console.as_ref().expect("the console is on");
     shared
         .connections
@@ -107,10 +107,7 @@ pub(super) fn rows(shared: &Shared, backlog: &BTreeMap<String, u64>) -> Vec<Row>
                 .map(|a| a.summary())
                 .unwrap_or_else(|| super::recent::Activity::default().summary());
             Row {
-                backlog: backlog
-                    .get(&connection.id)
-                    .copied()
-                    .or((!shared.stream_mode).then_some(0)),
+                backlog: backlog.map(|b| b.get(&connection.id).copied().unwrap_or(0)),
                 delivered: summary.totals.delivered,
                 skipped: summary.totals.skipped,
                 dead_lettered: summary.totals.dead_lettered,
@@ -196,14 +193,14 @@ fn ms(v: Option<u32>) -> String {
     v.map_or_else(|| "–".to_string(), |v| format!("{v} ms"))
 }
 
-pub(super) fn overview(csrf: &str, rows: &[Row], stream: bool) -> Markup {
+pub(super) fn overview(csrf: &str, rows: &[Row], shared_by_hosts: bool) -> Markup {
     page(
         "Connections",
         Some(csrf),
         html! {
             p class="note" {
                 "Counts since this host started, and (below each) in the last full minute; the chart is the last hour, a minute a point (delivered, and dead-lettered in red). "
-                @if stream { "On the stream, the counts are every host's (from the outcome records they publish since this host started); retries, 429s and times are this host's own; the backlog is in JetStream." }
+                @if shared_by_hosts { "On the stream, the counts are every host's (from the outcome records they publish since this host started); retries, 429s and times are this host's own; the backlog is in JetStream." }
                 " Updates itself every two seconds."
             }
             table id="connections" {

@@ -35,6 +35,7 @@ pub(crate) mod outcomes;
 pub mod plugins;
 mod worker;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use access::Trouble;
@@ -42,8 +43,6 @@ pub use access::{NatsAccess, NatsAuth, NatsTls};
 use anyhow::Context;
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, HeaderValue};
-
-pub(crate) use worker::run as run_worker;
 
 pub const EVENTS_STREAM: &str = "CHORD_EVENTS";
 /// Every event subject: `chord.events.<partition>.<connection>` (and the
@@ -265,6 +264,59 @@ impl super::log::EventLog for Log {
         })
     }
 
+    /// Follows the plugin versions, connections and outcomes the other
+    /// hosts announce, and runs this host's delivery worker (with
+    /// `--role` that delivers), which settles the outcomes by acking.
+    fn start(
+        self: Arc<Self>,
+        shared: &Arc<super::Shared>,
+        outcomes: super::engine::Outcomes,
+        grace: Duration,
+    ) -> futures_util::future::BoxFuture<'static, anyhow::Result<super::log::Started>> {
+        let shared = shared.clone();
+        Box::pin(async move {
+            // Every host on the stream runs the versions the stream names,
+            // and follows the swaps made through any of them.
+            if let Err(e) = plugins::catch_up(&self, &shared).await {
+                tracing::warn!("reading the active plugin versions: {e:#}");
+            }
+            let followers = [
+                tokio::spawn(plugins::follow(self.clone(), shared.clone())),
+                tokio::spawn(connections::follow(self.clone(), shared.clone())),
+                tokio::spawn(outcomes::follow(self.clone(), shared.clone())),
+            ];
+            let (stop_worker, worker_stop) = tokio::sync::watch::channel(false);
+            let worker = self
+                .options
+                .role
+                .delivers()
+                .then(|| tokio::spawn(worker::run(self.clone(), shared, worker_stop, grace, outcomes)));
+            Ok(super::log::Started {
+                stop: Box::pin(async move {
+                    let _ = stop_worker.send(true);
+                    if let Some(worker) = worker {
+                        match worker.await {
+                            Ok(Err(e)) => tracing::error!("the delivery worker: {e:#}"),
+                            Err(e) => tracing::error!("the delivery worker: {e}"),
+                            Ok(Ok(())) => {}
+                        }
+                    }
+                    for follower in followers {
+                        follower.abort();
+                    }
+                }),
+                finish: Box::pin(async {}),
+            })
+        })
+    }
+
+    fn dead_letters(&self) -> Box<dyn super::dead_letters::DeadLetters> {
+        Box::new(super::dead_letters::StreamDeadLetters {
+            access: self.options.access.clone(),
+            partitions: self.options.partitions,
+        })
+    }
+
     /// Counted by subject: the stream is a work queue, so what is in it is
     /// unfinished, whichever host holds it.
     fn has_pending<'a>(&'a self, connection: &'a str) -> futures_util::future::BoxFuture<'a, anyhow::Result<bool>> {
@@ -283,6 +335,10 @@ impl super::log::EventLog for Log {
             }
             Ok(false)
         })
+    }
+
+    fn shared_by_hosts(&self) -> bool {
+        true
     }
 
     fn refuses_ingest(&self) -> Option<&'static str> {

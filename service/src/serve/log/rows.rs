@@ -1,0 +1,479 @@
+//! A log of rows that this host feeds its engines from: each connection's
+//! feeder reads its pending rows in order and hands them in, and one
+//! writer records each outcome on its row. The rows are kept by a `Rows`
+//! store: the SQLite spool, or memory (for tests of everything above it,
+//! with no file).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use super::super::Shared;
+use super::super::connections::Connection;
+use super::super::dead_letters::{DeadLetters, RowDeadLetters};
+use super::super::engine::{self, Outcomes};
+use super::{EventLog, Started};
+use crate::spool::{Counts, DeadRow, Finished, NewEvent, Spool, SpooledEvent, State as RowState, outcome_json};
+use cdp_core::delivery::{EventOutcome, EventRecord};
+use cdp_core::mapping::EventId;
+
+/// What keeps the rows: each event a row with an id rising in the order
+/// rows were appended, pending until its outcome is recorded. Calls block
+/// (they run off the async threads).
+pub trait Rows: Send + Sync + 'static {
+    /// Stores every group's events in one commit, or none of them.
+    fn append_groups<'e>(&self, groups: impl IntoIterator<Item = &'e [NewEvent]>) -> anyhow::Result<()>;
+
+    /// A connection's pending rows after row `after`, oldest first: at
+    /// most `limit`, stopping after the row that takes their bodies to
+    /// `max_bytes` (at least one is read).
+    fn pending_after(
+        &self,
+        connection: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> anyhow::Result<Vec<SpooledEvent>>;
+
+    /// Records outcomes, all or none.
+    fn finish_all<'a>(&self, finished: impl IntoIterator<Item = &'a Finished>) -> anyhow::Result<()>;
+
+    /// Records that a row is not to be sent before `until` (a Retry-After).
+    fn defer(&self, id: i64, until: chrono::DateTime<chrono::Utc>) -> anyhow::Result<()>;
+
+    /// Whether a connection has any pending row, ready or waiting.
+    fn has_pending(&self, connection: &str) -> anyhow::Result<bool>;
+
+    /// The connections with pending rows ready to deliver.
+    fn pending_connections(&self) -> anyhow::Result<Vec<String>>;
+
+    /// Each connection's pending rows.
+    fn pending_by_connection(&self) -> anyhow::Result<BTreeMap<String, u64>>;
+
+    /// Each connection's rows by state.
+    fn counts(&self) -> anyhow::Result<BTreeMap<String, Counts>>;
+
+    /// Dead rows, oldest first, of one connection or of all.
+    fn dead(&self, connection: Option<&str>, limit: usize) -> anyhow::Result<Vec<DeadRow>>;
+
+    /// Dead rows back to pending (all, or those ids); how many.
+    fn replay(&self, connection: Option<&str>, ids: &[i64]) -> anyhow::Result<usize>;
+
+    /// Deletes dead rows (all, or those ids); how many.
+    fn purge(&self, connection: Option<&str>, ids: &[i64]) -> anyhow::Result<usize>;
+}
+
+impl Rows for Spool {
+    fn append_groups<'e>(&self, groups: impl IntoIterator<Item = &'e [NewEvent]>) -> anyhow::Result<()> {
+        Spool::append_groups(self, groups)
+    }
+
+    fn pending_after(
+        &self,
+        connection: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> anyhow::Result<Vec<SpooledEvent>> {
+        Spool::pending_after(self, connection, after, limit, max_bytes)
+    }
+
+    fn finish_all<'a>(&self, finished: impl IntoIterator<Item = &'a Finished>) -> anyhow::Result<()> {
+        Spool::finish_all(self, finished)
+    }
+
+    fn defer(&self, id: i64, until: chrono::DateTime<chrono::Utc>) -> anyhow::Result<()> {
+        Spool::defer(self, id, until)
+    }
+
+    fn has_pending(&self, connection: &str) -> anyhow::Result<bool> {
+        Spool::has_pending(self, connection)
+    }
+
+    fn pending_connections(&self) -> anyhow::Result<Vec<String>> {
+        Spool::pending_connections(self)
+    }
+
+    fn pending_by_connection(&self) -> anyhow::Result<BTreeMap<String, u64>> {
+        Spool::pending_by_connection(self)
+    }
+
+    fn counts(&self) -> anyhow::Result<BTreeMap<String, Counts>> {
+        Spool::counts(self)
+    }
+
+    fn dead(&self, connection: Option<&str>, limit: usize) -> anyhow::Result<Vec<DeadRow>> {
+        Spool::dead(self, connection, limit)
+    }
+
+    fn replay(&self, connection: Option<&str>, ids: &[i64]) -> anyhow::Result<usize> {
+        Spool::replay(self, connection, ids)
+    }
+
+    fn purge(&self, connection: Option<&str>, ids: &[i64]) -> anyhow::Result<usize> {
+        Spool::purge(self, connection, ids)
+    }
+}
+
+/// Rows as an event log. Appends go through one writer thread that
+/// commits whatever has queued up meanwhile in one transaction (group
+/// commit): under load, one commit serves many requests instead of one
+/// each, and no request waits for a blocking-pool thread of its own. Each
+/// sender is still answered only once its own events are committed.
+pub(crate) struct RowLog<R: Rows> {
+    rows: Arc<R>,
+    appends: std::sync::mpsc::Sender<Append>,
+}
+
+/// One sender's events, and where to say whether they were committed.
+struct Append {
+    events: Vec<NewEvent>,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// What one commit takes at most, of appends already waiting.
+const GROUP_EVENTS: usize = 1_000;
+const GROUP_BYTES: usize = 8 << 20;
+
+impl<R: Rows> RowLog<R> {
+    pub(crate) fn new(rows: Arc<R>) -> anyhow::Result<RowLog<R>> {
+        let (appends, queued) = std::sync::mpsc::channel::<Append>();
+        let writer = rows.clone();
+        // Ends when the log is dropped (its sender with it).
+        std::thread::Builder::new()
+            .name("spool-append".into())
+            .spawn(move || append_in_groups(&*writer, &queued))?;
+        Ok(RowLog { rows, appends })
+    }
+
+    /// Runs a call on the rows off the async threads.
+    fn blocking<'a, T: Send + 'static>(
+        &'a self,
+        call: impl FnOnce(&R) -> anyhow::Result<T> + Send + 'static,
+    ) -> BoxFuture<'a, anyhow::Result<T>> {
+        let rows = self.rows.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || call(&rows)).await? })
+    }
+}
+
+/// The writer thread: waits for an append, takes those queued behind it,
+/// commits them together, answers each.
+fn append_in_groups(rows: &impl Rows, queued: &std::sync::mpsc::Receiver<Append>) {
+    while let Ok(first) = queued.recv() {
+        let (mut events, mut bytes) = (first.events.len(), size(&first.events));
+        let mut group = vec![first];
+        while events < GROUP_EVENTS && bytes < GROUP_BYTES {
+            let Ok(next) = queued.try_recv() else { break };
+            events += next.events.len();
+            bytes += size(&next.events);
+            group.push(next);
+        }
+        let result = rows.append_groups(group.iter().map(|a| &a.events[..])).map_err(|e| {
+            tracing::error!("the spool could not store {events} events: {e:#}");
+            e.to_string()
+        });
+        for append in group {
+            let _ = append.done.send(result.clone());
+        }
+    }
+}
+
+fn size(events: &[NewEvent]) -> usize {
+    events.iter().map(|e| e.body.len()).sum()
+}
+
+impl<R: Rows> EventLog for RowLog<R> {
+    fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let (done, committed) = tokio::sync::oneshot::channel();
+            let sent = self.appends.send(Append { events, done });
+            if sent.is_err() {
+                anyhow::bail!("the spool's writer has stopped; nothing was stored, send again later");
+            }
+            match committed.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    anyhow::bail!("the spool cannot store events right now ({e}); nothing was stored, send again later")
+                }
+                Err(_) => anyhow::bail!("storing failed: the spool's writer stopped"),
+            }
+        })
+    }
+
+    /// Starts the thread that writes outcomes to their rows, and records
+    /// each Retry-After on its row.
+    fn start(
+        self: Arc<Self>,
+        shared: &Arc<Shared>,
+        outcomes: Outcomes,
+        _grace: Duration,
+    ) -> BoxFuture<'static, anyhow::Result<Started>> {
+        let rows = self.rows.clone();
+        let _ = shared
+            .connections
+            .defer
+            .set(Box::new(move |id, until: std::time::SystemTime| {
+                if let EventId::SpoolRow(row) = id
+                    && let Err(e) = rows.defer(row, until.into())
+                {
+                    tracing::warn!("recording the Retry-After of event {row}: {e:#}");
+                }
+            }));
+        let writer = std::thread::Builder::new().name("outcome-writer".into()).spawn({
+            let (shared, rows) = (shared.clone(), self.rows.clone());
+            move || write_outcomes(&shared, &*rows, outcomes)
+        });
+        Box::pin(async move {
+            let writer = writer?;
+            Ok(Started {
+                stop: Box::pin(async {}),
+                // The writer records what it was given, then ends.
+                finish: Box::pin(async move {
+                    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+                }),
+            })
+        })
+    }
+
+    fn dead_letters(&self) -> Box<dyn DeadLetters> {
+        Box::new(RowDeadLetters(self.rows.clone()))
+    }
+
+    fn has_pending<'a>(&'a self, connection: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
+        let connection = connection.to_string();
+        self.blocking(move |rows| rows.has_pending(&connection))
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Option<BTreeMap<String, u64>>> {
+        let counted = self.blocking(|rows| rows.pending_by_connection());
+        Box::pin(async move { Some(counted.await.unwrap_or_default()) })
+    }
+
+    fn counts(&self) -> BoxFuture<'_, BTreeMap<String, Counts>> {
+        let counted = self.blocking(|rows| rows.counts());
+        Box::pin(async move { counted.await.unwrap_or_default() })
+    }
+
+    /// Starts the connection's feeder unless it is running (then wakes it).
+    fn wake(&self, shared: &Arc<Shared>, connection: &Arc<Connection>) {
+        let mut feeder = connection.feeder.lock().unwrap();
+        if connection.feeding.load(Ordering::Acquire) {
+            connection.wake.notify_one();
+            return;
+        }
+        connection.feeding.store(true, Ordering::Release);
+        let last = feeder.take();
+        let (shared, connection, rows) = (shared.clone(), connection.clone(), self.rows.clone());
+        *feeder = Some(tokio::spawn(async move {
+            if let Some(last) = last {
+                let _ = last.await;
+            }
+            feed(shared, rows, connection, 256).await;
+        }));
+    }
+
+    fn ready_connections(&self) -> BoxFuture<'_, anyhow::Result<Vec<String>>> {
+        self.blocking(|rows| rows.pending_connections())
+    }
+}
+
+/// Rows a feeder reads at once stop at this many bytes of bodies.
+const READ_AHEAD_BYTES: usize = 4 << 20;
+
+/// Hands a connection's pending rows to its engine, oldest first, each once
+/// while it is in flight; a row replayed from the dead letters is picked up
+/// on the next full sweep.
+async fn feed<R: Rows>(shared: Arc<Shared>, rows: Arc<R>, connection: Arc<Connection>, read_ahead: usize) {
+    let mut cursor = 0i64;
+    let mut last_sweep = tokio::time::Instant::now();
+    let mut last_work = tokio::time::Instant::now();
+    loop {
+        if shared.draining() || !connection.state().delivers() {
+            break;
+        }
+        // Deleted (and perhaps made anew under the same id): this engine
+        // is no longer the connection's.
+        let current = shared.connections.get(&connection.id);
+        if !current.is_some_and(|c| Arc::ptr_eq(&c, &connection)) {
+            break;
+        }
+        if last_sweep.elapsed() > Duration::from_secs(5) {
+            cursor = 0;
+            last_sweep = tokio::time::Instant::now();
+        }
+        let (reader, id) = (rows.clone(), connection.id.clone());
+        let read = tokio::task::spawn_blocking(move || reader.pending_after(&id, cursor, read_ahead, READ_AHEAD_BYTES));
+        let read = match read.await {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
+                tracing::error!(connection = %connection.id, "reading the spool: {e:#}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(_) => break,
+        };
+        if read.is_empty() {
+            let idle = connection.in_flight.lock().unwrap().is_empty();
+            if !idle {
+                last_work = tokio::time::Instant::now();
+            } else if last_work.elapsed() > engine::IDLE && cursor == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = connection.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            continue;
+        }
+        last_work = tokio::time::Instant::now();
+        for row in read {
+            cursor = cursor.max(row.id);
+            let id = EventId::SpoolRow(row.id);
+            // Room for it in the connection's share and the host's.
+            if !shared.engines.admit(&connection, id, row.body.len()).await {
+                continue;
+            }
+            if !shared
+                .engines
+                .hand(&connection, id, row.body, row.not_before, Some(&row.received_at))
+            {
+                break;
+            }
+        }
+    }
+    connection.feeding.store(false, Ordering::Release);
+    // Events stored after the last look start a new engine (which waits
+    // for this one to finish).
+    if !shared.draining() && connection.state().delivers() {
+        let id = connection.id.clone();
+        if let Ok(Ok(read)) = tokio::task::spawn_blocking(move || rows.pending_after(&id, 0, 1, usize::MAX)).await
+            && !read.is_empty()
+        {
+            shared.ensure_running(&connection);
+        }
+    }
+}
+
+/// An event's outcome as its row records it; none for an event dropped
+/// unsent (its row stays pending).
+fn finished(record: &EventRecord) -> Option<Finished> {
+    let id = record.id.number();
+    let (state, outcome) = match &record.outcome {
+        EventOutcome::Abandoned(_) => return None,
+        EventOutcome::Delivered { .. } => (RowState::Delivered, outcome_json("delivered", None, &record.warnings)),
+        EventOutcome::Skipped(reason) => (
+            RowState::Skipped,
+            outcome_json("skipped", Some(reason), &record.warnings),
+        ),
+        EventOutcome::DeadLettered(letter) => {
+            let mut outcome = outcome_json("dead", Some(&letter.reason), &record.warnings);
+            outcome["request"] = letter.request_json();
+            outcome["response"] = letter.response_json();
+            (RowState::Dead, outcome)
+        }
+    };
+    Some(Finished {
+        id,
+        state,
+        outcome,
+        plugin_version: record.plugin_version.clone(),
+    })
+}
+
+/// How long the writer waits before it tries a failed write of outcomes
+/// again, at most.
+const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How long the outcome writer waits for more outcomes when it has few.
+const GATHER: Duration = Duration::from_millis(2);
+/// Fewer outcomes than this are worth waiting for more.
+const GATHER_BELOW: usize = 32;
+
+/// Writes outcomes to their rows, as many per transaction as have come
+/// in, and only then lets the feeders see those rows again (a row not yet
+/// written stays in flight, so it is not handed out twice).
+///
+/// A write that fails (a full disk) is tried again, with the outcomes
+/// that came meanwhile, until it succeeds: its rows stay in flight all
+/// that time, so their events are not sent again, and `/healthz` says
+/// why. Only when the service stops with the write still failing are the
+/// rows left pending, to be delivered again (idempotently) after restart.
+fn write_outcomes(shared: &Shared, rows: &impl Rows, mut outcomes: Outcomes) {
+    let mut batch: Vec<(Arc<Connection>, Finished)> = Vec::new();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        if batch.is_empty() {
+            match outcomes.blocking_recv() {
+                Some(outcome) => take(shared, &mut batch, outcome),
+                None => return,
+            }
+        }
+        // A moment for more to come: a commit writes every page it
+        // touched, so outcomes written one or two at a time under a steady
+        // flow wrote each page of rows many times over.
+        if batch.len() < GATHER_BELOW {
+            std::thread::sleep(GATHER);
+        }
+        let mut closed = false;
+        while batch.len() < 256 || shared.outcomes_failing.lock().unwrap().is_some() {
+            match outcomes.try_recv() {
+                Ok(outcome) => take(shared, &mut batch, outcome),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if let Err(e) = rows.finish_all(batch.iter().map(|(_, f)| f)) {
+            tracing::error!(
+                "recording the outcomes of {} events: {e:#}; their events wait, and the write is tried again",
+                batch.len()
+            );
+            *shared.outcomes_failing.lock().unwrap() = Some(format!("{e:#}"));
+            // No more requests leave until outcomes can be recorded: one
+            // sent now would be sent again after a crash, behind its
+            // person's newer events.
+            shared.connections.hold.store(true, Ordering::Release);
+            if closed {
+                tracing::warn!(
+                    "stopping with {} outcomes unrecorded: their events stay pending",
+                    batch.len()
+                );
+                return;
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(OUTCOME_RETRY_MAX);
+            continue;
+        }
+        if shared.outcomes_failing.lock().unwrap().take().is_some() {
+            shared.connections.hold.store(false, Ordering::Release);
+            tracing::info!("recording outcomes works again");
+        }
+        wait = Duration::from_millis(100);
+        for (connection, finished) in batch.drain(..) {
+            shared
+                .engines
+                .release(&connection, EventId::SpoolRow(finished.id), true);
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// Adds an outcome to the batch to write; an event dropped unsent is let
+/// go at once, its row left pending.
+fn take(
+    shared: &Shared,
+    batch: &mut Vec<(Arc<Connection>, Finished)>,
+    (connection, record): (Arc<Connection>, EventRecord),
+) {
+    match finished(&record) {
+        Some(finished) => batch.push((connection, finished)),
+        None => shared.engines.release(&connection, record.id, false),
+    }
+}
