@@ -352,30 +352,18 @@ impl Engines {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::sync::OnceLock;
 
-    use klaviyo_mock::{DEMO_KEY, Faults, KlaviyoMock, MockConfig};
-    use plugin_runtime::{PluginSlot, Runtime, RuntimeConfig};
+    use klaviyo_mock::{DEMO_KEY, Faults, KlaviyoMock};
+    use plugin_runtime::PluginSlot;
     use serde_json::json;
 
     use super::*;
     use crate::serve::connections::Connections;
     use crate::serve::store::PluginStore;
+    use crate::serve::testing::{TempDir, identify, runtime, sandbox, track};
     use crate::spool::{Durability, Spool};
     use cdp_core::delivery::DeliveryConfig;
     use cdp_core::settings::DestinationSettings;
-
-    fn runtime() -> &'static Arc<Runtime> {
-        static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
-        RUNTIME.get_or_init(|| {
-            Runtime::new(RuntimeConfig {
-                concurrency: 8,
-                cache_dir: Some(std::env::temp_dir().join("cdp-host-engine-tests")),
-                ..RuntimeConfig::default()
-            })
-            .unwrap()
-        })
-    }
 
     /// One shop: its connection, delivering to its own stand-in.
     struct Shop {
@@ -385,40 +373,8 @@ mod tests {
         _dir: TempDir,
     }
 
-    /// A directory of its own, removed with it.
-    struct TempDir(std::path::PathBuf);
-
-    impl TempDir {
-        fn new() -> TempDir {
-            use std::sync::atomic::AtomicU32;
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "cdp-host-engine-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     async fn shop(id: &str, faults: Faults) -> Shop {
-        let sandbox = KlaviyoMock::start(
-            MockConfig {
-                rate_limits: false,
-                faults,
-                ..MockConfig::default()
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .await
-        .unwrap();
+        let sandbox = sandbox(faults).await;
         let dir = TempDir::new();
         let spool = Arc::new(Spool::open(&dir.0.join("spool.sqlite"), Durability::ProcessCrash).unwrap());
         let plugin = Arc::new(
@@ -448,18 +404,6 @@ mod tests {
             _connections: connections,
             _dir: dir,
         }
-    }
-
-    fn identify(person: usize, seq: usize) -> String {
-        json!({"type": "identify", "messageId": format!("p{person}-{seq}"), "userId": format!("p{person}"),
-               "traits": {"email": format!("p{person}@example.org"), "firstName": format!("v{seq}")}})
-        .to_string()
-    }
-
-    fn track(person: usize, seq: usize) -> String {
-        json!({"type": "track", "event": "Step", "messageId": format!("p{person}-{seq}"), "userId": format!("p{person}"),
-               "properties": {"email": format!("p{person}@example.org"), "seq": seq}})
-        .to_string()
     }
 
     /// Admits and hands in each event, in order, as a log's reader would.

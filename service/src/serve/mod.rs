@@ -17,6 +17,8 @@ mod log;
 mod metrics;
 pub mod store;
 pub mod stream;
+#[cfg(test)]
+mod testing;
 
 pub use ingest::wire;
 
@@ -190,7 +192,19 @@ pub fn connections(config: &ServeConfig, runtime: Arc<plugin_runtime::Runtime>) 
 }
 
 /// Serves until SIGTERM or Ctrl-C, then drains and returns.
-pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    run(config, None, shutdown_signal(), |_| {}).await
+}
+
+/// Runs `serve` until `stop` resolves. `log`, when given, keeps the events
+/// instead of the log `config` names (tests keep them in memory);
+/// `listening` is told the address once the service listens.
+pub(crate) async fn run(
+    mut config: ServeConfig,
+    log: Option<Arc<dyn EventLog>>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    listening: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
     // The console is behind the admin token: without one, there is none,
     // and nothing is kept for it. It shows each event's requests and
     // answers: delivery keeps them.
@@ -227,13 +241,14 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
             "serve has no connection: give write keys (--write-key, write_keys in the config, or $CDP_HOST_WRITE_KEYS), [[connections]] in the config, or an admin token to create them through the admin API"
         );
     }
-    let log: Arc<dyn EventLog> = match config.stream.clone() {
-        Some(options) => {
+    let log: Arc<dyn EventLog> = match (log, config.stream.clone()) {
+        (Some(log), _) => log,
+        (None, Some(options)) => {
             let log = stream::Log::connect(options.clone()).await?;
             tracing::info!(nats = %options.access.describe(), role = ?options.role, replicas = options.replicas, "events go through the JetStream stream");
             Arc::new(log)
         }
-        None => Arc::new(RowLog::new(config.spool.clone())?),
+        (None, None) => Arc::new(RowLog::new(config.spool.clone())?),
     };
     let metrics = Arc::new(metrics::Metrics::default());
     let recorder = config
@@ -278,7 +293,6 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         .route("/admin/connections/{id}/rollback", post(admin::rollback_one))
         .layer(DefaultBodyLimit::max(ingest::MAX_BATCH_BYTES + 1))
         .with_state(shared.clone());
-    let stop = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -289,6 +303,7 @@ pub async fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         admin = config.admin_token.is_some(),
         "serving"
     );
+    listening(listener.local_addr()?);
 
     // Outcomes are settled where the events are kept: written to their
     // rows, or acked on the stream by this host's worker.

@@ -6,6 +6,8 @@
 //! are kept are each backend's to answer; outside start-up the service
 //! does not ask which backend it has.
 
+#[cfg(test)]
+pub(crate) mod memory;
 pub(crate) mod rows;
 
 use std::collections::BTreeMap;
