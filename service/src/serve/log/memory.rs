@@ -26,6 +26,9 @@ struct Inner {
     appends_fail: Option<String>,
     /// Why outcome writes fail, while they do.
     outcomes_fail: Option<String>,
+    /// How long a read of pending rows takes after it has read them (a
+    /// slow disk, a busy host): its rows may be finished meanwhile.
+    read_delay: Option<std::time::Duration>,
 }
 
 struct Row {
@@ -50,6 +53,13 @@ impl MemoryRows {
     #[cfg(test)]
     pub(crate) fn fail_outcomes(&self, why: Option<&str>) {
         self.inner.lock().unwrap().outcomes_fail = why.map(str::to_string);
+    }
+
+    /// Makes each read of pending rows return this long after it read
+    /// them.
+    #[cfg(test)]
+    pub(crate) fn slow_reads(&self, delay: Option<std::time::Duration>) {
+        self.inner.lock().unwrap().read_delay = delay;
     }
 
     fn of<'a>(rows: &'a BTreeMap<i64, Row>, connection: Option<&'a str>) -> impl Iterator<Item = (&'a i64, &'a Row)> {
@@ -116,6 +126,11 @@ impl Rows for MemoryRows {
             if bytes >= max_bytes {
                 break;
             }
+        }
+        let delay = inner.read_delay;
+        drop(inner);
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
         }
         Ok(read)
     }
@@ -574,6 +589,32 @@ mod tests {
         assert_eq!(a.events().len(), 80);
         assert_eq!(a.stats().deduplicated, 0, "an event was sent twice");
         assert_in_order(&a, None);
+        service.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_finished_while_a_read_held_it_is_not_sent_again() {
+        // Every answer takes 300 ms and every read of pending rows 400 ms
+        // to come back: a feeder's sweep (every 5 s, from the first row)
+        // reads rows in flight, which are finished before it looks at them.
+        let a = sandbox(Faults {
+            latency: Duration::from_millis(300),
+            slow: 1.0,
+            ..Faults::default()
+        })
+        .await;
+        let service = Service::start(&[("a", &a)]).await;
+        service.rows.slow_reads(Some(Duration::from_millis(400)));
+        for i in 0..70 {
+            assert_eq!(service.send("a", &[track(i % 7, i)]).await, 200);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        wait_until("every row delivered", Duration::from_secs(30), async || {
+            service.rows_of("a") == [0, 70, 0, 0]
+        })
+        .await;
+        assert_eq!(a.events().len(), 70);
+        assert_eq!(a.stats().deduplicated, 0, "events delivered already were sent again");
         service.stop().await;
     }
 

@@ -126,6 +126,79 @@ impl Rows for Spool {
 pub(crate) struct RowLog<R: Rows> {
     rows: Arc<R>,
     appends: std::sync::mpsc::Sender<Append>,
+    finishing: Arc<Finishing>,
+}
+
+/// Rows whose outcomes are recorded while a feeder's read may still hold
+/// them as pending. A feeder reads a batch of pending rows, then admits
+/// them one by one; a row in flight when it was read may be finished and
+/// released before the feeder reaches it, and admitting it then would
+/// send it again (an older identify after its person's newer ones). So
+/// the writer marks each row it finishes here before it releases it, and
+/// the feeder drops a row it admitted that is marked. A mark is kept only
+/// while a read that began before it is still being handed out.
+#[derive(Default)]
+struct Finishing {
+    state: std::sync::Mutex<FinishingState>,
+}
+
+#[derive(Default)]
+struct FinishingState {
+    /// Reads begun so far (the next read's number).
+    reads: u64,
+    /// Reads begun and not yet handed out.
+    active: std::collections::BTreeSet<u64>,
+    /// Finished rows, each with the number of reads begun before it was
+    /// finished.
+    finished: std::collections::HashMap<i64, u64>,
+}
+
+impl Finishing {
+    /// A read of pending rows begins; until the guard goes, rows finished
+    /// from now on stay marked.
+    fn begin_read(self: &Arc<Self>) -> ReadGuard {
+        let mut state = self.state.lock().unwrap();
+        let read = state.reads;
+        state.reads += 1;
+        state.active.insert(read);
+        ReadGuard {
+            finishing: self.clone(),
+            read,
+        }
+    }
+
+    /// These rows' outcomes are recorded; called before they are released.
+    fn finished(&self, rows: impl Iterator<Item = i64>) {
+        let mut state = self.state.lock().unwrap();
+        // No read under way: any later read sees them finished.
+        if state.active.is_empty() {
+            return;
+        }
+        let before = state.reads;
+        state.finished.extend(rows.map(|row| (row, before)));
+    }
+
+    fn is_finished(&self, row: i64) -> bool {
+        self.state.lock().unwrap().finished.contains_key(&row)
+    }
+}
+
+/// A read under way, and the rows it handed out.
+struct ReadGuard {
+    finishing: Arc<Finishing>,
+    read: u64,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        let mut state = self.finishing.state.lock().unwrap();
+        state.active.remove(&self.read);
+        // A mark matters to reads begun before it; keep those still out.
+        match state.active.first().copied() {
+            None => state.finished.clear(),
+            Some(oldest) => state.finished.retain(|_, before| *before > oldest),
+        }
+    }
 }
 
 /// One sender's events, and where to say whether they were committed.
@@ -146,7 +219,11 @@ impl<R: Rows> RowLog<R> {
         std::thread::Builder::new()
             .name("spool-append".into())
             .spawn(move || append_in_groups(&*writer, &queued))?;
-        Ok(RowLog { rows, appends })
+        Ok(RowLog {
+            rows,
+            appends,
+            finishing: Arc::default(),
+        })
     }
 
     /// Runs a call on the rows off the async threads.
@@ -223,8 +300,8 @@ impl<R: Rows> EventLog for RowLog<R> {
                 }
             }));
         let writer = std::thread::Builder::new().name("outcome-writer".into()).spawn({
-            let (shared, rows) = (shared.clone(), self.rows.clone());
-            move || write_outcomes(&shared, &*rows, outcomes)
+            let (shared, rows, finishing) = (shared.clone(), self.rows.clone(), self.finishing.clone());
+            move || write_outcomes(&shared, &*rows, &finishing, outcomes)
         });
         Box::pin(async move {
             let writer = writer?;
@@ -267,11 +344,12 @@ impl<R: Rows> EventLog for RowLog<R> {
         connection.feeding.store(true, Ordering::Release);
         let last = feeder.take();
         let (shared, connection, rows) = (shared.clone(), connection.clone(), self.rows.clone());
+        let finishing = self.finishing.clone();
         *feeder = Some(tokio::spawn(async move {
             if let Some(last) = last {
                 let _ = last.await;
             }
-            feed(shared, rows, connection, 256).await;
+            feed(shared, rows, finishing, connection, 256).await;
         }));
     }
 
@@ -286,7 +364,13 @@ const READ_AHEAD_BYTES: usize = 4 << 20;
 /// Hands a connection's pending rows to its engine, oldest first, each once
 /// while it is in flight; a row replayed from the dead letters is picked up
 /// on the next full sweep.
-async fn feed<R: Rows>(shared: Arc<Shared>, rows: Arc<R>, connection: Arc<Connection>, read_ahead: usize) {
+async fn feed<R: Rows>(
+    shared: Arc<Shared>,
+    rows: Arc<R>,
+    finishing: Arc<Finishing>,
+    connection: Arc<Connection>,
+    read_ahead: usize,
+) {
     let mut cursor = 0i64;
     let mut last_sweep = tokio::time::Instant::now();
     let mut last_work = tokio::time::Instant::now();
@@ -305,6 +389,7 @@ async fn feed<R: Rows>(shared: Arc<Shared>, rows: Arc<R>, connection: Arc<Connec
             last_sweep = tokio::time::Instant::now();
         }
         let (reader, id) = (rows.clone(), connection.id.clone());
+        let _reading = finishing.begin_read();
         let read = tokio::task::spawn_blocking(move || reader.pending_after(&id, cursor, read_ahead, READ_AHEAD_BYTES));
         let read = match read.await {
             Ok(Ok(read)) => read,
@@ -334,6 +419,12 @@ async fn feed<R: Rows>(shared: Arc<Shared>, rows: Arc<R>, connection: Arc<Connec
             let id = EventId::SpoolRow(row.id);
             // Room for it in the connection's share and the host's.
             if !shared.engines.admit(&connection, id, row.body.len()).await {
+                continue;
+            }
+            // Finished since it was read (checked once admitted: the
+            // writer marks a row before it releases it).
+            if finishing.is_finished(row.id) {
+                shared.engines.release(&connection, id, false);
                 continue;
             }
             if !shared
@@ -401,7 +492,7 @@ const GATHER_BELOW: usize = 32;
 /// that time, so their events are not sent again, and `/healthz` says
 /// why. Only when the service stops with the write still failing are the
 /// rows left pending, to be delivered again (idempotently) after restart.
-fn write_outcomes(shared: &Shared, rows: &impl Rows, mut outcomes: Outcomes) {
+fn write_outcomes(shared: &Shared, rows: &impl Rows, finishing: &Finishing, mut outcomes: Outcomes) {
     let mut batch: Vec<(Arc<Connection>, Finished)> = Vec::new();
     let mut wait = Duration::from_millis(100);
     loop {
@@ -454,6 +545,7 @@ fn write_outcomes(shared: &Shared, rows: &impl Rows, mut outcomes: Outcomes) {
             tracing::info!("recording outcomes works again");
         }
         wait = Duration::from_millis(100);
+        finishing.finished(batch.iter().map(|(_, f)| f.id));
         for (connection, finished) in batch.drain(..) {
             shared
                 .engines
