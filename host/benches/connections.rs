@@ -239,7 +239,7 @@ async fn scale(dir: &Path) {
 async fn throughput(dir: &Path) {
     let active = setting("BENCH_ACTIVE", 100) as usize;
     let total = setting("BENCH_EVENTS", 50_000) as usize;
-    let (_sandbox, url) = sandbox(&[]);
+    let (sandbox_process, url) = sandbox(&[]);
     let entries: Vec<_> = (0..active)
         .map(|i| (format!("shop-{i}"), format!("wk_{i}"), url.clone(), "paused"))
         .collect();
@@ -272,6 +272,7 @@ async fn throughput(dir: &Path) {
     eprintln!("stored; resuming the {active} connections");
     let resumed = now_julian_seconds();
     let started = Instant::now();
+    let cpu_before = [serve.0.id(), sandbox_process.0.id()].map(common::process_cpu);
     for i in 0..active {
         let response = client
             .post(format!("{serve_url}/admin/connections/shop-{i}/resume"))
@@ -282,10 +283,21 @@ async fn throughput(dir: &Path) {
         assert_eq!(response.status().as_u16(), 200);
     }
     wait_drained(&spool, None, Duration::from_secs(600)).await;
+    // The drain's CPU, an event: serve's own, and the stand-in's (which
+    // shares the machine here, as Klaviyo would not).
+    let [serve_cpu, sandbox_cpu] = [serve.0.id(), sandbox_process.0.id()]
+        .map(common::process_cpu)
+        .into_iter()
+        .zip(cpu_before)
+        .map(|(after, before)| (after - before).as_secs_f64() * 1e6 / total as f64)
+        .collect::<Vec<_>>()[..]
+    else {
+        unreachable!()
+    };
     let (_, last, finished) = spool_file::finished_span_seconds(&spool);
     let elapsed = last - resumed;
     println!(
-        "{active} active connections, {total} events: {finished} finished in {elapsed:.1} s after the resume, {:.0} events/s (waited {:.1} s); peak RSS {:.1} MiB",
+        "{active} active connections, {total} events: {finished} finished in {elapsed:.1} s after the resume, {:.0} events/s (waited {:.1} s); CPU an event: serve {serve_cpu:.0} µs, stand-in {sandbox_cpu:.0} µs; peak RSS {:.1} MiB",
         finished as f64 / elapsed,
         started.elapsed().as_secs_f64(),
         status_kib(serve.0.id(), "VmHWM:") as f64 / 1024.0
