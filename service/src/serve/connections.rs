@@ -260,13 +260,22 @@ pub struct Connections {
     mapping_pool: Arc<MappingPool>,
 }
 
-/// Events in flight (read from the spool, not yet finished) at most, for
-/// all connections together: with many busy connections, each one's share
-/// of memory is what this bounds, not its own limit times their number.
 /// Events' not-before times, by event.
 pub(super) type Waits = Arc<Mutex<HashMap<cdp_core::mapping::EventId, std::time::SystemTime>>>;
 
-pub const HOST_EVENTS: usize = 16_384;
+/// Events in flight (read, not yet finished) at most, for all connections
+/// together: with many busy connections, each one's share of memory is
+/// what this bounds, not its own limit times their number. 4,096 a core,
+/// and never fewer than the flags' connection may hold. With 100 busy
+/// connections, 16,384 in flight on two cores held eight times one
+/// connection's working set (bodies, mapped requests, tasks: 300 MiB
+/// against 235 with 8,192), for more CPU an event and less throughput
+/// (BENCHMARKS §10). It is still far more than Klaviyo's latency needs
+/// (Little's law: 4,096 events at 200 ms is 20,000 events a second).
+pub fn host_events() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    (4_096 * cores).max(FLAGS_CONNECTION_EVENTS)
+}
 
 /// Bytes of event bodies in flight at most, for all connections together,
 /// and for one: memory under a backlog of large events is bounded by these,

@@ -77,7 +77,7 @@ struct Running {
 pub(crate) struct Engines {
     running: Mutex<HashMap<String, Running>>,
     serial: std::sync::atomic::AtomicU64,
-    /// Events admitted across connections (`connections::HOST_EVENTS`).
+    /// Events admitted across connections (`connections::host_events`).
     host: Arc<Semaphore>,
     /// Their bodies' KiB (`connections::HOST_BYTES`).
     host_bytes: Arc<Semaphore>,
@@ -98,7 +98,7 @@ impl Engines {
         let engines = Arc::new(Engines {
             running: Mutex::default(),
             serial: Default::default(),
-            host: Arc::new(Semaphore::new(connections::HOST_EVENTS)),
+            host: Arc::new(Semaphore::new(connections::host_events())),
             host_bytes: Arc::new(Semaphore::new(connections::HOST_BYTES / 1024)),
             outcomes: Mutex::new(Some(tx)),
             metrics,
