@@ -135,18 +135,21 @@ pub(crate) struct RowLog<R: Rows> {
 /// released before the feeder reaches it, and admitting it then would
 /// send it again (an older identify after its person's newer ones). So
 /// the writer marks each row it finishes here before it releases it, and
-/// the feeder drops a row it admitted that is marked. A mark is kept only
-/// while a read that began before it is still being handed out.
+/// the feeder drops a row it admitted that is marked. Marks are kept by
+/// connection (only its own feeder reads its rows), and only while a read
+/// of that connection begun before them is still being handed in: a
+/// feeder waiting long for room (a failing shop) keeps its own
+/// connection's marks, never every connection's.
 #[derive(Default)]
 struct Finishing {
-    state: std::sync::Mutex<FinishingState>,
+    by_connection: std::sync::Mutex<std::collections::HashMap<String, FinishingState>>,
 }
 
 #[derive(Default)]
 struct FinishingState {
     /// Reads begun so far (the next read's number).
     reads: u64,
-    /// Reads begun and not yet handed out.
+    /// Reads begun and not yet handed in.
     active: std::collections::BTreeSet<u64>,
     /// Finished rows, each with the number of reads begun before it was
     /// finished.
@@ -154,48 +157,62 @@ struct FinishingState {
 }
 
 impl Finishing {
-    /// A read of pending rows begins; until the guard goes, rows finished
-    /// from now on stay marked.
-    fn begin_read(self: &Arc<Self>) -> ReadGuard {
-        let mut state = self.state.lock().unwrap();
+    /// A read of a connection's pending rows begins; until the guard goes,
+    /// its rows finished from now on stay marked.
+    fn begin_read(self: &Arc<Self>, connection: &str) -> ReadGuard {
+        let mut by_connection = self.by_connection.lock().unwrap();
+        let state = by_connection.entry(connection.to_string()).or_default();
         let read = state.reads;
         state.reads += 1;
         state.active.insert(read);
         ReadGuard {
             finishing: self.clone(),
+            connection: connection.to_string(),
             read,
         }
     }
 
     /// These rows' outcomes are recorded; called before they are released.
-    fn finished(&self, rows: impl Iterator<Item = i64>) {
-        let mut state = self.state.lock().unwrap();
-        // No read under way: any later read sees them finished.
-        if state.active.is_empty() {
-            return;
+    fn finished<'a>(&self, rows: impl Iterator<Item = (&'a str, i64)>) {
+        let mut by_connection = self.by_connection.lock().unwrap();
+        for (connection, row) in rows {
+            // No read of it under way: a later read sees the row finished.
+            if let Some(state) = by_connection.get_mut(connection)
+                && !state.active.is_empty()
+            {
+                let before = state.reads;
+                state.finished.insert(row, before);
+            }
         }
-        let before = state.reads;
-        state.finished.extend(rows.map(|row| (row, before)));
     }
 
-    fn is_finished(&self, row: i64) -> bool {
-        self.state.lock().unwrap().finished.contains_key(&row)
+    fn is_finished(&self, connection: &str, row: i64) -> bool {
+        let by_connection = self.by_connection.lock().unwrap();
+        by_connection
+            .get(connection)
+            .is_some_and(|state| state.finished.contains_key(&row))
     }
 }
 
-/// A read under way, and the rows it handed out.
+/// A read under way, and the rows it hands in.
 struct ReadGuard {
     finishing: Arc<Finishing>,
+    connection: String,
     read: u64,
 }
 
 impl Drop for ReadGuard {
     fn drop(&mut self) {
-        let mut state = self.finishing.state.lock().unwrap();
+        let mut by_connection = self.finishing.by_connection.lock().unwrap();
+        let Some(state) = by_connection.get_mut(&self.connection) else {
+            return;
+        };
         state.active.remove(&self.read);
         // A mark matters to reads begun before it; keep those still out.
         match state.active.first().copied() {
-            None => state.finished.clear(),
+            None => {
+                by_connection.remove(&self.connection);
+            }
             Some(oldest) => state.finished.retain(|_, before| *before > oldest),
         }
     }
@@ -389,7 +406,7 @@ async fn feed<R: Rows>(
             last_sweep = tokio::time::Instant::now();
         }
         let (reader, id) = (rows.clone(), connection.id.clone());
-        let _reading = finishing.begin_read();
+        let _reading = finishing.begin_read(&connection.id);
         let read = tokio::task::spawn_blocking(move || reader.pending_after(&id, cursor, read_ahead, READ_AHEAD_BYTES));
         let read = match read.await {
             Ok(Ok(read)) => read,
@@ -423,7 +440,7 @@ async fn feed<R: Rows>(
             }
             // Finished since it was read (checked once admitted: the
             // writer marks a row before it releases it).
-            if finishing.is_finished(row.id) {
+            if finishing.is_finished(&connection.id, row.id) {
                 shared.engines.release(&connection, id, false);
                 continue;
             }
@@ -552,7 +569,7 @@ fn write_outcomes(shared: &Shared, rows: &impl Rows, finishing: &Finishing, mut 
             tracing::info!("recording outcomes works again");
         }
         wait = Duration::from_millis(100);
-        finishing.finished(batch.iter().map(|(_, f)| f.id));
+        finishing.finished(batch.iter().map(|(c, f)| (c.id.as_str(), f.id)));
         for (connection, finished) in batch.drain(..) {
             shared
                 .engines
@@ -574,5 +591,33 @@ fn take(
     match finished(&record) {
         Some(finished) => batch.push((connection, finished)),
         None => shared.engines.release(&connection, record.id, false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_lasts_only_while_a_read_of_its_own_connection_begun_before_it_is_out() {
+        let finishing = Arc::new(Finishing::default());
+        // A feeder of x waits long in its read (a failing shop).
+        let x = finishing.begin_read("x");
+        // y's rows finished with no read of y out: nothing kept.
+        finishing.finished([("y", 1)].into_iter());
+        assert!(!finishing.is_finished("y", 1));
+        // A read of y out: marked, until that read is handed in.
+        let y = finishing.begin_read("y");
+        finishing.finished([("y", 2), ("x", 3)].into_iter());
+        assert!(finishing.is_finished("y", 2) && finishing.is_finished("x", 3));
+        drop(y);
+        assert!(!finishing.is_finished("y", 2));
+        assert!(!finishing.by_connection.lock().unwrap().contains_key("y"));
+        // x's mark stays for x's read begun before it, then goes.
+        let x_later = finishing.begin_read("x");
+        drop(x);
+        assert!(!finishing.is_finished("x", 3), "kept for a read begun after it");
+        drop(x_later);
+        assert!(finishing.by_connection.lock().unwrap().is_empty());
     }
 }
