@@ -1,8 +1,8 @@
 //! Dead letters, wherever `serve` keeps them: one interface for listing,
 //! replaying and purging them, with a log's rows (the spool's) and the
 //! stream as its two implementations. `cdp-host dlq` opens one and runs
-//! the same command on either. A letter's `id` is its row in the spool, its sequence in
-//! `CHORD_DLQ` on the stream.
+//! the same command on either. A letter's `id` is its row in the spool,
+//! its sequence in `CHORD_DLQ` on the stream.
 //!
 //! A letter reads the same from either: `id`, `connection`, `message_id`,
 //! `plugin_version`, `reason`, `request` (its key masked), `response`
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
-use super::log::rows::Rows;
+use super::log::rows::{Rows, off_thread};
 use super::stream::dead;
 use crate::spool::DeadRow;
 
@@ -36,21 +36,10 @@ pub trait DeadLetters: Send + Sync {
 /// them).
 pub struct RowDeadLetters<R: Rows>(pub Arc<R>);
 
-impl<R: Rows> RowDeadLetters<R> {
-    /// Runs a call on the rows off the async threads.
-    fn blocking<'a, T: Send + 'static>(
-        &'a self,
-        call: impl FnOnce(&R) -> anyhow::Result<T> + Send + 'static,
-    ) -> BoxFuture<'a, anyhow::Result<T>> {
-        let rows = self.0.clone();
-        Box::pin(async move { tokio::task::spawn_blocking(move || call(&rows)).await? })
-    }
-}
-
 impl<R: Rows> DeadLetters for RowDeadLetters<R> {
     fn list<'a>(&'a self, connection: Option<&'a str>, limit: usize) -> BoxFuture<'a, anyhow::Result<Vec<Value>>> {
         let connection = connection.map(str::to_string);
-        self.blocking(move |spool| {
+        off_thread(&self.0, move |spool| {
             let rows = spool.dead(connection.as_deref(), limit)?;
             Ok(rows.into_iter().map(letter_of_row).collect())
         })
@@ -58,12 +47,12 @@ impl<R: Rows> DeadLetters for RowDeadLetters<R> {
 
     fn replay<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>> {
         let (connection, ids) = (connection.map(str::to_string), ids.to_vec());
-        self.blocking(move |spool| spool.replay(connection.as_deref(), &ids))
+        off_thread(&self.0, move |spool| spool.replay(connection.as_deref(), &ids))
     }
 
     fn purge<'a>(&'a self, connection: Option<&'a str>, ids: &'a [i64]) -> BoxFuture<'a, anyhow::Result<usize>> {
         let (connection, ids) = (connection.map(str::to_string), ids.to_vec());
-        self.blocking(move |spool| spool.purge(connection.as_deref(), &ids))
+        off_thread(&self.0, move |spool| spool.purge(connection.as_deref(), &ids))
     }
 }
 

@@ -242,15 +242,15 @@ impl<R: Rows> RowLog<R> {
             finishing: Arc::default(),
         })
     }
+}
 
-    /// Runs a call on the rows off the async threads.
-    fn blocking<'a, T: Send + 'static>(
-        &'a self,
-        call: impl FnOnce(&R) -> anyhow::Result<T> + Send + 'static,
-    ) -> BoxFuture<'a, anyhow::Result<T>> {
-        let rows = self.rows.clone();
-        Box::pin(async move { tokio::task::spawn_blocking(move || call(&rows)).await? })
-    }
+/// Runs a call on rows off the async threads (their calls block).
+pub(crate) fn off_thread<R: Rows, T: Send + 'static>(
+    rows: &Arc<R>,
+    call: impl FnOnce(&R) -> anyhow::Result<T> + Send + 'static,
+) -> BoxFuture<'static, anyhow::Result<T>> {
+    let rows = rows.clone();
+    Box::pin(async move { tokio::task::spawn_blocking(move || call(&rows)).await? })
 }
 
 /// The writer thread: waits for an append, takes those queued behind it,
@@ -338,16 +338,16 @@ impl<R: Rows> EventLog for RowLog<R> {
 
     fn has_pending<'a>(&'a self, connection: &'a str) -> BoxFuture<'a, anyhow::Result<bool>> {
         let connection = connection.to_string();
-        self.blocking(move |rows| rows.has_pending(&connection))
+        off_thread(&self.rows, move |rows| rows.has_pending(&connection))
     }
 
     fn backlog(&self) -> BoxFuture<'_, Option<BTreeMap<String, u64>>> {
-        let counted = self.blocking(|rows| rows.pending_by_connection());
+        let counted = off_thread(&self.rows, |rows| rows.pending_by_connection());
         Box::pin(async move { Some(counted.await.unwrap_or_default()) })
     }
 
     fn counts(&self) -> BoxFuture<'_, BTreeMap<String, Counts>> {
-        let counted = self.blocking(|rows| rows.counts());
+        let counted = off_thread(&self.rows, |rows| rows.counts());
         Box::pin(async move { counted.await.unwrap_or_default() })
     }
 
@@ -371,7 +371,7 @@ impl<R: Rows> EventLog for RowLog<R> {
     }
 
     fn ready_connections(&self) -> BoxFuture<'_, anyhow::Result<Vec<String>>> {
-        self.blocking(|rows| rows.pending_connections())
+        off_thread(&self.rows, |rows| rows.pending_connections())
     }
 }
 
