@@ -910,3 +910,88 @@ async fn a_worker_paused_past_its_lease_sends_nothing_stale() {
         first.log()
     );
 }
+
+/// A worker that delivered an event and recorded its outcome but whose ack
+/// was lost (it died, or gave the partition up, before JetStream confirmed
+/// it) leaves the event in the stream. The worker that reads the partition
+/// next must find the record and ack the event without sending it again:
+/// sent again, an identify would write its older values over the person's
+/// newer ones until those came again too. Here the record is written as a
+/// worker writes it, for an event no worker has read yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_recorded_as_settled_is_acked_not_sent_again() {
+    let dir = tempdir();
+    let cluster = Cluster::start(dir.join("nats"));
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let ingest = Worker::start_with(
+        dir.join("ingest"),
+        &cluster.urls(),
+        &sandbox.url(),
+        API_KEY,
+        &["--no-pacing", "--partitions", "1", "--role", "ingest"],
+    );
+    let client = reqwest::Client::new();
+    for version in ["v1", "v2"] {
+        let event = json!({"type": "identify", "messageId": format!("recorded-{version}"), "userId": "recorded-person",
+                           "traits": {"email": "recorded@example.org", "firstName": version}});
+        let answer = client
+            .post(format!("{}/api/s/s2s/identify", ingest.url()))
+            .header("X-Write-Key", WRITE_KEY)
+            .body(event.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    // v1 is the stream's first event: its record, as a worker publishes it
+    // before the ack that is then lost.
+    let nats = async_nats::connect(cluster.urls().split(',').next().unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let mut events = js.get_stream("CHORD_EVENTS").await.unwrap();
+    assert_eq!(events.info().await.unwrap().state.messages, 2);
+    let first = events.get_raw_message(1).await.unwrap();
+    let event = first.headers.get("Nats-Msg-Id").unwrap().as_str().to_string();
+    assert!(event.ends_with(":recorded-v1"), "{event}");
+    let record = json!({"sequence": 1, "connection": event.split(':').next().unwrap(), "message_id": "recorded-v1",
+                        "state": "delivered", "reason": null, "plugin_version": "klaviyo@1.0.0",
+                        "received_at": null, "finished_at": chrono::Utc::now().to_rfc3339(),
+                        "worker": "a-worker-gone", "subject": "chord.events.0", "event": event});
+    js.publish("chord.outcomes.0", record.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let deliver = Worker::start_with(
+        dir.join("deliver"),
+        &cluster.urls(),
+        &sandbox.url(),
+        API_KEY,
+        &["--no-pacing", "--partitions", "1", "--role", "deliver"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first_name(&sandbox, "recorded@example.org").as_deref() != Some("v2") {
+        assert!(Instant::now() < deadline, "v2 not delivered: {}", deliver.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while events.info().await.unwrap().state.messages > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the recorded event was not acked: {}",
+            deliver.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v1_sent: Vec<_> = sandbox
+        .arrivals()
+        .into_iter()
+        .filter(|a| a.what == "profile-import" && a.detail.to_string().contains("\"v1\""))
+        .collect();
+    assert!(
+        v1_sent.is_empty(),
+        "an event recorded as settled was sent again: {v1_sent:?}"
+    );
+}

@@ -18,9 +18,12 @@
 //!   carries `Nats-Msg-Id` = `<connection>:<messageId>`, so a sender's retry
 //!   of what was stored already is dropped by the stream's dedupe window.
 //! - `CHORD_DLQ`, on `chord.dlq`: dead letters, kept until replayed or purged.
-//! - `CHORD_OUTCOMES`, on `chord.outcomes`: each event's outcome with the
-//!   plugin version that mapped it and when it was received and finished,
-//!   kept for a day.
+//! - `CHORD_OUTCOMES`, on `chord.outcomes.<partition>`: each event's
+//!   outcome with the plugin version that mapped it and when it was received
+//!   and finished, kept for a day. A worker publishes it *before* it acks
+//!   the event, so that an event whose ack is lost and which comes back to
+//!   another worker is found settled there and acked, not sent again (hosts
+//!   before this published on `chord.outcomes`, which the stream still takes).
 //! - KV buckets `chord_leases` (who holds each partition) and
 //!   `chord_workers` (who is alive), both expiring what is not renewed.
 //! - KV bucket `chord_active` (each connection's plugin version) and the
@@ -51,7 +54,10 @@ const EVENTS_SUBJECTS: &str = "chord.events.>";
 pub const DLQ_STREAM: &str = "CHORD_DLQ";
 pub const DLQ_SUBJECT: &str = "chord.dlq";
 pub const OUTCOMES_STREAM: &str = "CHORD_OUTCOMES";
+/// Where hosts before the records named their partition published them.
 pub const OUTCOMES_SUBJECT: &str = "chord.outcomes";
+/// Every partition's records.
+pub(crate) const OUTCOMES_SUBJECTS: &str = "chord.outcomes.>";
 /// How long outcome records are kept (as the spool keeps finished rows).
 const OUTCOMES_KEPT: Duration = Duration::from_secs(24 * 3600);
 const LEASES_BUCKET: &str = "chord_leases";
@@ -141,7 +147,7 @@ impl Log {
         loop {
             let outcomes = stream::Config {
                 name: OUTCOMES_STREAM.to_string(),
-                subjects: vec![OUTCOMES_SUBJECT.to_string()],
+                subjects: vec![OUTCOMES_SUBJECT.to_string(), OUTCOMES_SUBJECTS.to_string()],
                 num_replicas: options.replicas,
                 max_age: OUTCOMES_KEPT,
                 storage: stream::StorageType::File,
@@ -164,7 +170,8 @@ impl Log {
             }
         }
         agree_on_partitions(&js, &options).await?;
-        widen_event_subjects(&js, &events).await?;
+        widen_subjects(&js, EVENTS_STREAM, &[EVENTS_SUBJECTS]).await?;
+        widen_subjects(&js, OUTCOMES_STREAM, &[OUTCOMES_SUBJECT, OUTCOMES_SUBJECTS]).await?;
         let events = js.get_stream(EVENTS_STREAM).await.context("opening the event stream")?;
         Ok(Log { js, options, events })
     }
@@ -217,27 +224,38 @@ pub(crate) fn partition_filters(partition: u32) -> Vec<String> {
     ]
 }
 
-/// A stream made when events were on `chord.events.<partition>` only takes
-/// the subjects that name the connection too.
-async fn widen_event_subjects(js: &jetstream::Context, wanted: &stream::Config) -> anyhow::Result<()> {
-    let mut events = js.get_stream(EVENTS_STREAM).await.context("opening the event stream")?;
-    let config = events
+/// The subject of a partition's outcome records.
+pub(crate) fn outcome_subject(partition: u32) -> String {
+    format!("chord.outcomes.{partition}")
+}
+
+/// A stream made before some of its subjects existed takes this host's
+/// subjects instead (which cover the old ones): the event stream made when
+/// events were on `chord.events.<partition>` only (now they name their
+/// connection), the outcome stream made when records were on
+/// `chord.outcomes` only (now they name their partition).
+async fn widen_subjects(js: &jetstream::Context, name: &str, wanted: &[&str]) -> anyhow::Result<()> {
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .with_context(|| format!("opening the stream {name}"))?;
+    let config = stream
         .info()
         .await
-        .context("reading the event stream's layout")?
+        .with_context(|| format!("reading the layout of the stream {name}"))?
         .config
         .clone();
-    if config.subjects.iter().any(|s| s == EVENTS_SUBJECTS) {
+    if wanted.iter().all(|w| config.subjects.iter().any(|s| s == w)) {
         return Ok(());
     }
     let widened = stream::Config {
-        subjects: wanted.subjects.clone(),
+        subjects: wanted.iter().map(|w| w.to_string()).collect(),
         ..config
     };
     js.update_stream(widened)
         .await
-        .context("widening the event stream's subjects to name each event's connection")?;
-    tracing::info!("the event stream now takes subjects that name each event's connection");
+        .with_context(|| format!("widening the subjects of the stream {name} to {wanted:?}"))?;
+    tracing::info!(stream = name, "the stream now takes {wanted:?}");
     Ok(())
 }
 

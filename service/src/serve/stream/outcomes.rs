@@ -1,4 +1,5 @@
-//! The outcome records other hosts publish on `chord.outcomes`, followed
+//! The outcome records other hosts publish on `chord.outcomes.<partition>`
+//! (or, before their records named a partition, `chord.outcomes`), followed
 //! for this host's console: a shop's events are delivered by whichever
 //! host holds their partition, and an operator looking at any host should
 //! see them all. Only what the record says is shown (no requests: they
@@ -11,7 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use super::{Log, OUTCOMES_SUBJECT};
+use super::{Log, OUTCOMES_SUBJECT, OUTCOMES_SUBJECTS};
 use crate::serve::Shared;
 use crate::serve::console::recent::{Elsewhere, Verdict};
 
@@ -20,8 +21,16 @@ pub(crate) async fn follow(log: Arc<Log>, shared: Arc<Shared>) {
         return;
     };
     loop {
-        match log.js.client().subscribe(OUTCOMES_SUBJECT).await {
-            Ok(mut records) => {
+        let client = log.js.client();
+        let subscribed = async {
+            anyhow::Ok((
+                client.subscribe(OUTCOMES_SUBJECTS).await?,
+                client.subscribe(OUTCOMES_SUBJECT).await?,
+            ))
+        };
+        match subscribed.await {
+            Ok((partitioned, older)) => {
+                let mut records = futures_util::stream::select(partitioned, older);
                 while let Some(message) = records.next().await {
                     let Ok(record) = serde_json::from_slice::<Value>(&message.payload) else {
                         continue;

@@ -43,7 +43,8 @@ use super::super::Shared;
 use super::super::connections::Connection;
 use super::super::engine::{Admit, Outcomes};
 use super::{
-    CONNECTION_HEADER, EVENTS_STREAM, LEASES_BUCKET, Log, OUTCOMES_SUBJECT, RECEIVED_AT_HEADER, WORKERS_BUCKET,
+    CONNECTION_HEADER, EVENTS_STREAM, LEASES_BUCKET, Log, OUTCOMES_STREAM, RECEIVED_AT_HEADER, WORKERS_BUCKET,
+    outcome_subject,
 };
 use cdp_core::delivery::{EventOutcome, EventRecord};
 use cdp_core::mapping::EventId;
@@ -99,8 +100,9 @@ const UNPARK_EVERY: Duration = Duration::from_millis(250);
 struct Pending {
     /// Where acks and progress signals for its newest delivery go.
     reply: Option<async_nats::Subject>,
-    /// Its partition's subject, and when ingest received it.
+    /// Its partition's subject, its `Nats-Msg-Id`, and when ingest received it.
     subject: String,
+    event: String,
     received_at: Option<String>,
     in_flight: Arc<AtomicUsize>,
     /// The partition it was read from (the fence asks about its lease).
@@ -131,28 +133,42 @@ struct Worker {
     /// For each partition held, when its last successful renewal (or its
     /// taking) was sent: what the fence reads.
     renewed: std::sync::Mutex<HashMap<u32, tokio::time::Instant>>,
-    /// Events this worker settled lately: one that comes back (an ack
-    /// JetStream never confirmed, or lost when its consumer's leader
-    /// changed) is acked again, not delivered again behind its person's
-    /// newer events.
+    /// Events settled lately, by this worker or (read from their records
+    /// when it starts reading a partition) by another: one that comes back
+    /// (an ack JetStream never confirmed, lost when its consumer's leader
+    /// changed, or sent by a worker that died or lost the partition before
+    /// it was confirmed) is acked again, not delivered again behind its
+    /// person's newer events.
     settled: std::sync::Mutex<Settled>,
 }
 
-/// The sequences of events settled here lately, oldest first, bounded in
-/// count and age.
+/// The sequences of events settled lately, oldest first, bounded in count
+/// and age; each with a hash of its `Nats-Msg-Id`, so that a sequence of a
+/// stream made anew (numbered from 1 again) is not taken for another's.
 #[derive(Default)]
 struct Settled {
     order: std::collections::VecDeque<(u64, tokio::time::Instant)>,
-    known: std::collections::HashSet<u64>,
+    known: HashMap<u64, u64>,
 }
 
 /// How many settled events, and for how long, a worker remembers: long
-/// past `ACK_WAIT` and a consumer's rebuild, in about 8 MiB at most.
+/// past `ACK_WAIT` and a consumer's rebuild, in about 10 MiB at most.
+/// Records are read back from at most `SETTLED_FOR` ago.
 const SETTLED_KEPT: usize = 200_000;
 const SETTLED_FOR: Duration = Duration::from_secs(600);
+/// Records are read from this long before the oldest unfinished event of
+/// a partition was received: ingest hosts' clocks and the servers' differ.
+const CLOCK_SLACK: Duration = Duration::from_secs(60);
+/// How long reading a partition's records may hold its first event.
+const RECORDS_WAIT: Duration = Duration::from_secs(30);
+
+/// The key a settled event is known by besides its sequence.
+fn event_key(nats_msg_id: &str) -> u64 {
+    super::fnv1a(nats_msg_id.as_bytes())
+}
 
 impl Settled {
-    fn insert(&mut self, sequence: u64) {
+    fn insert(&mut self, sequence: u64, key: u64) {
         let now = tokio::time::Instant::now();
         while let Some(&(oldest, at)) = self.order.front() {
             if self.order.len() < SETTLED_KEPT && now.duration_since(at) < SETTLED_FOR {
@@ -161,13 +177,13 @@ impl Settled {
             self.order.pop_front();
             self.known.remove(&oldest);
         }
-        if self.known.insert(sequence) {
+        if self.known.insert(sequence, key).is_none() {
             self.order.push_back((sequence, now));
         }
     }
 
-    fn contains(&self, sequence: u64) -> bool {
-        self.known.contains(&sequence)
+    fn contains(&self, sequence: u64, key: u64) -> bool {
+        self.known.get(&sequence) == Some(&key)
     }
 }
 
@@ -520,6 +536,7 @@ impl Worker {
             unknown: HashSet::new(),
         };
         let mut unpark = tokio::time::interval(UNPARK_EVERY);
+        let mut records_read = false;
         loop {
             let next = tokio::select! {
                 _ = stop.changed() => return,
@@ -562,6 +579,16 @@ impl Worker {
                 return;
             }
             next_delivery = delivery.map(|d| d + 1);
+            if !records_read {
+                // What other workers settled of this partition's events
+                // and could not ack is known before any is handed out.
+                records_read = true;
+                let received_at = header_of(&message, RECEIVED_AT_HEADER);
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = self.read_records(partition, received_at.as_deref()) => {}
+                }
+            }
             self.dispatch(message, partition, &in_flight, &mut parked);
         }
     }
@@ -578,15 +605,10 @@ impl Worker {
         let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
             return;
         };
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
-        };
+        let header = |name: &str| header_of(&message, name);
         let connection_id = header(CONNECTION_HEADER).unwrap_or_default();
-        if self.settled.lock().unwrap().contains(sequence) {
+        let event = header("Nats-Msg-Id").unwrap_or_default();
+        if self.settled.lock().unwrap().contains(sequence, event_key(&event)) {
             // Settled here already, its ack lost: acked again, not sent again.
             tokio::spawn(async move {
                 if let Err(e) = message.double_ack().await {
@@ -612,6 +634,7 @@ impl Worker {
                 Pending {
                     reply: message.reply.clone(),
                     subject: message.subject.to_string(),
+                    event,
                     received_at: received_at.clone(),
                     in_flight: in_flight.clone(),
                     partition,
@@ -753,8 +776,8 @@ impl Worker {
             .lock()
             .unwrap()
             .get(&sequence)
-            .map(|p| (p.subject.clone(), p.received_at.clone()));
-        let Some((subject, received_at)) = known else {
+            .map(|p| (p.subject.clone(), p.event.clone(), p.received_at.clone(), p.partition));
+        let Some((subject, event, received_at, partition)) = known else {
             self.shared.engines.release(connection, record.id, false);
             return;
         };
@@ -797,24 +820,32 @@ impl Worker {
             "finished_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "worker": self.id,
             "subject": subject,
+            "event": event,
         });
-        // The ack is confirmed off this loop (a round trip to the replicas
-        // each; waiting here bounded a worker to about 900 events a
-        // second). Until it is, the event stays pending, so a delivery of
-        // it that comes back meanwhile is not handed to the engine again.
+        // The record is stored, then the ack sent and confirmed, off this
+        // loop (a round trip to the replicas each; waiting here bounded a
+        // worker to about 900 events a second). Until the ack is confirmed
+        // the event stays pending, so a delivery of it that comes back
+        // meanwhile is not handed to the engine again; and if the ack is
+        // lost, whichever worker reads the partition next finds the record
+        // and acks the event without sending it.
         let (worker, connection) = (self.clone(), connection.clone());
         tokio::spawn(async move {
-            worker.ack_confirmed(sequence, &connection).await;
-            worker.settled.lock().unwrap().insert(sequence);
-            worker.forget(sequence);
-            if let Err(e) = worker
-                .log
-                .js
-                .publish(OUTCOMES_SUBJECT, outcome.to_string().into())
-                .await
-            {
-                tracing::debug!("recording an outcome: {e}");
+            let recorded = async {
+                let stored = worker
+                    .log
+                    .js
+                    .publish(outcome_subject(partition), outcome.to_string().into())
+                    .await?;
+                stored.await?;
+                anyhow::Ok(())
+            };
+            if let Err(e) = recorded.await {
+                tracing::debug!(sequence, "recording an outcome: {e:#}");
             }
+            worker.ack_confirmed(sequence, &connection).await;
+            worker.settled.lock().unwrap().insert(sequence, event_key(&event));
+            worker.forget(sequence);
             worker
                 .shared
                 .engines
@@ -855,6 +886,72 @@ impl Worker {
         tracing::warn!(connection = %connection.id, sequence, "JetStream did not confirm the ack after {ACK_TRIES} tries ({last_error}); the event will come again");
     }
 
+    /// Reads the outcome records of a partition's events from when its
+    /// oldest unfinished event was received (`received_at`; at most
+    /// `SETTLED_FOR` back) into `settled`: an event another worker settled
+    /// and could not ack is then acked here, not sent again. Bounded by
+    /// `RECORDS_WAIT`; records that cannot be read are logged and left.
+    async fn read_records(&self, partition: u32, received_at: Option<&str>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i128;
+        let earliest = now - SETTLED_FOR.as_nanos() as i128;
+        let received = received_at
+            .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok())
+            .and_then(|r| r.timestamp_nanos_opt())
+            .map(|r| i128::from(r) - CLOCK_SLACK.as_nanos() as i128);
+        let from = received.map_or(earliest, |r| r.max(earliest));
+        let read = async {
+            let start_time = async_nats::datetime::from_nanos(from).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let records = self.log.js.get_stream(OUTCOMES_STREAM).await?;
+            let mut consumer = records
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: outcome_subject(partition),
+                    deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+                    ..Default::default()
+                })
+                .await?;
+            if consumer.info().await?.num_pending == 0 {
+                return anyhow::Ok(0);
+            }
+            let mut messages = consumer.messages().await?;
+            let mut learned = 0;
+            while let Some(message) = messages.next().await {
+                let message = message?;
+                #[derive(serde::Deserialize)]
+                struct Record {
+                    sequence: u64,
+                    event: Option<String>,
+                }
+                // Records of hosts before this one name no event: left.
+                if let Ok(Record {
+                    sequence,
+                    event: Some(event),
+                }) = serde_json::from_slice(&message.payload)
+                {
+                    self.settled.lock().unwrap().insert(sequence, event_key(&event));
+                    learned += 1;
+                }
+                if message.info().map_or(true, |i| i.pending == 0) {
+                    break;
+                }
+            }
+            anyhow::Ok(learned)
+        };
+        match tokio::time::timeout(RECORDS_WAIT, read).await {
+            Ok(Ok(learned)) => {
+                tracing::debug!(worker = %self.id, partition, learned, "read the partition's outcome records")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(worker = %self.id, partition, "reading the partition's outcome records: {e:#}; an event settled elsewhere whose ack was lost may be sent again")
+            }
+            Err(_) => {
+                tracing::warn!(worker = %self.id, partition, "reading the partition's outcome records took over {RECORDS_WAIT:?}; going on without the rest")
+            }
+        }
+    }
+
     /// Tells JetStream that events held long in an engine are still being
     /// worked on, so that it does not hand them out again.
     async fn signal_progress(&self) {
@@ -877,4 +974,13 @@ impl Worker {
             }
         }
     }
+}
+
+/// One header of an event, if it has it.
+fn header_of(message: &jetstream::Message, name: &str) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_string())
 }
