@@ -584,9 +584,13 @@ impl Worker {
                 // and could not ack is known before any is handed out.
                 records_read = true;
                 let received_at = header_of(&message, RECEIVED_AT_HEADER);
-                tokio::select! {
+                let read = tokio::select! {
                     _ = stop.changed() => return,
-                    _ = self.read_records(partition, received_at.as_deref()) => {}
+                    read = self.read_records(partition, received_at.as_deref()) => read,
+                };
+                if !read {
+                    // Read again, records first, at the next tick.
+                    return;
                 }
             }
             self.dispatch(message, partition, &in_flight, &mut parked);
@@ -831,18 +835,7 @@ impl Worker {
         // and acks the event without sending it.
         let (worker, connection) = (self.clone(), connection.clone());
         tokio::spawn(async move {
-            let recorded = async {
-                let stored = worker
-                    .log
-                    .js
-                    .publish(outcome_subject(partition), outcome.to_string().into())
-                    .await?;
-                stored.await?;
-                anyhow::Ok(())
-            };
-            if let Err(e) = recorded.await {
-                tracing::debug!(sequence, "recording an outcome: {e:#}");
-            }
+            worker.record(sequence, partition, outcome.to_string()).await;
             worker.ack_confirmed(sequence, &connection).await;
             worker.settled.lock().unwrap().insert(sequence, event_key(&event));
             worker.forget(sequence);
@@ -851,6 +844,40 @@ impl Worker {
                 .engines
                 .release(&connection, EventId::Stream(sequence), true);
         });
+    }
+
+    /// Stores an event's outcome record on its partition's subject, trying
+    /// again until JetStream confirms it or `ACK_TRIES` have failed. A
+    /// record not stored at once closes the partition's fence, as an
+    /// unconfirmed ack does: what the partition sends from then on could
+    /// come back to another worker with no record to stop it.
+    async fn record(&self, sequence: u64, partition: u32, record: String) {
+        let mut last_error = String::new();
+        for attempt in 0..ACK_TRIES {
+            let stored = async {
+                let stored = self
+                    .log
+                    .js
+                    .publish(outcome_subject(partition), record.clone().into())
+                    .await?;
+                stored.await?;
+                anyhow::Ok(())
+            };
+            match tokio::time::timeout(ACK_CONFIRM, stored).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => last_error = format!("{e:#}"),
+                Err(_) => last_error = "no confirmation in time".to_string(),
+            }
+            if attempt == 0 {
+                self.close_fence(sequence, &format!("its outcome record was not stored: {last_error}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+        }
+        tracing::warn!(
+            partition,
+            sequence,
+            "JetStream did not store the outcome record after {ACK_TRIES} tries ({last_error}); if the ack is lost too, the event will be sent again"
+        );
     }
 
     /// Acks an event and waits for JetStream to confirm it, sending the
@@ -889,9 +916,10 @@ impl Worker {
     /// Reads the outcome records of a partition's events from when its
     /// oldest unfinished event was received (`received_at`; at most
     /// `SETTLED_FOR` back) into `settled`: an event another worker settled
-    /// and could not ack is then acked here, not sent again. Bounded by
-    /// `RECORDS_WAIT`; records that cannot be read are logged and left.
-    async fn read_records(&self, partition: u32, received_at: Option<&str>) {
+    /// and could not ack is then acked here, not sent again. Tried again
+    /// for up to `RECORDS_WAIT`; false if they could not be read, and then
+    /// none of the partition's events is handed out.
+    async fn read_records(&self, partition: u32, received_at: Option<&str>) -> bool {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -902,54 +930,61 @@ impl Worker {
             .and_then(|r| r.timestamp_nanos_opt())
             .map(|r| i128::from(r) - CLOCK_SLACK.as_nanos() as i128);
         let from = received.map_or(earliest, |r| r.max(earliest));
-        let read = async {
-            let start_time = async_nats::datetime::from_nanos(from).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let records = self.log.js.get_stream(OUTCOMES_STREAM).await?;
-            let mut consumer = records
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: outcome_subject(partition),
-                    deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
-                    ..Default::default()
-                })
-                .await?;
-            if consumer.info().await?.num_pending == 0 {
-                return anyhow::Ok(0);
-            }
-            let mut messages = consumer.messages().await?;
-            let mut learned = 0;
-            while let Some(message) = messages.next().await {
-                let message = message?;
-                #[derive(serde::Deserialize)]
-                struct Record {
-                    sequence: u64,
-                    event: Option<String>,
+        let deadline = tokio::time::Instant::now() + RECORDS_WAIT;
+        let mut last_error = String::new();
+        while tokio::time::Instant::now() < deadline {
+            let left = deadline - tokio::time::Instant::now();
+            match tokio::time::timeout(left, self.read_records_from(partition, from)).await {
+                Ok(Ok(learned)) => {
+                    tracing::debug!(worker = %self.id, partition, learned, "read the partition's outcome records");
+                    return true;
                 }
-                // Records of hosts before this one name no event: left.
-                if let Ok(Record {
-                    sequence,
-                    event: Some(event),
-                }) = serde_json::from_slice(&message.payload)
-                {
-                    self.settled.lock().unwrap().insert(sequence, event_key(&event));
-                    learned += 1;
-                }
-                if message.info().map_or(true, |i| i.pending == 0) {
-                    break;
-                }
+                Ok(Err(e)) => last_error = format!("{e:#}"),
+                Err(_) => last_error = "no answer in time".to_string(),
             }
-            anyhow::Ok(learned)
-        };
-        match tokio::time::timeout(RECORDS_WAIT, read).await {
-            Ok(Ok(learned)) => {
-                tracing::debug!(worker = %self.id, partition, learned, "read the partition's outcome records")
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tracing::warn!(worker = %self.id, partition, "cannot read the partition's outcome records ({last_error}); its events wait until they can be read");
+        false
+    }
+
+    /// One try of `read_records`, from `from` (nanoseconds since the epoch).
+    async fn read_records_from(&self, partition: u32, from: i128) -> anyhow::Result<usize> {
+        #[derive(serde::Deserialize)]
+        struct Record {
+            sequence: u64,
+            event: Option<String>,
+        }
+        let start_time = async_nats::datetime::from_nanos(from).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let records = self.log.js.get_stream(OUTCOMES_STREAM).await?;
+        let mut consumer = records
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: outcome_subject(partition),
+                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+                ..Default::default()
+            })
+            .await?;
+        if consumer.info().await?.num_pending == 0 {
+            return Ok(0);
+        }
+        let mut messages = consumer.messages().await?;
+        let mut learned = 0;
+        while let Some(message) = messages.next().await {
+            let message = message?;
+            // Records of hosts before this one name no event: left.
+            if let Ok(Record {
+                sequence,
+                event: Some(event),
+            }) = serde_json::from_slice(&message.payload)
+            {
+                self.settled.lock().unwrap().insert(sequence, event_key(&event));
+                learned += 1;
             }
-            Ok(Err(e)) => {
-                tracing::warn!(worker = %self.id, partition, "reading the partition's outcome records: {e:#}; an event settled elsewhere whose ack was lost may be sent again")
-            }
-            Err(_) => {
-                tracing::warn!(worker = %self.id, partition, "reading the partition's outcome records took over {RECORDS_WAIT:?}; going on without the rest")
+            if message.info().map_or(true, |i| i.pending == 0) {
+                return Ok(learned);
             }
         }
+        anyhow::bail!("the records ended before the last one was read")
     }
 
     /// Tells JetStream that events held long in an engine are still being
