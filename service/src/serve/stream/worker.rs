@@ -665,8 +665,14 @@ impl Worker {
                     }
                     return;
                 }
-                Admit::AlreadyIn => return,
-                Admit::Full => {}
+                // Still in the engine under a delivery this worker let go
+                // of (left unsent: the fence, or shutting down) and about
+                // to be released: parked, so that it is handed in once
+                // it is out and its connection's later events wait
+                // behind it (handed none, it would stay pending here
+                // with nothing to send it, and come to another worker
+                // only after its person's newer events).
+                Admit::AlreadyIn | Admit::Full => {}
             }
         }
         if connection.is_none() && parked.unknown.insert(connection_id.clone()) {
@@ -692,11 +698,9 @@ impl Worker {
             while let Some(&(sequence, size)) = queue.front() {
                 let id = EventId::Stream(sequence);
                 match self.shared.engines.try_admit(&connection, id, size) {
-                    Admit::Full => break,
-                    Admit::AlreadyIn => {
-                        queue.pop_front();
-                        continue;
-                    }
+                    // In the engine still (see `dispatch`): waits until
+                    // it is released.
+                    Admit::Full | Admit::AlreadyIn => break,
                     Admit::Admitted => {}
                 }
                 match self.events.get_raw_message(sequence).await {
