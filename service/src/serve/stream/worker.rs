@@ -18,8 +18,12 @@
 //! consumer anew, from the oldest event not acked (the stream is a work
 //! queue, so every event still in it is unfinished), so the events the
 //! dead worker had in flight come first, in their order. An event the
-//! dead worker delivered but had not acked is delivered again, and the
-//! destination drops it by its `unique_id`.
+//! dead worker delivered but had not acked is not sent again if its
+//! outcome record was stored: every outcome is recorded on
+//! `chord.outcomes.<partition>` before the ack, and a worker reads its
+//! partition's recent records before it hands any of its events out. One
+//! delivered and killed before its record was stored is sent again (a
+//! track is then dropped by the destination by its `unique_id`).
 //!
 //! Budget: each worker paces every account to the part of its budgets
 //! that its partitions are of all partitions (`Budgets::set_share`), so
@@ -754,14 +758,15 @@ impl Worker {
             .is_some_and(|sent| sent.elapsed() < LEASE_TTL - FENCE_MARGIN)
     }
 
-    /// Stops the partition of an event whose ack went unconfirmed from
-    /// sending more: its fence closes, and the next renewal gives it up.
+    /// Stops the partition of an event whose record or ack went
+    /// unconfirmed from sending more: its fence closes, and the next
+    /// renewal gives it up.
     fn close_fence(&self, sequence: u64, why: &str) {
         let Some(partition) = self.pending.lock().unwrap().get(&sequence).map(|p| p.partition) else {
             return;
         };
         if self.renewed.lock().unwrap().remove(&partition).is_some() {
-            tracing::warn!(worker = %self.id, partition, "an ack went unconfirmed ({why}); the partition stops sending and is given up, to be read again from its oldest unfinished event");
+            tracing::warn!(worker = %self.id, partition, "{why}; the partition stops sending and is given up, to be read again from its oldest unfinished event");
         }
     }
 
@@ -850,71 +855,79 @@ impl Worker {
         });
     }
 
-    /// Stores an event's outcome record on its partition's subject, trying
-    /// again until JetStream confirms it or `ACK_TRIES` have failed. A
-    /// record not stored at once closes the partition's fence, as an
-    /// unconfirmed ack does: what the partition sends from then on could
-    /// come back to another worker with no record to stop it.
+    /// Stores an event's outcome record on its partition's subject and
+    /// waits for JetStream to confirm it (see `confirmed`).
     async fn record(&self, sequence: u64, partition: u32, record: String) {
+        let stored = self
+            .confirmed(sequence, "its outcome record was not stored", || {
+                let record = record.clone();
+                Some(async move {
+                    let stored = self.log.js.publish(outcome_subject(partition), record.into()).await?;
+                    stored.await?;
+                    anyhow::Ok(())
+                })
+            })
+            .await;
+        if let Err(e) = stored {
+            tracing::warn!(
+                partition,
+                sequence,
+                "JetStream did not store the outcome record after {ACK_TRIES} tries ({e}); if the ack is lost too, the event will be sent again"
+            );
+        }
+    }
+
+    /// Acks an event and waits for JetStream to confirm it (see
+    /// `confirmed`), through the newest delivery of the event. An ack that
+    /// is never confirmed leaves the event to come back after `ACK_WAIT`,
+    /// to be acked without sending if its record was stored; that is
+    /// logged.
+    async fn ack_confirmed(&self, sequence: u64, connection: &Connection) {
+        let client = self.log.js.client();
+        let acked = self
+            .confirmed(sequence, "an ack was not confirmed", || {
+                let reply = self.pending.lock().unwrap().get(&sequence)?.reply.clone()?;
+                let client = client.clone();
+                Some(async move {
+                    client.request(reply, bytes::Bytes::from_static(b"+ACK")).await?;
+                    anyhow::Ok(())
+                })
+            })
+            .await;
+        if let Err(e) = acked {
+            tracing::warn!(connection = %connection.id, sequence, "JetStream did not confirm the ack after {ACK_TRIES} tries ({e}); the event will come again");
+        }
+    }
+
+    /// Tries a request to JetStream until it is confirmed or `ACK_TRIES`
+    /// have failed (backing off), waiting `ACK_SLOW` for the first answer
+    /// and `ACK_CONFIRM` for each later one. A first try that fails closes
+    /// the event's partition's fence: what the partition sent from then on
+    /// could come back to another worker with no record or ack to stop
+    /// it. `attempt` gives none when there is nothing to try any more
+    /// (the event is no longer pending): that counts as done.
+    async fn confirmed<F, A>(&self, sequence: u64, why: &str, mut attempt: A) -> Result<(), String>
+    where
+        A: FnMut() -> Option<F>,
+        F: std::future::Future<Output = anyhow::Result<()>>,
+    {
         let mut last_error = String::new();
-        for attempt in 0..ACK_TRIES {
-            let stored = async {
-                let stored = self
-                    .log
-                    .js
-                    .publish(outcome_subject(partition), record.clone().into())
-                    .await?;
-                stored.await?;
-                anyhow::Ok(())
+        for tried in 0..ACK_TRIES {
+            let Some(request) = attempt() else {
+                return Ok(());
             };
-            match tokio::time::timeout(ACK_CONFIRM, stored).await {
-                Ok(Ok(())) => return,
+            let wait = if tried == 0 { ACK_SLOW } else { ACK_CONFIRM };
+            match tokio::time::timeout(wait, request).await {
+                Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) => last_error = format!("{e:#}"),
                 Err(_) => last_error = "no confirmation in time".to_string(),
             }
-            if attempt == 0 {
-                self.close_fence(sequence, &format!("its outcome record was not stored: {last_error}"));
+            if tried == 0 {
+                self.close_fence(sequence, &format!("{why}: {last_error}"));
             }
-            tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+            tokio::time::sleep(Duration::from_millis(100 << tried.min(4))).await;
         }
-        tracing::warn!(
-            partition,
-            sequence,
-            "JetStream did not store the outcome record after {ACK_TRIES} tries ({last_error}); if the ack is lost too, the event will be sent again"
-        );
-    }
-
-    /// Acks an event and waits for JetStream to confirm it, sending the
-    /// ack again (through the newest delivery of the event) until it is
-    /// confirmed or `ACK_TRIES` have failed. An ack that is never
-    /// confirmed leaves the event to come back after `ACK_WAIT`, and the
-    /// destination drops it by its unique_id: that is logged, as it costs
-    /// a request.
-    async fn ack_confirmed(&self, sequence: u64, connection: &Connection) {
-        let client = self.log.js.client();
-        let mut last_error = String::new();
-        for attempt in 0..ACK_TRIES {
-            let reply = self
-                .pending
-                .lock()
-                .unwrap()
-                .get(&sequence)
-                .and_then(|p| p.reply.clone());
-            let Some(reply) = reply else {
-                return;
-            };
-            let wait = if attempt == 0 { ACK_SLOW } else { ACK_CONFIRM };
-            match tokio::time::timeout(wait, client.request(reply, bytes::Bytes::from_static(b"+ACK"))).await {
-                Ok(Ok(_)) => return,
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = "no confirmation in time".to_string(),
-            }
-            if attempt == 0 {
-                self.close_fence(sequence, &last_error);
-            }
-            tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
-        }
-        tracing::warn!(connection = %connection.id, sequence, "JetStream did not confirm the ack after {ACK_TRIES} tries ({last_error}); the event will come again");
+        Err(last_error)
     }
 
     /// Reads the outcome records of a partition's events from when its
