@@ -16,7 +16,9 @@
 //!   for them). Streams made before carry `chord.events.<partition>` too,
 //!   and workers read both. Each event
 //!   carries `Nats-Msg-Id` = `<connection>:<messageId>`, so a sender's retry
-//!   of what was stored already is dropped by the stream's dedupe window.
+//!   of what was stored already is dropped by the stream's dedupe window,
+//!   and `Chord-Person`, a hash of its person key (see `worker`'s
+//!   `Resending`).
 //! - `CHORD_DLQ`, on `chord.dlq`: dead letters, kept until replayed or purged.
 //! - `CHORD_OUTCOMES`, on `chord.outcomes.<partition>`: each event's
 //!   outcome with the plugin version that mapped it and when it was received
@@ -65,6 +67,9 @@ const WORKERS_BUCKET: &str = "chord_workers";
 /// Headers each event carries besides `Nats-Msg-Id`.
 pub const CONNECTION_HEADER: &str = "Chord-Connection";
 pub const RECEIVED_AT_HEADER: &str = "Chord-Received-At";
+/// A hash of the event's person key (hex), when it has one: a worker
+/// tells one person's events from another's by it without reading bodies.
+pub const PERSON_HEADER: &str = "Chord-Person";
 
 /// What each host runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -190,6 +195,9 @@ impl Log {
             );
             headers.insert(CONNECTION_HEADER, HeaderValue::from(event.connection.as_str()));
             headers.insert(RECEIVED_AT_HEADER, HeaderValue::from(event.received_at.as_str()));
+            if let Some(person) = &event.person {
+                headers.insert(PERSON_HEADER, HeaderValue::from(person_hash(person).as_str()));
+            }
             let ack = self
                 .js
                 .publish_with_headers(event_subject(partition, &event.connection), headers, event.body.into())
@@ -508,6 +516,11 @@ pub fn partition_of_person(person: Option<&str>, partitions: u32) -> u32 {
         Some(key) => (fnv1a(key.as_bytes()) % u64::from(partitions.max(1))) as u32,
         None => 0,
     }
+}
+
+/// What `PERSON_HEADER` carries for a person key.
+pub(crate) fn person_hash(person: &str) -> String {
+    format!("{:016x}", fnv1a(person.as_bytes()))
 }
 
 /// FNV-1a, 64 bits: stable across hosts and versions (std's hasher is not).

@@ -47,8 +47,8 @@ use super::super::Shared;
 use super::super::connections::Connection;
 use super::super::engine::{Admit, Outcomes};
 use super::{
-    CONNECTION_HEADER, EVENTS_STREAM, LEASES_BUCKET, Log, OUTCOMES_STREAM, RECEIVED_AT_HEADER, WORKERS_BUCKET,
-    outcome_subject,
+    CONNECTION_HEADER, EVENTS_STREAM, LEASES_BUCKET, Log, OUTCOMES_STREAM, PERSON_HEADER, RECEIVED_AT_HEADER,
+    WORKERS_BUCKET, outcome_subject,
 };
 use cdp_core::delivery::{EventOutcome, EventRecord};
 use cdp_core::mapping::EventId;
@@ -190,6 +190,21 @@ impl Settled {
         self.known.get(&sequence) == Some(&key)
     }
 }
+
+/// The people of one read of a partition that it handed out an event of
+/// that no record had settled. A settled event of such a person, read
+/// for the first time in this read, is sent again rather than acked: its
+/// person's older event, which was not settled, has just been sent, and
+/// skipping the newer one would leave Klaviyo with the older values. (A
+/// worker that records events out of order, or dies between two records,
+/// leaves such a gap.) Kept for at most `RESENDING_KEPT` people a read;
+/// past that, settled events are acked as before.
+#[derive(Default)]
+struct Resending {
+    people: HashSet<String>,
+}
+
+const RESENDING_KEPT: usize = 100_000;
 
 /// A partition's events whose connection cannot take them now, by
 /// connection, in stream order: a connection's later events queue behind
@@ -541,6 +556,7 @@ impl Worker {
         };
         let mut unpark = tokio::time::interval(UNPARK_EVERY);
         let mut records_read = false;
+        let mut resending = Resending::default();
         loop {
             let next = tokio::select! {
                 _ = stop.changed() => return,
@@ -597,7 +613,7 @@ impl Worker {
                     return;
                 }
             }
-            self.dispatch(message, partition, &in_flight, &mut parked);
+            self.dispatch(message, partition, &in_flight, &mut parked, &mut resending);
         }
     }
 
@@ -609,6 +625,7 @@ impl Worker {
         partition: u32,
         in_flight: &Arc<AtomicUsize>,
         parked: &mut Parked,
+        resending: &mut Resending,
     ) {
         let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
             return;
@@ -616,7 +633,13 @@ impl Worker {
         let header = |name: &str| header_of(&message, name);
         let connection_id = header(CONNECTION_HEADER).unwrap_or_default();
         let event = header("Nats-Msg-Id").unwrap_or_default();
-        if self.settled.lock().unwrap().contains(sequence, event_key(&event)) {
+        let person = header(PERSON_HEADER);
+        // The first delivery of it to this read (a later one is an ack of
+        // this read's own that was lost).
+        let first = message.info().map_or(true, |i| i.delivered <= 1);
+        let settled = self.settled.lock().unwrap().contains(sequence, event_key(&event));
+        let resend = settled && first && person.as_ref().is_some_and(|p| resending.people.contains(p));
+        if settled && !resend {
             // Settled here already, its ack lost: acked again, not sent again.
             tokio::spawn(async move {
                 if let Err(e) = message.double_ack().await {
@@ -635,6 +658,15 @@ impl Worker {
                 already.reply = message.reply.clone();
                 already.signalled = tokio::time::Instant::now();
                 return;
+            }
+            // Handed out afresh, and not settled before: its person's
+            // settled events later in this read are sent again.
+            if !settled
+                && first
+                && let Some(person) = &person
+                && resending.people.len() < RESENDING_KEPT
+            {
+                resending.people.insert(person.clone());
             }
             in_flight.fetch_add(1, Ordering::AcqRel);
             pending.insert(
