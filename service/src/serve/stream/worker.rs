@@ -172,6 +172,10 @@ fn event_key(nats_msg_id: &str) -> u64 {
 }
 
 impl Settled {
+    fn newest(&self) -> u64 {
+        self.known.keys().copied().max().unwrap_or(0)
+    }
+
     fn insert(&mut self, sequence: u64, key: u64) {
         let now = tokio::time::Instant::now();
         while let Some(&(oldest, at)) = self.order.front() {
@@ -197,11 +201,16 @@ impl Settled {
 /// person's older event, which was not settled, has just been sent, and
 /// skipping the newer one would leave Klaviyo with the older values. (A
 /// worker that records events out of order, or dies between two records,
-/// leaves such a gap.) Kept for at most `RESENDING_KEPT` people a read;
-/// past that, settled events are acked as before.
+/// leaves such a gap.) Only events up to the newest settled when the read
+/// began can be settled on their first delivery to it, so people are kept
+/// only until the read passes that sequence, and for at most
+/// `RESENDING_KEPT` people; past that, settled events are acked as before.
 #[derive(Default)]
 struct Resending {
-    people: HashSet<String>,
+    /// Hashes of person keys (`PERSON_HEADER`).
+    people: HashSet<u64>,
+    /// The newest sequence settled when the read began.
+    until: u64,
 }
 
 const RESENDING_KEPT: usize = 100_000;
@@ -612,6 +621,7 @@ impl Worker {
                     // Read again, records first, at the next tick.
                     return;
                 }
+                resending.until = self.settled.lock().unwrap().newest();
             }
             self.dispatch(message, partition, &in_flight, &mut parked, &mut resending);
         }
@@ -633,12 +643,17 @@ impl Worker {
         let header = |name: &str| header_of(&message, name);
         let connection_id = header(CONNECTION_HEADER).unwrap_or_default();
         let event = header("Nats-Msg-Id").unwrap_or_default();
-        let person = header(PERSON_HEADER);
+        let person = header(PERSON_HEADER)
+            .filter(|_| sequence <= resending.until)
+            .and_then(|p| u64::from_str_radix(&p, 16).ok());
+        if sequence > resending.until && !resending.people.is_empty() {
+            resending.people = HashSet::new();
+        }
         // The first delivery of it to this read (a later one is an ack of
         // this read's own that was lost).
         let first = message.info().map_or(true, |i| i.delivered <= 1);
         let settled = self.settled.lock().unwrap().contains(sequence, event_key(&event));
-        let resend = settled && first && person.as_ref().is_some_and(|p| resending.people.contains(p));
+        let resend = settled && first && person.is_some_and(|p| resending.people.contains(&p));
         if settled && !resend {
             // Settled here already, its ack lost: acked again, not sent again.
             tokio::spawn(async move {
@@ -663,10 +678,10 @@ impl Worker {
             // settled events later in this read are sent again.
             if !settled
                 && first
-                && let Some(person) = &person
+                && let Some(person) = person
                 && resending.people.len() < RESENDING_KEPT
             {
-                resending.people.insert(person.clone());
+                resending.people.insert(person);
             }
             in_flight.fetch_add(1, Ordering::AcqRel);
             pending.insert(
