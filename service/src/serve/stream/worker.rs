@@ -655,7 +655,8 @@ impl Worker {
         let settled = self.settled.lock().unwrap().contains(sequence, event_key(&event));
         let resend = settled && first && person.is_some_and(|p| resending.people.contains(&p));
         if settled && !resend {
-            // Settled here already, its ack lost: acked again, not sent again.
+            // Settled already (here, or by a worker whose record says so),
+            // its ack lost: acked again, not sent again.
             tokio::spawn(async move {
                 if let Err(e) = message.double_ack().await {
                     tracing::debug!(sequence, "acking a settled event again: {e}");
