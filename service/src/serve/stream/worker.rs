@@ -637,7 +637,9 @@ impl Worker {
         parked: &mut Parked,
         resending: &mut Resending,
     ) {
-        let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
+        // Its sequence, and whether this is its first delivery to this read
+        // (a later one is an ack of this read's own that was lost).
+        let Ok((sequence, first)) = message.info().map(|i| (i.stream_sequence, i.delivered <= 1)) else {
             return;
         };
         let header = |name: &str| header_of(&message, name);
@@ -649,9 +651,6 @@ impl Worker {
         if sequence > resending.until && !resending.people.is_empty() {
             resending.people = HashSet::new();
         }
-        // The first delivery of it to this read (a later one is an ack of
-        // this read's own that was lost).
-        let first = message.info().map_or(true, |i| i.delivered <= 1);
         let settled = self.settled.lock().unwrap().contains(sequence, event_key(&event));
         let resend = settled && first && person.is_some_and(|p| resending.people.contains(&p));
         if settled && !resend {
