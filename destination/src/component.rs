@@ -18,12 +18,15 @@ wit_bindgen::generate!({
 use chord::destination::types as wit;
 use exports::chord::destination::plugin::Guest;
 
+use crate::arena::Arena;
 use crate::contract;
 
-/// See BENCHMARKS.md: the mapping allocates a lot, and dlmalloc, wasm32's
-/// default, made the component about twice as slow as native code.
+/// See BENCHMARKS.md: the mapping allocates a lot. A per-call arena takes
+/// what a call builds and drops (`arena.rs`); Talc, behind it, what is kept
+/// between calls and large buffers (dlmalloc, wasm32's default, made the
+/// component about twice as slow as native code).
 #[global_allocator]
-static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+static ALLOCATOR: Arena<talc::wasm::WasmDynamicTalc> = Arena::new(talc::wasm::new_wasm_dynamic_allocator());
 
 struct KlaviyoPlugin;
 
@@ -76,25 +79,33 @@ impl Guest for KlaviyoPlugin {
     }
 
     fn map_event(settings: String, event: String, now_unix_ms: i64) -> wit::Mapping {
-        let mapping = crate::map(&settings, &event, now_unix_ms);
-        wit::Mapping {
-            outcome: match mapping.outcome {
-                contract::Outcome::Send(requests) => wit::Outcome::Send(requests.into_iter().map(to_wit).collect()),
-                contract::Outcome::Skip(reason) => wit::Outcome::Skip(reason),
-                contract::Outcome::Error(reason) => wit::Outcome::Error(reason),
-            },
-            warnings: mapping.warnings,
-            ordering_key: mapping.ordering_key,
-        }
+        ALLOCATOR.call(|| map_event(&settings, &event, now_unix_ms))
     }
 
     fn interpret(settings: String, request: wit::HttpRequest, response: wit::HttpResponse) -> wit::Verdict {
-        match crate::interpret(&settings, &from_wit(request), &from_wit_response(response)) {
-            contract::Verdict::Delivered => wit::Verdict::Delivered,
-            contract::Verdict::Retry(after) => wit::Verdict::Retry(after),
-            contract::Verdict::Rejected(reason) => wit::Verdict::Rejected(reason),
-            contract::Verdict::Replace(requests) => wit::Verdict::Replace(requests.into_iter().map(to_wit).collect()),
-        }
+        ALLOCATOR.call(|| interpret(&settings, request, response))
+    }
+}
+
+fn map_event(settings: &str, event: &str, now_unix_ms: i64) -> wit::Mapping {
+    let mapping = crate::map(settings, event, now_unix_ms);
+    wit::Mapping {
+        outcome: match mapping.outcome {
+            contract::Outcome::Send(requests) => wit::Outcome::Send(requests.into_iter().map(to_wit).collect()),
+            contract::Outcome::Skip(reason) => wit::Outcome::Skip(reason),
+            contract::Outcome::Error(reason) => wit::Outcome::Error(reason),
+        },
+        warnings: mapping.warnings,
+        ordering_key: mapping.ordering_key,
+    }
+}
+
+fn interpret(settings: &str, request: wit::HttpRequest, response: wit::HttpResponse) -> wit::Verdict {
+    match crate::interpret(settings, &from_wit(request), &from_wit_response(response)) {
+        contract::Verdict::Delivered => wit::Verdict::Delivered,
+        contract::Verdict::Retry(after) => wit::Verdict::Retry(after),
+        contract::Verdict::Rejected(reason) => wit::Verdict::Rejected(reason),
+        contract::Verdict::Replace(requests) => wit::Verdict::Replace(requests.into_iter().map(to_wit).collect()),
     }
 }
 
@@ -126,7 +137,7 @@ mod skip_codes {
 
 #[cfg(not(feature = "contract-1-0"))]
 mod batching {
-    use super::{from_wit, from_wit_response, to_wit};
+    use super::{ALLOCATOR, from_wit, from_wit_response, to_wit};
     use crate::component::chord::destination::batch_types as bt;
     use crate::component::chord::destination::types as wit;
     use crate::component::exports::chord::destination::batching::Guest;
@@ -148,15 +159,17 @@ mod batching {
         }
 
         fn batchable(settings: String, request: wit::HttpRequest) -> Option<bt::BatchItem> {
-            crate::batchable(&settings, &from_wit(request)).map(|item| bt::BatchItem {
-                class: item.class,
-                item: item.item,
-                dedupe_key: item.dedupe_key,
+            ALLOCATOR.call(|| {
+                crate::batchable(&settings, &from_wit(request)).map(|item| bt::BatchItem {
+                    class: item.class,
+                    item: item.item,
+                    dedupe_key: item.dedupe_key,
+                })
             })
         }
 
         fn assemble(settings: String, class: String, items: Vec<String>) -> Result<wit::HttpRequest, String> {
-            crate::assemble(&settings, &class, &items).map(to_wit)
+            ALLOCATOR.call(|| crate::assemble(&settings, &class, &items).map(to_wit))
         }
 
         fn judge(
@@ -166,29 +179,33 @@ mod batching {
             request: wit::HttpRequest,
             response: wit::HttpResponse,
         ) -> bt::BatchVerdict {
-            let verdict = crate::judge(
-                &settings,
-                &class,
-                &items,
-                &from_wit(request),
-                &from_wit_response(response),
-            );
-            match verdict {
-                contract::BatchVerdict::Items(items) => bt::BatchVerdict::Items(items.into_iter().map(item).collect()),
-                contract::BatchVerdict::Retry(after) => bt::BatchVerdict::Retry(after),
-                contract::BatchVerdict::FollowUp(follow) => bt::BatchVerdict::FollowUp(bt::FollowUp {
-                    request: to_wit(follow.request),
-                    after_ms: follow.after_ms,
-                    decided: follow
-                        .decided
-                        .into_iter()
-                        .map(|(index, verdict)| bt::ItemDecision {
-                            index,
-                            verdict: item(verdict),
-                        })
-                        .collect(),
-                }),
-            }
+            ALLOCATOR.call(|| judge(&settings, &class, &items, request, response))
+        }
+    }
+
+    fn judge(
+        settings: &str,
+        class: &str,
+        items: &[String],
+        request: wit::HttpRequest,
+        response: wit::HttpResponse,
+    ) -> bt::BatchVerdict {
+        let verdict = crate::judge(settings, class, items, &from_wit(request), &from_wit_response(response));
+        match verdict {
+            contract::BatchVerdict::Items(items) => bt::BatchVerdict::Items(items.into_iter().map(item).collect()),
+            contract::BatchVerdict::Retry(after) => bt::BatchVerdict::Retry(after),
+            contract::BatchVerdict::FollowUp(follow) => bt::BatchVerdict::FollowUp(bt::FollowUp {
+                request: to_wit(follow.request),
+                after_ms: follow.after_ms,
+                decided: follow
+                    .decided
+                    .into_iter()
+                    .map(|(index, verdict)| bt::ItemDecision {
+                        index,
+                        verdict: item(verdict),
+                    })
+                    .collect(),
+            }),
         }
     }
 

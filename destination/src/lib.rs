@@ -7,6 +7,7 @@
 //! `identify` upserts the profile; only events carrying an email or phone
 //! number are sent; page views are not passed through.
 
+pub mod arena;
 mod bulk;
 pub mod contract;
 mod event;
@@ -136,6 +137,11 @@ thread_local! {
 }
 
 fn parsed_settings(text: &str) -> Result<Rc<Settings>, Vec<SettingError>> {
+    // Kept between calls: allocated outside the call's arena.
+    arena::persistent(|| parsed_settings_kept(text))
+}
+
+fn parsed_settings_kept(text: &str) -> Result<Rc<Settings>, Vec<SettingError>> {
     LAST_SETTINGS.with_borrow_mut(|last| {
         if let Some((last_text, settings)) = last.as_ref()
             && last_text == text

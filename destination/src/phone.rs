@@ -27,6 +27,13 @@ thread_local! {
 /// Normalises `raw` to E.164, reading a national number in each of
 /// `countries` in turn. `None` when no reading gives a valid number.
 pub fn to_e164(raw: &str, countries: &[String]) -> Option<String> {
+    // The cache and libphonenumber's own lazily built state (metadata,
+    // compiled regexes) are kept between calls: allocated outside the
+    // call's arena.
+    crate::arena::persistent(|| to_e164_kept(raw, countries))
+}
+
+fn to_e164_kept(raw: &str, countries: &[String]) -> Option<String> {
     let raw = raw.trim();
     if raw.is_empty() {
         return None;
@@ -72,6 +79,11 @@ fn valid_e164(region: Option<Region>, raw: &str) -> Option<String> {
 /// any case ("us"), or a few common long forms ("USA", "United States").
 /// Only regions libphonenumber knows are returned.
 pub fn region(text: &str) -> Option<String> {
+    // libphonenumber's lazily built state is kept between calls.
+    crate::arena::persistent(|| region_kept(text))
+}
+
+fn region_kept(text: &str) -> Option<String> {
     let text = text.trim();
     let code = match text.to_ascii_uppercase().as_str() {
         "USA" | "UNITED STATES" | "UNITED STATES OF AMERICA" => "US".to_string(),

@@ -283,7 +283,11 @@ fn is_standard_trait(key: &str) -> bool {
 
 /// The top-level trait keys that identifiers and standard attributes are
 /// read from, sorted.
-static STANDARD_TRAITS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+/// Built in the first call that needs it and kept: allocated outside the
+/// call's arena.
+static STANDARD_TRAITS: LazyLock<Vec<&'static str>> = LazyLock::new(|| crate::arena::persistent(standard_traits));
+
+fn standard_traits() -> Vec<&'static str> {
     let spellings = NAMES
         .iter()
         .chain(ATTRIBUTES)
@@ -297,7 +301,7 @@ static STANDARD_TRAITS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
     keys.sort_unstable();
     keys.dedup();
     keys
-});
+}
 
 /// A trait source reduced to the members that identifiers and standard
 /// attributes are read from. Most traits are custom, and looking every
