@@ -6,7 +6,16 @@
 use component_build::Component;
 
 fn main() {
-    component_build::rerun_if_changed(&["destination/src", "destination/Cargo.toml", "wit", "Cargo.lock"]);
+    // The plugin's own crates: the destination and json-scan, which it
+    // scans events with.
+    component_build::rerun_if_changed(&[
+        "destination/src",
+        "destination/Cargo.toml",
+        "json-scan/src",
+        "json-scan/Cargo.toml",
+        "wit",
+        "Cargo.lock",
+    ]);
     let out = Component {
         packages: &["klaviyo-destination"],
         features: &[],
