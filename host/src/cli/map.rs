@@ -21,7 +21,7 @@ pub fn map(runtime_args: &RuntimeArgs, args: MapArgs) -> anyhow::Result<ExitCode
     }
     // Block-buffered: stdout is line-buffered, and a flush per output line
     // cost a tenth of `map`'s time.
-    let stdout = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
+    let stdout = io::BufWriter::with_capacity(1 << 16, plain_stdout()?);
     let input: Box<dyn io::BufRead> = match args.input.as_deref() {
         None => Box::new(io::stdin().lock()),
         Some(path) if path == Path::new("-") => Box::new(io::stdin().lock()),
@@ -36,6 +36,24 @@ pub fn map(runtime_args: &RuntimeArgs, args: MapArgs) -> anyhow::Result<ExitCode
         dry_run::run(&mapper, &settings, input, stdout)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Standard output without its line buffering. Even behind a `BufWriter`,
+/// `Stdout` searches every block written through it for its last newline:
+/// 3% of `map`'s time on a 225 KB event. On Unix the descriptor is
+/// duplicated into a plain file; elsewhere `Stdout` is used as it is.
+fn plain_stdout() -> anyhow::Result<Box<dyn io::Write>> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        let fd = io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating standard output")?;
+        Ok(Box::new(File::from(fd)))
+    }
+    #[cfg(not(unix))]
+    Ok(Box::new(io::stdout().lock()))
 }
 
 pub fn inspect(runtime_args: &RuntimeArgs, file: &Path) -> anyhow::Result<ExitCode> {
