@@ -30,14 +30,16 @@ pub struct MapRow {
 }
 
 impl MapRow {
-    pub fn new(mapped: MappedEvent, settings: &DestinationSettings) -> MapRow {
+    /// The row of `mapped`, the event whose text is `text`.
+    pub fn new(mapped: MappedEvent, settings: &DestinationSettings, text: &str) -> MapRow {
+        let checked = mapped.checked.clone().and_then(|span| text.get(span));
         let (outcome, reason, requests) = match mapped.outcome {
             MappedOutcome::Send(requests) => (
                 "send",
                 None,
                 requests
                     .into_iter()
-                    .map(|r| ShownRequest::from_owned(r, settings))
+                    .map(|r| ShownRequest::from_owned_around(r, settings, checked))
                     .collect(),
             ),
             MappedOutcome::Skip(reason) => ("skip", Some(reason), Vec::new()),
@@ -158,7 +160,7 @@ fn run_with(
             }
             *requests = kept;
         }
-        let row = MapRow::new(mapped, settings);
+        let row = MapRow::new(mapped, settings, &text);
         row.write_json(&mut output)?;
         output.write_all(b"\n")?;
     }

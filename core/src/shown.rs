@@ -30,12 +30,19 @@ pub enum ShownBody {
 }
 
 impl ShownBody {
-    fn new(body: String) -> ShownBody {
+    /// `checked`: an object's text known to be JSON that the body may copy
+    /// (the event's `properties`, checked when the host read the event);
+    /// that part is compared rather than scanned again.
+    fn new(body: String, checked: Option<&str>) -> ShownBody {
         if body.is_empty() {
             return ShownBody::Text(body);
         }
         // Validating without building a tree; the text is kept as it is.
-        match json_scan::validate(&body) {
+        let verdict = match checked {
+            Some(checked) => json_scan::validate_around(&body, checked),
+            None => json_scan::validate(&body),
+        };
+        match verdict {
             Ok(()) => ShownBody::Json(body),
             // What the scanner refuses and serde_json accepts (nesting past
             // 128) is still JSON.
@@ -98,12 +105,22 @@ impl ShownRequest {
             method: request.method.clone(),
             url: request.url.clone(),
             headers,
-            body: ShownBody::new(request.body.clone()),
+            body: ShownBody::new(request.body.clone(), None),
         }
     }
 
     /// The same, taking the request's strings rather than copying them.
     pub fn from_owned(request: HttpRequest, settings: &DestinationSettings) -> ShownRequest {
+        ShownRequest::from_owned_around(request, settings, None)
+    }
+
+    /// The same, for a request mapped from an event of which `checked` (an
+    /// object's text, `MappedEvent::checked`) is known to be JSON.
+    pub fn from_owned_around(
+        request: HttpRequest,
+        settings: &DestinationSettings,
+        checked: Option<&str>,
+    ) -> ShownRequest {
         let headers = settings
             .render_headers(&request, Render::Redacted)
             .unwrap_or_default()
@@ -114,7 +131,33 @@ impl ShownRequest {
             method: request.method,
             url: request.url,
             headers,
-            body: ShownBody::new(request.body),
+            body: ShownBody::new(request.body, checked),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShownBody;
+
+    fn is_json(body: &ShownBody) -> bool {
+        matches!(body, ShownBody::Json(_))
+    }
+
+    /// A body that copies the event's checked `properties` is JSON; the
+    /// plugin's own text around the copy is still checked, and a copy that
+    /// differs is checked whole.
+    #[test]
+    fn a_body_copying_checked_properties_is_checked_around_them() {
+        let products: Vec<String> = (0..20).map(|i| format!(r#"{{"sku":"X-{i}","price":9.5}}"#)).collect();
+        let properties = format!(r#"{{"products":[{}],"email":"a@example.org"}}"#, products.join(","));
+        let body = format!(r#"{{"data":{{"type":"event","attributes":{{"properties":{properties}}}}}}}"#);
+        assert!(is_json(&ShownBody::new(body.clone(), Some(&properties))));
+        let broken = body.replacen(r#""type":"event""#, r#""type":event"#, 1);
+        assert!(!is_json(&ShownBody::new(broken, Some(&properties))));
+        let altered = body.replacen("9.5}", "9.5.}", 1);
+        assert!(!is_json(&ShownBody::new(altered, Some(&properties))));
+        let unclosed = body.strip_suffix('}').unwrap().to_string();
+        assert!(!is_json(&ShownBody::new(unclosed, Some(&properties))));
     }
 }

@@ -358,3 +358,47 @@ fn every_block_scanner_finds_the_first_special_byte() {
         }
     }
 }
+
+#[test]
+fn a_checked_object_is_skipped_with_the_same_verdicts() {
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    for _ in 0..20_000 {
+        // An object, valid, large enough to be skipped.
+        let mut inner = String::from("{\"k\":");
+        generate(&mut rng, 1, &mut inner);
+        inner.push_str(",\"pad\":\"");
+        inner.push_str(&"x".repeat(MIN_CHECKED));
+        inner.push_str("\"}");
+        assert!(validate(&inner).is_ok(), "{inner}");
+        // Copied twice into a text, then mutated anywhere (inside a copy
+        // too, which then is no longer skipped).
+        let text = format!("{{\"data\":{{\"properties\":{inner}}},\"more\":[{inner},1]}}");
+        let mut mutated = text.clone();
+        let mut at = rng.below(mutated.len() + 1);
+        while !mutated.is_char_boundary(at) {
+            at -= 1;
+        }
+        let mutations = ["", "}", "]", ",", "\"", "{", "x"];
+        match rng.below(3) {
+            0 if at < mutated.len() => {
+                mutated.remove(at);
+            }
+            _ => mutated.insert_str(at, mutations[rng.below(mutations.len())]),
+        }
+        for text in [&text, &mutated] {
+            assert_eq!(
+                validate_around(text, &inner),
+                validate(text),
+                "{text:?} around {inner:?}"
+            );
+        }
+    }
+    // What is checked is trusted: a text that is not JSON, passed as
+    // checked, is skipped unscanned (the caller's promise broken).
+    let not_json = format!("{{\"a\":tru,\"pad\":\"{}\"}}", "x".repeat(MIN_CHECKED));
+    let text = format!("[{not_json}]");
+    assert!(validate(&text).is_err());
+    assert!(validate_around(&text, &not_json).is_ok(), "skipped, not scanned");
+    // Too short to be worth comparing: scanned.
+    assert!(validate_around("[{\"a\":tru}]", "{\"a\":tru}").is_err());
+}

@@ -12,6 +12,7 @@ pub use stage::{MappingPool, Prepared, Stage, StageActivity, StageConfig, StageI
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use json_scan::Scanner;
@@ -82,6 +83,10 @@ pub struct MappedEvent {
     /// For each request, what it is as a batch item, when the plugin
     /// batches it (empty unless the mapper asks, see `with_batch_items`).
     pub batch_items: Vec<Option<BatchItem>>,
+    /// Where the event's text holds `properties`, an object this host has
+    /// checked to be JSON while reading the envelope: a body that copies it
+    /// need not have that part checked again (`shown.rs`).
+    pub checked: Option<Range<usize>>,
 }
 
 /// Plugin calls in progress at once, up to a bound; a caller past it waits.
@@ -190,11 +195,13 @@ impl EventMapper {
             person: None,
             plugin_failed: false,
             batch_items: Vec::new(),
+            checked: None,
         };
         match envelope {
             Ok(envelope) => {
                 mapped.message_id = envelope.message_id;
                 mapped.kind = envelope.kind;
+                mapped.checked = envelope.properties_span;
             }
             Err(reason) => {
                 mapped.outcome = MappedOutcome::Error(reason);
@@ -275,6 +282,10 @@ pub(crate) struct Envelope {
     context: ContextTraits,
     #[serde(default)]
     properties: Email,
+    /// Where `properties` is in the text, when it is an object and the scan
+    /// checked it (`MappedEvent::checked`).
+    #[serde(skip)]
+    properties_span: Option<Range<usize>>,
 }
 
 impl Envelope {
@@ -372,7 +383,10 @@ impl Envelope {
                     }
                     "properties" => {
                         once(5)?;
+                        let object = scanner.peek() == Some(b'{');
+                        let start = scanner.offset();
                         envelope.properties = email(scanner)?;
+                        envelope.properties_span = object.then(|| start..scanner.offset());
                     }
                     "context" => {
                         once(6)?;
@@ -454,6 +468,7 @@ impl Default for Envelope {
             traits: Email(None),
             context: ContextTraits::default(),
             properties: Email(None),
+            properties_span: None,
         }
     }
 }
@@ -636,6 +651,31 @@ mod tests {
             }
         }
         assert_eq!(scanned, 5, "the plain events are read in one pass");
+    }
+
+    /// The span handed on as checked is exactly `properties`' text, and only
+    /// when it is an object the scan read.
+    #[test]
+    fn the_checked_span_is_the_properties_object() {
+        let properties = r#"{"email":"a@x.co","items":[{"sku":"1"}], "n" :2 }"#;
+        let text = format!(r#"{{"type":"track","properties": {properties} ,"userId":"u"}}"#);
+        let span = Envelope::read(EventId::Line(1), &text)
+            .unwrap()
+            .properties_span
+            .unwrap();
+        assert_eq!(&text[span], properties);
+        for text in [
+            r#"{"type":"track","properties":"not an object"}"#,
+            r#"{"type":"track"}"#,
+            // Left to serde_json (a lone surrogate): no span.
+            r#"{"type":"track","properties":{"a":1},"x":"\ud800"}"#,
+        ] {
+            assert_eq!(
+                Envelope::read(EventId::Line(1), text).unwrap().properties_span,
+                None,
+                "{text}"
+            );
+        }
     }
 
     #[test]
