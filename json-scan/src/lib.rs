@@ -374,6 +374,18 @@ impl<'a> Scanner<'a> {
     #[inline(always)]
     fn string(&mut self) -> Result<Str, Error> {
         let start = self.pos + 1;
+        // Most strings end, unescaped, within their first 16 bytes: found
+        // with no loop at all (in the component, every loop and call pays
+        // wasmtime's check for a deadline).
+        if let Some(first) = first_special_in_block(self.bytes, start)
+            && self.bytes[first] == b'"'
+        {
+            self.pos = first + 1;
+            return Ok(Str {
+                decoded: first - start,
+                escaped: false,
+            });
+        }
         let mut at = start;
         // Bytes the escapes take beyond what they decode to.
         let mut shrink = 0;
@@ -491,42 +503,27 @@ fn hex4(bytes: &[u8], at: usize) -> Option<u16> {
     Some(unit)
 }
 
-/// The first offset at or after `at` holding `"`, `\` or a control
-/// character, or the length when there is none.
-#[inline]
-fn find_special(bytes: &[u8], at: usize) -> usize {
-    let at = simd::find_special(bytes, at);
-    at + bytes[at..]
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-        .unwrap_or(bytes.len() - at)
-}
-
-/// Whole 16-byte blocks; the caller finishes the last few bytes.
+/// Whole 16-byte blocks; the caller finishes the last few bytes. Each
+/// implementation gives the mask of one block (a bit per byte: `"`, `\`
+/// or a control); the loops over blocks are written once, below.
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd {
     use core::arch::wasm32::*;
 
-    #[inline]
-    pub fn find_special(bytes: &[u8], mut at: usize) -> usize {
-        let quote = u8x16_splat(b'"');
-        let backslash = u8x16_splat(b'\\');
-        let space = u8x16_splat(0x20);
-        while at + 16 <= bytes.len() {
-            // SAFETY: `at + 16 <= bytes.len()`, so the 16 bytes read are
-            // inside the slice; wasm loads need no alignment.
-            let block = unsafe { v128_load(bytes.as_ptr().add(at).cast::<v128>()) };
-            let special = v128_or(
-                v128_or(u8x16_eq(block, quote), u8x16_eq(block, backslash)),
-                u8x16_lt(block, space),
-            );
-            let mask = u8x16_bitmask(special);
-            if mask != 0 {
-                return at + mask.trailing_zeros() as usize;
-            }
-            at += 16;
-        }
-        at
+    pub const BLOCK: usize = 16;
+
+    /// The special bytes of the 16 at `at`, which must be in the slice.
+    #[inline(always)]
+    pub fn block_mask(bytes: &[u8], at: usize) -> u32 {
+        assert!(at + BLOCK <= bytes.len());
+        // SAFETY: checked just above: the 16 bytes read are inside the
+        // slice; wasm loads need no alignment.
+        let block = unsafe { v128_load(bytes.as_ptr().add(at).cast::<v128>()) };
+        let special = v128_or(
+            v128_or(u8x16_eq(block, u8x16_splat(b'"')), u8x16_eq(block, u8x16_splat(b'\\'))),
+            u8x16_lt(block, u8x16_splat(0x20)),
+        );
+        u32::from(u8x16_bitmask(special))
     }
 }
 
@@ -534,30 +531,28 @@ mod simd {
 mod simd {
     use core::arch::x86_64::*;
 
-    #[inline]
-    pub fn find_special(bytes: &[u8], mut at: usize) -> usize {
-        // SAFETY: SSE2 is part of x86_64; every load reads 16 bytes inside
-        // the slice (`at + 16 <= bytes.len()`), unaligned loads allowed.
+    pub const BLOCK: usize = 16;
+
+    /// The special bytes of the 16 at `at`, which must be in the slice.
+    #[inline(always)]
+    pub fn block_mask(bytes: &[u8], at: usize) -> u32 {
+        assert!(at + BLOCK <= bytes.len());
+        // SAFETY: SSE2 is part of x86_64; the 16 bytes read are inside the
+        // slice (checked just above), unaligned loads allowed.
         unsafe {
-            let quote = _mm_set1_epi8(b'"' as i8);
-            let backslash = _mm_set1_epi8(b'\\' as i8);
+            let block = _mm_loadu_si128(bytes.as_ptr().add(at).cast::<__m128i>());
+            // Unsigned `block <= 0x1F`: the larger of the two is 0x1F.
             let below_space = _mm_set1_epi8(0x1F);
-            while at + 16 <= bytes.len() {
-                let block = _mm_loadu_si128(bytes.as_ptr().add(at).cast::<__m128i>());
-                // Unsigned `block <= 0x1F`: the larger of the two is 0x1F.
-                let control = _mm_cmpeq_epi8(_mm_max_epu8(block, below_space), below_space);
-                let special = _mm_or_si128(
-                    _mm_or_si128(_mm_cmpeq_epi8(block, quote), _mm_cmpeq_epi8(block, backslash)),
-                    control,
-                );
-                let mask = _mm_movemask_epi8(special);
-                if mask != 0 {
-                    return at + mask.trailing_zeros() as usize;
-                }
-                at += 16;
-            }
+            let control = _mm_cmpeq_epi8(_mm_max_epu8(block, below_space), below_space);
+            let special = _mm_or_si128(
+                _mm_or_si128(
+                    _mm_cmpeq_epi8(block, _mm_set1_epi8(b'"' as i8)),
+                    _mm_cmpeq_epi8(block, _mm_set1_epi8(b'\\' as i8)),
+                ),
+                control,
+            );
+            _mm_movemask_epi8(special) as u32
         }
-        at
     }
 }
 
@@ -571,25 +566,69 @@ use words as simd;
     allow(dead_code)
 )]
 mod words {
-    /// The classic bit tricks: the classic bit tricks for "a byte equal to" and
-    /// "a byte below", exact for the lowest match.
-    #[inline]
-    pub fn find_special(bytes: &[u8], mut at: usize) -> usize {
+    pub const BLOCK: usize = 8;
+
+    /// The special bytes of the 8 at `at`, a bit per byte: the classic
+    /// bit tricks for "a byte equal to" and "a byte below", exact for the
+    /// lowest match (all the callers use).
+    #[inline(always)]
+    pub fn block_mask(bytes: &[u8], at: usize) -> u32 {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
-        while at + 8 <= bytes.len() {
-            let word = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"));
-            let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
-            let special = zero_byte(word ^ (ONES * u64::from(b'"')))
-                | zero_byte(word ^ (ONES * u64::from(b'\\')))
-                | (word.wrapping_sub(ONES * 0x20) & !word & HIGH);
-            if special != 0 {
-                return at + (special.trailing_zeros() / 8) as usize;
-            }
-            at += 8;
+        let word = u64::from_le_bytes(bytes[at..at + BLOCK].try_into().expect("eight bytes"));
+        let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+        let special = zero_byte(word ^ (ONES * u64::from(b'"')))
+            | zero_byte(word ^ (ONES * u64::from(b'\\')))
+            | (word.wrapping_sub(ONES * 0x20) & !word & HIGH);
+        if special == 0 {
+            return 0;
         }
-        at
+        // The lowest special byte's bit (only the lowest is exact).
+        1 << (special.trailing_zeros() / 8)
     }
+}
+
+/// The first offset at or after `at` holding `"`, `\` or a control
+/// character, or the length when there is none.
+#[inline]
+fn find_special(bytes: &[u8], at: usize) -> usize {
+    let at = find_special_in_blocks(bytes, at);
+    at + bytes[at..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .unwrap_or(bytes.len() - at)
+}
+
+/// The first special byte at or after `at` found a block at a time, or
+/// the offset of the bytes left over (fewer than a block).
+#[inline(always)]
+fn find_special_in_blocks(bytes: &[u8], at: usize) -> usize {
+    blocks(bytes, at, simd::BLOCK, simd::block_mask)
+}
+
+/// The loop over blocks, for any block scanner (the tests run the
+/// fallback's on every target).
+#[inline(always)]
+fn blocks(bytes: &[u8], mut at: usize, block: usize, mask: impl Fn(&[u8], usize) -> u32) -> usize {
+    while at + block <= bytes.len() {
+        let found = mask(bytes, at);
+        if found != 0 {
+            return at + found.trailing_zeros() as usize;
+        }
+        at += block;
+    }
+    at
+}
+
+/// The first special byte in the block at `at`, when the block is in the
+/// slice and holds one: no loop (see `Scanner::string`).
+#[inline(always)]
+fn first_special_in_block(bytes: &[u8], at: usize) -> Option<usize> {
+    if at + simd::BLOCK > bytes.len() {
+        return None;
+    }
+    let found = simd::block_mask(bytes, at);
+    (found != 0).then(|| at + found.trailing_zeros() as usize)
 }
 
 #[cfg(test)]

@@ -350,11 +350,22 @@ fn every_block_scanner_finds_the_first_special_byte() {
                 .unwrap_or(bytes.len() - from);
         assert_eq!(find_special(&bytes, from), expected, "{bytes:?} from {from}");
         // The block scanners stop at a special byte or before the last block.
-        for block in [simd::find_special(&bytes, from), words::find_special(&bytes, from)] {
+        for block in [
+            find_special_in_blocks(&bytes, from),
+            blocks(&bytes, from, words::BLOCK, words::block_mask),
+        ] {
             assert!(
                 block <= expected && (block == expected || block + 16 > bytes.len()),
                 "{bytes:?} from {from}"
             );
+        }
+        // The one-block look finds it when it is in the first block.
+        match first_special_in_block(&bytes, from) {
+            Some(first) => assert_eq!(first, expected, "{bytes:?} from {from}"),
+            None => assert!(
+                from + 16 > bytes.len() || expected >= from + 16,
+                "{bytes:?} from {from}"
+            ),
         }
     }
 }
