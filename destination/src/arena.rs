@@ -25,8 +25,8 @@
 //! mapped without it, so an allocation that breaks the rule is found.
 
 use std::alloc::{GlobalAlloc, Layout};
-use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::AtomicBool;
 
 /// Allocations larger than this go to the general allocator even during a
 /// call: a large event's text and body are freed as soon as they are done
@@ -39,18 +39,21 @@ const BLOCK_MAX: usize = 4 * 1024 * 1024;
 /// all); a call that needs more allocates the rest generally.
 const BLOCKS: usize = 12;
 
-/// Whether allocations go to the arena now: only during a call, and not in
-/// a [`persistent`] scope. One flag for the process, as there is one
-/// allocator.
-static ACTIVE: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Whether this thread's allocations go to the arena now: only during a
+    /// call, and not in a [`persistent`] scope. Per thread, so that natively
+    /// (tests) another thread's allocations never land in a call's arena;
+    /// the component has one thread, where this is a plain static.
+    static ACTIVE: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Runs `f` with its allocations made by the general allocator, so that
 /// they may outlive the call: caches kept between calls. Outside a call,
 /// or when the arena is not installed (native builds), it changes nothing.
 pub fn persistent<R>(f: impl FnOnce() -> R) -> R {
-    let was = ACTIVE.swap(false, Ordering::Relaxed);
+    let was = ACTIVE.replace(false);
     let result = f();
-    ACTIVE.store(was, Ordering::Relaxed);
+    ACTIVE.set(was);
     result
 }
 
@@ -143,9 +146,9 @@ impl<A: GlobalAlloc> Arena<A> {
             state.next = state.blocks[0].start;
             state.newest = usize::MAX;
         });
-        ACTIVE.store(true, Ordering::Relaxed);
+        ACTIVE.set(true);
         let result = f();
-        ACTIVE.store(false, Ordering::Relaxed);
+        ACTIVE.set(false);
         result
     }
 
@@ -160,7 +163,12 @@ impl<A: GlobalAlloc> Arena<A> {
         #[cfg(not(all(target_family = "wasm", not(target_feature = "atomics"))))]
         while self
             .lock
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange_weak(
+                false,
+                true,
+                std::sync::atomic::Ordering::Acquire,
+                std::sync::atomic::Ordering::Relaxed,
+            )
             .is_err()
         {
             std::hint::spin_loop();
@@ -169,7 +177,7 @@ impl<A: GlobalAlloc> Arena<A> {
         // only reference.
         let result = f(unsafe { &mut *self.state.get() });
         #[cfg(not(all(target_family = "wasm", not(target_feature = "atomics"))))]
-        self.lock.store(false, Ordering::Release);
+        self.lock.store(false, std::sync::atomic::Ordering::Release);
         result
     }
 
@@ -234,7 +242,7 @@ impl State {
 // address).
 unsafe impl<A: GlobalAlloc> GlobalAlloc for Arena<A> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() <= LARGEST && ACTIVE.load(Ordering::Relaxed) {
+        if layout.size() <= LARGEST && ACTIVE.get() {
             let room = self.with(|state| self.bump(state, layout));
             if !room.is_null() {
                 return room;
