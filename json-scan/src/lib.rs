@@ -276,7 +276,9 @@ impl<'a> Scanner<'a> {
 
     /// The members of an object no one asked about, from its `{` to past
     /// its `}`: keys are checked but not decoded. Returns how deep objects
-    /// nest in the values.
+    /// nest in the values. The loop repeats `members`' on purpose: written
+    /// once, through a closure, the scan took 5% more instructions
+    /// (callgrind), and this is the scanner's hottest loop.
     fn skip_members(&mut self) -> Result<usize, Error> {
         self.pos += 1;
         if self.peek() == Some(b'}') {
