@@ -22,7 +22,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.support.ui import WebDriverWait
 
 url, token, shots, v2, v2_sha, impostor_sha = sys.argv[1:7]
@@ -73,7 +73,18 @@ def submit(button):
     """Clicks a button that sends its form, and waits for the answer's
     page: going elsewhere before it came would cancel the request."""
     button.click()
-    WebDriverWait(driver, 30).until(staleness_of(button))
+    WebDriverWait(driver, 30).until(lambda _: left_behind(button))
+
+
+def left_behind(element):
+    """Whether the page holding `element` has been replaced. Chrome may
+    answer for a node of the old page with an inspector error ("does not
+    belong to the document") rather than as stale: gone either way."""
+    try:
+        element.is_enabled()
+        return False
+    except WebDriverException:
+        return True
 
 
 def shot(name):
