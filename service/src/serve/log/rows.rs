@@ -467,7 +467,7 @@ async fn feed<R: Rows>(
 
 /// An event's outcome as its row records it; none for an event dropped
 /// unsent (its row stays pending).
-fn finished(record: &EventRecord) -> Option<Finished> {
+fn finished(connection: &str, record: &EventRecord) -> Option<Finished> {
     let id = record.id.number();
     let (state, outcome) = match &record.outcome {
         EventOutcome::Abandoned(_) => return None,
@@ -484,6 +484,7 @@ fn finished(record: &EventRecord) -> Option<Finished> {
         }
     };
     Some(Finished {
+        connection: connection.to_string(),
         id,
         state,
         outcome,
@@ -588,7 +589,7 @@ fn take(
     batch: &mut Vec<(Arc<Connection>, Finished)>,
     (connection, record): (Arc<Connection>, EventRecord),
 ) {
-    match finished(&record) {
+    match finished(&connection.id, &record) {
         Some(finished) => batch.push((connection, finished)),
         None => shared.engines.release(&connection, record.id, false),
     }
