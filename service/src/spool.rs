@@ -613,11 +613,17 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn pruning_deletes_only_finished_events_older_than_the_retention() {
-        let dir = std::env::temp_dir().join(format!("cdp-host-spool-prune-{}", std::process::id()));
+    /// A new spool in a directory of its own (removed by the test).
+    fn new_spool(name: &str) -> (std::path::PathBuf, Spool) {
+        let dir = std::env::temp_dir().join(format!("cdp-host-spool-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let spool = Spool::open(&dir.join("spool.db"), Durability::ProcessCrash).unwrap();
+        (dir, spool)
+    }
+
+    #[test]
+    fn pruning_deletes_only_finished_events_older_than_the_retention() {
+        let (dir, spool) = new_spool("prune");
         let ids = [
             "old-delivered",
             "old-skipped",
@@ -690,9 +696,7 @@ mod tests {
     /// first (the older one then overwrote it at Klaviyo).
     #[test]
     fn a_deferred_event_is_read_in_its_place_with_its_wait() {
-        let dir = std::env::temp_dir().join(format!("cdp-host-spool-defer-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let spool = Spool::open(&dir.join("spool.db"), Durability::ProcessCrash).unwrap();
+        let (dir, spool) = new_spool("defer");
         let event = |id: &str, person: Option<&str>| NewEvent {
             connection: DEFAULT_CONNECTION.to_string(),
             message_id: Some(id.to_string()),
@@ -857,6 +861,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A later version's spool is not read as if it were this one's.
     #[test]
     fn a_spool_of_a_newer_format_is_refused_by_name() {
         let dir = std::env::temp_dir().join(format!("cdp-host-spool-format9-{}", std::process::id()));
@@ -877,9 +882,7 @@ mod tests {
     /// Replaying and purging dead letters, by id and all at once.
     #[test]
     fn dead_letters_replay_and_purge_by_id_and_all() {
-        let dir = std::env::temp_dir().join(format!("cdp-host-spool-dead-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let spool = Spool::open(&dir.join("spool.db"), Durability::ProcessCrash).unwrap();
+        let (dir, spool) = new_spool("dead");
         let events: Vec<_> = (0..4)
             .map(|n| NewEvent {
                 connection: if n < 3 { "a" } else { "b" }.to_string(),
