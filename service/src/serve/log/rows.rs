@@ -4,7 +4,7 @@
 //! store: the SQLite spool, or memory (for tests of everything above it,
 //! with no file).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -503,10 +503,18 @@ fn finished(connection: &str, record: &EventRecord) -> Option<Finished> {
 /// again, at most.
 const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// How long the outcome writer waits for more outcomes when it has few.
+/// How long the outcome writer waits for more outcomes when it has few,
+/// at a time.
 const GATHER: Duration = Duration::from_millis(2);
+/// How many times at most it waits, before one commit.
+const GATHER_ROUNDS: u32 = 5;
 /// Fewer outcomes than this are worth waiting for more.
 const GATHER_BELOW: usize = 32;
+/// ... and fewer than this many an event's connection among them: a
+/// commit writes a page of `pending` for each connection it finishes
+/// events of, so outcomes of 100 busy connections written 50 at a time
+/// wrote a page for nearly every one (BENCHMARKS §10).
+const GATHER_PER_CONNECTION: usize = 4;
 /// Outcomes one commit records at most, of those waiting. A commit writes
 /// each page it touched once: the rows' pages, and in the index by
 /// connection a place for each connection among the outcomes. With 100
@@ -537,8 +545,16 @@ fn write_outcomes(shared: &Shared, rows: &impl Rows, finishing: &Finishing, mut 
         // A moment for more to come: a commit writes every page it
         // touched, so outcomes written one or two at a time under a steady
         // flow wrote each page of rows many times over.
-        if batch.len() < GATHER_BELOW {
+        let mut rounds = 0;
+        while rounds < GATHER_ROUNDS && gather_more(batch.len(), connections_among(&batch), rounds) {
             std::thread::sleep(GATHER);
+            rounds += 1;
+            while batch.len() < OUTCOMES_PER_COMMIT {
+                match outcomes.try_recv() {
+                    Ok(outcome) => take(shared, &mut batch, outcome),
+                    Err(_) => break,
+                }
+            }
         }
         let mut closed = false;
         while batch.len() < OUTCOMES_PER_COMMIT || shared.outcomes_failing.lock().unwrap().is_some() {
@@ -589,6 +605,27 @@ fn write_outcomes(shared: &Shared, rows: &impl Rows, finishing: &Finishing, mut 
     }
 }
 
+/// Whether the writer waits for more outcomes before its commit, having
+/// `gathered` of `connections` and waited `rounds` times: once when it has
+/// fewer than [`GATHER_BELOW`] (as a steady flow of a few connections'
+/// events does), and again while they are spread over many connections,
+/// fewer than [`GATHER_PER_CONNECTION`] each. A trickle over many
+/// connections is written at once: its commits are small whatever their
+/// spread.
+fn gather_more(gathered: usize, connections: usize, rounds: u32) -> bool {
+    let spread = connections * GATHER_PER_CONNECTION;
+    (rounds == 0 && gathered < GATHER_BELOW) || (spread > GATHER_BELOW && gathered < spread)
+}
+
+/// How many connections the outcomes gathered are of.
+fn connections_among(batch: &[(Arc<Connection>, Finished)]) -> usize {
+    batch
+        .iter()
+        .map(|(c, _)| Arc::as_ptr(c))
+        .collect::<HashSet<*const Connection>>()
+        .len()
+}
+
 /// Adds an outcome to the batch to write; an event dropped unsent is let
 /// go at once, its row left pending.
 fn take(
@@ -605,6 +642,19 @@ fn take(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_writer_waits_for_more_outcomes_only_when_a_commit_of_them_would_be_spread_thin() {
+        // A steady flow of one connection: one wait when few have come.
+        assert!(gather_more(10, 1, 0));
+        assert!(!gather_more(10, 1, 1));
+        assert!(!gather_more(40, 1, 0));
+        // A trickle over a few connections: the same.
+        assert!(gather_more(5, 5, 0) && !gather_more(5, 5, 1));
+        // Many busy connections: more waits, until four each.
+        assert!(gather_more(50, 40, 0) && gather_more(120, 40, 3));
+        assert!(!gather_more(160, 40, 1));
+    }
 
     #[test]
     fn a_mark_lasts_only_while_a_read_of_its_own_connection_begun_before_it_is_out() {
