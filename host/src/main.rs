@@ -10,6 +10,24 @@ use clap::Parser;
 
 use cli::args::{Cli, Command, PluginCommand};
 
+/// jemalloc, not the C library's allocator, for what Rust allocates: with
+/// many busy connections, glibc's malloc and free took a third more time
+/// an event than with one (threads freeing what others allocated), and
+/// this is most of what 100 connections cost beyond one (BENCHMARKS §10).
+/// SQLite and wasmtime's own C and mmap'd memory are not affected.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read before `main`: a background thread returns
+/// freed pages to the system after 100 ms unused (the default, 10 s,
+/// kept a drain's peak far longer and higher than glibc did; `MALLOC_CONF`
+/// in the environment, prefixed `_RJEM_`, still overrides this).
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: Option<&'static std::ffi::c_char> =
+    // SAFETY: a pointer to the first byte of a static, NUL-terminated string.
+    Some(unsafe { &*c"background_thread:true,dirty_decay_ms:100,muzzy_decay_ms:0".as_ptr() });
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Rust ignores SIGPIPE, so printing into a closed pipe (`| head`)
