@@ -127,7 +127,16 @@ pub(crate) struct RowLog<R: Rows> {
     rows: Arc<R>,
     appends: std::sync::mpsc::Sender<Append>,
     finishing: Arc<Finishing>,
+    /// Feeders' reads under way, at most [`READS_AT_ONCE`].
+    reads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Feeders' reads of the rows at once, at most; the others wait their
+/// turn without a thread. The rows are one SQLite connection behind a
+/// lock, so a read more than this only waits for the lock in a thread of
+/// its own: 1,000 connections woken at once held 500 threads, and 100
+/// busy connections' feeders spent their time switching threads.
+const READS_AT_ONCE: usize = 2;
 
 /// Rows whose outcomes are recorded while a feeder's read may still hold
 /// them as pending. A feeder reads a batch of pending rows, then admits
@@ -240,6 +249,7 @@ impl<R: Rows> RowLog<R> {
             rows,
             appends,
             finishing: Arc::default(),
+            reads: Arc::new(tokio::sync::Semaphore::new(READS_AT_ONCE)),
         })
     }
 }
@@ -361,12 +371,12 @@ impl<R: Rows> EventLog for RowLog<R> {
         connection.feeding.store(true, Ordering::Release);
         let last = feeder.take();
         let (shared, connection, rows) = (shared.clone(), connection.clone(), self.rows.clone());
-        let finishing = self.finishing.clone();
+        let (finishing, reads) = (self.finishing.clone(), self.reads.clone());
         *feeder = Some(tokio::spawn(async move {
             if let Some(last) = last {
                 let _ = last.await;
             }
-            feed(shared, rows, finishing, connection, READ_AHEAD).await;
+            feed(shared, rows, finishing, reads, connection, READ_AHEAD).await;
         }));
     }
 
@@ -392,6 +402,7 @@ async fn feed<R: Rows>(
     shared: Arc<Shared>,
     rows: Arc<R>,
     finishing: Arc<Finishing>,
+    reads: Arc<tokio::sync::Semaphore>,
     connection: Arc<Connection>,
     read_ahead: usize,
 ) {
@@ -414,7 +425,13 @@ async fn feed<R: Rows>(
         }
         let (reader, id) = (rows.clone(), connection.id.clone());
         let _reading = finishing.begin_read(&connection.id);
-        let read = tokio::task::spawn_blocking(move || reader.pending_after(&id, cursor, read_ahead, READ_AHEAD_BYTES));
+        let Ok(turn) = reads.clone().acquire_owned().await else {
+            break;
+        };
+        let read = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            reader.pending_after(&id, cursor, read_ahead, READ_AHEAD_BYTES)
+        });
         let read = match read.await {
             Ok(Ok(read)) => read,
             Ok(Err(e)) => {
@@ -464,7 +481,12 @@ async fn feed<R: Rows>(
     // for this one to finish).
     if !shared.draining() && connection.state().delivers() {
         let id = connection.id.clone();
-        if let Ok(Ok(read)) = tokio::task::spawn_blocking(move || rows.pending_after(&id, 0, 1, usize::MAX)).await
+        if let Ok(turn) = reads.acquire_owned().await
+            && let Ok(Ok(read)) = tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                rows.pending_after(&id, 0, 1, usize::MAX)
+            })
+            .await
             && !read.is_empty()
         {
             shared.ensure_running(&connection);
