@@ -109,7 +109,16 @@ pub struct DeadRow {
 
 pub struct Spool {
     conn: Mutex<Connection>,
+    /// Read-only connections for what only reads (the feeders' reads of
+    /// pending rows, counts): in WAL mode a read sees the last commit
+    /// without waiting for the one being written, so feeders and the
+    /// outcome writer do not take turns on one lock.
+    readers: Vec<Mutex<Connection>>,
 }
+
+/// Read-only connections a spool keeps (as many as the row log lets
+/// feeders read at once).
+pub(crate) const READERS: usize = 2;
 
 /// How one event ended, for `finish_all`.
 pub struct Finished {
@@ -146,7 +155,13 @@ impl Spool {
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", FORMAT)?;
-        Ok(Spool { conn: Mutex::new(conn) })
+        let readers = (0..READERS)
+            .map(|_| open_reader(path).map(Mutex::new))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Spool {
+            conn: Mutex::new(conn),
+            readers,
+        })
     }
 
     /// Stores events in one transaction; returns once it is committed.
@@ -190,7 +205,7 @@ impl Spool {
         limit: usize,
         max_bytes: usize,
     ) -> anyhow::Result<Vec<SpooledEvent>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = self.reader();
         let mut query = conn.prepare_cached(
             "SELECT e.id, e.body, e.not_before, e.received_at FROM pending p JOIN events e ON e.id = p.id
                  WHERE p.connection = ?1 AND p.id > ?2 ORDER BY p.id LIMIT ?3",
@@ -218,6 +233,14 @@ impl Spool {
         Ok(read)
     }
 
+    /// A read-only connection: the first one free, else the first.
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.readers
+            .iter()
+            .find_map(|r| r.try_lock().ok())
+            .unwrap_or_else(|| self.readers[0].lock().unwrap())
+    }
+
     /// The connections with pending events ready to deliver.
     pub fn pending_connections(&self) -> anyhow::Result<Vec<String>> {
         let conn = self.conn.lock().unwrap();
@@ -231,7 +254,7 @@ impl Spool {
 
     /// Whether a connection has any pending event, ready or waiting.
     pub fn has_pending(&self, connection: &str) -> anyhow::Result<bool> {
-        let conn = self.conn.lock().unwrap();
+        let conn = self.reader();
         Ok(conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM pending WHERE connection = ?1)")?
             .query_row([connection], |r| r.get(0))?)
@@ -240,7 +263,7 @@ impl Spool {
     /// Each connection's pending events (the pending table alone: cheap
     /// enough for every `/metrics` scrape).
     pub fn pending_by_connection(&self) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = self.reader();
         let mut query = conn.prepare_cached("SELECT connection, count(*) FROM pending GROUP BY connection")?;
         let rows = query.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -248,7 +271,7 @@ impl Spool {
 
     /// Each connection's events, by state.
     pub fn counts(&self) -> anyhow::Result<std::collections::BTreeMap<String, Counts>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = self.reader();
         let mut query = conn.prepare_cached(
             "SELECT connection, 'pending', count(*) FROM pending GROUP BY connection
              UNION ALL
@@ -549,6 +572,20 @@ const SCHEMA: &str = "
         bytes BLOB NOT NULL,
         added_at TEXT NOT NULL
     );";
+
+/// A read-only connection to the spool at `path` (opened after the
+/// writer's, so the schema is there).
+fn open_reader(path: &Path) -> anyhow::Result<Connection> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .with_context(|| format!("opening the spool {} to read", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // Its own cache of pages, 1 MiB: a feeder reads each row once, so a
+    // larger cache would mostly keep pages no read asks for again.
+    conn.pragma_update(None, "cache_size", -1_000)?;
+    Ok(conn)
+}
 
 /// Moves a spool of format 1 (each event's state and outcome in its own
 /// row) to format 2, in one transaction: a crash half way leaves format 1.

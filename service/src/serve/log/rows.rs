@@ -132,11 +132,11 @@ pub(crate) struct RowLog<R: Rows> {
 }
 
 /// Feeders' reads of the rows at once, at most; the others wait their
-/// turn without a thread. The rows are one SQLite connection behind a
-/// lock, so a read more than this only waits for the lock in a thread of
-/// its own: 1,000 connections woken at once held 500 threads, and 100
+/// turn without a thread. The spool keeps this many read-only SQLite
+/// connections, so a read more than this only waits for one in a thread
+/// of its own: 1,000 connections woken at once held 500 threads, and 100
 /// busy connections' feeders spent their time switching threads.
-const READS_AT_ONCE: usize = 2;
+const READS_AT_ONCE: usize = crate::spool::READERS;
 
 /// Rows whose outcomes are recorded while a feeder's read may still hold
 /// them as pending. A feeder reads a batch of pending rows, then admits
