@@ -241,12 +241,22 @@ impl Spool {
             .unwrap_or_else(|| self.readers[0].lock().unwrap())
     }
 
-    /// The connections with pending events ready to deliver.
+    /// The connections with pending events ready to deliver. Each
+    /// connection is found by a step through the index of `pending` (not by
+    /// reading every pending row: with a backlog of 100,000 that read held
+    /// the spool for tens of milliseconds every 5 s), then asked for one
+    /// ready row, which is nearly always its first.
     pub fn pending_connections(&self) -> anyhow::Result<Vec<String>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = self.reader();
         let mut query = conn.prepare_cached(
-            "SELECT DISTINCT p.connection FROM pending p JOIN events e ON e.id = p.id
-                 WHERE e.not_before IS NULL OR e.not_before <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            "WITH RECURSIVE each (connection) AS (
+                 SELECT (SELECT min(connection) FROM pending)
+                 UNION ALL
+                 SELECT (SELECT min(connection) FROM pending WHERE connection > each.connection) FROM each
+                     WHERE each.connection IS NOT NULL)
+             SELECT connection FROM each WHERE connection IS NOT NULL AND EXISTS (
+                 SELECT 1 FROM pending p JOIN events e ON e.id = p.id WHERE p.connection = each.connection
+                     AND (e.not_before IS NULL OR e.not_before <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
         )?;
         let rows = query.query_map([], |row| row.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -678,6 +678,55 @@ mod tests {
         assert!(!gather_more(160, 40, 1));
     }
 
+    /// Which connections have events ready: one with only waiting rows (a
+    /// Retry-After) is not among them, one with a waiting row and a ready
+    /// one after it is; on both row stores.
+    fn ready_connections_are_those_with_a_row_not_waiting(rows: &impl Rows) {
+        let event = |connection: &str| NewEvent {
+            connection: connection.to_string(),
+            message_id: None,
+            received_at: "2026-12-06T00:00:00Z".to_string(),
+            body: "{}".to_string(),
+            person: None,
+        };
+        assert!(rows.pending_connections().unwrap().is_empty());
+        let appended = ["a", "b", "b", "c", "c", "d"].map(event);
+        rows.append_groups([&appended[..]]).unwrap();
+        let first = |connection: &str| rows.pending_after(connection, 0, 10, usize::MAX).unwrap();
+        let later = chrono::Utc::now() + chrono::Duration::seconds(60);
+        // b: every row waits; c: its first row waits, not its second.
+        for row in first("b") {
+            rows.defer(row.id, later).unwrap();
+        }
+        rows.defer(first("c")[0].id, later).unwrap();
+        // d: its one row finished.
+        let d = first("d")[0].id;
+        rows.finish_all([&Finished {
+            connection: "d".to_string(),
+            id: d,
+            state: RowState::Delivered,
+            outcome: outcome_json("delivered", None, &[]),
+            plugin_version: "1.0.0".to_string(),
+        }])
+        .unwrap();
+        let mut ready = rows.pending_connections().unwrap();
+        ready.sort();
+        assert_eq!(ready, ["a", "c"]);
+        assert!(rows.has_pending("b").unwrap() && !rows.has_pending("d").unwrap());
+    }
+
+    #[test]
+    fn ready_connections_on_the_spool() {
+        let dir = crate::serve::testing::TempDir::new();
+        let spool = Spool::open(&dir.0.join("spool.sqlite"), crate::spool::Durability::ProcessCrash).unwrap();
+        ready_connections_are_those_with_a_row_not_waiting(&spool);
+    }
+
+    #[test]
+    fn ready_connections_in_memory() {
+        ready_connections_are_those_with_a_row_not_waiting(&crate::serve::log::memory::MemoryRows::default());
+    }
+
     #[test]
     fn a_mark_lasts_only_while_a_read_of_its_own_connection_begun_before_it_is_out() {
         let finishing = Arc::new(Finishing::default());
