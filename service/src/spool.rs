@@ -660,12 +660,19 @@ mod tests {
 
     use super::*;
 
-    /// A new spool in a directory of its own (removed by the test).
-    fn new_spool(name: &str) -> (std::path::PathBuf, Spool) {
+    /// A directory of its own for a test's spool (removed by the test), and
+    /// the spool's path in it.
+    fn spool_path(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("cdp-host-spool-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let spool = Spool::open(&dir.join("spool.db"), Durability::ProcessCrash).unwrap();
-        (dir, spool)
+        let path = dir.join("spool.db");
+        (dir, path)
+    }
+
+    /// A new spool in a directory of its own (removed by the test).
+    fn new_spool(name: &str) -> (std::path::PathBuf, Spool) {
+        let (dir, path) = spool_path(name);
+        (dir, Spool::open(&path, Durability::ProcessCrash).unwrap())
     }
 
     #[test]
@@ -803,9 +810,7 @@ mod tests {
     /// again; and opening it again changes nothing.
     #[test]
     fn a_spool_of_the_previous_format_is_moved_with_nothing_lost() {
-        let dir = std::env::temp_dir().join(format!("cdp-host-spool-format1-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("spool.db");
+        let (dir, path) = spool_path("format1");
         {
             // What the previous version wrote.
             let old = Connection::open(&path).unwrap();
@@ -911,9 +916,7 @@ mod tests {
     /// A later version's spool is not read as if it were this one's.
     #[test]
     fn a_spool_of_a_newer_format_is_refused_by_name() {
-        let dir = std::env::temp_dir().join(format!("cdp-host-spool-format9-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("spool.db");
+        let (dir, path) = spool_path("format9");
         Connection::open(&path)
             .unwrap()
             .pragma_update(None, "user_version", 9)
