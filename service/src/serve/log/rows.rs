@@ -376,7 +376,7 @@ impl<R: Rows> EventLog for RowLog<R> {
             if let Some(last) = last {
                 let _ = last.await;
             }
-            feed(shared, rows, finishing, reads, connection, READ_AHEAD).await;
+            feed(shared, rows, finishing, reads, connection).await;
         }));
     }
 
@@ -404,7 +404,6 @@ async fn feed<R: Rows>(
     finishing: Arc<Finishing>,
     reads: Arc<tokio::sync::Semaphore>,
     connection: Arc<Connection>,
-    read_ahead: usize,
 ) {
     let mut cursor = 0i64;
     let mut last_sweep = tokio::time::Instant::now();
@@ -430,7 +429,7 @@ async fn feed<R: Rows>(
         };
         let read = tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            reader.pending_after(&id, cursor, read_ahead, READ_AHEAD_BYTES)
+            reader.pending_after(&id, cursor, READ_AHEAD, READ_AHEAD_BYTES)
         });
         let read = match read.await {
             Ok(Ok(read)) => read,
