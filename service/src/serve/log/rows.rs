@@ -481,12 +481,11 @@ async fn feed<R: Rows>(
     if !shared.draining() && connection.state().delivers() {
         let id = connection.id.clone();
         if let Ok(turn) = reads.acquire_owned().await
-            && let Ok(Ok(read)) = tokio::task::spawn_blocking(move || {
+            && let Ok(Ok(true)) = tokio::task::spawn_blocking(move || {
                 let _turn = turn;
-                rows.pending_after(&id, 0, 1, usize::MAX)
+                rows.has_pending(&id)
             })
             .await
-            && !read.is_empty()
         {
             shared.ensure_running(&connection);
         }
