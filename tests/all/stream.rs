@@ -1026,3 +1026,135 @@ async fn recorded_then_delivered(recorded: &[&str]) -> KlaviyoMock {
     );
     sandbox
 }
+
+/// The consumers on the events stream now, with when each was made.
+async fn consumers_made(js: &async_nats::jetstream::Context) -> BTreeMap<String, String> {
+    use futures_util::StreamExt;
+    let events = js.get_stream("CHORD_EVENTS").await.unwrap();
+    let mut names: Vec<String> = Vec::new();
+    let mut listed = events.consumer_names();
+    while let Some(name) = listed.next().await {
+        names.push(name.unwrap());
+    }
+    let mut made = BTreeMap::new();
+    for name in names {
+        let info = events.consumer_info(&name).await.unwrap();
+        made.insert(name, info.created.to_string());
+    }
+    made
+}
+
+/// Worker 1 takes the only partition and is stopped (SIGSTOP) before it
+/// reads it (a worker waits `FENCE_MARGIN` between taking a partition and
+/// making its consumer), for longer than its lease. Worker 2 takes the
+/// partition and reads it. Resumed, worker 1's reader wakes where it
+/// slept, about to make the partition's consumer; its lease is gone, and it
+/// must leave worker 2's consumer alone. (It used to delete it and make
+/// its own under the same name; had its delete failed, as it can while a
+/// NATS node is down, it would have shared worker 2's consumer and taken
+/// a batch of events only to drop them at its fence, and they came back
+/// after the ack wait, behind the person's newer events.) Every event
+/// arrives once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_while_taking_a_partition_leaves_the_next_holders_reader_alone() {
+    let dir = tempdir();
+    let cluster = Cluster::start(dir.join("nats"));
+    let sandbox = crate::support::sandbox(unlimited()).await;
+    let extra = ["--no-pacing", "--partitions", "1"];
+    let ingest = Worker::start_with(
+        dir.join("ingest"),
+        &cluster.urls(),
+        &sandbox.url(),
+        API_KEY,
+        &["--no-pacing", "--partitions", "1", "--role", "ingest"],
+    );
+    let first = Worker::start_with(dir.join("w1"), &cluster.urls(), &sandbox.url(), API_KEY, &extra);
+    let took = |worker: &Worker| {
+        std::fs::read_to_string(worker.dir.join("serve.log"))
+            .unwrap_or_default()
+            .contains("took the partition")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !took(&first) {
+        assert!(Instant::now() < deadline, "worker 1 took no partition: {}", first.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.signal("STOP");
+    let nats = async_nats::connect(cluster.urls().split(',').next().unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(nats);
+    assert!(
+        consumers_made(&js).await.is_empty(),
+        "worker 1 was stopped too late: it had made its consumer already"
+    );
+
+    // One person's tracks, each sent once the last was acknowledged, from
+    // now until told to stop: a backlog builds while no one reads.
+    let sending = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sender = tokio::spawn({
+        let url = format!("{}/api/s/s2s/track", ingest.url());
+        let sending = sending.clone();
+        async move {
+            let client = reqwest::Client::new();
+            let mut acked = Vec::new();
+            while sending.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("step-{}", acked.len());
+                let event = json!({"type": "track", "event": "Step", "messageId": id, "userId": "stepper",
+                                   "properties": {"email": "stepper@example.org", "step": acked.len()}});
+                let answer = client
+                    .post(&url)
+                    .header("X-Write-Key", WRITE_KEY)
+                    .body(event.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status(), 200, "ingest refused {id}");
+                acked.push(id);
+            }
+            acked
+        }
+    });
+    let second = Worker::start_with(dir.join("w2"), &cluster.urls(), &sandbox.url(), API_KEY, &extra);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while sandbox.events().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "worker 2 delivered nothing: {}",
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = consumers_made(&js).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    first.signal("CONT");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = consumers_made(&js).await;
+    assert_eq!(
+        after,
+        before,
+        "worker 1, resumed without its lease, changed the partition's consumer\n{}\n----\n{}",
+        first.log(),
+        second.log()
+    );
+    sending.store(false, std::sync::atomic::Ordering::Relaxed);
+    let acked = sender.await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let arrived: BTreeSet<String> = sandbox.events().into_iter().map(|e| e.unique_id).collect();
+        if acked.iter().all(|id| arrived.contains(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} acknowledged events arrived\n{}",
+            arrived.len(),
+            acked.len(),
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let arrived: Vec<String> = sandbox.events().into_iter().map(|e| e.unique_id).collect();
+    assert_eq!(arrived, acked, "not each event once, in the order sent");
+}

@@ -117,7 +117,11 @@ struct Pending {
 
 /// A partition this worker holds.
 struct Held {
+    /// The lease's revision now (each renewal moves it).
     revision: u64,
+    /// Its revision when this worker took it: names the consumer this
+    /// holding reads through.
+    taken: u64,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     /// Its events handed out and not yet acked.
@@ -347,6 +351,25 @@ fn lease_key(partition: u32) -> String {
     format!("p{partition}")
 }
 
+/// The consumer through which the holding of `partition` that took its
+/// lease at `revision` reads it. Lease revisions only grow, so names tell
+/// a later holding's reader from an earlier one's.
+fn reader_name(partition: u32, revision: u64) -> String {
+    format!("partition-{partition}-{revision}")
+}
+
+/// The lease revision a consumer of `partition` was named by
+/// (`reader_name`); 0 for `partition-N`, the name every holding used
+/// before; `None` for any other consumer.
+fn reader_revision(name: &str, partition: u32) -> Option<u64> {
+    let rest = name.strip_prefix("partition-")?;
+    let (number, revision) = match rest.split_once('-') {
+        Some((number, revision)) => (number, revision.parse().ok()?),
+        None => (rest, 0),
+    };
+    (number.bytes().all(|b| b.is_ascii_digit()) && number.parse::<u32>().ok()? == partition).then_some(revision)
+}
+
 impl Worker {
     /// Heartbeat, renew, give up what is over the share, take what is under.
     async fn tick(self: &Arc<Self>, held: &mut HashMap<u32, Held>) -> anyhow::Result<()> {
@@ -410,7 +433,10 @@ impl Worker {
             if h.task.is_finished() && !h.releasing {
                 let (stop, stopped) = watch::channel(false);
                 h.stop = stop;
-                h.task = tokio::spawn(self.clone().consume(*partition, h.in_flight.clone(), stopped, false));
+                h.task = tokio::spawn(
+                    self.clone()
+                        .consume(*partition, h.taken, h.in_flight.clone(), stopped, false),
+                );
             }
         }
         // Over the share: give up the extra ones once their events are done.
@@ -458,11 +484,15 @@ impl Worker {
                 tracing::info!(worker = %self.id, partition, "took the partition");
                 let in_flight = Arc::new(AtomicUsize::new(0));
                 let (stop, stopped) = watch::channel(false);
-                let task = tokio::spawn(self.clone().consume(partition, in_flight.clone(), stopped, true));
+                let task = tokio::spawn(
+                    self.clone()
+                        .consume(partition, revision, in_flight.clone(), stopped, true),
+                );
                 held.insert(
                     partition,
                     Held {
                         revision,
+                        taken: revision,
                         stop,
                         task,
                         in_flight,
@@ -483,25 +513,40 @@ impl Worker {
 
     /// Reads a partition from its oldest unfinished event, handing each to
     /// its connection's engine, until told to stop.
-    /// `taken`: the lease was just taken (not a restart of the reader).
+    /// `taken`: the lease's revision when this worker took it.
+    /// `fresh`: the lease was just taken (not a restart of the reader).
     async fn consume(
         self: Arc<Self>,
         partition: u32,
+        taken: u64,
         in_flight: Arc<AtomicUsize>,
         mut stop: watch::Receiver<bool>,
-        taken: bool,
+        fresh: bool,
     ) {
         // The last holder's fence closed at least FENCE_MARGIN before
         // its lease expired; this wait doubles that gap.
-        if taken {
+        if fresh {
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = tokio::time::sleep(FENCE_MARGIN) => {}
             }
         }
-        let name = format!("partition-{partition}");
-        // Anew: a consumer left by the last holder may have events out.
-        let _ = self.events.delete_consumer(&name).await;
+        // A worker stopped (SIGSTOP, a long pause) past its lease wakes
+        // here with the lease gone: it leaves the partition alone.
+        if *stop.borrow() || !self.fence_open(partition) {
+            return;
+        }
+        // Anew, from the oldest unacked event: a consumer left by an
+        // earlier holder may have events out. It is this holding's own,
+        // so that a holder whose lease lapsed while it was stopped, and
+        // which wakes past the check above, reaches nothing of the next
+        // holder's: its pulls name its own consumer, and it deletes only
+        // consumers of holdings older than its own.
+        if !self.clear_older_readers(partition, taken).await {
+            tokio::time::sleep(TICK).await;
+            return;
+        }
+        let name = reader_name(partition, taken);
         let made = self
             .events
             .create_consumer(consumer::pull::Config {
@@ -552,12 +597,13 @@ impl Worker {
         };
         let mut errors = 0;
         // The consumer numbers its deliveries 1, 2, 3…: a number skipped is
-        // a delivery lost on its way here (a node killed in between). Its
-        // event would come back only after the ack wait, behind the
-        // person's later events; so the partition is read again at once,
-        // from its oldest unfinished event, before anything after the gap
-        // is handed out.
-        let mut next_delivery: Option<u64> = None;
+        // a delivery lost on its way here (a node killed in between), or
+        // taken by another reader. Its event would come back only after the
+        // ack wait, behind the person's later events; so the partition is
+        // read again at once, from its oldest unfinished event, before
+        // anything after the gap is handed out. The consumer was just made,
+        // so its first delivery must be number 1.
+        let mut next_delivery: Option<u64> = Some(1);
         let mut parked = Parked {
             worker: self.clone(),
             queues: HashMap::new(),
@@ -798,11 +844,51 @@ impl Worker {
         let Some(partition) = self.pending.lock().unwrap().get(&sequence).map(|p| p.partition) else {
             return false;
         };
+        self.fence_open(partition)
+    }
+
+    /// Whether this worker renewed (or took) `partition`'s lease recently
+    /// enough that no other worker can hold it.
+    fn fence_open(&self, partition: u32) -> bool {
         self.renewed
             .lock()
             .unwrap()
             .get(&partition)
             .is_some_and(|sent| sent.elapsed() < LEASE_TTL - FENCE_MARGIN)
+    }
+
+    /// Deletes the consumers of `partition` made by holdings up to
+    /// `taken` (this one's own, when its reader starts again), so that
+    /// this holding's reads from the oldest unacked event. False, to try
+    /// again later, when they cannot all be listed and deleted, or when a
+    /// later holding's consumer is there: the lease has passed on.
+    async fn clear_older_readers(&self, partition: u32, taken: u64) -> bool {
+        let mut older = Vec::new();
+        let mut names = self.events.consumer_names();
+        while let Some(name) = names.next().await {
+            let name = match name {
+                Ok(name) => name,
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, partition, "listing the partition's readers: {e}");
+                    return false;
+                }
+            };
+            match reader_revision(&name, partition) {
+                Some(revision) if revision > taken => {
+                    tracing::warn!(worker = %self.id, partition, reader = %name, "a later holder reads the partition; leaving it");
+                    return false;
+                }
+                Some(_) => older.push(name),
+                None => {}
+            }
+        }
+        for name in older {
+            if let Err(e) = self.events.delete_consumer(&name).await {
+                tracing::warn!(worker = %self.id, partition, reader = %name, "deleting an earlier reader: {e}");
+                return false;
+            }
+        }
+        true
     }
 
     /// Stops the partition of an event whose record or ack went
@@ -1082,4 +1168,28 @@ fn header_of(message: &jetstream::Message, name: &str) -> Option<String> {
         .as_ref()
         .and_then(|h| h.get(name))
         .map(|v| v.as_str().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{reader_name, reader_revision};
+
+    #[test]
+    fn a_readers_name_gives_its_holdings_revision_for_its_partition_only() {
+        assert_eq!(reader_revision(&reader_name(3, 1234), 3), Some(1234));
+        assert_eq!(reader_revision(&reader_name(13, 7), 13), Some(7));
+        // The name of a holding before readers were named by revision.
+        assert_eq!(reader_revision("partition-3", 3), Some(0));
+        for (name, partition) in [
+            (reader_name(13, 7).as_str(), 3),
+            ("partition-3-1234", 13),
+            ("partition-31", 3),
+            ("partition-+3-1", 3),
+            ("partition-3-x", 3),
+            ("partition-3-", 3),
+            ("dead-letters", 3),
+        ] {
+            assert_eq!(reader_revision(name, partition), None, "{name}");
+        }
+    }
 }
