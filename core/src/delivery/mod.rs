@@ -165,6 +165,14 @@ pub struct Parts {
     pub mapping_pool: Option<Arc<MappingPool>>,
 }
 
+/// Resolves once an event's outcome is recorded where whoever delivers its
+/// events next reads it (a spool row written; on the stream, its record
+/// stored and its ack confirmed), or once the event is no longer in flight
+/// at all (its sender dropped). `deliver_stage` holds the person's next
+/// event until then, so that this event is never out and unrecorded behind
+/// a newer one of its person: a crash sends again only it, their newest.
+pub type Settling = tokio::sync::oneshot::Receiver<()>;
+
 /// Called with an event and the time before which it must not be resent.
 pub type DeferObserver = Box<dyn Fn(EventId, std::time::SystemTime) + Send + Sync>;
 
@@ -324,7 +332,12 @@ impl Delivery {
                 let _ = done.send(Ok(()));
             })
             .map_err(|e| anyhow::anyhow!("starting the mapping reader: {e}"))?;
-        let report = self.deliver_stage(stage, observe).await?;
+        let report = self
+            .deliver_stage(stage, |record| {
+                observe(record);
+                None
+            })
+            .await?;
         read.await
             .map_err(|_| anyhow::anyhow!("the mapping reader ended without a word"))??;
         Ok(report)
@@ -363,11 +376,13 @@ impl Delivery {
     }
 
     /// Delivers what `stage` maps, in order per person, until its input
-    /// ends (or it stops).
+    /// ends (or it stops). `observe` is shown each event's record as it
+    /// completes, and may answer with when that outcome is recorded
+    /// (`Settling`): the person's next event waits until then.
     pub async fn deliver_stage(
         self: &Arc<Self>,
         stage: Stage,
-        observe: impl Fn(&EventRecord) + Send + Sync,
+        observe: impl Fn(&EventRecord) -> Option<Settling> + Send + Sync,
     ) -> anyhow::Result<Report> {
         let started = Instant::now();
         let mut report = Report::default();
@@ -378,6 +393,9 @@ impl Delivery {
         // busy people take the room of everyone else.
         let mut waiting = 0usize;
         let mut running: JoinSet<(Option<String>, EventRecord)> = JoinSet::new();
+        // People whose last event's outcome is not recorded yet, when the
+        // observer asked for that: their lanes stay, their next events wait.
+        let mut settling: JoinSet<String> = JoinSet::new();
         let mut input_done = false;
         loop {
             let room = self.config.concurrency + self.batch_room.load(Ordering::Relaxed);
@@ -405,18 +423,22 @@ impl Delivery {
                     let (key, record) = done?;
                     report.count(&record);
                     self.progress.count(&record);
-                    observe(&record);
-                    if let Some(key) = key {
-                        match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
-                            Some((mapped, raw)) => {
-                                waiting -= 1;
-                                self.spawn_event(&mut running, mapped, raw);
-                            }
-                            None => {
-                                lanes.remove(&key);
-                            }
+                    let recorded = observe(&record);
+                    match (key, recorded) {
+                        (Some(key), Some(recorded)) => {
+                            settling.spawn(async move {
+                                // A sender dropped unsent says the same: the
+                                // event is no longer in flight.
+                                let _ = recorded.await;
+                                key
+                            });
                         }
+                        (Some(key), None) => self.next_in_lane(&mut lanes, &key, &mut waiting, &mut running),
+                        (None, _) => {}
                     }
+                }
+                Some(settled) = settling.join_next() => {
+                    self.next_in_lane(&mut lanes, &settled?, &mut waiting, &mut running);
                 }
                 else => break,
             }
@@ -424,6 +446,26 @@ impl Delivery {
         report.requests_sent = self.requests_sent.load(Ordering::Relaxed);
         report.elapsed = started.elapsed();
         Ok(report)
+    }
+
+    /// Sends the next event of a person whose last one is finished, or
+    /// closes their lane.
+    fn next_in_lane(
+        self: &Arc<Self>,
+        lanes: &mut HashMap<String, VecDeque<(MappedEvent, String)>>,
+        key: &str,
+        waiting: &mut usize,
+        running: &mut JoinSet<(Option<String>, EventRecord)>,
+    ) {
+        match lanes.get_mut(key).and_then(VecDeque::pop_front) {
+            Some((mapped, raw)) => {
+                *waiting -= 1;
+                self.spawn_event(running, mapped, raw);
+            }
+            None => {
+                lanes.remove(key);
+            }
+        }
     }
 
     fn spawn_event(

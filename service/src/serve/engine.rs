@@ -37,9 +37,23 @@ pub(crate) const IDLE: Duration = Duration::from_secs(10);
 /// How often an engine waiting for events looks whether it is idle.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
-/// An admitted event's room: a place among its connection's events and
-/// the host's, then its body's bytes in both.
-pub(crate) type Held = [OwnedSemaphorePermit; 4];
+/// An admitted event: its room (a place among its connection's events and
+/// the host's, then its body's bytes in both), and who waits for its
+/// outcome to be recorded (its person's next event, after an identify).
+pub(crate) struct Held {
+    _room: [OwnedSemaphorePermit; 4],
+    /// Dropped at release, which is what the waiter hears.
+    settled: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Held {
+    fn new(room: [OwnedSemaphorePermit; 4]) -> Held {
+        Held {
+            _room: room,
+            settled: None,
+        }
+    }
+}
 
 /// The permits an event of `size` bytes takes from a byte bound of
 /// `bound` bytes: one a KiB, at least one, and never more than the whole
@@ -134,7 +148,7 @@ impl Engines {
         let Some(room) = room else {
             return Admit::Full;
         };
-        in_flight.insert(id, room);
+        in_flight.insert(id, Held::new(room));
         Admit::Admitted
     }
 
@@ -160,7 +174,7 @@ impl Engines {
                 .await
                 .expect(closed),
         ];
-        connection.in_flight.lock().unwrap().insert(id, room);
+        connection.in_flight.lock().unwrap().insert(id, Held::new(room));
         true
     }
 
@@ -282,9 +296,33 @@ impl Engines {
                     let throttled = connection.delivery.progress.statuses.lock().unwrap().get(&429).copied();
                     recorder.record(activity, record, throttled.unwrap_or(0));
                 }
+                // A profile write (an identify) holds its person's next
+                // event until its outcome is recorded: were its record lost
+                // (the worker killed first), the next holder would send it
+                // again, and after a newer identify already sent that would
+                // leave the profile stale. Other events are keyed by their
+                // message downstream (Klaviyo keeps one event per
+                // unique_id), so one sent again changes nothing, and they
+                // do not wait. Asked before the outcome goes, so that its
+                // release cannot come first.
+                let profile_write = record
+                    .kind
+                    .as_deref()
+                    .is_some_and(|kind| kind.eq_ignore_ascii_case("identify"));
+                let settling = profile_write
+                    .then(|| {
+                        connection.in_flight.lock().unwrap().get_mut(&record.id).map(|held| {
+                            let (tx, rx) = tokio::sync::oneshot::channel();
+                            held.settled = Some(tx);
+                            rx
+                        })
+                    })
+                    .flatten();
                 // The receiver goes with the service: a send fails only if
-                // it is gone, and then the event stays unfinished.
-                let _ = outcomes.send((connection.clone(), record.clone()));
+                // it is gone, and then the event stays unfinished, and its
+                // person's next event is not held for it.
+                outcomes.send((connection.clone(), record.clone())).ok()?;
+                settling
             }
         };
         let delivery = connection.delivery.clone();
@@ -484,6 +522,61 @@ mod tests {
         for profile in shop.sandbox.profiles() {
             assert_eq!(profile.attributes.get("first_name"), Some(&json!("v4")), "{profile:?}");
         }
+    }
+
+    /// The residual of the stream's long fault runs: a worker killed after
+    /// Klaviyo took an identify and before its outcome record was stored
+    /// left it to the next holder, which sent it again after the person's
+    /// newer identify had gone out, and the profile was stale until that
+    /// was sent again too. A person's next event now waits until their last
+    /// identify's outcome is recorded (released), so an identify sent again
+    /// is always their newest. Tracks do not wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_persons_next_event_waits_until_their_last_identify_is_recorded() {
+        let (engines, mut outcomes) = Engines::new(Arc::default(), None);
+        let shop = shop("h", Faults::default()).await;
+        let events = [
+            (EventId::Line(1), identify(1, 1)),
+            (EventId::Line(2), identify(1, 2)),
+            (EventId::Line(3), identify(2, 1)),
+            (EventId::Line(4), track(3, 1)),
+            (EventId::Line(5), track(3, 2)),
+        ];
+        feed(&engines, &shop, &events).await;
+        // Person 1's first identify, person 2's, and both of person 3's
+        // tracks (the second not waiting for the first's record) come out;
+        // nothing is recorded yet.
+        let mut first = Vec::new();
+        for _ in 0..4 {
+            let next = tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await;
+            first.push(next.expect("an outcome within 10 s").expect("open").1.id);
+        }
+        first.sort();
+        assert_eq!(
+            first,
+            [EventId::Line(1), EventId::Line(3), EventId::Line(4), EventId::Line(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            outcomes.try_recv().is_err(),
+            "person 1's second identify went before the first was recorded"
+        );
+        let names = || {
+            let mut names: Vec<String> = shop
+                .sandbox
+                .profiles()
+                .iter()
+                .filter_map(|p| p.attributes.get("first_name").map(|n| n.to_string()))
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(), ["\"v1\"", "\"v1\""]);
+        // Recorded: the second goes.
+        engines.release(&shop.connection, EventId::Line(1), true);
+        let settled = settle(&engines, &mut outcomes, "h", 1, Duration::from_secs(10)).await;
+        assert!(settled.contains_key(&EventId::Line(2)), "{settled:?}");
+        assert_eq!(names(), ["\"v1\"", "\"v2\""]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
