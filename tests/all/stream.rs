@@ -949,6 +949,25 @@ async fn a_recorded_event_after_its_persons_unrecorded_one_is_sent_again() {
     assert_eq!(sent, ["v1", "v2"]);
 }
 
+/// An ingest-only host on one partition: it stores events and delivers none.
+fn ingest_only(dir: &Path, cluster: &Cluster, sandbox: &KlaviyoMock) -> Worker {
+    Worker::start_with(
+        dir.join("ingest"),
+        &cluster.urls(),
+        &sandbox.url(),
+        API_KEY,
+        &["--no-pacing", "--partitions", "1", "--role", "ingest"],
+    )
+}
+
+/// A JetStream client on the cluster's first node, as the test's own.
+async fn jetstream(cluster: &Cluster) -> async_nats::jetstream::Context {
+    let nats = async_nats::connect(cluster.urls().split(',').next().unwrap())
+        .await
+        .unwrap();
+    async_nats::jetstream::new(nats)
+}
+
 /// An ingest-only host stores one person's identifies v1 and v2; the test
 /// records the given versions as settled, as a worker records them; then a
 /// delivery worker starts, and the test waits until the profile is at v2
@@ -957,13 +976,7 @@ async fn recorded_then_delivered(recorded: &[&str]) -> KlaviyoMock {
     let dir = tempdir();
     let cluster = Cluster::start(dir.join("nats"));
     let sandbox = crate::support::sandbox(unlimited()).await;
-    let ingest = Worker::start_with(
-        dir.join("ingest"),
-        &cluster.urls(),
-        &sandbox.url(),
-        API_KEY,
-        &["--no-pacing", "--partitions", "1", "--role", "ingest"],
-    );
+    let ingest = ingest_only(&dir, &cluster, &sandbox);
     let client = reqwest::Client::new();
     for version in ["v1", "v2"] {
         let event = json!({"type": "identify", "messageId": format!("recorded-{version}"), "userId": "recorded-person",
@@ -977,10 +990,7 @@ async fn recorded_then_delivered(recorded: &[&str]) -> KlaviyoMock {
             .unwrap();
         assert_eq!(answer.status(), 200);
     }
-    let nats = async_nats::connect(cluster.urls().split(',').next().unwrap())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(nats);
+    let js = jetstream(&cluster).await;
     let mut events = js.get_stream("CHORD_EVENTS").await.unwrap();
     assert_eq!(events.info().await.unwrap().state.messages, 2);
     for (sequence, version) in [(1u64, "v1"), (2, "v2")] {
@@ -1061,13 +1071,7 @@ async fn a_worker_paused_while_taking_a_partition_leaves_the_next_holders_reader
     let cluster = Cluster::start(dir.join("nats"));
     let sandbox = crate::support::sandbox(unlimited()).await;
     let extra = ["--no-pacing", "--partitions", "1"];
-    let ingest = Worker::start_with(
-        dir.join("ingest"),
-        &cluster.urls(),
-        &sandbox.url(),
-        API_KEY,
-        &["--no-pacing", "--partitions", "1", "--role", "ingest"],
-    );
+    let ingest = ingest_only(&dir, &cluster, &sandbox);
     let first = Worker::start_with(dir.join("w1"), &cluster.urls(), &sandbox.url(), API_KEY, &extra);
     let took = |worker: &Worker| {
         std::fs::read_to_string(worker.dir.join("serve.log"))
@@ -1080,10 +1084,7 @@ async fn a_worker_paused_while_taking_a_partition_leaves_the_next_holders_reader
         std::thread::sleep(Duration::from_millis(5));
     }
     first.signal("STOP");
-    let nats = async_nats::connect(cluster.urls().split(',').next().unwrap())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(nats);
+    let js = jetstream(&cluster).await;
     assert!(
         consumers_made(&js).await.is_empty(),
         "worker 1 was stopped too late: it had made its consumer already"
