@@ -859,7 +859,7 @@ impl Worker {
 
     /// Deletes the consumers of `partition` made by holdings up to
     /// `taken` (this one's own, when its reader starts again), so that
-    /// this holding's reads from the oldest unacked event. False, to try
+    /// this holding reads from the oldest unacked event. False, to try
     /// again later, when they cannot all be listed and deleted, or when a
     /// later holding's consumer is there: the lease has passed on.
     async fn clear_older_readers(&self, partition: u32, taken: u64) -> bool {
